@@ -1,0 +1,1 @@
+"""The `sinkscope` command line: one module per subcommand."""
