@@ -1,0 +1,123 @@
+"""Capture points on HF models: a registered attention function and forward hooks, reduced on the fly.
+
+`observe_attention(model, observer)` switches the model to the ``"sinkscope"`` attention implementation
+(registered with transformers' ``AttentionInterface``), which hands every attention call to the observer and
+restores the previous implementation on exit. `observe_layers(...)` adds forward hooks on decoder layers, MLP
+down projections and q projections. No module's ``forward`` is ever replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTENTION_NAME = "sinkscope"
+
+
+class AttentionObserver(Protocol):
+    """Receives every attention call of an observed model.
+
+    ``observe`` gets the tensors exactly as the model passes them to its attention function and returns the
+    attention output ``(B, Q, H, D)``, or None to let the base implementation compute it.
+    """
+
+    def observe(
+        self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+        scaling: float, **kwargs: Any,
+    ) -> Tensor | None: ...
+
+
+#: id(module) -> observer, for every submodule of an observed model.
+_OBSERVERS: dict[int, AttentionObserver] = {}
+
+
+def _base_attention(module: nn.Module) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """The attention function the module's own modeling file would use for 'eager' (it may handle sinks)."""
+    modeling = sys.modules.get(type(module).__module__)
+    eager = getattr(modeling, "eager_attention_forward", None)
+    if getattr(module, "sinks", None) is not None and eager is not None:
+        return eager  # sdpa knows no learned sinks
+    return sdpa_attention_forward
+
+
+def sinkscope_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+    scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """Attention function registered as ``"sinkscope"``: observers first, then the base implementation."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    observer = _OBSERVERS.get(id(module))
+    if observer is not None:
+        out = observer.observe(module, query, key, value, attention_mask, scaling, **kwargs)
+        if out is not None:
+            return out, None
+    return _base_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                   **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, sinkscope_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def observe_attention(model: nn.Module, observer: AttentionObserver) -> Iterator[None]:
+    """Route ``model``'s attention through ``observer`` for the duration of the block."""
+    previous = model.config._attn_implementation
+    ids = [id(m) for m in model.modules()]
+    if any(i in _OBSERVERS for i in ids):
+        raise RuntimeError("this model is already being observed")
+    model.set_attn_implementation(ATTENTION_NAME)
+    _OBSERVERS.update(dict.fromkeys(ids, observer))
+    try:
+        yield
+    finally:
+        for i in ids:
+            _OBSERVERS.pop(i, None)
+        model.set_attn_implementation(previous)
+
+
+def _first_tensor(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: list[tuple[nn.Module, Callable[..., None], bool]]) -> Iterator[None]:
+    """Install ``(module, fn, pre)`` hooks; ``fn(tensor)`` gets the module's first output (or input if pre).
+
+    Handles are always removed, even on error.
+    """
+    handles = []
+    try:
+        for module, fn, pre in hooks:
+            if pre:
+                handles.append(module.register_forward_pre_hook(lambda m, args, fn=fn: fn(args[0])))
+            else:
+                handles.append(module.register_forward_hook(lambda m, args, out, fn=fn: fn(_first_tensor(out))))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def attention_probs_eager(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[Tensor]:
+    """Reference: every layer's (B, H, T, T) attention from ``output_attentions=True`` with eager attention.
+
+    Quadratic memory: only for checking the streaming metrics on short inputs.
+    """
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    return [a for a in out.attentions if a is not None]

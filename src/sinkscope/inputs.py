@@ -1,0 +1,161 @@
+"""Token inputs for measurements: text, files, uniformly random tokens and runs of one repeated token.
+
+Every batch records its BOS policy (``auto``: whatever the tokenizer adds; ``always``: make sure a BOS is at
+position 0; ``never``: strip a leading BOS), because "first token" vs "BOS" is the main confound in sink studies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sinkscope.errors import InputError
+
+BOS_POLICIES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token id sequences plus what they are.
+
+    Attributes:
+        sequences: one list of token ids per sample (BOS included when prepended).
+        kind: ``text`` | ``file`` | ``random`` | ``repeat`` | ``ids``.
+        bos: the BOS policy asked for.
+        bos_prepended: whether position 0 of every sample is the tokenizer's BOS token.
+        meta: description of the input (texts' first characters, word, times, seed, ...).
+    """
+
+    sequences: list[list[int]]
+    kind: str
+    bos: str = "auto"
+    bos_prepended: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.sequences:
+            raise InputError("no input samples")
+        if any(len(s) == 0 for s in self.sequences):
+            raise InputError("an input sample has no tokens (empty text?)")
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.sequences]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "samples": len(self.sequences), "lengths": self.lengths, "bos": self.bos,
+                "bos_prepended": self.bos_prepended, **self.meta}
+
+
+def _check_policy(bos: str) -> None:
+    if bos not in BOS_POLICIES:
+        raise InputError(f"unknown BOS policy {bos!r}; choose one of {', '.join(BOS_POLICIES)}")
+
+
+def apply_bos(ids: list[int], tokenizer: Any, bos: str) -> tuple[list[int], bool]:
+    """Apply a BOS policy to one token sequence; returns the ids and whether position 0 is BOS."""
+    _check_policy(bos)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    starts = bool(ids) and bos_id is not None and ids[0] == bos_id
+    if bos == "always":
+        if bos_id is None:
+            raise InputError("--bos always: this tokenizer has no BOS token")
+        return (ids if starts else [bos_id, *ids]), True
+    if bos == "never" and starts:
+        return ids[1:], False
+    return ids, starts
+
+
+def text_inputs(tokenizer: Any, texts: list[str], *, bos: str = "auto", max_tokens: int | None = None,
+                kind: str = "text", meta: dict[str, Any] | None = None) -> TokenBatch:
+    """Tokenise texts (one sample each). ``max_tokens`` truncates each sample after the BOS policy."""
+    _check_policy(bos)
+    if not texts or any(not t.strip() for t in texts):
+        raise InputError("empty text: give at least one non-blank text")
+    if max_tokens is not None and max_tokens < 1:
+        raise InputError(f"max_tokens must be a positive integer, got {max_tokens}")
+    seqs, flags = [], []
+    for t in texts:
+        ids, has_bos = apply_bos(list(tokenizer(t, add_special_tokens=True)["input_ids"]), tokenizer, bos)
+        seqs.append(ids[:max_tokens] if max_tokens else ids)
+        flags.append(has_bos)
+    info = {"preview": [t[:80] for t in texts[:5]], **(meta or {})}
+    return TokenBatch(seqs, kind, bos, all(flags), info)
+
+
+def file_inputs(tokenizer: Any, path: str | Path, *, bos: str = "auto", max_tokens: int | None = None,
+                samples: int = 1) -> TokenBatch:
+    """Read a UTF-8 text file; with ``samples > 1`` cut it into that many consecutive chunks of ``max_tokens``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"input file not found: {path}")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise InputError(f"input file is empty: {path}")
+    if samples < 1:
+        raise InputError(f"samples must be a positive integer, got {samples}")
+    if samples == 1:
+        return text_inputs(tokenizer, [text], bos=bos, max_tokens=max_tokens, kind="file", meta={"file": str(p)})
+    if not max_tokens:
+        raise InputError("cutting a file into several samples needs max_tokens")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) < samples * max_tokens:
+        raise InputError(f"{path} has {len(ids)} tokens, fewer than samples*max_tokens = {samples * max_tokens}")
+    seqs, flags = [], []
+    for i in range(samples):
+        chunk = ids[i * max_tokens:(i + 1) * max_tokens]
+        if bos == "always":
+            chunk = [tokenizer.bos_token_id, *chunk[:-1]] if tokenizer.bos_token_id is not None else chunk
+        chunk, has = apply_bos(chunk, tokenizer, bos)
+        seqs.append(chunk)
+        flags.append(has)
+    return TokenBatch(seqs, "file", bos, all(flags), {"file": str(p), "chunk_tokens": max_tokens})
+
+
+def random_inputs(tokenizer: Any, n_tokens: int, samples: int = 1, *, bos: str = "auto", seed: int = 0,
+                  vocab_size: int | None = None) -> TokenBatch:
+    """Uniformly random non-special tokens, ``samples`` sequences of ``n_tokens`` (plus BOS under ``always``)."""
+    _check_policy(bos)
+    if n_tokens < 1 or samples < 1:
+        raise InputError(f"random inputs need positive token and sample counts, got {n_tokens} x {samples}")
+    vocab = vocab_size or len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    g = torch.Generator().manual_seed(seed)
+    seqs, flags = [], []
+    for _ in range(samples):
+        ids = allowed[torch.randint(len(allowed), (n_tokens,), generator=g)].tolist()
+        ids, has = apply_bos(ids, tokenizer, bos)
+        seqs.append(ids)
+        flags.append(has)
+    return TokenBatch(seqs, "random", bos, all(flags), {"seed": seed, "n_tokens": n_tokens})
+
+
+def single_token_id(tokenizer: Any, word: str) -> int:
+    """The one token id of ``word`` (tried as given, then with a leading space); InputError if multi-token."""
+    if not word or not word.strip():
+        raise InputError("empty word")
+    for candidate in (word, " " + word) if not word.startswith(" ") else (word,):
+        ids = tokenizer(candidate, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return int(ids[0])
+    n = len(tokenizer(word, add_special_tokens=False)["input_ids"])
+    raise InputError(f"word {word!r} is {n} tokens for this tokenizer; give a single-token word")
+
+
+def repeat_inputs(tokenizer: Any, word: str, times: int, *, bos: str = "auto", prefix: str = "") -> TokenBatch:
+    """One sample: an optional text prefix, then one token id repeated ``times`` times (built from the id,
+    never from joined text, which BPE would tokenise differently)."""
+    if times < 1:
+        raise InputError(f"times must be a positive integer, got {times}")
+    tid = single_token_id(tokenizer, word)
+    pre = list(tokenizer(prefix, add_special_tokens=True)["input_ids"]) if prefix else []
+    if not prefix:
+        base = list(tokenizer("", add_special_tokens=True)["input_ids"])  # whatever specials 'auto' adds
+        pre = base
+    ids, has = apply_bos(pre + [tid] * times, tokenizer, bos)
+    return TokenBatch([ids], "repeat", bos, has, {"word": word, "token_id": tid, "times": times,
+                                                  "token": tokenizer.convert_ids_to_tokens(tid)})
