@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -35,16 +36,20 @@ class AttentionObserver(Protocol):
     ) -> Tensor | None: ...
 
 
-#: id(module) -> observer, for every submodule of an observed model.
-_OBSERVERS: dict[int, AttentionObserver] = {}
+#: id(module) -> (observer, the attention implementation the model had before), for every submodule.
+_OBSERVERS: dict[int, tuple[AttentionObserver, str]] = {}
 
 
-def _base_attention(module: nn.Module) -> Callable[..., tuple[Tensor, Tensor | None]]:
-    """The attention function the module's own modeling file would use for 'eager' (it may handle sinks)."""
+def _base_attention(module: nn.Module, previous: str | None, kwargs: dict[str, Any]) -> Callable[..., Any]:
+    """The attention function the model would have used: its previous implementation, else its own eager
+    function when the call needs features SDPA lacks (learned sinks, soft-capping), else SDPA."""
+    if previous and previous not in ("eager", ATTENTION_NAME) and previous in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[previous]
     modeling = sys.modules.get(type(module).__module__)
     eager = getattr(modeling, "eager_attention_forward", None)
-    if getattr(module, "sinks", None) is not None and eager is not None:
-        return eager  # sdpa knows no learned sinks
+    needs_eager = previous == "eager" or getattr(module, "sinks", None) is not None or kwargs.get("softcap")
+    if needs_eager and eager is not None:
+        return eager
     return sdpa_attention_forward
 
 
@@ -55,13 +60,25 @@ def sinkscope_attention(
     """Attention function registered as ``"sinkscope"``: observers first, then the base implementation."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    observer = _OBSERVERS.get(id(module))
+    observer, previous = _OBSERVERS.get(id(module), (None, None))
     if observer is not None:
         out = observer.observe(module, query, key, value, attention_mask, scaling, **kwargs)
         if out is not None:
             return out, None
-    return _base_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                   **kwargs)
+    base = _base_attention(module, previous, kwargs)
+    if base is not sdpa_attention_forward and (attention_mask is None or attention_mask.dtype == torch.bool):
+        # eager functions add the mask to the scores: our masks are SDPA-style (boolean, or None for causal)
+        if attention_mask is None:
+            Q, K = query.shape[2], key.shape[2]
+            q_pos = torch.arange(K - Q, K, device=query.device)[:, None]
+            k_pos = torch.arange(K, device=query.device)[None, :]
+            attention_mask = k_pos <= q_pos
+            if kwargs.get("sliding_window"):
+                attention_mask = attention_mask & (q_pos - k_pos < kwargs["sliding_window"])
+            attention_mask = attention_mask[None, None]
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 AttentionInterface.register(ATTENTION_NAME, sinkscope_attention)
@@ -76,7 +93,7 @@ def observe_attention(model: nn.Module, observer: AttentionObserver) -> Iterator
     if any(i in _OBSERVERS for i in ids):
         raise RuntimeError("this model is already being observed")
     model.set_attn_implementation(ATTENTION_NAME)
-    _OBSERVERS.update(dict.fromkeys(ids, observer))
+    _OBSERVERS.update(dict.fromkeys(ids, (observer, previous)))
     try:
         yield
     finally:

@@ -250,7 +250,8 @@ class _Collector:
 
     def _mlp(self, layer: int, a: Tensor) -> None:
         assert self.valid is not None
-        af = a.detach().float().abs()  # (B, T, F)
+        B, T = self.valid.shape
+        af = a.detach().float().abs().reshape(B, T, -1)  # (B, T, F); OPT flattens to (B*T, F)
         first = af[:, 0]  # right padding: position 0 is each row's first token
         vals, idx = first.topk(min(TOP_NEURONS, af.shape[-1]), dim=-1)  # (B, k)
         other = af[:, 1:].gather(2, idx[:, None, :].expand(-1, af.shape[1] - 1, -1))  # (B, T-1, k)

@@ -33,6 +33,7 @@ class ArchSpec:
     sink_param: str | None = None  # attribute of the attention module holding per-head sink logits
     gated_q: bool = False  # Qwen3-Next style: q_proj outputs [q, gate] per head; output *= sigmoid(gate)
     attn_type_attr: str | None = None  # config attribute listing per-layer types (only "full/sliding" layers are attention)
+    gqa: bool = True  # whether the architecture can have fewer key/value heads than query heads
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -44,10 +45,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "phi3": ArchSpec("model.layers", "self_attn", "mlp.down_proj", q=None, k=None, v=None,
                      fused_qkv="qkv_proj", fused_layout="concat", positions="rope-partial"),
     "gpt2": ArchSpec("transformer.h", "attn", "mlp.c_proj", q=None, k=None, v=None,
-                     fused_qkv="c_attn", fused_layout="concat", positions="learned"),
+                     fused_qkv="c_attn", fused_layout="concat", positions="learned", gqa=False),
     "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "mlp.dense_4h_to_h", q=None, k=None, v=None,
-                         fused_qkv="query_key_value", fused_layout="neox", positions="rope-partial"),
-    "opt": ArchSpec("model.decoder.layers", "self_attn", "fc2", positions="learned"),
+                         fused_qkv="query_key_value", fused_layout="neox", positions="rope-partial", gqa=False),
+    "opt": ArchSpec("model.decoder.layers", "self_attn", "fc2", positions="learned", gqa=False),
     "gpt_oss": ArchSpec("model.layers", "self_attn", None, sink_param="sinks"),
     "qwen3_next": ArchSpec("model.layers", "self_attn", None, gated_q=True, attn_type_attr="layer_types"),
 }
@@ -100,7 +101,7 @@ class ModelAdapter:
 
     @property
     def n_kv_heads(self) -> int:
-        n = getattr(self.config, "num_key_value_heads", None)
+        n = getattr(self.config, "num_key_value_heads", None) if self.spec.gqa else None
         return int(n) if n else self.n_heads
 
     @property

@@ -119,7 +119,7 @@ def gguf_cache_path(path: Path) -> tuple[Path, str]:
     return cache_dir() / "gguf" / digest, digest
 
 
-def _load_directory(path: Path, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool):
+def _load_directory(path: Path, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -170,7 +170,7 @@ def load_model(
     spec: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
     verbose: bool = False,
@@ -182,7 +182,7 @@ def load_model(
             a local Hugging Face model directory, a saved sinkscope patch directory, or a hub id
             (works online or when cached; offline it fails with a clear message).
         dtype: parameter dtype (default fp32: the metrics are compared with eager attention to 1e-5).
-        attn_implementation: transformers attention backend to load with (``"sdpa"`` or ``"eager"``).
+        attn_implementation: transformers attention backend (``"sdpa"``, ``"eager"``; None: the model's default).
         trust_remote_code: off by default; only set it for code you trust.
         device: where to put the model.
 
