@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +152,11 @@ class SinkProfile:
 
     def summary(self) -> dict[str, Any]:
         """Scalar and per-layer summaries (what ``profile.json`` holds besides the raw arrays)."""
+        with warnings.catch_warnings():  # one-token samples have no "other" tokens: NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return self._summary()
+
+    def _summary(self) -> dict[str, Any]:
         rr = self.residual_ratio()
         out: dict[str, Any] = {
             "sink_ratio": self.sink_ratio(0),
@@ -160,7 +166,8 @@ class SinkProfile:
             "attention_on_first_by_layer": np.nanmean(self.alpha_mean(0), axis=1).tolist(),
             "sink_ratio_first_by_layer": self.head_is_sink(0)[self.lengths > 0].mean(axis=(0, 2)).tolist(),
             "residual_ratio_first_by_layer": rr.tolist(),
-            "residual_peak": {"layer": int(np.nanargmax(rr)), "ratio": float(np.nanmax(rr))},
+            "residual_peak": ({"layer": int(np.nanargmax(rr)), "ratio": float(np.nanmax(rr))}
+                              if np.isfinite(rr).any() else None),
             "value_ratio_first_by_layer": np.nanmean(self.value_ratio(), axis=1).tolist(),
             "cos_q_first_by_layer": np.nanmean(self.cos_first, axis=(0, 2)).tolist(),
             "cos_q_other_by_layer": np.nanmean(self.cos_other, axis=(0, 2)).tolist(),
@@ -181,6 +188,11 @@ class SinkProfile:
 
     def to_json(self) -> dict[str, Any]:
         """Everything as JSON-ready values: summaries plus per-head sample means."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return self._to_json()
+
+    def _to_json(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "inputs": self.inputs,
@@ -201,8 +213,9 @@ class SinkProfile:
 class _Collector:
     """Attention observer plus hook callbacks for one batch; stores reduced numpy arrays per layer."""
 
-    def __init__(self, adapter: ModelAdapter, chunk_bytes: int, fused: bool) -> None:
+    def __init__(self, adapter: ModelAdapter, chunk_bytes: int, fused: bool, tick: Any = None) -> None:
         self.adapter = adapter
+        self.tick = tick
         self.chunk_bytes = chunk_bytes
         self.fused = fused
         self.layer_of = {id(adapter.attention_module(l)): l for l in adapter.attention_layers}
@@ -225,6 +238,8 @@ class _Collector:
             sliding_window=kwargs.get("sliding_window"), compute_output=self.fused, chunk_bytes=self.chunk_bytes,
         )
         self.attn[layer] = stats
+        if self.tick is not None:
+            self.tick()
         return out
 
     # hooks -------------------------------------------------------------------------------------------------
@@ -328,7 +343,8 @@ def profile_sinks(
             if False, the model's SDPA computes the output and the statistics are recomputed from q and k.
         chunk_bytes: memory budget of one chunk of attention scores.
         pad_token_id: id used for padding (any id works: padded positions are masked).
-        progress: optional callable ``progress(done_samples, total_samples)``.
+        progress: optional callable ``progress(done, total)`` called after every attention layer of every
+            batch (``total = n_batches * n_attention_layers``).
 
     Returns:
         A `SinkProfile`.
@@ -363,7 +379,15 @@ def profile_sinks(
     mlp_idx = np.full((N, L, TOP_NEURONS), -1, np.int64)
     mlp_act, mlp_other = np.full((N, L, TOP_NEURONS), nan), np.full((N, L, TOP_NEURONS), nan)
 
-    collector = _Collector(adapter, chunk_bytes, fused)
+    n_batches = -(-N // batch_size)
+    steps = {"done": 0, "total": n_batches * La}
+
+    def tick() -> None:
+        steps["done"] += 1
+        if progress is not None:
+            progress(steps["done"], steps["total"])
+
+    collector = _Collector(adapter, chunk_bytes, fused, tick)
     t0 = time.perf_counter()
     order = np.argsort(-lengths, kind="stable")  # similar lengths together: less padding
     with observe_attention(model, collector), forward_hooks(collector.hooks()):
@@ -400,8 +424,6 @@ def profile_sinks(
                 alpha[i, ..., n:] = nan
                 value_norm[i, ..., n:] = nan
                 residual[i, ..., n:] = nan
-            if progress is not None:
-                progress(min(N, start + batch_size), N)
     elapsed = time.perf_counter() - t0
     return SinkProfile(
         model=model_info(model, adapter), inputs={**batch.to_json(), "versions": versions()},

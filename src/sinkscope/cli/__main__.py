@@ -17,6 +17,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+@app.callback()
+def _root() -> None:
+    """Find, measure, explain and fix attention sinks and extreme tokens in transformer LMs."""
+
+
 #: (module under sinkscope.cli, name, kind): kind "command" registers the module's `command`
 #: function; kind "group" adds the module's `app` (a Typer) as a command group.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
@@ -48,7 +53,7 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (`error: ...`) and exit with status 2."""
     try:
-        app(args=argv, standalone_mode=True)
+        result = app(args=argv, standalone_mode=False)
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     except SinkscopeError as e:
@@ -57,6 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # click's (typer-vendored) usage errors: one line, no usage box
+        if type(e).__name__ == "NoArgsIsHelpError":
+            print(e.ctx.get_help())  # type: ignore[attr-defined]
+            return 0
+        if type(e).__name__ == "Abort":
+            print("aborted", file=sys.stderr)
+            return 130
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            return 2
+        raise
+    if isinstance(result, int) and result:
+        return result
     return 0
 
 

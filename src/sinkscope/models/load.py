@@ -144,6 +144,32 @@ def _load_manifest(path: Path, **kwargs: Any):
     return fn(path, **kwargs)
 
 
+def _hub_cached(repo_id: str) -> bool:
+    """Whether a hub model's config is in the local HF cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Fast check (DNS + TCP connect) that the hub endpoint answers, so offline failures take seconds, not
+    a minute of retries. ``HF_HUB_OFFLINE=1`` means unreachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSource:
     """Classify a spec without loading anything; raises `ModelLoadError` for missing local paths."""
     s = str(spec)
@@ -194,6 +220,10 @@ def load_model(
         ModelLoadError: unknown spec, missing file, broken file, or hub unreachable.
     """
     source = resolve_model_spec(spec)
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     if source.kind in ("alias", "gguf"):
         gguf = Path(source.path)  # type: ignore[arg-type]
@@ -214,6 +244,11 @@ def load_model(
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if not _hub_cached(source.spec) and not _hub_reachable():
+            raise ModelLoadError(
+                f"unknown model {source.spec!r}: not an alias ({', '.join(PACKAGED_MODELS)}), local directory or "
+                ".gguf file, not in the Hugging Face cache, and the hub is unreachable (offline?)"
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.spec, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(

@@ -1,0 +1,1 @@
+"""Plots (data -> matplotlib Figure, no I/O) and report assembly."""
