@@ -72,3 +72,35 @@ def tiny_model(model_type: str, seed: int = 0, attn_implementation: str | None =
             w[:, 1] *= 25.0
     model.eval()
     return model
+
+
+#: Words of the tiny word-level tokenizer (ids 4..98; 0-3 are <pad>, <s>, </s>, <unk>).
+TINY_WORDS: list[str] = (
+    "the a an of to in and is was it for on with as at by from that this be are or not but his her they "
+    "we you he she i my your our their its one two three four five six seven eight nine ten cat dog bird "
+    "fish tree house city river sea sun moon star poem word book song red blue green big small old new "
+    "good bad run walk eat see say go come make take know think . , ! ? "
+    "seem feel try leave call . , ! ?"
+).split()[:95]
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over `TINY_WORDS` (vocab 99) with BOS/EOS/PAD tokens; adds no BOS itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in TINY_WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def save_tiny(directory: str, model_type: str = "llama", seed: int = 0) -> str:
+    """Write a tiny model plus tokenizer as a Hugging Face directory (for CLI tests and demos)."""
+    model = tiny_model(model_type, seed=seed)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
