@@ -118,8 +118,8 @@ def attention_with_stats(
     k_full = key.repeat_interleave(G, dim=1).float() if G > 1 else key.float()  # (B, H, K, D)
     v_full = value.repeat_interleave(G, dim=1).float() if G > 1 else value.float()
     qf = query.float()
-    q_norm = qf.norm(dim=-1)  # (B, H, Q)
-    k_norm = k_full.norm(dim=-1)  # (B, H, K)
+    inv_q_norm = 1.0 / qf.norm(dim=-1).clamp_min(1e-30)  # (B, H, Q)
+    inv_k_norm = 1.0 / k_full.norm(dim=-1).clamp_min(1e-30)  # (B, H, K)
 
     f64 = torch.float64
     colsum = torch.zeros(B, H, K, dtype=f64, device=device)
@@ -139,12 +139,30 @@ def attention_with_stats(
         k_end = min(K, offset + stop)  # keys after the chunk's last query are never visible (causal)
         vis, additive = _visible_chunk(mask, q_pos, k_pos, q_sl, k_end, sliding_window)
         dots = torch.matmul(qf[:, :, q_sl], k_full[:, :, :k_end].transpose(-1, -2))  # (B, H, C, k_end)
-        scores = dots * scaling
+        vis_b = vis.expand(B, 1, stop - start, k_end)[:, 0]  # (B, C, k_end)
+        qv = query_valid[:, q_sl].to(dots.dtype)  # (B, C)
+
+        # q-k alignment, cos = q.k / (|q| |k|): the first key vs the mean over the other visible keys
+        inv_q = inv_q_norm[:, :, q_sl]  # (B, H, C)
+        fi = first.clamp_max(k_end - 1)
+        c_first = dots[bidx, :, :, fi] * inv_q * inv_k_norm[bidx, :, fi][:, :, None]  # (B, H, C)
+        other_vis = vis_b & (k_pos[None, :k_end] != first[:, None])[:, None, :]  # (B, C, k_end)
+        n_other = other_vis.sum(-1)  # (B, C)
+        masked = dots.masked_fill(~other_vis[:, None], 0.0)
+        c_other = torch.matmul(masked, inv_k_norm[:, :, :k_end, None]).squeeze(-1) * inv_q  # (B, H, C) sums
+        del masked
+        c_other = c_other / n_other.clamp_min(1)[:, None, :].to(dots.dtype)
+        w = ((n_other > 0) & (q_pos[q_sl][None, :] != first[:, None]) & query_valid[:, q_sl]).to(dots.dtype)
+        cos_first += (c_first * w[:, None, :]).sum(-1).to(f64)
+        cos_other += (c_other * w[:, None, :]).sum(-1).to(f64)
+        n_cos += w.sum(-1).to(f64)
+
+        scores = dots.mul_(scaling)  # in place: dots are no longer needed
         if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+            scores = scores.div_(softcap).tanh_().mul_(softcap)
         if additive is not None:
-            scores = scores + additive
-        scores = scores.masked_fill(~vis, float("-inf"))
+            scores = scores.add_(additive)
+        scores = scores.masked_fill_(~vis, float("-inf"))
         if sink_logits is not None:
             sink = sink_logits.float().view(1, H, 1, 1).expand(B, H, stop - start, 1)
             full = torch.cat([scores, sink], dim=-1)
@@ -154,12 +172,13 @@ def attention_with_stats(
         else:
             probs = torch.softmax(scores, dim=-1)
             sink_p = None
-        probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key (padding)
+        del scores
+        row_ok = vis.any(-1, keepdim=True)  # rows with no visible key give NaN: they attend nowhere
+        if not bool(row_ok.all()):
+            probs = probs.masked_fill(~row_ok, 0.0)
 
-        qv = query_valid[:, q_sl].to(probs.dtype)  # (B, C)
         colsum[:, :, :k_end] += torch.einsum("bhck,bc->bhk", probs, qv).to(f64)
-        vis_b = vis.expand(B, 1, stop - start, k_end)[:, 0]  # (B, C, k_end)
-        count[:, :k_end] += (vis_b.to(probs.dtype) * qv[:, :, None]).sum(1).to(f64)
+        count[:, :k_end] += torch.einsum("bck,bc->bk", vis_b.to(probs.dtype), qv).to(f64)
         if sink_p is not None and sink_mass is not None:
             sink_mass += (sink_p * qv[:, None, :]).sum(-1).to(f64)
 
@@ -167,21 +186,6 @@ def attention_with_stats(
         out_norm += (out.norm(dim=-1) * qv[:, None, :]).sum(-1).to(f64)
         if output is not None:
             output[:, q_sl] = out.transpose(1, 2).to(output.dtype)
-
-        # q-k alignment: cos = dot / (|q| |k|); first key vs the mean over the other visible keys
-        cos = dots / (q_norm[:, :, q_sl, None] * k_norm[:, :, None, :k_end]).clamp_min(1e-30)
-        is_first = k_pos[None, :k_end] == first[:, None]  # (B, k_end)
-        qpos_b = (q_pos[q_sl][None, :] != first[:, None]) & query_valid[:, q_sl]  # (B, C), not the first itself
-        fi = first.clamp_max(k_end - 1)
-        c_first = cos[bidx, :, :, fi] if k_end > 0 else torch.zeros(B, H, stop - start, device=device)  # (B, H, C)
-        other_vis = vis_b & ~is_first[:, None, :]  # (B, C, k_end)
-        n_other = other_vis.sum(-1).clamp_min(1).to(cos.dtype)  # (B, C)
-        c_other = (cos * other_vis[:, None].to(cos.dtype)).sum(-1) / n_other[:, None, :]
-        has_other = (other_vis.sum(-1) > 0) & qpos_b  # (B, C)
-        w = has_other.to(cos.dtype)
-        cos_first += (c_first * w[:, None, :]).sum(-1).to(f64)
-        cos_other += (c_other * w[:, None, :]).sum(-1).to(f64)
-        n_cos += w.sum(-1).to(f64)
 
     value_norm = value.float().norm(dim=-1)  # (B, Hkv, K)
     n_queries = query_valid.sum(-1).to(f64)
