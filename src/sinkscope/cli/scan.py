@@ -55,6 +55,7 @@ def command(
 ) -> None:
     """Measure sinks (Sink_k^eps, alpha_k per layer/head), value drains, residual peaks, massive activations and
     q-k alignment; writes profile.json, heads.csv and PNG plots to --out."""
+    from sinkscope.metrics.qk_alignment import qk_alignment
     from sinkscope.models.load import load_model
     from sinkscope.profile import profile_sinks, versions
     from sinkscope.viz.plots import PLOTS
@@ -79,6 +80,10 @@ def command(
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     prof.timing["load_s"] = t_load
     result = prof.to_json()
+    first = batch.sequences[0]
+    sinks = [p["position"] for p in prof.top_sinks(3) if p["position"] < len(first) - 1]
+    if sinks:  # Gu et al.: sink keys align with all queries (a key bias); measured on the first sample
+        result["qk_alignment"] = qk_alignment(lm, first, sinks).to_json()
     result["versions"] = versions()
     result["bos"] = {"policy": bos, "prepended": batch.bos_prepended}
     out_dir = ensure_output_dir(out)

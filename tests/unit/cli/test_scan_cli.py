@@ -25,6 +25,7 @@ def test_scan_writes_profile_heads_and_plots(model_dir, tmp_path) -> None:
     assert prof["bos"] == {"policy": "always", "prepended": True}
     assert prof["inputs"]["lengths"] == [25, 25, 25]
     assert prof["versions"]["transformers"]
+    assert prof["qk_alignment"]["positions"] and len(prof["qk_alignment"]["mean_by_layer"]) == 2
     rows = list(csv.DictReader((out / "heads.csv").open()))
     assert len(rows) == 2 * 4 and {"layer", "head", "alpha_0", "sink_rate_0"} <= set(rows[0])
     for name in ("sink_heatmap.png", "residual_norm_by_layer.png", "attention_on_first_by_layer.png"):
