@@ -1,0 +1,100 @@
+"""Distributed data parallel set-up: the same training run under ``torchrun`` (gloo on CPU, nccl on GPU).
+
+Every rank builds the same global batch from (seed, step) and trains on its own rows; gradients are averaged
+by DDP, and each rank's loss is scaled so that the averaged gradient equals the single-process gradient of the
+global batch. Rank 0 evaluates, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: ``rank`` of ``world_size``, its device, and whether it is rank 0."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; otherwise the named device."""
+    if pref == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if pref == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(pref)
+
+
+def init_distributed(device_pref: str = "auto") -> DistContext:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else a single-process context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_pref, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistContext(rank, world, local_rank, device)
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
+    """Sum a few floats over ranks (identity in a single process)."""
+    if not ctx.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world_size: int, port: int, cfg_dict: dict[str, Any], out: str, threads: int) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(threads)
+    from sinkscope.training.config import config_from_dict
+    from sinkscope.training.loop import train
+
+    train(config_from_dict(cfg_dict), Path(out), progress=False)
+
+
+def run_local_processes(cfg_dict: dict[str, Any], out: str | Path, world_size: int = 2, threads: int = 1) -> None:
+    """Run one training config as ``world_size`` local CPU processes (gloo), like ``torchrun --nproc_per_node``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(world_size, free_port(), cfg_dict, str(out), threads), nprocs=world_size, join=True)

@@ -1,0 +1,240 @@
+"""The training loop: ``train(cfg, out) -> RunResult``, resumable, deterministic on CPU, DDP-ready.
+
+Output directory: ``config.yaml`` (resolved config + argv), ``metrics.jsonl`` (one row per evaluation step,
+see :mod:`sinkscope.training.metrics`), ``checkpoint.pt`` (every ``train.ckpt_every`` steps, atomic),
+``final.json`` (the last row plus wall time and throughput) and ``dynamics.png``.
+
+Batches are a pure function of (seed, step) and the model has no dropout, so a run killed and resumed from
+its checkpoint logs exactly the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sinkscope.models.tinygpt import TinyGPT
+from sinkscope.tasks.batch import LMBatch
+from sinkscope.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_atomic
+from sinkscope.training.config import ConfigError, DataConfig, RunConfig
+from sinkscope.training.ddp import DistContext, all_reduce_sum, barrier, init_distributed, shutdown
+from sinkscope.training.metrics import measure_model
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced: its directory, all metric rows, the final row and wall time (s)."""
+
+    out: Path
+    rows: list[dict[str, Any]]
+    final: dict[str, Any]
+    wall_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out": str(self.out), "final": self.final, "wall_s": self.wall_s}
+
+
+def build_task(data: DataConfig):
+    """The task object of ``data.task`` (BigramBackcopy or TextLM); raises InputError for a missing file."""
+    if data.task == "bigram_backcopy":
+        from sinkscope.tasks.bigram_backcopy import BigramBackcopy
+        from sinkscope.tasks.text_lm import DEFAULT_CORPUS
+
+        corpus = data.corpus if data.corpus is not None else DEFAULT_CORPUS
+        if data.corpus is None and not Path(corpus).is_file():
+            raise ConfigError(f"no data.corpus given and the default {DEFAULT_CORPUS} does not exist")
+        return BigramBackcopy.from_file(corpus, data.n_chars, data.n_triggers)
+    from sinkscope.tasks.text_lm import TextLM
+
+    return TextLM.from_file(data.corpus, data.tokenizer, bos=data.bos, eval_split=data.eval_split,
+                            fixed_token_pos=data.fixed_token_pos, fixed_token_id=data.fixed_token_id,
+                            random_token_pos=data.random_token_pos, prefix_len=data.prefix_len)
+
+
+def resolve_config(cfg: RunConfig, task: Any) -> RunConfig:
+    """Fill in what the task decides (the vocabulary size) and check the model fits the data."""
+    if cfg.model.block_size < cfg.data.seq_len:
+        raise ConfigError(f"model.block_size={cfg.model.block_size} is smaller than data.seq_len={cfg.data.seq_len}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=task.vocab_size))
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum; weight decay on matrices only (not norms, biases, bias slots)."""
+    o = cfg.optim
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "bias" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "bias" not in n)]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to ``min_lr_ratio * lr``."""
+    o, total = cfg.optim, cfg.train.steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _eval_batch(task: Any, cfg: RunConfig) -> LMBatch:
+    d = cfg.data
+    if hasattr(task, "eval_batch"):
+        return task.eval_batch(cfg.train.seed, d.eval_batch_size, d.seq_len)
+    return task.batch(cfg.train.seed, 0, d.eval_batch_size, d.seq_len, stream=1)
+
+
+def _read_rows(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def train(cfg: RunConfig, out: str | Path, *, resume: bool = True, progress: bool = True,
+          stop_after: int | None = None, argv: list[str] | None = None) -> RunResult | None:
+    """Train a tinygpt on ``cfg.data.task`` and write the run directory ``out``.
+
+    Args:
+        cfg: the run config.
+        out: output directory (created). An existing checkpoint there is resumed when ``resume``.
+        progress: show a rich progress bar (rank 0).
+        stop_after: stop right after this step as if killed (no final outputs; for resume tests).
+        argv: the command line to record in ``config.yaml``.
+    Returns:
+        The :class:`RunResult` on rank 0 when the run finished, else None.
+    Raises:
+        ConfigError / InputError / CheckpointError: one-line user errors.
+    """
+    t_start = time.perf_counter()
+    ctx: DistContext = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, Path(out), ctx, resume, progress, stop_after, argv, t_start)
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: bool, stop_after: int | None,
+           argv: list[str] | None, t_start: float) -> RunResult | None:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    task = build_task(cfg.data)
+    cfg = resolve_config(cfg, task)
+    tc, d = cfg.train, cfg.data
+    if d.batch_size % ctx.world_size:
+        raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the {ctx.world_size} processes")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path, ckpt_path = out / "metrics.jsonl", out / CHECKPOINT_NAME
+
+    torch.manual_seed(tc.seed)
+    model = TinyGPT(cfg.model).to(ctx.device)
+    optimizer = make_optimizer(model, cfg)
+    start, window = 0, [0.0, 0.0]  # window: summed train NLL and token count since the last evaluation
+    rows: list[dict[str, Any]] = []
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, cfg.state_dict_fingerprint())
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, window = int(state["step"]), list(state["window"])
+        torch.set_rng_state(state["rng"])
+        rows = _read_rows(metrics_path, start)
+    barrier(ctx)
+    if ctx.is_main:
+        header = f"# argv: {json.dumps(argv if argv is not None else sys.argv)}\n"
+        write_atomic(out / "config.yaml", header + cfg.to_yaml())
+        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    net: nn.Module = model
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    eval_batch = _eval_batch(task, cfg).to(ctx.device)
+    local_b = d.batch_size // ctx.world_size
+    lo, hi = ctx.rank * local_b, (ctx.rank + 1) * local_b
+
+    def evaluate(step: int) -> None:
+        s, n = all_reduce_sum(window, ctx)
+        if ctx.is_main:
+            row = {"step": step, "lr": lr_at(max(step - 1, 0), cfg), "train_loss": s / n if n else None,
+                   "tokens": step * d.batch_size * d.seq_len}
+            row.update(measure_model(model, eval_batch, eps=tc.eps, dormant_threshold=tc.dormant_threshold))
+            row["wall_s"] = round(time.perf_counter() - t_start, 3)
+            rows.append(row)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        window[0] = window[1] = 0.0
+
+    bar = None
+    if progress and ctx.is_main:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       TextColumn("{task.fields[info]}"), transient=True)
+        bar_task = bar.add_task("train", total=tc.steps, completed=start, info="")
+        bar.start()
+    try:
+        if start == 0:
+            evaluate(0)
+        model.train()
+        t_loop = time.perf_counter()
+        for step in range(start, tc.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            batch = task.batch(tc.seed, step, d.batch_size, d.seq_len)
+            n_global = int(batch.loss_mask.sum())
+            local = batch.rows(lo, hi).to(ctx.device)
+            logits = net(local.idx, prefix_len=local.prefix_len)
+            nll = F.cross_entropy(logits.flatten(0, 1), local.targets.flatten(), reduction="none")
+            nll_sum = (nll * local.loss_mask.flatten()).sum()
+            # DDP averages gradients over ranks: scale so the average is the gradient of the global mean
+            (nll_sum * ctx.world_size / max(n_global, 1)).backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window[0] += float(nll_sum.detach())
+            window[1] += float(local.loss_mask.sum())
+            done = step + 1
+            if done % tc.eval_every == 0 or done == tc.steps:
+                evaluate(done)
+                if bar is not None:
+                    bar.update(bar_task, info=f"loss {rows[-1]['loss']:.3f} sink {rows[-1]['sink_ratio']:.2f}")
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                if ctx.is_main:
+                    save_checkpoint(ckpt_path, {
+                        "step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "window": window, "rng": torch.get_rng_state(), "fingerprint": cfg.state_dict_fingerprint(),
+                    })
+                barrier(ctx)
+            if bar is not None:
+                bar.update(bar_task, completed=done)
+            if stop_after is not None and done >= stop_after:
+                return None
+    finally:
+        if bar is not None:
+            bar.stop()
+    if not ctx.is_main:
+        return None
+    wall = time.perf_counter() - t_start
+    loop_s = time.perf_counter() - t_loop
+    steps_run = tc.steps - start
+    final = {**rows[-1], "wall_time_s": round(wall, 3), "steps_this_session": steps_run,
+             "train_tokens_per_s": round(steps_run * d.batch_size * d.seq_len / loop_s, 1) if steps_run else None,
+             "world_size": ctx.world_size, "device": str(ctx.device), "params": model.num_params()}
+    write_atomic(out / "final.json", json.dumps(final, indent=1))
+    if tc.plots:
+        from sinkscope.training.plots import plot_dynamics, save_figure
+
+        save_figure(plot_dynamics(rows, title=out.name), out / "dynamics.png")
+    return RunResult(out, rows, final, wall)

@@ -1,0 +1,105 @@
+"""Training loop: outputs, exact resume, DDP equality, checkpoint errors, CLI one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sinkscope.cli.__main__ import main as cli_main
+from sinkscope.training.checkpoint import CheckpointError
+from sinkscope.training.config import RunConfig, config_from_dict
+from sinkscope.training.loop import lr_at, train
+
+from .conftest import tiny_dict
+
+DROP = {"wall_s"}
+
+
+def _losses(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in DROP} for r in rows]
+
+
+def test_run_outputs_and_exact_resume(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    full = train(tiny_cfg, tmp_path / "full", progress=False)
+    assert full is not None
+    rows = _losses(tmp_path / "full")
+    assert [r["step"] for r in rows] == [0, 3, 6, 9, 12]
+    last = rows[-1]
+    for key in ("loss", "sink_ratio", "bos_attention", "bos_value_norm", "bos_residual_norm", "heads",
+                "loss_copy", "loss_bigram", "excess_loss"):
+        assert key in last
+    assert len(last["bos_attention"]) == 2 and len(last["bos_attention"][0]) == 2  # per layer, per head
+    assert set(last["heads"]["L0H0"]) == {"trigger", "non_trigger"}
+    assert last["loss"] < rows[0]["loss"]  # it learns
+    final = json.loads((tmp_path / "full" / "final.json").read_text())
+    assert final["step"] == 12 and final["wall_time_s"] > 0
+    assert "attention: softmax" in (tmp_path / "full" / "config.yaml").read_text()
+
+    # killed after step 8 (last checkpoint at 5), then resumed: identical log
+    assert train(tiny_cfg, tmp_path / "cut", progress=False, stop_after=8) is None
+    train(tiny_cfg, tmp_path / "cut", progress=False)
+    assert _losses(tmp_path / "cut") == rows
+
+
+def test_ddp_two_cpu_processes_match_single(corpus: Path, tmp_path: Path) -> None:
+    from sinkscope.training.ddp import run_local_processes
+
+    d = tiny_dict(corpus, train={"steps": 4, "eval_every": 2, "ckpt_every": 4})
+    single = train(config_from_dict(d), tmp_path / "single", progress=False)
+    run_local_processes(d, tmp_path / "ddp", world_size=2)
+    ddp = json.loads((tmp_path / "ddp" / "final.json").read_text())
+    assert ddp["world_size"] == 2
+    for key in ("loss", "train_loss", "sink_ratio"):
+        assert ddp[key] == pytest.approx(single.final[key], rel=1e-5, abs=1e-6)
+    for a, b in zip(ddp["bos_residual_norm"], single.final["bos_residual_norm"]):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_checkpoint_corrupt_and_mismatched(tiny_cfg: RunConfig, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny_cfg, out, progress=False, stop_after=5)
+    other = config_from_dict(tiny_dict(corpus, model={"d_model": 64}))
+    with pytest.raises(CheckpointError, match=r"model.d_model: checkpoint has 32, config has 64"):
+        train(other, out, progress=False)
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        train(tiny_cfg, out, progress=False)
+
+
+def test_optimisers_and_schedule(corpus: Path, tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_dict(corpus, optim={"name": "sgd", "lr": 0.1, "warmup_steps": 4,
+                                                    "schedule": "cosine"}))
+    assert lr_at(0, cfg) == pytest.approx(0.025) and lr_at(3, cfg) == pytest.approx(0.1)
+    assert lr_at(11, cfg) < lr_at(5, cfg)
+    res = train(cfg, tmp_path / "sgd", progress=False)
+    assert res.rows[-1]["loss"] < res.rows[0]["loss"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.attention=flash"], "unknown attention kind 'flash'"),
+    (["model.n_heads=3"], "n_heads=3 does not divide model.d_model=32"),
+    (["model.colour=red"], "unknown key 'model.colour'"),
+    (["data.corpus=/no/such/file.txt"], "data file not found: /no/such/file.txt"),
+])
+def test_cli_errors_are_one_line(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
+                                 needle: str) -> None:
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_dict(corpus)))
+    assert cli_main(["train", str(cfg), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err
+
+
+def test_cli_trains(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_dict(corpus)))
+    assert cli_main(["train", str(cfg), "--out", str(tmp_path / "o"), "train.steps=3", "model.attention=relu"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["step"] == 3
+    assert "attention: relu" in (tmp_path / "o" / "config.yaml").read_text()
