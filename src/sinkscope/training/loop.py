@@ -143,12 +143,14 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
     model = TinyGPT(cfg.model).to(ctx.device)
     optimizer = make_optimizer(model, cfg)
     start, window = 0, [0.0, 0.0]  # window: summed train NLL and token count since the last evaluation
+    prior_s = 0.0  # wall time of earlier sessions of this run (resume)
     rows: list[dict[str, Any]] = []
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, cfg.state_dict_fingerprint())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, window = int(state["step"]), list(state["window"])
+        prior_s = float(state.get("elapsed_s", 0.0))
         torch.set_rng_state(state["rng"])
         rows = _read_rows(metrics_path, start)
     barrier(ctx)
@@ -169,7 +171,7 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
             row = {"step": step, "lr": lr_at(max(step - 1, 0), cfg), "train_loss": s / n if n else None,
                    "tokens": step * d.batch_size * d.seq_len}
             row.update(measure_model(model, eval_batch, eps=tc.eps, dormant_threshold=tc.dormant_threshold))
-            row["wall_s"] = round(time.perf_counter() - t_start, 3)
+            row["wall_s"] = round(prior_s + time.perf_counter() - t_start, 3)
             rows.append(row)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -215,6 +217,7 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
                     save_checkpoint(ckpt_path, {
                         "step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "window": window, "rng": torch.get_rng_state(), "fingerprint": cfg.state_dict_fingerprint(),
+                        "elapsed_s": prior_s + time.perf_counter() - t_start,
                     })
                 barrier(ctx)
             if bar is not None:
@@ -226,10 +229,11 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
             bar.stop()
     if not ctx.is_main:
         return None
-    wall = time.perf_counter() - t_start
+    wall = prior_s + time.perf_counter() - t_start
     loop_s = time.perf_counter() - t_loop
     steps_run = tc.steps - start
-    final = {**rows[-1], "wall_time_s": round(wall, 3), "steps_this_session": steps_run,
+    final = {**rows[-1], "wall_time_s": round(wall, 3), "session_wall_s": round(wall - prior_s, 3),
+             "steps_this_session": steps_run,
              "train_tokens_per_s": round(steps_run * d.batch_size * d.seq_len / loop_s, 1) if steps_run else None,
              "world_size": ctx.world_size, "device": str(ctx.device), "params": model.num_params()}
     write_atomic(out / "final.json", json.dumps(final, indent=1))

@@ -21,7 +21,7 @@ def plot_dynamics(rows: list[dict[str, Any]], title: str = "") -> Figure:
     for key in ("loss_copy", "loss_bigram", "excess_loss"):
         if key in rows[-1]:
             ax.plot(steps, [r.get(key) for r in rows], label=key.replace("loss_", ""))
-    ax.set_yscale("log")
+    ax.set_yscale("symlog", linthresh=0.01)
     ax.set_title("loss (nats)")
     ax.legend(fontsize=7)
     ax = axes[1]
