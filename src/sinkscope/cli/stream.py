@@ -1,0 +1,184 @@
+"""`sinkscope stream`: long-stream perplexity under KV-cache policies (`eval`) and endless sink-cache generation
+(`generate`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sinkscope.errors import InputError
+from sinkscope.models.load import DEFAULT_MODEL
+
+app = typer.Typer(help="Streaming with attention sinks (StreamingLLM): evaluate cache policies, generate endlessly.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _out_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output directory {path}: {e.strerror or e}") from e
+    return path
+
+
+def _parse_policies(policies: Optional[str]) -> list[str]:
+    from sinkscope.streaming.ppl import ALL_POLICIES, DEFAULT_POLICIES
+
+    if policies is None:
+        return list(DEFAULT_POLICIES)
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    bad = [p for p in names if p not in ALL_POLICIES]
+    if bad or not names:
+        raise InputError(f"unknown --policies {','.join(bad) or '(empty)'}; choose from {','.join(ALL_POLICIES)}")
+    return names
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
+    file: Path = typer.Option(..., "--file", "-f", help="a UTF-8 text file: the stream"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+    sinks: int = typer.Option(4, "--sinks", help="first tokens kept by the sinks policy"),
+    window: int = typer.Option(1020, "--window", help="recent tokens kept (window/recompute keep sinks+window)"),
+    tokens: int = typer.Option(2048, "--tokens", "-n", help="stream length in tokens"),
+    policies: Optional[str] = typer.Option(
+        None, "--policies", help="comma list of dense,window,sinks,sinks_plain,recompute "
+                                 "(default: dense,window,sinks,recompute)"),
+    bos: str = typer.Option("auto", "--bos", help="auto | always | never: prepend a BOS token?"),
+    batch_size: int = typer.Option(16, "--batch-size", help="windows per forward for recompute"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+) -> None:
+    """Token-by-token perplexity over a long text for each cache policy; writes tokens.csv (policy, position,
+    nll), summary.json and log_ppl.png to --out."""
+    import torch
+
+    from sinkscope.inputs import file_inputs
+    from sinkscope.models.load import load_model
+    from sinkscope.streaming.ppl import evaluate_stream, plot_log_ppl
+
+    if tokens < 2:
+        raise InputError(f"--tokens must be at least 2, got {tokens}")
+    if sinks < 0 or window < 1:
+        raise InputError(f"need --sinks >= 0 and --window >= 1, got {sinks} and {window}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    names = _parse_policies(policies)
+    if threads:
+        torch.set_num_threads(threads)
+    console = Console(stderr=True)
+    out = _out_dir(out)
+    lm, tokenizer = load_model(model)
+    batch = file_inputs(tokenizer, file, bos=bos, max_tokens=tokens)
+    ids = torch.tensor(batch.sequences[0], dtype=torch.long)
+    if len(ids) < tokens:
+        console.print(f"[yellow]warning: {file} has only {len(ids)} tokens (asked for {tokens})")
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        def on_policy(name: str, total: int):
+            task = bar.add_task(name, total=total)
+            return lambda done: bar.update(task, completed=done)
+
+        result = evaluate_stream(lm, ids, n_sink=sinks, window=window, policies=names, batch_size=batch_size,
+                                 on_policy=on_policy,
+                                 meta={"model": model, "file": str(file), "input": batch.to_json(),
+                                       "threads": torch.get_num_threads(), "argv": sys.argv[1:]})
+    summary = result.to_json()
+    summary["total_seconds"] = time.perf_counter() - t0
+    with open(out / "tokens.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["policy", "position", "nll"])
+        w.writeheader()
+        w.writerows(result.to_rows())
+    (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+    fig = plot_log_ppl(result)
+    fig.savefig(out / "log_ppl.png", dpi=120)
+
+    table = Table(title=f"{len(ids)} tokens, {sinks} sinks + {window} window")
+    for col in ("policy", "ppl", "ppl after eviction", "tokens", "tok/s", "peak KV MiB", "RSS delta MiB"):
+        table.add_column(col, justify="right" if col != "policy" else "left")
+    for name, p in summary["policies"].items():
+        table.add_row(name, f"{p['ppl']:.2f}", f"{p['ppl_after_eviction']:.2f}", str(p["tokens"]),
+                      f"{p['tokens_per_s']:.1f}", f"{p['peak_mem_mb']:.2f}", f"{p['peak_rss_delta_mb']:.1f}")
+    Console().print(table)
+    console.print(f"wrote {out}/tokens.csv, summary.json, log_ppl.png")
+
+
+@app.command("generate")
+def generate_command(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
+    sinks: int = typer.Option(4, "--sinks", help="first tokens kept (attention sinks)"),
+    window: int = typer.Option(1020, "--window", help="recent tokens kept"),
+    max_new_tokens: int = typer.Option(0, "--max-new-tokens", "-n", help="stop after N tokens (0: never stop)"),
+    temperature: float = typer.Option(0.8, "--temperature", help="0 for greedy decoding"),
+    top_k: Optional[int] = typer.Option(50, "--top-k", help="sample among the k most likely tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    reassign: bool = typer.Option(True, "--reassign/--no-reassign", help="re-assign positions by cache slot"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template"),
+    stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="stop at the tokenizer's EOS token"),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="prompt tokens per forward"),
+    stats: bool = typer.Option(False, "--stats", help="print cache size and speed to stderr at the end"),
+) -> None:
+    """Generate from a prompt with a sink + window cache at constant memory (endless unless -n is given;
+    Ctrl-C stops)."""
+    from sinkscope.models.load import load_model
+    from sinkscope.streaming.generate import stream_generate
+
+    if sinks < 0 or window < 1:
+        raise InputError(f"need --sinks >= 0 and --window >= 1, got {sinks} and {window}")
+    if max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise InputError(f"--temperature must be >= 0, got {temperature}")
+    lm, tokenizer = load_model(model)
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    else:
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not ids:
+        raise InputError("the prompt has no tokens")
+    stop = {tokenizer.eos_token_id} if stop_at_eos and tokenizer.eos_token_id is not None else None
+    pending: list[int] = []  # tokens not printed yet (an incomplete UTF-8 character spans several)
+    n_tokens, kv = 0, 0
+    t0 = time.perf_counter()
+    try:
+        for tok in stream_generate(lm, ids, n_sink=sinks, window=window, reassign=reassign,
+                                   max_new_tokens=max_new_tokens or None, temperature=temperature, top_k=top_k,
+                                   seed=seed, prefill_chunk_size=prefill_chunk, stop_ids=stop):
+            n_tokens, kv = n_tokens + 1, tok.kv_bytes
+            pending.append(tok.token_id)
+            text = tokenizer.decode(pending, skip_special_tokens=False)
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                pending = []
+    finally:
+        sys.stdout.write("\n")
+        if stats:
+            dt = time.perf_counter() - t0
+            Console(stderr=True).print(f"{n_tokens} tokens in {dt:.1f} s ({n_tokens / max(dt, 1e-9):.1f} tok/s); "
+                                       f"cache {kv / 2**20:.2f} MiB of K/V ({sinks} sinks + {window} window)")
+
