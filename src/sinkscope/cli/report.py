@@ -1,0 +1,73 @@
+"""`sinkscope report`: one self-contained HTML page (plus its JSON/CSV) on a model's extreme tokens."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from sinkscope.errors import InputError
+from sinkscope.io import check_output_dir
+from sinkscope.models.load import DEFAULT_MODEL
+
+
+def command(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (index.html, report.json, *.csv)"),
+    sections: Optional[str] = typer.Option(
+        None, "--sections", "-s",
+        help="comma-separated sections: model, sinks, drains, dormant, repetition (default: all)"),
+    tokens: int = typer.Option(64, "--tokens", help="tokens per input sample"),
+    samples: int = typer.Option(8, "--samples", help="samples per input kind (at most 8)"),
+    eps: float = typer.Option(0.3, "--eps", help="sink threshold of Sink_k^eps"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="only for code you trust"),
+) -> None:
+    """Measure a model's attention sinks, value drains, residual peaks, massive activations, active/dormant heads
+    and repeated-token divergence on a built-in mix of inputs; write a self-contained DIR/index.html."""
+    from sinkscope.models.load import load_model
+    from sinkscope.report.build import build_report, parse_sections
+    from sinkscope.report.sections import SECTIONS, ReportOptions
+
+    console = Console(stderr=True)
+    keys = parse_sections(sections)
+    if not 0 < eps < 1:
+        raise InputError(f"--eps must be in (0, 1), got {eps}")
+    if tokens < 8:
+        raise InputError(f"--tokens must be at least 8, got {tokens}")
+    if not 1 <= samples <= 8:
+        raise InputError(f"--samples must be between 1 and 8, got {samples}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be a positive integer, got {batch_size}")
+    check_output_dir(out)
+    t0 = time.perf_counter()
+    lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
+    load_s = time.perf_counter() - t0
+    opts = ReportOptions(n_tokens=tokens, samples=samples, eps=eps, batch_size=batch_size, seed=seed)
+    with Progress(TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console) as bar:
+        tasks: dict[str, TaskID] = {k: bar.add_task(SECTIONS[k][0], total=None, start=False) for k in keys}
+
+        def progress(key: str, done: int, total: int) -> None:
+            task = tasks[key]
+            if not bar.tasks[task].started:
+                bar.start_task(task)
+            bar.update(task, completed=done, total=total)
+
+        result = build_report(lm, tokenizer, out, sections=keys, options=opts, model_spec=model, load_s=load_s,
+                              progress=progress)
+        for sec in result.sections:  # close every bar, marking failures
+            task = tasks[sec.key]
+            total = bar.tasks[task].total or 1
+            desc = SECTIONS[sec.key][0] + (" [red](failed)[/]" if sec.error else "")
+            bar.update(task, completed=total, total=total, description=desc)
+    for sec in result.sections:
+        if sec.error:
+            console.print(f"[red]section {sec.key} failed:[/] {sec.error}")
+    console.print(f"Wrote {result.index} ({len(result.sections) - len(result.failed)}/{len(result.sections)} "
+                  f"sections ok) in {result.total_s:.0f} s.")

@@ -1,0 +1,181 @@
+"""The "what this means" paragraphs of `sinkscope report`, written from the measured numbers.
+
+Each function takes the numbers of one section (plain dicts, as stored in ``report.json``) and returns a list of
+paragraphs. Every sentence depends on the numbers: thresholds decide which statement is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _layers(ls: list[int]) -> str:
+    if not ls:
+        return "none"
+    runs, start, prev = [], ls[0], ls[0]
+    for x in ls[1:] + [None]:  # type: ignore[list-item]
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(runs)
+
+
+def explain_model(card: dict[str, Any]) -> list[str]:
+    """Paragraphs for the model card: architecture facts that matter for sinks."""
+    out = []
+    H, Hkv = card["n_heads"], card["n_kv_heads"]
+    gqa = (f"grouped-query attention: {H // max(1, Hkv)} query heads share each of its {Hkv} key/value heads, so a "
+           "value-state drain is shared by a whole group" if Hkv and Hkv < H else "one key/value head per query head")
+    out.append(f"This is a {card['model_type']} model with {card['n_layers']} layers of {H} attention heads "
+               f"({card['n_layers'] * H} heads in all) and {gqa}.")
+    if card.get("bos_added"):
+        out.append("Its tokenizer puts a BOS token at position 0, so the first-token sink below sits on a special "
+                   "token that carries no content.")
+    else:
+        out.append("Its tokenizer adds no BOS token: position 0 is the first real token of the input, so any sink "
+                   "at position 0 is a content token that the model has turned into a sink.")
+    if card.get("learned_sinks"):
+        out.append("It has learned sink logits: part of the attention goes to a virtual key with no value.")
+    if card.get("output_gate"):
+        out.append("Its attention output is gated, which usually weakens the first-token sink.")
+    return out
+
+
+def explain_sinks(s: dict[str, Any]) -> list[str]:
+    """Paragraphs for the attention-sink section.
+
+    ``s`` holds, per input kind: ``sink0`` (Sink_0^eps), ``top_other`` ({position, sink_ratio} of the strongest
+    non-initial position), ``formation_layer`` (first layer where at least half the heads sink on token 0, or
+    None) and ``eps``.
+    """
+    kinds = s["kinds"]
+    eps = s["eps"]
+    vals = {k: v["sink0"] for k, v in kinds.items()}
+    desc = ", ".join(f"{_pct(v)} on {k}" for k, v in vals.items())
+    out = [f"Token 0 is an attention sink (alpha_0 > {eps}) for {desc} of all heads."]
+    hi, lo = max(vals, key=vals.get), min(vals, key=vals.get)  # type: ignore[arg-type]
+    if vals[hi] - vals[lo] < 0.1:
+        out.append("The share barely changes with the input, so the sink is a property of the first position, "
+                   "not of what the first token says.")
+    else:
+        out.append(f"The sink depends on the input: it is strongest on {hi} and weakest on {lo} "
+                   f"({_pct(vals[hi])} vs {_pct(vals[lo])} of heads); heads that leave the sink on {lo} are "
+                   "doing input-specific work there.")
+    others = {k: v["top_other"] for k, v in kinds.items() if v.get("top_other")}
+    strong = {k: o for k, o in others.items() if o["sink_ratio"] >= 0.1}
+    if not strong:
+        best = max((o["sink_ratio"] for o in others.values()), default=0.0)
+        out.append(f"No other position comes close: the best non-initial position is a sink for at most "
+                   f"{_pct(best)} of heads. The model has one sink, the first token.")
+    else:
+        parts = [f"position {o['position']} on {k} ({_pct(o['sink_ratio'])} of heads)" for k, o in strong.items()]
+        out.append("There are secondary sinks: " + "; ".join(parts) + ". Positions after the first can become sinks "
+                   "when the input gives them a reason (a delimiter, a repeated token).")
+    forms = {k: v["formation_layer"] for k, v in kinds.items()}
+    known = [v for v in forms.values() if v is not None]
+    if known:
+        first = min(known)
+        where = ", ".join(f"layer {v} on {k}" if v is not None else f"never on {k}" for k, v in forms.items())
+        out.append(f"The sink forms early: at least half the heads of a layer sink on token 0 from {where}. "
+                   f"Layers before {first} still spread their attention over the input.")
+    else:
+        out.append("No layer has half of its heads on token 0: the sink, where present, is confined to a few heads.")
+    return out
+
+
+def explain_drains(s: dict[str, Any]) -> list[str]:
+    """Paragraphs for the value-drain / residual-peak / massive-activation section.
+
+    ``s``: ``residual_peak`` {layer, ratio}, ``peak_from_layer`` (first layer with ratio >= 10, or None),
+    ``value_ratio_median`` (median over layers of token 0's value norm / median token's), ``drain_layers``
+    (number of layers with ratio < 0.5), ``n_layers``, ``massive_dims`` (list of {dim, max_value, layers}),
+    ``massive_max`` (largest |activation|), ``massive_median`` (median |activation| at that layer).
+    """
+    out = []
+    pk = s.get("residual_peak")
+    if pk and pk["ratio"] >= 10:
+        start = s.get("peak_from_layer")
+        out.append(f"Residual-state peak: after layer {pk['layer']} the first token's hidden state is "
+                   f"{pk['ratio']:.0f} times longer than the median token's"
+                   + (f", and it is at least 10 times longer from layer {start} on." if start is not None else "."))
+    elif pk:
+        out.append(f"No strong residual-state peak: the first token's hidden state is at most {pk['ratio']:.1f} "
+                   "times the median token's.")
+    vr = s.get("value_ratio_median")
+    if vr is not None:
+        if vr < 0.5:
+            out.append(f"Value-state drain: in {s['drain_layers']} of {s['n_layers']} layers the first token's value "
+                       f"vectors are less than half the median token's (median ratio {vr:.2f}), so attention parked "
+                       "on it adds almost nothing to the output: this is how a head does nothing.")
+        else:
+            out.append(f"No clear value-state drain (median ratio of value norms {vr:.2f}): attention on the first "
+                       "token still writes its value into the output.")
+    dims = s.get("massive_dims") or []
+    if dims:
+        d0 = dims[0]
+        out.append(f"Massive activations: hidden dimension {d0['dim']} reaches |x| = {d0['max_value']:.0f} "
+                   f"(median |x| {s.get('massive_median', float('nan')):.2g}) in {d0['layers']} layers"
+                   + (f"; also dimension(s) {', '.join(str(d['dim']) for d in dims[1:4])}" if len(dims) > 1 else "")
+                   + ". A few fixed coordinates carry the residual peak, as Sun et al. report for large models.")
+    else:
+        out.append("No massive activations (no entry above 100 and 1000 times the median) were found.")
+    return out
+
+
+def explain_dormant(s: dict[str, Any]) -> list[str]:
+    """Paragraphs for the active/dormant section; ``s`` is `DormancyReport.summary()` plus ``top`` (rows of the
+    most domain-dependent heads)."""
+    n = s["n_heads"]
+    out = [f"With a head called dormant when at least {s['threshold']} of its attention goes to token 0: "
+           f"{s['n_dormant']} of {n} heads are dormant on every domain, {s['n_active']} are active on every "
+           f"domain and {s['n_switching']} switch between the two depending on the input."]
+    share = s["dormant_share"]
+    hi, lo = max(share, key=share.get), min(share, key=share.get)
+    out.append(f"Most heads sleep on {hi} ({_pct(share[hi])} dormant) and fewest on {lo} ({_pct(share[lo])}).")
+    top = s.get("top") or []
+    if top and top[0]["dependence"] >= 0.3:
+        t = top[0]
+        out.append(f"The most domain-dependent head is layer {t['layer']} head {t['head']}: its attention on "
+                   f"token 0 is {t[f'alpha0_' + t['most_dormant_on']]:.2f} on {t['most_dormant_on']} but "
+                   f"{t[f'alpha0_' + t['most_active_on']]:.2f} on {t['most_active_on']}, and its output norm "
+                   f"changes {t['out_norm_ratio']:.1f}x. Like Guo et al.'s layer-16 head in Llama-2, it wakes up "
+                   f"for one kind of input and parks on the sink otherwise.")
+    else:
+        out.append("No head changes its behaviour strongly between domains (largest change of alpha_0 "
+                   f"{top[0]['dependence'] if top else 0:.2f}): dormancy here is a fixed property of each head.")
+    return out
+
+
+def explain_repetition(s: dict[str, Any]) -> list[str]:
+    """Paragraphs for the repetition section: ``rates`` {length: rate}, optional ``circuit`` (dict with
+    ``n_neurons``/``layers``) and ``patched_rates`` {length: rate}."""
+    rates = {int(k): v for k, v in s["rates"].items()}
+    out = []
+    if rates:
+        lo_n, hi_n = min(rates), max(rates)
+        if max(rates.values()) == 0:
+            out.append(f"No continuation diverged for runs of {lo_n} to {hi_n} repetitions: the model keeps "
+                       "repeating (or stops) as asked, at these lengths.")
+        else:
+            first = min(n for n, r in rates.items() if r > 0)
+            out.append(f"Divergence starts at {first} repetitions and reaches {_pct(rates[hi_n])} at {hi_n}: long "
+                       "runs of one token make the repeated tokens look like first tokens (extra sinks), and the "
+                       "model then leaves the repetition, sometimes emitting unrelated text.")
+    circ = s.get("circuit")
+    if circ:
+        out.append(f"The circuit found: {circ.get('description', '')}".strip())
+    patched = s.get("patched_rates")
+    if patched and rates:
+        before = sum(rates.values()) / len(rates)
+        after = sum(float(v) for v in patched.values()) / len(patched)
+        verdict = "reduces" if after < before - 0.05 else ("does not change" if abs(after - before) <= 0.05
+                                                           else "increases")
+        out.append(f"The patch {verdict} divergence: mean rate {_pct(before)} before, {_pct(after)} after.")
+    return out
