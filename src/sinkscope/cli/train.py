@@ -28,4 +28,5 @@ def command(
         f = result.final
         keys = ("step", "loss", "excess_loss", "sink_ratio", "sink_ratio_proxy", "sink_ratio_slot", "wall_time_s")
         print(json.dumps({k: f[k] for k in keys if k in f}))
-        print(f"wrote {out}/config.yaml, metrics.jsonl, final.json, dynamics.png")
+        names = [n for n in ("config.yaml", "metrics.jsonl", "final.json", "dynamics.png") if (out / n).is_file()]
+        print(f"wrote {out}/: {', '.join(names)}")

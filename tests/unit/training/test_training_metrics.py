@@ -1,0 +1,34 @@
+"""Training metrics: Sink_0 from weights and proxy, slot share, norm ratios, active/dormant labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sinkscope.models.tinygpt import TinyGPT, TinyGPTConfig
+from sinkscope.tasks.bigram_backcopy import BigramBackcopy
+from sinkscope.training.metrics import measure_model, norm_ratio, sink_ratio
+
+
+def test_sink_ratio_and_norm_ratio() -> None:
+    alpha = torch.tensor([[0.9, 0.1], [0.31, 0.3]])  # (L, H)
+    assert sink_ratio(alpha, eps=0.3) == pytest.approx(0.5)
+    x = torch.ones(2, 5, 4)
+    x[:, 0] *= 10
+    assert norm_ratio(x) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("kw,slot", [({"attention": "relu"}, False), ({"sink_token": True}, True),
+                                      ({"attention": "softmax1"}, True), ({"attn_bias": "kv"}, True)])
+def test_measure_model_rows(corpus: Path, kw: dict, slot: bool) -> None:
+    task = BigramBackcopy.from_file(corpus, n_chars=20, n_triggers=2)
+    model = TinyGPT(TinyGPTConfig(vocab_size=task.vocab_size, block_size=16, n_layers=2, d_model=16, n_heads=2, **kw))
+    row = measure_model(model, task.batch(0, 0, 4, 16), eps=0.3)
+    assert ("sink_ratio_slot" in row) == slot
+    assert len(row["bos_attention"]) == 2 and len(row["bos_value_norm"]) == 2 and len(row["bos_residual_norm"]) == 2
+    assert set(row["heads"]) == {"L0H0", "L0H1", "L1H0", "L1H1"}
+    assert all(v in ("active", "dormant") for labels in row["heads"].values() for v in labels.values())
+    if kw.get("attention") == "relu":  # weights used are not rows summing to one; the proxy renormalises them
+        assert row["bos_attention"] != row["bos_attention_proxy"]
