@@ -111,6 +111,3 @@ def stream_generate(model: nn.Module, prompt_ids: list[int] | torch.Tensor, *, n
         produced += 1
         if stop_ids is not None and token in stop_ids:
             return
-
-
-
