@@ -86,7 +86,7 @@ class DormancyReport:
                 for d, name in enumerate(self.domains):
                     row[f"out_norm_{name}"] = float(self.out_norm[d, li, h])
                 rows.append(row)
-        rows.sort(key=lambda r: (-r["dependence"], r["layer"], r["head"]))
+        rows.sort(key=lambda r: (-round(r["dependence"], 9), r["layer"], r["head"]))
         return rows
 
     def switching_heads(self, n: int = 10) -> list[dict[str, Any]]:

@@ -58,12 +58,20 @@ def explain_sinks(s: dict[str, Any]) -> list[str]:
     kinds = s["kinds"]
     eps = s["eps"]
     vals = {k: v["sink0"] for k, v in kinds.items()}
-    desc = ", ".join(f"{_pct(v)} on {k}" for k, v in vals.items())
-    out = [f"Token 0 is an attention sink (alpha_0 > {eps}) for {desc} of all heads."]
+    parts = [f"{_pct(v)} on {k}" for k, v in vals.items()]
+    desc = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    out = [f"Token 0 is an attention sink (alpha_0 > {eps}) for {desc.replace(' on ', ' of all heads on ', 1)}."]
     hi, lo = max(vals, key=vals.get), min(vals, key=vals.get)  # type: ignore[arg-type]
     if vals[hi] - vals[lo] < 0.1:
         out.append("The share barely changes with the input, so the sink is a property of the first position, "
                    "not of what the first token says.")
+    elif vals[lo] < 0.1 and vals[hi] >= 0.3:
+        best_lo = max((t["sink_ratio"] for t in kinds[lo].get("top_sinks", [])), default=0.0)
+        out.append(f"On {lo} the first-token sink disappears ({_pct(vals[lo])} of heads), and no other position "
+                   f"takes its place (best position: {_pct(best_lo)} of heads): attention spreads over many "
+                   "positions instead. When every token looks the same, nothing marks token 0 as the place to "
+                   "park attention; this is the state in which repeated-token prompts make models diverge "
+                   "(Yona et al. 2503.08908).")
     else:
         out.append(f"The sink depends on the input: it is strongest on {hi} and weakest on {lo} "
                    f"({_pct(vals[hi])} vs {_pct(vals[lo])} of heads); heads that leave the sink on {lo} are "
@@ -85,6 +93,13 @@ def explain_sinks(s: dict[str, Any]) -> list[str]:
         where = ", ".join(f"layer {v} on {k}" if v is not None else f"never on {k}" for k, v in forms.items())
         out.append(f"The sink forms early: at least half the heads of a layer sink on token 0 from {where}. "
                    f"Layers before {first} still spread their attention over the input.")
+        k0 = next(k for k, v in forms.items() if v is not None)
+        share = kinds[k0].get("sink_ratio_first_by_layer") or []
+        layers = kinds[k0].get("layers") or list(range(len(share)))
+        gaps = [l for l, r in zip(layers, share) if l > forms[k0] and r < 0.5]
+        if gaps:
+            out.append(f"After it forms, the sink is not used everywhere: on {k0}, fewer than half the heads sink "
+                       f"on token 0 in layer(s) {_layers(gaps)}.")
     else:
         out.append("No layer has half of its heads on token 0: the sink, where present, is confined to a few heads.")
     return out
@@ -117,6 +132,15 @@ def explain_drains(s: dict[str, Any]) -> list[str]:
         else:
             out.append(f"No clear value-state drain (median ratio of value norms {vr:.2f}): attention on the first "
                        "token still writes its value into the output.")
+    by = s.get("by_kind") or {}
+    ref = by.get(s.get("input", ""))
+    for kind, b in by.items():
+        if ref is None or kind == s.get("input") or b["median_other_norm"] < 5 * ref["median_other_norm"]:
+            continue
+        out.append(f"On {kind} inputs the ordinary tokens carry the peak too: at layer {b['layer']} their median "
+                   f"residual norm is {b['median_other_norm']:.0f} against {ref['median_other_norm']:.0f} on "
+                   f"{s['input']} (token 0: {b['first_norm']:.0f}), so token 0 no longer stands out "
+                   f"(peak ratio {b['residual_peak']:.1f}). The copies behave like first tokens.")
     dims = s.get("massive_dims") or []
     if dims:
         d0 = dims[0]

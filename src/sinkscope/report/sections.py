@@ -159,7 +159,8 @@ def sinks(ctx: ReportContext, sec: Section, progress: Progress) -> None:
         other = next((t for t in top if t["position"] != 0), None)
         kinds[kind] = {"sink0": p.sink_ratio(0), "top_sinks": top, "top_other": other,
                        "formation_layer": _formation_layer(p), "bos_prepended": bool(p.inputs.get("bos_prepended")),
-                       "sink_ratio_first_by_layer": p.head_is_sink(0)[p.lengths > 0].mean(axis=(0, 2)).tolist()}
+                       "sink_ratio_first_by_layer": p.head_is_sink(0)[p.lengths > 0].mean(axis=(0, 2)).tolist(),
+                       "layers": list(p.attention_layers)}
         rows.append({"input": kind, "Sink_0": kinds[kind]["sink0"],
                      "2nd position": other["position"] if other else None,
                      "its Sink_k": other["sink_ratio"] if other else None,
@@ -179,6 +180,15 @@ def sinks(ctx: ReportContext, sec: Section, progress: Progress) -> None:
 
 
 # ---- 3. value drains, residual peaks, massive activations ------------------------------------------------------
+def _norms_of(p: SinkProfile, layer: int) -> dict[str, float]:
+    """Residual norms at ``layer``: token 0 and the median other token (mean over samples), and the peak ratio."""
+    first = float(np.nanmean(p.residual_norm[:, layer, 0]))
+    other = float(np.nanmean([np.median(p.residual_norm[i, layer, 1:n]) for i, n in enumerate(p.lengths) if n > 1]))
+    return {"layer": layer, "first_norm": first, "median_other_norm": other,
+            "residual_peak": float(np.nanmax(p.residual_ratio())),
+            "value_ratio_median": float(np.nanmedian(np.nanmean(p.value_ratio(), axis=1)))}
+
+
 @section("drains", "Value drains, residual peaks and massive activations")
 def drains(ctx: ReportContext, sec: Section, progress: Progress) -> None:
     """Norms by layer for the sink vs ordinary tokens and the top massive-activation dimensions."""
@@ -214,9 +224,7 @@ def drains(ctx: ReportContext, sec: Section, progress: Progress) -> None:
         "massive_dims": [{k: v for k, v in r.items() if k != "positions"} for r in dim_rows],
         "massive_max": best["top"][0]["value"] if best and best["top"] else None,
         "massive_median": best["median_abs"] if best else None,
-        "by_kind": {k: {"residual_peak": float(np.nanmax(q.residual_ratio())),
-                        "value_ratio_median": float(np.nanmedian(np.nanmean(q.value_ratio(), axis=1)))}
-                    for k, q in profs.items()},
+        "by_kind": {k: _norms_of(q, int(np.nanargmax(rr))) for k, q in profs.items()},
     })
     sec.text("Residual-state peak: the norm of token 0's hidden state after each layer over the median token's. "
              "Value-state drain: the norm of token 0's value vector over the median token's (Guo et al. "

@@ -64,6 +64,10 @@ def _sort_key(v: Any) -> str:
     return str(v)
 
 
+def _cls(v: Any) -> str:
+    return ' class="t"' if isinstance(v, str) else ""
+
+
 def table_html(rows: list[dict[str, Any]], *, columns: list[str] | None = None, caption: str = "",
                sortable: bool = True, max_rows: int | None = None, table_id: str | None = None) -> str:
     """An HTML table of ``rows`` (dicts); with ``sortable``, clicking a header sorts by that column
@@ -74,8 +78,8 @@ def table_html(rows: list[dict[str, Any]], *, columns: list[str] | None = None, 
     shown = rows[:max_rows] if max_rows else rows
     head = "".join(f'<th data-col="{esc(c)}" title="click to sort">{esc(c)}</th>' for c in cols)
     body = "".join(
-        "<tr>" + "".join(f'<td data-v="{esc(_sort_key(r.get(c)))}">{esc(format_value(r.get(c)))}</td>'
-                         for c in cols) + "</tr>"
+        "<tr>" + "".join(f'<td{_cls(r.get(c))} data-v="{esc(_sort_key(r.get(c)))}">{esc(format_value(r.get(c)))}'
+                         "</td>" for c in cols) + "</tr>"
         for r in shown)
     more = (f"<p class=\"note\">Showing {len(shown)} of {len(rows)} rows; all rows are in the CSV next to this "
             "page.</p>" if len(shown) < len(rows) else "")
@@ -169,6 +173,7 @@ figcaption{font-size:.85em;color:#555}
 .table-wrap{max-height:36em;overflow:auto;margin:1em 0}
 table{border-collapse:collapse;font-size:.85em}caption{text-align:left;font-weight:bold;padding:.3em 0}
 th,td{border:1px solid #ddd;padding:.2em .5em;text-align:right}th{background:#f4f4f4;position:sticky;top:0}
+td.t{text-align:left}
 table.sortable th{cursor:pointer}th[aria-sort=ascending]::after{content:" \\25B2"}
 th[aria-sort=descending]::after{content:" \\25BC"}
 .note,.empty{font-size:.85em;color:#666}

@@ -1,0 +1,85 @@
+"""`sinkscope report` end to end on a tiny model: files, isolated failing sections, progress, CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from sinkscope.cli.__main__ import main
+from sinkscope.errors import InputError
+from sinkscope.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+from sinkscope.report.build import build_report, parse_sections
+from sinkscope.report.sections import ReportOptions
+
+SMALL = ReportOptions(n_tokens=16, samples=2, batch_size=2)
+
+
+def test_parse_sections() -> None:
+    assert parse_sections(None) == ["model", "sinks", "drains", "dormant", "repetition"]
+    assert parse_sections("dormant, model") == ["model", "dormant"]  # display order
+    with pytest.raises(InputError, match="Did you mean: sinks"):
+        parse_sections("sinkz")
+
+
+def test_report_files_and_a_failing_section_beside_working_ones(tmp_path) -> None:
+    # an unknown input kind makes the two sections that use it fail; the others must still render
+    opts = ReportOptions(n_tokens=16, samples=2, batch_size=2, sink_kinds=("text", "prose"))
+    seen: dict[str, tuple[int, int]] = {}
+    res = build_report(tiny_model("llama"), tiny_tokenizer(), tmp_path / "r", options=opts,
+                       sections=["model", "sinks", "drains", "dormant"], model_spec="tiny-llama",
+                       progress=lambda k, d, t: seen.__setitem__(k, (d, t)))
+    assert res.failed == ["sinks", "drains"]
+    page = res.index.read_text()
+    for key in ("model", "sinks", "drains", "dormant"):
+        assert f'<section id="{key}"' in page
+    assert page.count("This section failed:") == 2 and "unknown input domain &#x27;prose&#x27;" in page
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert {k: v["status"] for k, v in doc["sections"].items()} == {
+        "model": "ok", "sinks": "failed", "drains": "failed", "dormant": "ok"}
+    assert doc["sections"]["model"]["data"]["card"]["n_layers"] == 2
+    assert set(doc["sections"]["model"]["data"]["timings_s"]) == {"model", "sinks", "drains", "dormant"}
+    rows = list(csv.DictReader((tmp_path / "r" / "heads_dormancy.csv").open()))
+    assert len(rows) == 2 * 4 and {"alpha0_text", "alpha0_code", "alpha0_random", "class"} <= set(rows[0])
+    assert seen["dormant"][0] == seen["dormant"][1] and seen["model"] == (1, 1)
+
+
+def test_all_profile_sections_ok_and_meaning_written(tmp_path) -> None:
+    res = build_report(tiny_model("llama"), tiny_tokenizer(), tmp_path, options=SMALL,
+                       sections=["sinks", "drains"])
+    assert res.failed == []
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["sections"]["sinks"]["meaning"][0].startswith("Token 0 is an attention sink")
+    kinds = doc["sections"]["sinks"]["data"]["kinds"]
+    assert set(kinds) == {"text", "random", "repeat"} and all(0 <= v["sink0"] <= 1 for v in kinds.values())
+    assert (tmp_path / "sinks_by_input.csv").is_file() and (tmp_path / "norms_by_layer.csv").is_file()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(str(tmp_path_factory.mktemp("tiny") / "llama"), "llama")
+
+
+def test_cli_report(model_dir, tmp_path) -> None:
+    out = tmp_path / "rep"
+    rc = main(["report", "--model", model_dir, "--out", str(out), "--sections", "model,dormant", "--tokens", "16",
+               "--samples", "2", "--batch-size", "2"])
+    assert rc == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["sections_run"] == ["model", "dormant"] and doc["model"] == model_dir
+    assert "<!DOCTYPE html>" in (out / "index.html").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sections", "sinkz"], "Did you mean: sinks"),
+    (["--samples", "9"], "between 1 and 8"),
+    (["--eps", "1.5"], "--eps"),
+    (["--tokens", "2"], "at least 8"),
+])
+def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys, args, message) -> None:
+    out = tmp_path / "never"
+    assert main(["report", "--model", model_dir, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert not out.exists()

@@ -1,0 +1,63 @@
+"""The "what this means" paragraphs follow the numbers: different numbers, different statements."""
+
+from __future__ import annotations
+
+from sinkscope.report import explain
+
+
+def _kinds(**sink0):
+    return {"eps": 0.3, "kinds": {
+        k: {"sink0": v, "top_sinks": [{"position": 0, "sink_ratio": v}, {"position": 5, "sink_ratio": 0.02}],
+            "top_other": {"position": 5, "sink_ratio": 0.02}, "formation_layer": 3 if v > 0.5 else None,
+            "sink_ratio_first_by_layer": [0.0, 0.1, 0.3, 0.9, 0.2, 0.8], "layers": list(range(6))}
+        for k, v in sink0.items()}}
+
+
+def test_sinks_same_vs_vanishing_vs_different() -> None:
+    same = " ".join(explain.explain_sinks(_kinds(text=0.7, random=0.75)))
+    assert "70% of all heads on text and 75% on random" in same and "barely changes" in same
+    gone = " ".join(explain.explain_sinks(_kinds(text=0.7, repeat=0.0)))
+    assert "On repeat the first-token sink disappears" in gone and "barely" not in gone
+    diff = " ".join(explain.explain_sinks(_kinds(text=0.7, code=0.4)))
+    assert "strongest on text and weakest on code" in diff
+    assert "from layer 3 on text" in same and "in layer(s) 4" in same  # formation layer and the gap after it
+    assert "No other position comes close" in same
+
+
+def test_secondary_sink_is_named() -> None:
+    s = _kinds(text=0.7)
+    s["kinds"]["text"]["top_other"] = {"position": 1, "sink_ratio": 0.3}
+    assert "position 1 on text (30% of heads)" in " ".join(explain.explain_sinks(s))
+
+
+def test_drains_follow_the_ratios() -> None:
+    base = {"residual_peak": {"layer": 11, "ratio": 165.0}, "peak_from_layer": 11, "value_ratio_median": 0.23,
+            "drain_layers": 25, "n_layers": 30, "massive_dims": [{"dim": 507, "max_value": 25144.0, "layers": 28}],
+            "massive_median": 1.6, "input": "text",
+            "by_kind": {"text": {"layer": 11, "first_norm": 2e4, "median_other_norm": 130.0, "residual_peak": 165.0},
+                        "repeat": {"layer": 11, "first_norm": 2e4, "median_other_norm": 2e4, "residual_peak": 1.0}}}
+    strong = " ".join(explain.explain_drains(base))
+    assert "165 times longer" in strong and "from layer 11" in strong and "25 of 30 layers" in strong
+    assert "dimension 507" in strong and "On repeat inputs the ordinary tokens carry the peak too" in strong
+    weak = " ".join(explain.explain_drains({**base, "residual_peak": {"layer": 2, "ratio": 1.4},
+                                            "value_ratio_median": 0.9, "massive_dims": [], "by_kind": {}}))
+    assert "No strong residual-state peak" in weak and "No clear value-state drain" in weak
+    assert "No massive activations" in weak
+
+
+def test_dormant_names_the_top_head_only_when_it_switches() -> None:
+    top = {"layer": 14, "head": 1, "dependence": 0.52, "most_dormant_on": "code", "most_active_on": "random",
+           "alpha0_code": 0.84, "alpha0_random": 0.32, "alpha0_text": 0.75, "out_norm_ratio": 2.6}
+    s = {"threshold": 0.5, "n_heads": 270, "n_dormant": 74, "n_active": 75, "n_switching": 121,
+         "dormant_share": {"text": 0.39, "code": 0.63, "random": 0.45}, "top": [top]}
+    text = " ".join(explain.explain_dormant(s))
+    assert "74 of 270" in text and "121 switch" in text and "layer 14 head 1" in text and "sleep on code" in text
+    flat = " ".join(explain.explain_dormant({**s, "top": [{**top, "dependence": 0.1}]}))
+    assert "layer 14 head 1" not in flat and "No head changes its behaviour strongly" in flat
+
+
+def test_model_card_bos() -> None:
+    card = {"model_type": "llama", "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "bos_added": False}
+    assert "adds no BOS" in " ".join(explain.explain_model(card))
+    assert "3 query heads share" in " ".join(explain.explain_model(card))
+    assert "puts a BOS" in " ".join(explain.explain_model({**card, "bos_added": True}))
