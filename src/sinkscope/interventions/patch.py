@@ -232,3 +232,36 @@ def load_patched_model(path: str | Path, *, dtype: torch.dtype = torch.float32, 
     base_src = getattr(model, "sinkscope_source", None)
     model.sinkscope_source = ModelSource(str(path), "manifest", str(path), getattr(base_src, "sha256", None))
     return model, tok
+
+
+def build_patch(circuit: Any, stats: Any, *, base_model: str, fire_min: float = 0.2, margin: float = 1.0,
+                min_effect: float | None = None) -> SinkPatch:
+    """Rules for the circuit's first-token neurons that fire above their ordinary range on repeated runs.
+
+    Args:
+        circuit: a `sinkscope.repetition.circuit.SinkCircuit` measured with run words.
+        stats: the `NeuronStats` the circuit was built from (thresholds = ``margin * other_max``,
+            values = ``other_median``).
+        fire_min: keep neurons above their range on at least this share of the runs' last positions.
+        min_effect: if given, also require this causal effect on token 0's sink.
+
+    Raises:
+        InputError: the circuit has no run measurements, or no neuron passes the criteria.
+    """
+    neurons = [c for c in circuit.components if c.kind == "neuron"]
+    if not circuit.runs:
+        raise InputError("the circuit has no run measurements (localise it with run words first)")
+    chosen = [c for c in neurons if c.fire_run >= fire_min and (min_effect is None or c.effect >= min_effect)]
+    if not chosen:
+        raise InputError(f"no first-token neuron fires above its ordinary range on >= {fire_min:.0%} of run positions")
+    by_layer: dict[int, list[int]] = {}
+    for c in chosen:
+        by_layer.setdefault(c.layer, []).append(c.index)
+    rules = [NeuronRule(l, sorted(ix), [margin * float(stats.other_max[l][j]) for j in sorted(ix)],
+                        [float(stats.other_median[l][j]) for j in sorted(ix)]) for l, ix in sorted(by_layer.items())]
+    meta = {"fire_min": fire_min, "margin": margin, "min_effect": min_effect,
+            "run_words": circuit.settings.get("run_words"), "run_length": circuit.settings.get("run_length"),
+            "calibration_positions": stats.n_positions,
+            "neurons": [{"layer": c.layer, "index": c.index, "effect": c.effect, "fire_run": c.fire_run}
+                        for c in chosen]}
+    return SinkPatch(rules, base_model, True, meta)

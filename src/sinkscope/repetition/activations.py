@@ -133,3 +133,13 @@ def head_output_norms(model: nn.Module, ids: Sequence[int], adapter: ModelAdapte
     with forward_hooks(hooks):
         model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
     return torch.stack([out[l] for l in a.attention_layers])
+
+
+def save_neuron_stats(stats: NeuronStats, path: str) -> None:
+    torch.save({"first": stats.first, "other_max": stats.other_max, "other_q": stats.other_q,
+                "other_median": stats.other_median, "n_positions": stats.n_positions}, path)
+
+
+def load_neuron_stats(path: str) -> NeuronStats:
+    d = torch.load(path, weights_only=True)
+    return NeuronStats(d["first"], d["other_max"], d["other_q"], d["other_median"], int(d["n_positions"]))

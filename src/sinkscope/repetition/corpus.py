@@ -74,3 +74,17 @@ def chat_samples(tokenizer: Any, text: str, *, n: int, words: int = 40, offset: 
             ids = tokenizer(f"User: {user}\nAssistant: {answer}", add_special_tokens=True)["input_ids"]
         out.append([int(t) for t in ids])
     return out
+
+
+def calibration_sequences(tokenizer: Any, text: str, *, n_text: int = 24, length: int = 64, n_chat: int = 12
+                          ) -> list[list[int]]:
+    """Ordinary text that defines each neuron's ordinary range: plain chunks from the start of ``text`` plus
+    chat-formatted samples."""
+    return text_chunks(tokenizer, text, n=n_text, length=length) + chat_samples(tokenizer, text, n=n_chat)
+
+
+def heldout_sequences(tokenizer: Any, text: str, *, n_text: int = 16, length: int = 128, n_chat: int = 8
+                      ) -> list[list[int]]:
+    """Ordinary text disjoint from `calibration_sequences` (later chunks), for side-effect measurements."""
+    return (text_chunks(tokenizer, text, n=n_text, length=length, offset=100)
+            + chat_samples(tokenizer, text, n=n_chat, offset=300))

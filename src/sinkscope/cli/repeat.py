@@ -1,0 +1,303 @@
+"""`sinkscope repeat ...`: divergence scan, sink-circuit localisation, cluster attack, patch and its evaluation."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sinkscope.errors import InputError
+from sinkscope.models.load import DEFAULT_MODEL
+
+app = typer.Typer(help="The repeated-token phenomenon: detect divergence, find the sink circuit, attack, patch.",
+                  no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+@contextmanager
+def _progress(label: str, total: int) -> Iterator[Any]:
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  disable=not sys.stderr.isatty()) as p:
+        task = p.add_task(label, total=total)
+        yield lambda done, tot=None: p.update(task, completed=done, total=tot or total)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from sinkscope.io import write_json_atomic
+
+    write_json_atomic(path, obj)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    from sinkscope.io import write_csv_atomic
+
+    write_csv_atomic(path, [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows])
+
+
+def _save_fig(path: Path, fig: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    from sinkscope.io import save_figure_atomic
+
+    save_figure_atomic(path, fig)
+    plt.close(fig)
+
+
+def _words(tokenizer: Any, words_file: Optional[Path], words: Optional[str], n_words: Optional[int],
+           default: list[str]) -> list[str]:
+    from sinkscope.tasks.repeated_tokens import read_words, run_token_id
+
+    ws = read_words(words_file) if words_file else ([w.strip() for w in words.split(",") if w.strip()] if words
+                                                     else list(default))
+    if n_words is not None:
+        if n_words < 1:
+            raise InputError(f"--n-words must be a positive integer, got {n_words}")
+        ws = ws[:n_words]
+    for w in ws:
+        run_token_id(tokenizer, w)
+    return ws
+
+
+def _lengths(spec: str) -> list[int]:
+    from sinkscope.tasks.repeated_tokens import parse_lengths
+
+    return parse_lengths(spec)
+
+
+def _load(model: str):
+    from sinkscope.models.load import load_model
+
+    return load_model(model)
+
+
+def _corpus_text(corpus: Optional[Path]) -> str:
+    from sinkscope.repetition.corpus import read_corpus
+
+    return read_corpus(corpus)
+
+
+def _model_spec(model: str) -> str:
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------------
+@app.command("scan")
+def scan(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (re-running resumes finished cells)"),
+    words_file: Optional[Path] = typer.Option(None, "--words-file", help="one word per line"),
+    words: Optional[str] = typer.Option(None, "--words", help="comma-separated words (default: built-in list)"),
+    n_words: Optional[int] = typer.Option(None, "--n-words", help="use only the first K words"),
+    lengths: str = typer.Option("2..1024", "--lengths", help="'LO..HI' (powers of two) or '64,512,1024'"),
+    forms: str = typer.Option("instruct", "--forms", help="comma list: bare, instruct, garak1, garak3, garak40, "
+                                                          "garak-word1"),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    sinkness_words: int = typer.Option(2, "--sinkness-words", help="first K words also get the layer-by-layer "
+                                                                   "sinkness pass (-1: all)"),
+) -> None:
+    """Greedy continuations of words x lengths x prompt forms: divergence verdicts, what was emitted instead, and the
+    sinkness of the repeated tokens per layer. Writes cells.jsonl/cells.csv, summary.json/csv and plots."""
+    from sinkscope.repetition.scan import ScanPlan, scan_repetition, summarise
+    from sinkscope.tasks.repeated_tokens import default_words
+    from sinkscope.viz.repetition import divergence_vs_length, similarity_vs_position
+
+    m, tok = _load(model)
+    ws = _words(tok, words_file, words, n_words, default_words(tok))
+    plan = ScanPlan(ws, _lengths(lengths), [f.strip() for f in forms.split(",") if f.strip()], max_new_tokens,
+                    batch_size, None if sinkness_words < 0 else ws[:sinkness_words])
+    t0 = time.perf_counter()
+    with _progress("scan", len(ws) * len(plan.lengths) * len(plan.forms)) as tick:
+        cells = scan_repetition(m, tok, plan, out, on_cells=tick)
+    summary = summarise(cells)
+    _write_csv(out / "cells.csv", cells)
+    _write_csv(out / "summary.csv", summary)
+    _write_json(out / "summary.json", {"model": model, "plan": plan.__dict__, "summary": summary,
+                                       "elapsed_s": time.perf_counter() - t0})
+    _save_fig(out / "divergence_vs_length.png", divergence_vs_length(summary))
+    with_s = [c for c in cells if "sinkness" in c]
+    for form in plan.forms:
+        cs = [c for c in with_s if c["form"] == form]
+        if cs:
+            _save_fig(out / f"similarity_{form}.png", similarity_vs_position(max(cs, key=lambda c: c["n"])))
+    for r in summary:
+        print(f"{r['form']:>12} N={r['n']:>5}: {r['diverged']:>3}/{r['words']} diverged ({r['rate']:.0%})")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def _run_circuit(m: Any, tok: Any, out: Path, corpus: Optional[Path], run_words: list[str], n: int, mode: str,
+                 heads: bool, per_layer: int, max_new_tokens: int, batch_size: int) -> tuple[Any, Any]:
+    from sinkscope.repetition.activations import neuron_stats, save_neuron_stats
+    from sinkscope.repetition.circuit import localise_sink_circuit
+    from sinkscope.repetition.corpus import calibration_sequences, text_chunks
+    from sinkscope.viz.repetition import circuit_effects
+
+    text = _corpus_text(corpus)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = neuron_stats(m, calibration_sequences(tok, text), batch_size=batch_size)
+    save_neuron_stats(stats, str(out / "neuron_stats.pt"))
+    seqs = text_chunks(tok, text, n=8, length=32, offset=10)
+    with _progress("circuit", 1) as tick:
+        circ = localise_sink_circuit(m, tok, seqs, stats, run_words=run_words, run_length=n, mode=mode, heads=heads,
+                                     per_layer=per_layer, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     progress=lambda stage, d, t: tick(d, t))
+    d = circ.to_json()
+    d["settings"]["corpus"] = str(corpus) if corpus else "built-in paragraphs"
+    _write_json(out / "circuit.json", d)
+    _write_csv(out / "circuit.csv", circ.rows())
+    _save_fig(out / "circuit.png", circuit_effects(d["components"]))
+    return circ, stats
+
+
+@app.command("circuit")
+def circuit(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text (default: built-in paragraphs)"),
+    words: Optional[str] = typer.Option(None, "--words", help="run words (default: 8 of the patch-building words)"),
+    n: int = typer.Option(512, "--n", help="repetitions in the runs measured for firing"),
+    mode: str = typer.Option("zero", "--mode", help="zero | mean ablation at token 0"),
+    heads: bool = typer.Option(True, "--heads/--no-heads", help="also ablate every attention head"),
+    per_layer: int = typer.Option(8, "--per-layer", help="first-token neuron candidates per layer"),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+) -> None:
+    """Find the heads and neurons that create token 0's sink (ablation at token 0, ranked by effect) and which of
+    them fire on long repeated runs and before divergence. Writes circuit.json/csv, circuit.png."""
+    from sinkscope.tasks.repeated_tokens import PATCH_WORDS
+
+    m, tok = _load(model)
+    ws = _words(tok, None, words, None, list(PATCH_WORDS[:8]))
+    circ, _ = _run_circuit(m, tok, out, corpus, ws, n, mode, heads, per_layer, max_new_tokens, batch_size)
+    print(f"{'rank':>4} {'component':>10} {'effect':>7} {'resid':>7} {'attn':>7} {'fire_run':>8} {'fire_div':>8}")
+    for i, c in enumerate(circ.components[:15]):
+        name = f"L{c.layer}.{'N' if c.kind == 'neuron' else 'H'}{c.index}"
+        print(f"{i + 1:>4} {name:>10} {c.effect:7.3f} {c.effect_residual:7.3f} {c.effect_attention:7.3f} "
+              f"{c.fire_run:8.2f} {c.fire_diverged:8.2f}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+@app.command("patch")
+def patch(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    save: Path = typer.Option(..., "--save", help="directory for the patched model (manifest)"),
+    circuit_dir: Optional[Path] = typer.Option(None, "--circuit", help="output of `repeat circuit` (else run it)"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for the neurons' ranges"),
+    words: Optional[str] = typer.Option(None, "--words", help="patch-building words (default: built-in)"),
+    n: int = typer.Option(512, "--n"),
+    fire_min: float = typer.Option(0.2, "--fire-min", help="keep neurons above range on this share of run positions"),
+    margin: float = typer.Option(1.0, "--margin", help="threshold = margin x ordinary-text max"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+) -> None:
+    """Build the conditional sink-neuron patch from the circuit and save it; `sinkscope.load_model(DIR)` restores
+    the base model with the patch active."""
+    from sinkscope.interventions.patch import build_patch, save_patch
+    from sinkscope.repetition.activations import load_neuron_stats
+    from sinkscope.repetition.circuit import SinkCircuit
+    from sinkscope.tasks.repeated_tokens import PATCH_WORDS
+
+    m, tok = _load(model)
+    if circuit_dir is not None:
+        cj, sp = circuit_dir / "circuit.json", circuit_dir / "neuron_stats.pt"
+        if not cj.is_file() or not sp.is_file():
+            raise InputError(f"{circuit_dir} has no circuit.json + neuron_stats.pt (run `repeat circuit` first)")
+        circ, stats = SinkCircuit.from_json(json.loads(cj.read_text())), load_neuron_stats(str(sp))
+    else:
+        ws = _words(tok, None, words, None, list(PATCH_WORDS[:8]))
+        circ, stats = _run_circuit(m, tok, save / "circuit", corpus, ws, n, "zero", False, 8, 24, batch_size)
+    p = build_patch(circ, stats, base_model=_model_spec(model), fire_min=fire_min, margin=margin)
+    save_patch(p, save)
+    print(f"saved patch of {p.n_neurons} neurons in layers {[r.layer for r in p.rules]} to {save}")
+    for r in p.rules:
+        print(f"  layer {r.layer}: neurons {r.index} thresholds {[round(t, 2) for t in r.threshold]}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+@app.command("evaluate")
+def evaluate(
+    patch_dir: Path = typer.Option(..., "--patch", help="a directory saved by `repeat patch`"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    words_file: Optional[Path] = typer.Option(None, "--words-file"),
+    words: Optional[str] = typer.Option(None, "--words", help="default: built-in words not used to build patches"),
+    n_words: Optional[int] = typer.Option(30, "--n-words"),
+    lengths: str = typer.Option("512,1024", "--lengths"),
+    form: str = typer.Option("instruct", "--form"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for KL / perplexity"),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+) -> None:
+    """Divergence before/after on held-out words, KL(original || patched) and perplexity change on ordinary text,
+    token 0's sink ratio. Writes evaluation.json/csv and a plot."""
+    from sinkscope.interventions.patch import read_patch
+    from sinkscope.repetition.corpus import heldout_sequences
+    from sinkscope.repetition.evaluate import evaluate_patch
+    from sinkscope.tasks.repeated_tokens import heldout_words
+    from sinkscope.viz.repetition import patch_rates
+
+    p = read_patch(patch_dir)
+    m, tok = _load(p.base_model)
+    ws = _words(tok, words_file, words, n_words, heldout_words(tok))
+    ns = _lengths(lengths)
+    seqs = heldout_sequences(tok, _corpus_text(corpus))
+    with _progress("evaluate", 2 * len(ws) * len(ns)) as tick:
+        done = {"n": 0}
+
+        def on_batch(k: int) -> None:
+            done["n"] += k
+            tick(done["n"])
+
+        ev = evaluate_patch(m, tok, p, ws, ns, seqs, form=form, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, on_batch=on_batch)
+    d = ev.to_json()
+    d["settings"].update({"patch": str(patch_dir), "corpus": str(corpus) if corpus else "built-in paragraphs"})
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "evaluation.json", d)
+    _write_csv(out / "evaluation.csv", ev.verdicts)
+    _save_fig(out / "patch_rates.png", patch_rates(ev.rates))
+    for r in ev.rates:
+        print(f"N={r['n']:>5}: diverged {r['rate_before']:.0%} -> {r['rate_after']:.0%} "
+              f"(relative reduction {r['relative_reduction']:.0%}) on {r['words']} words")
+    t = ev.text
+    print(f"text: KL {t.kl:.2e} nats/token (max {t.kl_max:.2e}), perplexity {t.ppl_original:.3f} -> "
+          f"{t.ppl_patched:.3f} ({t.ppl_change:+.3%}), activations clamped {t.clamped}")
+    print(f"Sink_0 (eps 0.3): {ev.sink_ratio_before:.3f} -> {ev.sink_ratio_after:.3f}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+@app.command("cluster")
+def cluster(
+    patch_dir: Path = typer.Option(..., "--patch", help="a saved patch (its neurons define the circuit to trigger)"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    words: Optional[str] = typer.Option(None, "--words"),
+    n_words: Optional[int] = typer.Option(8, "--n-words"),
+    lengths: str = typer.Option("512", "--lengths"),
+    k: int = typer.Option(64, "--k", help="clusters of layer-0 single-token representations"),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Non-repeating sequences from the token cluster that most excites the sink neurons: divergence rate compared
+    with plain repetition and random sequences of the same length."""
+    from sinkscope.interventions.cluster_attack import cluster_attack
+    from sinkscope.interventions.patch import read_patch
+    from sinkscope.tasks.repeated_tokens import heldout_words
+
+    p = read_patch(patch_dir)
+    m, tok = _load(p.base_model)
+    ws = _words(tok, None, words, n_words, heldout_words(tok))
+    res = cluster_attack(m, tok, p, ws, _lengths(lengths), k=k, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "cluster.json", res.to_json())
+    _write_csv(out / "cluster.csv", res.rows)
+    print(f"best cluster {res.best_cluster}: {res.clusters[0]['examples']} (score {res.clusters[0]['score']:.2f})")
+    for r in res.rates:
+        print(f"N={r['n']:>5} {r['kind']:>8}: diverged {r['rate']:.0%} of {r['words']} words, "
+              f"sink-neuron firing {r['sink_fire']:.2f} x threshold")

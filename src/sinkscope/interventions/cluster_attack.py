@@ -1,0 +1,164 @@
+"""Cluster attack (our construction after Yona et al. 2503.08908): non-repeating token sequences that trigger the
+first-token circuit the way a run of one repeated token does.
+
+1. Layer-0 single-token representations in closed form: a lone token attends only to itself, so layer 0's
+   attention output is ``W_O W_V norm(E[token])`` (value heads repeated over their query groups).
+2. Cosine k-means on them.
+3. Search: sample short sequences from every cluster, score each cluster by how strongly the circuit's sink
+   neurons fire at positions > 0 (activation over their ordinary-text threshold), keep the best.
+4. Verdict: instructed prompts whose answer is ``[attack sequence of N tokens] + [tail copies of the word]``,
+   compared with ``N + tail`` plain copies and with N uniformly random tokens + the same tail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sinkscope.capture import forward_hooks
+from sinkscope.errors import InputError
+from sinkscope.interventions.patch import SinkPatch
+from sinkscope.models.adapters import get_adapter
+from sinkscope.repetition.activations import output_projection
+from sinkscope.repetition.generate import greedy_continue, left_pad
+from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
+
+
+def _layer0_norm(model: nn.Module) -> nn.Module:
+    layer = get_adapter(model).layer_modules[0]
+    for name in ("input_layernorm", "ln_1", "input_layer_norm", "self_attn_layer_norm"):
+        m = getattr(layer, name, None)
+        if isinstance(m, nn.Module):
+            return m
+    raise InputError(f"cannot find the pre-attention norm of {type(layer).__name__}")
+
+
+@torch.no_grad()
+def layer0_representations(model: nn.Module, token_ids: Tensor | None = None) -> Tensor:
+    """(V', d_model) layer-0 attention output of each token alone (closed form ``W_O W_V norm(E)``)."""
+    a = get_adapter(model)
+    emb = model.get_input_embeddings().weight.detach().float()
+    if token_ids is not None:
+        emb = emb[token_ids]
+    x = _layer0_norm(model).float()(emb)
+    v = a.projection_modules(0)["v"].float()(x)  # (V, Hkv*D)
+    v = v.view(len(x), a.n_kv_heads, a.d_head).repeat_interleave(a.kv_groups, dim=1).reshape(len(x), -1)
+    return output_projection(a, 0).float()(v)  # (V, d_model)
+
+
+def cosine_kmeans(x: Tensor, k: int, *, iters: int = 15, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Spherical k-means: returns (labels (N,), centroids (k, D))."""
+    if k < 1 or k > len(x):
+        raise InputError(f"k must be in 1..{len(x)}, got {k}")
+    g = torch.Generator().manual_seed(seed)
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    cent = xn[torch.randperm(len(xn), generator=g)[:k]].clone()
+    labels = torch.zeros(len(xn), dtype=torch.long)
+    for _ in range(iters):
+        labels = (xn @ cent.T).argmax(-1)
+        for j in range(k):
+            members = xn[labels == j]
+            if len(members):
+                cent[j] = torch.nn.functional.normalize(members.mean(0), dim=-1)
+    return labels, cent
+
+
+@dataclass
+class ClusterAttackResult:
+    """Cluster scores and the divergence rates of attack, repetition and random sequences."""
+
+    clusters: list[dict[str, Any]]  # per scored cluster: id, size, score, example tokens
+    best_cluster: int
+    rates: list[dict[str, Any]]  # per (n, kind): rate, words
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"best_cluster": self.best_cluster, "rates": self.rates, "clusters": self.clusters,
+                "settings": self.settings, "rows": self.rows}
+
+
+@torch.no_grad()
+def _fire_score(model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequence[int], patch: SinkPatch) -> Tensor:
+    """Per prompt: mean over the patch's neurons and over the positions from ``start`` on of |a| / threshold."""
+    a = get_adapter(model)
+    device = next(model.parameters()).device
+    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    ids, mask = left_pad(prompts, pad, device)
+    got: dict[int, Tensor] = {}
+    hooks = [(a.mlp_down_module(r.layer), (lambda x, r=r: got.__setitem__(r.layer, (x.detach().float()[..., r.index].abs()
+              / torch.tensor(r.threshold).clamp_min(1e-6)))), True) for r in patch.rules]
+    with forward_hooks(hooks):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    T = ids.shape[1]
+    scores = []
+    for b, (p, s) in enumerate(zip(prompts, starts)):
+        lo = T - len(p) + s
+        scores.append(torch.cat([got[r.layer][b, lo:] for r in patch.rules], dim=-1).clamp_max(10).mean())
+    return torch.stack(scores)
+
+
+def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Sequence[str], ns: Sequence[int], *,
+                   k: int = 64, probe_length: int = 64, probe_clusters: int = 64, tail: int = 16,
+                   max_new_tokens: int = 24, batch_size: int = 8, seed: int = 0, vocab_limit: int | None = None
+                   ) -> ClusterAttackResult:
+    """Score token clusters by sink-neuron firing, then compare divergence of the best cluster's sequences with
+    plain repetition and random sequences (see the module docstring).
+
+    Args:
+        patch: its rules name the sink neurons and their ordinary thresholds (e.g. from `build_patch`).
+        words: words whose instruction and tail frame the sequences.
+        ns: attack sequence lengths.
+    """
+    if not patch.rules:
+        raise InputError("the patch has no neurons to score clusters with")
+    g = torch.Generator().manual_seed(seed)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    V = vocab_limit or model.get_input_embeddings().weight.shape[0]
+    allowed = torch.tensor([i for i in range(min(V, len(tokenizer))) if i not in special])
+    reps = layer0_representations(model, allowed)
+    labels, _ = cosine_kmeans(reps, min(k, len(allowed)), seed=seed)
+    sizes = torch.bincount(labels, minlength=k)
+    cand = [int(c) for c in torch.argsort(-sizes)[:probe_clusters] if sizes[c] >= 8]
+    w0 = words[0]
+    frame = build_prompt(tokenizer, w0, 1, "instruct")
+    prefix = frame.ids[:frame.run_start]
+    clusters = []
+    for c in cand:
+        members = allowed[labels == c]
+        seq = members[torch.randint(len(members), (probe_length,), generator=g)].tolist()
+        score = float(_fire_score(model, [prefix + seq], [len(prefix) + 1], patch)[0])
+        clusters.append({"cluster": c, "size": int(sizes[c]), "score": score,
+                         "examples": tokenizer.convert_ids_to_tokens(members[:8].tolist())})
+    clusters.sort(key=lambda d: -d["score"])
+    best = clusters[0]["cluster"]
+    members = allowed[labels == best]
+    rates, rows = [], []
+    for n in ns:
+        for kind in ("cluster", "repeat", "random"):
+            prompts = []
+            for w in words:
+                p = build_prompt(tokenizer, w, tail, "instruct")
+                pre, run = p.ids[:p.run_start], p.ids[p.run_start:]
+                if kind == "cluster":
+                    body = members[torch.randint(len(members), (n,), generator=g)].tolist()
+                elif kind == "random":
+                    body = allowed[torch.randint(len(allowed), (n,), generator=g)].tolist()
+                else:
+                    body = [p.token_id] * n
+                prompts.append(pre + body + run)
+            outs = greedy_continue(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            verdicts = [detect_divergence(tokenizer, w, o) for w, o in zip(words, outs)]
+            starts = [len(build_prompt(tokenizer, w, tail, "instruct").ids) - tail + 1 for w in words]
+            fire = _fire_score(model, prompts, starts, patch)
+            rate = sum(v.diverged for v in verdicts) / len(words)
+            rates.append({"n": n, "kind": kind, "words": len(words), "rate": rate, "sink_fire": float(fire.mean())})
+            rows += [{"n": n, "kind": kind, "word": w, "diverged": v.diverged, "emitted": v.emitted[:80]}
+                     for w, v in zip(words, verdicts)]
+    return ClusterAttackResult(clusters, best, rates, rows,
+                               {"k": k, "probe_length": probe_length, "tail": tail, "seed": seed,
+                                "max_new_tokens": max_new_tokens, "words": list(words), "ns": list(ns)})

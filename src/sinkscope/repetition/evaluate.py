@@ -1,0 +1,129 @@
+"""Evaluate a sink patch: divergence before/after on held-out words, KL and perplexity on ordinary text, and
+token 0's sink ratio (which the patch must leave alone)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sinkscope.interventions.patch import SinkPatch, apply_patch
+from sinkscope.models.adapters import get_adapter
+from sinkscope.profile import profile_sinks
+from sinkscope.repetition.generate import greedy_continue, left_pad
+from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
+
+
+@dataclass
+class TextEffect:
+    """Side effects on ordinary text (per predicted token, real positions only).
+
+    Attributes:
+        kl: mean KL(original || patched) in nats per token.
+        ppl_original / ppl_patched: perplexities; ppl_change: relative change (patched / original - 1).
+        tokens: how many predicted tokens were compared; clamped: neuron activations the patch replaced.
+    """
+
+    kl: float
+    kl_max: float
+    ppl_original: float
+    ppl_patched: float
+    ppl_change: float
+    tokens: int
+    clamped: int
+
+
+@dataclass
+class PatchEvaluation:
+    """Everything `evaluate_patch` measured."""
+
+    rates: list[dict[str, Any]]  # one row per (N): n, words, diverged_before, diverged_after, rates, reduction
+    verdicts: list[dict[str, Any]]  # one row per (word, N)
+    text: TextEffect
+    sink_ratio_before: float
+    sink_ratio_after: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rates": self.rates, "text": asdict(self.text), "sink_ratio_before": self.sink_ratio_before,
+                "sink_ratio_after": self.sink_ratio_after, "settings": self.settings, "verdicts": self.verdicts}
+
+
+@torch.no_grad()
+def text_effect(model: nn.Module, patch: SinkPatch, seqs: Sequence[Sequence[int]], *, batch_size: int = 8
+                ) -> TextEffect:
+    """KL(original || patched) per token and perplexity change on ``seqs`` (left-padded batches)."""
+    device = next(model.parameters()).device
+    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    kl_sum, kl_max, n_tok, nll_o, nll_p, clamped = 0.0, 0.0, 0, 0.0, 0.0, 0
+    for s in range(0, len(seqs), batch_size):
+        ids, mask = left_pad(seqs[s:s + batch_size], pad, device)
+        lo = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+        with apply_patch(model, patch) as h:
+            lp = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+            clamped += h.n_clamped
+        valid = mask.bool()
+        kl = (lo.exp() * (lo - lp)).sum(-1)[valid]  # (n,)
+        kl_sum += float(kl.sum())
+        kl_max = max(kl_max, float(kl.max()))
+        n_tok += int(valid.sum())
+        tgt = ids[:, 1:, None]
+        pv = valid[:, 1:] & valid[:, :-1]
+        nll_o += float(-lo[:, :-1].gather(-1, tgt)[..., 0][pv].sum())
+        nll_p += float(-lp[:, :-1].gather(-1, tgt)[..., 0][pv].sum())
+    n_pred = sum(len(s) - 1 for s in seqs)
+    ppl_o, ppl_p = float(torch.exp(torch.tensor(nll_o / n_pred))), float(torch.exp(torch.tensor(nll_p / n_pred)))
+    return TextEffect(kl_sum / max(n_tok, 1), kl_max, ppl_o, ppl_p, ppl_p / ppl_o - 1.0, n_tok, clamped)
+
+
+def divergence_verdicts(model: nn.Module, tokenizer: Any, words: Sequence[str], n: int, *, form: str = "instruct",
+                        max_new_tokens: int = 24, batch_size: int = 8, on_batch: Callable[[int], None] | None = None
+                        ) -> list[dict[str, Any]]:
+    """Greedy continuation of each word's prompt with ``n`` copies; one verdict row per word."""
+    a = get_adapter(model)
+    prompts = [build_prompt(tokenizer, w, n, form, max_positions=a.max_positions, reserve=max_new_tokens)
+               for w in words]
+    outs = greedy_continue(model, [p.ids for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           on_batch=on_batch)
+    rows = []
+    for p, o in zip(prompts, outs):
+        v = detect_divergence(tokenizer, p.word, o)
+        rows.append({"word": p.word, "n": n, "form": form, "diverged": v.diverged, "at": v.at,
+                     "emitted": v.emitted[:120]})
+    return rows
+
+
+def evaluate_patch(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Sequence[str], ns: Sequence[int],
+                   text_seqs: Sequence[Sequence[int]], *, form: str = "instruct", max_new_tokens: int = 24,
+                   batch_size: int = 8, on_batch: Callable[[int], None] | None = None) -> PatchEvaluation:
+    """Divergence rate before/after at every N, KL and perplexity change on ``text_seqs``, token 0's sink ratio.
+
+    ``text_seqs`` should be ordinary text the patch was not calibrated on. The sink ratio (``Sink_0``, eps 0.3)
+    is measured on ``text_seqs`` with and without the patch.
+    """
+    rates, verdicts = [], []
+    for n in ns:
+        before = divergence_verdicts(model, tokenizer, words, n, form=form, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, on_batch=on_batch)
+        with apply_patch(model, patch):
+            after = divergence_verdicts(model, tokenizer, words, n, form=form, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, on_batch=on_batch)
+        for b, a in zip(before, after):
+            verdicts.append({"word": b["word"], "n": n, "diverged_before": b["diverged"],
+                             "diverged_after": a["diverged"], "emitted_before": b["emitted"],
+                             "emitted_after": a["emitted"]})
+        rb = sum(r["diverged"] for r in before) / len(before)
+        ra = sum(r["diverged"] for r in after) / len(after)
+        rates.append({"n": n, "words": len(words), "rate_before": rb, "rate_after": ra,
+                      "relative_reduction": (rb - ra) / rb if rb > 0 else float("nan")})
+    effect = text_effect(model, patch, text_seqs, batch_size=batch_size)
+    seqs = [list(s) for s in text_seqs]
+    sr_before = profile_sinks(model, seqs, batch_size=batch_size).sink_ratio(0)
+    with apply_patch(model, patch):
+        sr_after = profile_sinks(model, seqs, batch_size=batch_size).sink_ratio(0)
+    return PatchEvaluation(rates, verdicts, effect, sr_before, sr_after,
+                           {"form": form, "max_new_tokens": max_new_tokens, "words": list(words), "ns": list(ns),
+                            "text_samples": len(text_seqs), "patch_neurons": patch.n_neurons})

@@ -1,0 +1,83 @@
+"""Plots of the repeated-token study (data in, matplotlib Figure out, no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def divergence_vs_length(summary: Sequence[dict[str, Any]]) -> Figure:
+    """Divergence rate against repetition length N (log axis), one line per prompt form."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for form in sorted({r["form"] for r in summary}):
+        rows = sorted((r for r in summary if r["form"] == form), key=lambda r: r["n"])
+        ax.plot([r["n"] for r in rows], [r["rate"] for r in rows], marker="o", label=form)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("repetitions N")
+    ax.set_ylabel("share of words that diverge")
+    ax.set_title("Divergence rate vs repetition length")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def similarity_vs_position(cell: dict[str, Any], layers: Sequence[int] | None = None) -> Figure:
+    """cos(x[l, t], x[l, 0]) against run position t, one line per layer, for one scanned cell."""
+    s = cell["sinkness"]
+    curve = np.asarray(s["cos_curve"])  # (L, P)
+    pos = np.asarray(s["positions"])
+    L = curve.shape[0]
+    layers = list(layers) if layers is not None else sorted(set(np.linspace(0, L - 1, 8).astype(int).tolist()))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cmap = plt.get_cmap("viridis")
+    for i, l in enumerate(layers):
+        ax.plot(pos, curve[l], color=cmap(i / max(len(layers) - 1, 1)), label=f"layer {l}")
+    ax.set_xscale("log")
+    ax.set_xlabel("position in the prompt")
+    ax.set_ylabel("cosine to token 0's hidden state")
+    ax.set_title(f"{cell['form']} '{cell['word']}' x {cell['n']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def circuit_effects(components: Sequence[dict[str, Any]], top: int = 20) -> Figure:
+    """Bar chart of the top components' causal effect on token 0's sink, with their firing on runs."""
+    comps = list(components)[:top]
+    names = [f"L{c['layer']}.{'N' if c['kind'] == 'neuron' else 'H'}{c['index']}" for c in comps]
+    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(comps)), 4))
+    x = np.arange(len(comps))
+    ax.bar(x - 0.2, [c["effect_residual"] for c in comps], 0.4, label="residual peak removed")
+    ax.bar(x + 0.2, [c["effect_attention"] for c in comps], 0.4, label="attention on token 0 removed")
+    fr = [c.get("fire_run", float("nan")) for c in comps]
+    if not all(np.isnan(v) for v in fr):
+        ax.plot(x, fr, "k^", label="fires on runs (share)")
+    ax.set_xticks(x, names, rotation=70, fontsize=7)
+    ax.set_ylabel("share (1 = all)")
+    ax.set_title("Sink circuit: ablation at token 0")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def patch_rates(rates: Sequence[dict[str, Any]]) -> Figure:
+    """Divergence rate before and after the patch at each N."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = np.arange(len(rates))
+    ax.bar(x - 0.2, [r["rate_before"] for r in rates], 0.4, label="original")
+    ax.bar(x + 0.2, [r["rate_after"] for r in rates], 0.4, label="patched")
+    ax.set_xticks(x, [str(r["n"]) for r in rates])
+    ax.set_xlabel("repetitions N")
+    ax.set_ylabel("divergence rate")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    return fig

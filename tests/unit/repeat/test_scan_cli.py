@@ -1,0 +1,53 @@
+"""Divergence scan (resume without redoing cells) and the `sinkscope repeat` CLI on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sinkscope.cli.__main__ import main
+from sinkscope.repetition.scan import CELLS_FILE, ScanPlan, read_cells, scan_repetition, summarise
+
+
+def test_scan_resumes(tiny_llama, tiny_tok, tmp_path: Path):
+    plan = ScanPlan(["cat", "dog"], [2, 4], ["instruct", "bare"], max_new_tokens=4, batch_size=3,
+                    sinkness_words=["cat"])
+    cells = scan_repetition(tiny_llama, tiny_tok, plan, tmp_path)
+    assert len(cells) == 8 and len(read_cells(tmp_path)) == 8
+    cat = next(c for c in cells if c["word"] == "cat" and c["n"] == 4 and c["form"] == "bare")
+    s = cat["sinkness"]
+    assert len(s["cos_first"]) == 2 and len(s["alpha_run"]) == 2 and 0.0 <= cat["sink_share_max"] <= 1.0
+    assert "sinkness" not in next(c for c in cells if c["word"] == "dog")
+    lines = (tmp_path / CELLS_FILE).read_text().splitlines()
+    (tmp_path / CELLS_FILE).write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # interrupted mid-line
+    seen = []
+    again = scan_repetition(tiny_llama, tiny_tok, plan, tmp_path, on_cells=lambda d, t: seen.append(d))
+    assert seen[0] == 5 and seen[-1] == 8
+    assert [c["diverged"] for c in again] == [c["diverged"] for c in cells]
+    rows = summarise(again)
+    assert {(r["form"], r["n"]) for r in rows} == {("instruct", 2), ("instruct", 4), ("bare", 2), ("bare", 4)}
+    assert all(r["words"] == 2 for r in rows)
+
+
+def test_cli_scan_tiny(tiny_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "scan"
+    rc = main(["repeat", "scan", "--model", str(tiny_dir), "--out", str(out), "--words", "cat,dog",
+               "--lengths", "2,8", "--forms", "instruct,garak3", "--max-new-tokens", "3"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["summary"]) == 4
+    assert (out / "divergence_vs_length.png").is_file() and (out / "similarity_instruct.png").is_file()
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--words", "cat dog"], "tokens"),
+    (["--words", "cat", "--lengths", "0"], "positive"),
+    (["--words", "cat", "--lengths", "4096"], "context"),
+    (["--words", "cat", "--forms", "sonnet"], "unknown prompt form"),
+])
+def test_cli_bad_input(tiny_dir: Path, tmp_path: Path, capsys, args, msg):
+    rc = main(["repeat", "scan", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and msg in err and "\n" not in err
