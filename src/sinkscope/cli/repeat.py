@@ -279,6 +279,7 @@ def cluster(
     n_words: Optional[int] = typer.Option(8, "--n-words"),
     lengths: str = typer.Option("512", "--lengths"),
     k: int = typer.Option(64, "--k", help="clusters of layer-0 single-token representations"),
+    probe_clusters: int = typer.Option(64, "--probe-clusters", help="largest clusters scored by the search"),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
@@ -292,7 +293,7 @@ def cluster(
     p = read_patch(patch_dir)
     m, tok = _load(p.base_model)
     ws = _words(tok, None, words, n_words, heldout_words(tok))
-    res = cluster_attack(m, tok, p, ws, _lengths(lengths), k=k, max_new_tokens=max_new_tokens,
+    res = cluster_attack(m, tok, p, ws, _lengths(lengths), k=k, probe_clusters=probe_clusters, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "cluster.json", res.to_json())
