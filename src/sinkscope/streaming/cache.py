@@ -42,12 +42,6 @@ from sinkscope.errors import InputError, UnsupportedArchitectureError
 _POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The ``rotate_half`` of HF's RoPE (pairs channel ``i`` with ``i + rotary_dim/2``)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 @dataclass
 class RotaryShift:
     """Rotates cached keys by a position offset, with the model's own RoPE frequencies.
@@ -91,21 +85,34 @@ class RotaryShift:
                 "use the plain variant (reassign=False)")
         return cls(first)
 
+    def matrix(self, delta: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The (D, D) matrix ``R`` with ``k @ R`` = ``k`` rotated by ``delta`` positions (HF ``rotate_half``
+        pairing of channel ``i`` with ``i + rotary_dim/2``; channels past ``rotary_dim`` pass through).
+
+        Angles ``delta * inv_freq`` are computed in float64; no ``attention_scaling`` (keys carry it once). The
+        last matrix is cached, so all layers of one step share it.
+        """
+        key = (delta, head_dim, dtype, device)
+        if getattr(self, "_cached_key", None) == key:
+            return self._cached_matrix
+        h = self.rotary_dim // 2
+        angles = float(delta) * self.inv_freq.detach().to(device=device, dtype=torch.float64)  # (h,)
+        cos, sin = angles.cos(), angles.sin()
+        R = torch.eye(head_dim, dtype=torch.float64, device=device)
+        i = torch.arange(h, device=device)
+        R[i, i] = cos
+        R[i + h, i + h] = cos
+        R[i + h, i] = -sin
+        R[i, i + h] = sin
+        self._cached_key, self._cached_matrix = key, R.to(dtype)
+        return self._cached_matrix
+
     def rotate(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
         """Rotate keys (already at some RoPE position p) to position ``p + delta``.
 
         Shapes: ``keys`` (B, H_kv, K, D) -> same; only the first ``rotary_dim`` channels of D change.
-        The angle is ``delta * inv_freq``, computed in float64 (no ``attention_scaling``: the keys carry it once).
         """
-        rd = self.rotary_dim
-        angles = float(delta) * self.inv_freq.to(device=keys.device, dtype=torch.float64)  # (rd/2,)
-        emb = torch.cat((angles, angles))  # (rd,)
-        cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
-        k_rot = keys[..., :rd]
-        out = k_rot * cos + _rotate_half(k_rot) * sin
-        if rd == keys.shape[-1]:
-            return out
-        return torch.cat((out, keys[..., rd:]), dim=-1)
+        return keys @ self.matrix(delta, keys.shape[-1], keys.dtype, keys.device)
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -133,6 +140,9 @@ class SinkWindowLayer(DynamicLayer):
         self.rotary = rotary
         self.cumulative_length = 0  # tokens seen
         self.evicted = 0  # tokens dropped from between the sinks and the window
+        self._ring = False  # single-token ring-buffer mode (see `_ring_step`)
+        self._free = 0
+        self._sink_keys: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -143,7 +153,7 @@ class SinkWindowLayer(DynamicLayer):
         """Tokens held now (<= capacity)."""
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
             return 0
-        return self.keys.shape[-2]
+        return self.capacity if self._ring else self.keys.shape[-2]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +163,15 @@ class SinkWindowLayer(DynamicLayer):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if q == 1 and (self._ring or self.stored_tokens == self.capacity):
+            return self._ring_step(key_states, value_states)
+        if self._ring:
+            self._linearize()
         shift = self.evicted  # evicted before this forward: how far the sinks sit beyond their slot distance
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
-        self.cumulative_length += key_states.shape[-2]
+        self.cumulative_length += q
         n, s = keys.shape[-2], self.n_sink
         if n > self.capacity:
             self.keys = torch.cat([keys[..., :s, :], keys[..., n - self.window:, :]], dim=-2)
@@ -168,6 +183,39 @@ class SinkWindowLayer(DynamicLayer):
             # shift > 0 means the cache was full, so this forward evicted and `keys` is not aliased by `self.keys`
             keys[..., :s, :] = self.rotary.rotate(keys[..., :s, :], shift)
         return keys, values
+
+    # Single-token steps on a full cache use a ring buffer of capacity + 1 slots, so a step writes one token
+    # instead of copying the whole cache: slots [0, n_sink) hold the sinks, the other window + 1 slots hold the
+    # window plus one free slot that the new token takes; the oldest window token's slot is freed afterwards.
+    # With one query every key is visible, so the keys' order in the buffer does not matter.
+
+    def _ring_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.n_sink
+        if not self._ring:  # enter ring mode: window in slots [s, capacity), free slot at the end
+            self.keys = torch.cat([self.keys, torch.empty_like(key_states)], dim=-2)
+            self.values = torch.cat([self.values, torch.empty_like(value_states)], dim=-2)
+            self._sink_keys = self.keys[..., :s, :].clone() if self.rotary is not None else None
+            self._free, self._ring = self.capacity, True
+        free = self._free
+        self.keys[..., free:free + 1, :] = key_states
+        self.values[..., free:free + 1, :] = value_states
+        if self.rotary is not None and s > 0 and self.evicted > 0:
+            self.keys[..., :s, :] = self.rotary.rotate(self._sink_keys, self.evicted)
+        self.cumulative_length += 1
+        self.evicted += 1  # the oldest window token, in the next slot of the ring, is dropped after this step
+        self._free = s + (free - s + 1) % (self.window + 1)
+        return self.keys, self.values
+
+    def _linearize(self) -> None:
+        """Leave ring mode: stored = [sinks (original rotation), window oldest..newest], no free slot."""
+        s, free = self.n_sink, self._free
+        order = [*range(s), *(s + (free - s + 1 + j) % (self.window + 1) for j in range(self.window))]
+        idx = torch.tensor(order, device=self.keys.device)
+        keys = self.keys.index_select(-2, idx)
+        if self._sink_keys is not None:
+            keys[..., :s, :] = self._sink_keys
+        self.keys, self.values = keys, self.values.index_select(-2, idx)
+        self._ring, self._sink_keys = False, None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) for the causal mask: the stored keys precede every query, so they are laid out
@@ -186,7 +234,7 @@ class SinkWindowLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.evicted = 0
+        self.evicted, self._ring, self._sink_keys = 0, False, None
 
 
 class SinkWindowCache(Cache):

@@ -152,10 +152,25 @@ def test_memory_stays_flat_as_the_stream_grows() -> None:
             model(tok, past_key_values=dense)
             sizes.append(kv_cache_bytes(cache))
             dense_sizes.append(kv_cache_bytes(dense))
-    full = sizes[S + W - 1]
-    assert all(s == full for s in sizes[S + W - 1:])
+    per_token = dense_sizes[0]
+    assert all(s == (S + W + 1) * per_token for s in sizes[S + W:])  # capacity + the new token's slot
     assert cache.stored_tokens == S + W and cache.get_seq_length() == 100 and cache.evicted == 100 - S - W
-    assert dense_sizes[-1] == 100 / (S + W) * full
+    assert dense_sizes[-1] == 100 * per_token
+
+
+@pytest.mark.parametrize("reassign", [True, False])
+def test_ring_buffer_round_trip(reassign: bool) -> None:
+    """Leaving the single-token ring buffer (as a prefill chunk does) keeps the exact cache state."""
+    model = _model("llama")
+    ids = torch.randint(3, 99, (1, 60))
+    a, b = sink_cache(model, 3, 7, reassign=reassign), sink_cache(model, 3, 7, reassign=reassign)
+    ref = _stream(model, ids, a)
+    first = _stream(model, ids[:, :33], b)
+    for layer in b.layers:
+        layer._linearize()
+    assert b.stored_tokens == 10 and b.layers[0].keys.shape[-2] == 10
+    rest = _stream(model, ids[:, 33:], b)
+    torch.testing.assert_close(torch.cat([first, rest]), ref, atol=ATOL, rtol=0)
 
 
 def test_chunked_prefill_keeps_the_cache_bounded() -> None:
