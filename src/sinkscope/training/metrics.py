@@ -30,29 +30,37 @@ except ImportError:  # pragma: no cover - depends on the lead's module landing
     _foundation_sink_ratio = None
 
 
-def column_alpha(weights: Tensor, visible: Tensor, queries: Tensor | None = None) -> Tensor:
+def column_alpha(weights: Tensor, visible: Tensor, queries: Tensor | None = None, *,
+                 per_sample: bool = False) -> Tensor:
     """Per-head sink score of every key: mean attention ``k`` receives from the queries that can see it.
 
     Args:
         weights: attention weights ``(B, H, Q, K)``.
         visible: boolean visibility ``(Q, K)`` (causal / window / prefix mask).
         queries: optional ``(B, Q)`` bool selecting the queries to average over (e.g. an input class).
+        per_sample: keep the batch dimension.
     Returns:
         ``alpha (H, K)``: sum over batch rows and visible selected queries of ``A[b, h, t, k]`` divided by their
-        count (0 where no selected query sees ``k``).
+        count (0 where no selected query sees ``k``); ``(B, H, K)`` with ``per_sample``.
     """
     B, H, Q, K = weights.shape
     sel = visible[None].expand(B, Q, K)
     if queries is not None:
         sel = sel & queries[:, :, None]
     selw = sel[:, None].to(weights.dtype)  # (B, 1, Q, K)
+    if per_sample:
+        return (weights * selw).sum(dim=2) / selw.sum(dim=2).clamp_min(1)  # (B, H, K)
     num = (weights * selw).sum(dim=(0, 2))  # (H, K)
     den = selw.sum(dim=(0, 2)).clamp_min(1)  # (1, K)
     return num / den
 
 
 def sink_ratio(alpha: Tensor, eps: float = 0.3) -> float:
-    """``Sink^eps``: share of heads whose ``alpha`` exceeds ``eps``; ``alpha`` is ``(L, H)`` (one key)."""
+    """``Sink^eps``: share of heads (and samples) whose ``alpha`` exceeds ``eps``.
+
+    ``alpha`` holds one key's scores, ``(L, H)`` or per sample ``(L, B, H)``: Gu et al. threshold each sample's
+    alpha and average the indicator over samples, layers and heads.
+    """
     if _foundation_sink_ratio is not None:
         return float(_foundation_sink_ratio(alpha, eps=eps))
     return float((alpha > eps).float().mean())
@@ -123,17 +131,17 @@ def measure_model(model: nn.Module, batch: LMBatch, *, eps: float = 0.3, dormant
         row["excess_loss"] = row["loss"] - float((batch.oracle_nll * mask).sum() / mask.sum().clamp_min(1))
 
     visible = attention_mask(T, window=cfg.window, prefix_len=batch.prefix_len, device=batch.idx.device)
-    alpha0, alpha0_proxy, slot_alpha, slot_proxy = [], [], [], []
+    alpha0, alpha0_proxy, slot_alpha, slot_proxy = [], [], [], []  # per layer, (B, H) each
     heads: dict[str, dict[str, str]] = {}
     head_mass: dict[str, dict[str, float]] = {}
     for layer, w in enumerate(cap.weights):  # w: (B, H, Q, K)
         slot = cap.slots[layer] if cap.slots else None  # (B, H, Q)
-        alpha0.append(column_alpha(w, visible)[:, 0])
+        alpha0.append(column_alpha(w, visible, per_sample=True)[..., 0])
         wn, sn = row_normalised(w, slot)
-        alpha0_proxy.append(column_alpha(wn, visible)[:, 0])
-        if slot is not None:
-            slot_alpha.append(slot.mean(dim=(0, 2)))
-            slot_proxy.append(sn.mean(dim=(0, 2)))
+        alpha0_proxy.append(column_alpha(wn, visible, per_sample=True)[..., 0])
+        if slot is not None:  # the slot is visible to every query
+            slot_alpha.append(slot.mean(dim=2))
+            slot_proxy.append(sn.mean(dim=2))
         for cls, queries in batch.classes.items():
             mass = column_alpha(wn, visible, queries)[:, 0]  # (H,) attention of this class's queries on token 0
             if slot is not None:  # a bias slot / sink token is where a dormant head parks its attention
@@ -143,15 +151,17 @@ def measure_model(model: nn.Module, batch: LMBatch, *, eps: float = 0.3, dormant
                 key = f"L{layer}H{h}"
                 head_mass.setdefault(key, {})[cls] = round(m, 4)
                 heads.setdefault(key, {})[cls] = "dormant" if m > dormant_threshold else "active"
-    a0, a0p = torch.stack(alpha0), torch.stack(alpha0_proxy)  # (L, H)
+    a0, a0p = torch.stack(alpha0), torch.stack(alpha0_proxy)  # (L, B, H)
     row["sink_ratio"] = sink_ratio(a0, eps)
     row["sink_ratio_proxy"] = sink_ratio(a0p, eps)
     if slot_alpha:
-        row["sink_ratio_slot"] = sink_ratio(torch.stack(slot_alpha), eps)
-        row["sink_ratio_slot_proxy"] = sink_ratio(torch.stack(slot_proxy), eps)
-        row["slot_attention"] = [[round(v, 4) for v in a.tolist()] for a in slot_alpha]
-    row["bos_attention"] = [[round(v, 4) for v in a.tolist()] for a in a0]
-    row["bos_attention_proxy"] = [[round(v, 4) for v in a.tolist()] for a in a0p]
+        sa, sp = torch.stack(slot_alpha), torch.stack(slot_proxy)  # (L, B, H)
+        row["sink_ratio_slot"] = sink_ratio(sa, eps)
+        row["sink_ratio_slot_proxy"] = sink_ratio(sp, eps)
+        row["slot_attention"] = [[round(v, 4) for v in a.tolist()] for a in sa.mean(1)]
+    # per layer, per head: alpha_0 averaged over the evaluation sequences
+    row["bos_attention"] = [[round(v, 4) for v in a.tolist()] for a in a0.mean(1)]
+    row["bos_attention_proxy"] = [[round(v, 4) for v in a.tolist()] for a in a0p.mean(1)]
     # value vectors of all heads concatenated per token: (B, H, K, D) -> (B, K, H*D)
     row["bos_value_norm"] = [round(norm_ratio(v.transpose(1, 2).flatten(2)), 4) for v in cap.values]
     row["bos_residual_norm"] = [round(norm_ratio(x), 4) for x in cap.resid]

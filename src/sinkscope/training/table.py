@@ -60,7 +60,7 @@ def results_table(experiments: Path, runs: Path) -> str:
             f"| {f['sink_ratio']:.2f} | {f['sink_ratio_proxy']:.2f} | {slot} | {_fmt_layers(f['bos_attention'])} "
             f"| {_fmt_layers(f['bos_value_norm'])} | {_fmt_layers(f['bos_residual_norm'])} | {_dormant(f)} "
             f"| {f['wall_time_s']:.0f} |")
-    lines += ["", *equal_loss_lines(experiments, runs)]
+    lines += ["", *equal_loss_lines(experiments, runs), *dynamics_lines(experiments, runs)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -87,6 +87,25 @@ def equal_loss_lines(experiments: Path, runs: Path) -> list[str]:
                 f"{_fmt_layers(s_final['bos_value_norm'])}; Sink_0: Adam {match['sink_ratio']:.2f}, SGD "
                 f"{s_final['sink_ratio']:.2f}.", ""]
     return out
+
+
+def dynamics_lines(experiments: Path, runs: Path, points: int = 5) -> list[str]:
+    """Per experiment, a few evenly spaced rows: max-over-heads attention on the first token, value and residual
+    ratios, per layer (``a / b`` = layer 0 / layer 1)."""
+    out = ["| experiment | step | eval loss | Sink_0 (proxy) | max BOS attn per layer | BOS value / median "
+           "| BOS resid / median |", "|---|---|---|---|---|---|---|"]
+    for path in sorted(experiments.glob("*.yaml")):
+        run = runs / path.stem
+        if not (run / "final.json").is_file():
+            continue
+        rows = _rows(run)
+        picks = sorted({round(i * (len(rows) - 1) / (points - 1)) for i in range(points)})
+        for i in picks:
+            r = rows[i]
+            attn = " / ".join(f"{max(a):.2f}" for a in r["bos_attention_proxy"])
+            out.append(f"| {path.stem} | {r['step']} | {r['loss']:.3f} | {r['sink_ratio_proxy']:.2f} | {attn} "
+                       f"| {_fmt_layers(r['bos_value_norm'])} | {_fmt_layers(r['bos_residual_norm'])} |")
+    return out if len(out) > 2 else []
 
 
 def run_missing(experiments: Path, runs: Path) -> None:

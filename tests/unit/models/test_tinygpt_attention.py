@@ -121,11 +121,15 @@ def test_alpha_from_weights_equals_manual_loop() -> None:
     w = torch.rand(2, 3, 7, 7) * attention_mask(7, window=3)
     visible = attention_mask(7, window=3)
     alpha = column_alpha(w, visible)
+    per_sample = column_alpha(w, visible, per_sample=True)
     for h in range(3):
         for k in range(7):
             ts = [t for t in range(7) if visible[t, k]]
             manual = sum(float(w[b, h, t, k]) for b in range(2) for t in ts) / (2 * len(ts))
             assert abs(float(alpha[h, k]) - manual) < 1e-6
+            for b in range(2):
+                manual_b = sum(float(w[b, h, t, k]) for t in ts) / len(ts)
+                assert abs(float(per_sample[b, h, k]) - manual_b) < 1e-6
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -15,6 +15,8 @@ from sinkscope.training.metrics import measure_model, norm_ratio, sink_ratio
 def test_sink_ratio_and_norm_ratio() -> None:
     alpha = torch.tensor([[0.9, 0.1], [0.31, 0.3]])  # (L, H)
     assert sink_ratio(alpha, eps=0.3) == pytest.approx(0.5)
+    per_sample = torch.tensor([[[0.9, 0.1], [0.2, 0.1]]])  # (L=1, B=2, H=2): the indicator is averaged
+    assert sink_ratio(per_sample, eps=0.3) == pytest.approx(0.25)
     x = torch.ones(2, 5, 4)
     x[:, 0] *= 10
     assert norm_ratio(x) == pytest.approx(10.0)
