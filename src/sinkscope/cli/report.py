@@ -25,6 +25,13 @@ def command(
     samples: int = typer.Option(8, "--samples", help="samples per input kind (at most 8)"),
     eps: float = typer.Option(0.3, "--eps", help="sink threshold of Sink_k^eps"),
     batch_size: int = typer.Option(8, "--batch-size"),
+    repeat_words: Optional[str] = typer.Option(None, "--repeat-words",
+                                               help="comma-separated words for the repetition section"),
+    repeat_lengths: Optional[str] = typer.Option(None, "--repeat-lengths",
+                                                 help="comma-separated repetition lengths (default 32,256,512)"),
+    repeat_new_tokens: int = typer.Option(16, "--repeat-new-tokens", help="tokens generated per repetition prompt"),
+    circuit_neurons: int = typer.Option(1, "--circuit-neurons",
+                                        help="first-token neurons per layer tried for the sink circuit (0: skip)"),
     seed: int = typer.Option(0, "--seed"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="only for code you trust"),
 ) -> None:
@@ -48,7 +55,24 @@ def command(
     t0 = time.perf_counter()
     lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     load_s = time.perf_counter() - t0
-    opts = ReportOptions(n_tokens=tokens, samples=samples, eps=eps, batch_size=batch_size, seed=seed)
+    extra: dict[str, object] = {}
+    if repeat_words:
+        extra["repeat_words"] = tuple(w.strip() for w in repeat_words.split(",") if w.strip())
+        if not extra["repeat_words"]:
+            raise InputError("--repeat-words: give at least one word")
+    if repeat_lengths:
+        try:
+            lengths = sorted({int(x) for x in repeat_lengths.split(",") if x.strip()})
+        except ValueError:
+            raise InputError(f"bad --repeat-lengths {repeat_lengths!r}: give a comma list of integers") from None
+        if not lengths or lengths[0] < 1:
+            raise InputError(f"--repeat-lengths must be positive integers, got {repeat_lengths!r}")
+        extra["repeat_lengths"] = tuple(lengths)
+    if repeat_new_tokens < 1 or circuit_neurons < 0:
+        raise InputError("--repeat-new-tokens must be positive and --circuit-neurons non-negative")
+    opts = ReportOptions(n_tokens=tokens, samples=samples, eps=eps, batch_size=batch_size, seed=seed,
+                         repeat_new_tokens=repeat_new_tokens, circuit_per_layer=circuit_neurons,
+                         **extra)  # type: ignore[arg-type]
     with Progress(TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console) as bar:
         tasks: dict[str, TaskID] = {k: bar.add_task(SECTIONS[k][0], total=None, start=False) for k in keys}

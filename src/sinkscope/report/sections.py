@@ -38,6 +38,7 @@ class ReportOptions:
         dormant_threshold: alpha_0 at or above which a head is dormant on a domain.
         repeat_words, repeat_lengths, repeat_new_tokens: the repetition section's word list, run lengths and
             generated tokens per prompt.
+        circuit_per_layer: first-token neurons per layer tried when localising the sink circuit (0: skip).
         seed: seed of the random-token inputs.
     """
 
@@ -49,8 +50,9 @@ class ReportOptions:
     domains: tuple[str, ...] = ("text", "code", "random")
     dormant_threshold: float = 0.5
     repeat_words: tuple[str, ...] = ("poem", "company", "book", "water", "music", "king")
-    repeat_lengths: tuple[int, ...] = (16, 64, 256)
+    repeat_lengths: tuple[int, ...] = (32, 256, 512)
     repeat_new_tokens: int = 16
+    circuit_per_layer: int = 1
     seed: int = 0
 
 

@@ -83,3 +83,17 @@ def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys, args, message) -
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_repetition_section_on_a_tiny_model(tmp_path) -> None:
+    opts = ReportOptions(n_tokens=16, samples=2, batch_size=2, repeat_words=("poem", "book", "big cat"),
+                         repeat_lengths=(4, 8), repeat_new_tokens=4, circuit_per_layer=2)
+    res = build_report(tiny_model("llama"), tiny_tokenizer(), tmp_path, options=opts, sections=["repetition"])
+    assert res.failed == [], res.sections[0].details
+    data = res.sections[0].data
+    assert data["words"] == ["poem", "book"] and data["lengths"] == [4, 8]  # multi-token words are skipped
+    assert set(data["rates"]) == {4, 8} and all(0 <= r <= 1 for r in data["rates"].values())
+    rows = list(csv.DictReader((tmp_path / "repetition_cells.csv").open()))
+    assert len(rows) == 4 and {r["word"] for r in rows} == {"poem", "book"}
+    assert "no first-token neuron found" in data["circuit_note"]  # a random tiny model has no sink circuit
+    assert 'id="repetition" class="report-section ok"' in res.index.read_text()
