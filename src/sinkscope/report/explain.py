@@ -178,28 +178,31 @@ def explain_dormant(s: dict[str, Any]) -> list[str]:
 
 
 def explain_repetition(s: dict[str, Any]) -> list[str]:
-    """Paragraphs for the repetition section: ``rates`` {length: rate}, optional ``circuit`` (dict with
-    ``n_neurons``/``layers``) and ``patched_rates`` {length: rate}."""
+    """Paragraphs for the repetition section: ``rates`` {length: rate}, optional ``circuit`` (with a
+    ``description``), ``patch`` ({n, rate_after, kl, ppl_change, neurons}) and ``patch_note``."""
     rates = {int(k): v for k, v in s["rates"].items()}
     out = []
     if rates:
         lo_n, hi_n = min(rates), max(rates)
         if max(rates.values()) == 0:
-            out.append(f"No continuation diverged for runs of {lo_n} to {hi_n} repetitions: the model keeps "
-                       "repeating (or stops) as asked, at these lengths.")
+            out.append(f"No continuation diverged for runs of {lo_n} to {hi_n} copies: at these lengths the model "
+                       "keeps repeating, so its first-token detector is not yet fooled by the run.")
         else:
             first = min(n for n, r in rates.items() if r > 0)
-            out.append(f"Divergence starts at {first} repetitions and reaches {_pct(rates[hi_n])} at {hi_n}: long "
-                       "runs of one token make the repeated tokens look like first tokens (extra sinks), and the "
-                       "model then leaves the repetition, sometimes emitting unrelated text.")
+            out.append(f"Divergence starts at {first} copies and reaches {_pct(rates[hi_n])} of the words at {hi_n}: "
+                       "long runs of one token look like fresh first tokens to the model, become extra sinks, and "
+                       "the model leaves the repetition, often emitting unrelated text.")
     circ = s.get("circuit")
     if circ:
-        out.append(f"The circuit found: {circ.get('description', '')}".strip())
-    patched = s.get("patched_rates")
-    if patched and rates:
-        before = sum(rates.values()) / len(rates)
-        after = sum(float(v) for v in patched.values()) / len(patched)
-        verdict = "reduces" if after < before - 0.05 else ("does not change" if abs(after - before) <= 0.05
-                                                           else "increases")
-        out.append(f"The patch {verdict} divergence: mean rate {_pct(before)} before, {_pct(after)} after.")
+        out.append(f"The sink circuit: {circ['description']}")
+    p = s.get("patch")
+    if p and int(p["n"]) in rates:
+        before, after = rates[int(p["n"])], float(p["rate_after"])
+        verdict = ("reduces" if after < before else "does not change" if after == before else "increases")
+        out.append(f"The patch (clamping {p['neurons']} neuron(s) wherever they exceed their ordinary range, except "
+                   f"at the true first token) {verdict} divergence at {p['n']} copies: {_pct(before)} before, "
+                   f"{_pct(after)} after, at a cost of {p['kl']:.2g} nats/token KL and a {100 * p['ppl_change']:+.2f}% "
+                   "perplexity change on ordinary text.")
+    elif s.get("patch_note"):
+        out.append(f"No patch was evaluated ({s['patch_note']}).")
     return out

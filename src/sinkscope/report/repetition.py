@@ -22,6 +22,8 @@ from sinkscope.viz.report import Section
 #: Tokens per ordinary-text sequence used to find the circuit (4 sequences of the built-in prose).
 CIRCUIT_TEXT_TOKENS = 32
 CIRCUIT_TEXT_SAMPLES = 4
+#: Words whose longest runs are used to see which circuit neurons fire on repeated tokens.
+CIRCUIT_RUN_WORDS = 3
 
 
 class RepetitionUnavailable(SinkscopeError):
@@ -38,19 +40,6 @@ def _library() -> dict[str, Any]:
         raise RepetitionUnavailable(f"the repeated-token library is not available: {e}") from e
     return {"neuron_stats": neuron_stats, "localise_sink_circuit": localise_sink_circuit, "ScanPlan": ScanPlan,
             "scan_repetition": scan_repetition, "summarise": summarise, "run_token_id": run_token_id}
-
-
-def _patch_builder() -> Any:
-    """The repetition library's circuit -> `SinkPatch` builder, if it has one (None otherwise)."""
-    try:
-        from sinkscope.interventions import patch as patch_mod
-    except ImportError:
-        return None
-    for name in ("patch_from_circuit", "build_patch", "make_patch", "patch_sink_circuit"):
-        fn = getattr(patch_mod, name, None)
-        if callable(fn):
-            return fn
-    return None
 
 
 def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
@@ -93,12 +82,15 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
     text_seqs = [list(tok(t, add_special_tokens=True)["input_ids"])[:CIRCUIT_TEXT_TOKENS]
                  for t in PROSE[:CIRCUIT_TEXT_SAMPLES]]
     text_seqs = [s for s in text_seqs if len(s) == CIRCUIT_TEXT_TOKENS]
-    circuit = None
+    circuit, stats = None, None
+    n_max = lengths[-1]
     if o.circuit_per_layer > 0:
         try:
             stats = lib["neuron_stats"](model, text_seqs)
-            circuit = lib["localise_sink_circuit"](model, tok, text_seqs, stats, heads=False,
-                                                   per_layer=o.circuit_per_layer)
+            circuit = lib["localise_sink_circuit"](
+                model, tok, text_seqs, stats, heads=False, per_layer=o.circuit_per_layer,
+                run_words=words[:CIRCUIT_RUN_WORDS], run_length=n_max, max_new_tokens=o.repeat_new_tokens,
+                batch_size=len(words))
         except SinkscopeError as e:
             sec.data["circuit_error"] = str(e)
     else:
@@ -113,21 +105,15 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
         sec.data["circuit"] = {
             "n_candidates": len(circuit.components), "baseline": circuit.baseline,
             "top": [{"layer": c.layer, "neuron": c.index, "effect": c.effect, "effect_residual": c.effect_residual,
-                     "effect_attention": c.effect_attention, "first_act": c.first_act, "text_range": c.text_range}
-                    for c in top],
-            "description": _describe(top, len(circuit.components)),
+                     "effect_attention": c.effect_attention, "first_act": c.first_act, "text_range": c.text_range,
+                     "fire_on_runs": c.fire_run} for c in top],
+            "description": _describe(top, len(circuit.components), n_max),
         }
         sec.tables["circuit.csv"] = circuit.rows()
-        builder = _patch_builder()
-        if builder is not None:
-            patched = _evaluate_patch(ctx, builder, circuit, stats, words, lengths, text_seqs, sec)
-        else:
-            sec.data["patch_note"] = ("the repetition library has no circuit-to-patch builder in this version; run "
-                                      "`sinkscope repeat` to build and evaluate a patch")
+        patched = _patch_effect(ctx, circuit, stats, words, n_max, text_seqs, sec)
     progress(steps, steps)
 
-    sec.figure(report_plots.divergence_vs_length(lengths, [rate_by_n[n] for n in lengths],
-                                                 [patched[n] for n in lengths] if patched else None),
+    sec.figure(report_plots.divergence_vs_length(lengths, [rate_by_n[n] for n in lengths], patched),
                "Share of words whose continuation left the repetition, by number of repetitions.")
     cols = [c for c in ("n", "words", "diverged", "rate", "alpha_run_max", "norm_ratio_max", "cos_first_max",
                         "sink_share_max") if c in rates[0]]
@@ -147,30 +133,38 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
         sec.explain(p)
 
 
-def _describe(top: list[Any], n: int) -> str:
+def _describe(top: list[Any], n: int, run_length: int) -> str:
     best = top[0]
     layers = sorted({c.layer for c in top})
+    fire = max(top, key=lambda c: c.fire_run if np.isfinite(c.fire_run) else -1.0)
+    runs = (f" On runs of {run_length} copies, neuron {fire.index} of layer {fire.layer} fires above its ordinary "
+            f"range at {100 * fire.fire_run:.0f}% of the last positions: the repeated tokens are being marked as "
+            "first tokens." if np.isfinite(fire.fire_run) and fire.fire_run > 0 else
+            f" None of them fires above its ordinary range on runs of {run_length} copies.")
     return (f"of {n} candidate first-token neurons, ablating neuron {best.index} of layer {best.layer} at token 0 "
             f"removes {100 * best.effect:.0f}% of the sink (residual peak {100 * best.effect_residual:.0f}%, "
             f"attention {100 * best.effect_attention:.0f}%); the top {len(top)} sit in layer(s) "
-            f"{', '.join(map(str, layers))}. These neurons fire at token 0 far above their range on other tokens: "
-            "if a repeated token makes them fire too, it becomes a second sink.")
+            f"{', '.join(map(str, layers))}." + runs)
 
 
-def _evaluate_patch(ctx: Any, builder: Any, circuit: Any, stats: Any, words: list[str], lengths: list[int],
-                    text_seqs: list[list[int]], sec: Section) -> dict[int, float] | None:
-    """Build a patch from the circuit with the library's builder and measure divergence with it."""
-    from sinkscope.repetition.evaluate import evaluate_patch
+def _patch_effect(ctx: Any, circuit: Any, stats: Any, words: list[str], n: int, text_seqs: list[list[int]],
+                  sec: Section) -> dict[int, float] | None:
+    """Build the conditional sink-neuron patch from the circuit and measure divergence at ``n`` copies with it,
+    plus its KL and perplexity change on ordinary text. Returns ``{n: patched rate}`` or None (no patch)."""
+    from sinkscope.interventions.patch import apply_patch, build_patch
+    from sinkscope.repetition.evaluate import divergence_verdicts, text_effect
 
     try:
-        patch = builder(ctx.model, circuit, stats)
-    except TypeError:
-        sec.data["patch_note"] = f"the patch builder {builder.__name__} has a signature the report does not know"
+        patch = build_patch(circuit, stats, base_model=ctx.model_spec or "model")
+    except SinkscopeError as e:
+        sec.data["patch_note"] = f"no patch: {e}"
         return None
-    ev = evaluate_patch(ctx.model, ctx.tokenizer, patch, words, lengths, text_seqs,
-                        max_new_tokens=ctx.options.repeat_new_tokens, batch_size=len(words))
-    sec.data["patch"] = {"neurons": patch.n_neurons, "sink_ratio_before": ev.sink_ratio_before,
-                         "sink_ratio_after": ev.sink_ratio_after, "kl": ev.text.kl,
-                         "ppl_change": ev.text.ppl_change}
-    sec.tables["patch_rates.csv"] = ev.rates
-    return {int(r["n"]): float(r["rate_after"]) for r in ev.rates if np.isfinite(r["rate_after"])}
+    with apply_patch(ctx.model, patch):
+        after = divergence_verdicts(ctx.model, ctx.tokenizer, words, n, max_new_tokens=ctx.options.repeat_new_tokens,
+                                    batch_size=len(words))
+    effect = text_effect(ctx.model, patch, text_seqs)
+    rate = sum(r["diverged"] for r in after) / len(after)
+    sec.data["patch"] = {"neurons": patch.n_neurons, "n": n, "rate_after": rate, "kl": effect.kl,
+                         "ppl_change": effect.ppl_change, "clamped": effect.clamped}
+    sec.tables["patch_verdicts.csv"] = after
+    return {n: rate}

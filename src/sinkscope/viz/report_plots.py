@@ -131,12 +131,14 @@ def dormancy_heatmaps(report: DormancyReport) -> Figure:
 
 
 def divergence_vs_length(lengths: Sequence[int], rate: Sequence[float],
-                         patched: Sequence[float] | None = None) -> Figure:
-    """Share of diverged continuations against the number of repeated tokens (log x), optionally patched."""
+                         patched: Mapping[int, float] | None = None) -> Figure:
+    """Share of diverged continuations against the number of repeated tokens (log x); ``patched`` maps
+    lengths to the rate with the sink-circuit patch installed."""
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     ax.plot(lengths, rate, "o-", label="model")
-    if patched is not None:
-        ax.plot(lengths, patched, "s--", label="with the sink-circuit patch")
+    if patched:
+        xs = sorted(patched)
+        ax.plot(xs, [patched[x] for x in xs], "s--", ms=9, label="with the sink-circuit patch")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("repetitions of the word")

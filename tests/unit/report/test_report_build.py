@@ -97,3 +97,27 @@ def test_repetition_section_on_a_tiny_model(tmp_path) -> None:
     assert len(rows) == 4 and {r["word"] for r in rows} == {"poem", "book"}
     assert "no first-token neuron found" in data["circuit_note"]  # a random tiny model has no sink circuit
     assert 'id="repetition" class="report-section ok"' in res.index.read_text()
+
+
+def test_patch_effect_with_the_repetition_library(tmp_path) -> None:
+    from sinkscope.repetition.activations import neuron_stats
+    from sinkscope.repetition.circuit import ComponentEffect, SinkCircuit
+    from sinkscope.report.repetition import _patch_effect
+    from sinkscope.report.sections import ReportContext
+    from sinkscope.viz.report import Section
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    text = [[5 + (i * 7 + j) % 90 for j in range(12)] for i in range(3)]
+    stats = neuron_stats(model, text)
+    neuron = ComponentEffect(1, "neuron", 3, 0.5, 0.5, 0.1, fire_run=0.9)
+    circuit = SinkCircuit({}, [neuron], {}, runs=[{"word": "poem", "diverged": True}])
+    sec = Section("repetition", "Repetition")
+    ctx = ReportContext(model, tok, ReportOptions(repeat_new_tokens=3), model_spec="tiny")
+    got = _patch_effect(ctx, circuit, stats, ["poem", "book"], 6, text, sec)
+    assert set(got) == {6} and 0 <= got[6] <= 1
+    assert sec.data["patch"]["neurons"] == 1 and sec.data["patch"]["kl"] >= 0
+    assert len(sec.tables["patch_verdicts.csv"]) == 2
+    # a circuit without run measurements gives no patch, and says why
+    sec2 = Section("repetition", "Repetition")
+    assert _patch_effect(ctx, SinkCircuit({}, [neuron], {}), stats, ["poem"], 6, text, sec2) is None
+    assert sec2.data["patch_note"].startswith("no patch: the circuit has no run measurements")
