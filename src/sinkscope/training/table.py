@@ -38,12 +38,28 @@ def _cfg(run: Path) -> dict[str, Any]:
     return yaml.safe_load((run / "config.yaml").read_text())
 
 
+def training_experiments(experiments: Path) -> list[Path]:
+    """The YAML files of ``experiments`` that are training configs (top-level keys among base/model/data/optim/
+    train); other experiment files in the folder (e.g. scripts' configs) are skipped."""
+    from sinkscope.training.config import SECTIONS, ConfigError, read_yaml_tree
+
+    out = []
+    for path in sorted(experiments.glob("*.yaml")):
+        try:
+            keys = set(read_yaml_tree(path))
+        except ConfigError:
+            continue
+        if keys and keys <= set(SECTIONS):
+            out.append(path)
+    return out
+
+
 def results_table(experiments: Path, runs: Path) -> str:
     """Markdown table of every experiment's final row (missing runs are listed as not run)."""
     header = ("| experiment | attention | optim | steps | eval loss | excess | Sink_0 | Sink_0 proxy | Sink_slot "
               "| BOS attn (per layer) | BOS value / median | BOS resid / median | dormant heads | wall s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for path in sorted(experiments.glob("*.yaml")):
+    for path in training_experiments(experiments):
         run = runs / path.stem
         if not (run / "final.json").is_file():
             lines.append(f"| {path.stem} | (not run) |" + " |" * (header.count("|") - 3))
@@ -94,7 +110,7 @@ def dynamics_lines(experiments: Path, runs: Path, points: int = 5) -> list[str]:
     ratios, per layer (``a / b`` = layer 0 / layer 1)."""
     out = ["| experiment | step | eval loss | Sink_0 (proxy) | max BOS attn per layer | BOS value / median "
            "| BOS resid / median |", "|---|---|---|---|---|---|---|"]
-    for path in sorted(experiments.glob("*.yaml")):
+    for path in training_experiments(experiments):
         run = runs / path.stem
         if not (run / "final.json").is_file():
             continue
@@ -113,7 +129,7 @@ def run_missing(experiments: Path, runs: Path) -> None:
     from sinkscope.training.config import load_config
     from sinkscope.training.loop import train
 
-    for path in sorted(experiments.glob("*.yaml")):
+    for path in training_experiments(experiments):
         out = runs / path.stem
         if (out / "final.json").is_file():
             continue

@@ -103,3 +103,21 @@ def test_cli_trains(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     assert cli_main(["train", str(cfg), "--out", str(tmp_path / "o"), "train.steps=3", "model.attention=relu"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["step"] == 3
     assert "attention: relu" in (tmp_path / "o" / "config.yaml").read_text()
+
+
+def test_results_table_runs_missing_and_skips_other_yaml(corpus: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from sinkscope.training.table import main as table_main
+
+    exp = tmp_path / "experiments"
+    exp.mkdir()
+    (exp / "tiny-adam.yaml").write_text(yaml.safe_dump(tiny_dict(corpus, train={"steps": 4, "eval_every": 2})))
+    (exp / "tiny-sgd.yaml").write_text(yaml.safe_dump(tiny_dict(corpus, train={"steps": 4, "eval_every": 2},
+                                                                optim={"name": "sgd", "lr": 0.05})))
+    (exp / "other.yaml").write_text("words: [poem]\n")  # not a training config: skipped
+    assert table_main([str(exp), str(tmp_path / "runs"), "--run", "--out", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| tiny-adam | softmax | adamw" in table and "| tiny-sgd | softmax | sgd" in table
+    assert "other" not in table and (tmp_path / "runs" / "tiny-sgd" / "final.json").is_file()
