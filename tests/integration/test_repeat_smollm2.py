@@ -4,7 +4,6 @@ divergence, and ordinary text barely changes."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sinkscope.interventions.patch import apply_patch, build_patch
 from sinkscope.repetition.activations import neuron_stats
@@ -19,11 +18,11 @@ WORDS = ["book", "house", "tree", "fire", "window"]
 @pytest.mark.slow
 def test_patch_stops_divergence_and_spares_text(smollm2):
     model, tok = smollm2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     text = read_corpus(None)
-    stats = neuron_stats(model, calibration_sequences(tok, text))
+    stats = neuron_stats(model, calibration_sequences(tok, text, n_text=12, n_chat=6))
     circuit = localise_sink_circuit(model, tok, text_chunks(tok, text, n=4, length=32), stats,
-                                    run_words=["book", "money"], run_length=512, heads=False, max_new_tokens=8)
+                                    run_words=["book", "money"], run_length=512, heads=False, per_layer=3,
+                                    max_new_tokens=8)
     # the sink's biggest writers are found from measurements: ablating the top component removes a real share
     assert circuit.components[0].effect > 0.1
     patch = build_patch(circuit, stats, base_model="smollm2-135m")
