@@ -44,7 +44,7 @@ def bare_loop(cfg, steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)  # the logging read-back a real loop does
+        float(loss.detach())  # the logging read-back a real loop does
     return steps * d.batch_size * d.seq_len / (time.perf_counter() - t0)
 
 
