@@ -1,14 +1,46 @@
-"""sinkscope: find, measure, explain and fix attention sinks and extreme tokens in transformer LMs."""
+"""sinkscope: find, measure, explain and fix attention sinks and extreme tokens in transformer LMs.
 
-from sinkscope.inputs import TokenBatch as TokenBatch
-from sinkscope.inputs import file_inputs as file_inputs
-from sinkscope.inputs import random_inputs as random_inputs
-from sinkscope.inputs import repeat_inputs as repeat_inputs
-from sinkscope.inputs import text_inputs as text_inputs
-from sinkscope.models.adapters import get_adapter as get_adapter
-from sinkscope.models.adapters import supported_architectures as supported_architectures
-from sinkscope.models.load import load_model as load_model
-from sinkscope.profile import SinkProfile as SinkProfile
-from sinkscope.profile import profile_sinks as profile_sinks
+The public API is imported lazily (``sinkscope.profile_sinks`` loads transformers on first use), so that
+``import sinkscope`` stays cheap for training and DDP worker processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+#: public name -> "module:attribute"
+_EXPORTS: dict[str, str] = {
+    "load_model": "sinkscope.models.load:load_model",
+    "get_adapter": "sinkscope.models.adapters:get_adapter",
+    "supported_architectures": "sinkscope.models.adapters:supported_architectures",
+    "TokenBatch": "sinkscope.inputs:TokenBatch",
+    "text_inputs": "sinkscope.inputs:text_inputs",
+    "file_inputs": "sinkscope.inputs:file_inputs",
+    "random_inputs": "sinkscope.inputs:random_inputs",
+    "repeat_inputs": "sinkscope.inputs:repeat_inputs",
+    "profile_sinks": "sinkscope.profile:profile_sinks",
+    "SinkProfile": "sinkscope.profile:SinkProfile",
+    "qk_alignment": "sinkscope.metrics.qk_alignment:qk_alignment",
+    "train": "sinkscope.training:train",
+    "load_config": "sinkscope.training:load_config",
+    "TinyGPT": "sinkscope.models.tinygpt:TinyGPT",
+    "TinyGPTConfig": "sinkscope.models.tinygpt:TinyGPTConfig",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sinkscope' has no attribute {name!r}")
+    module, attr = _EXPORTS[name].split(":")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
