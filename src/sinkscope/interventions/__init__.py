@@ -1,0 +1,1 @@
+"""Interventions on the sink circuit: ablation, the conditional sink-neuron patch, the cluster attack."""

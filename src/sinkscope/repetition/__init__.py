@@ -1,0 +1,1 @@
+"""Repeated-token study: generation, scan, run sinkness, circuit localisation, patch evaluation."""

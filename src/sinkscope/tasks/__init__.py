@@ -1,0 +1,1 @@
+"""Task inputs: repeated-token prompts (and other tasks of the project)."""
