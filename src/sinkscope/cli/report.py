@@ -29,7 +29,7 @@ def command(
                                                help="comma-separated words for the repetition section"),
     repeat_lengths: Optional[str] = typer.Option(None, "--repeat-lengths",
                                                  help="comma-separated repetition lengths (default 32,256,512)"),
-    repeat_new_tokens: int = typer.Option(16, "--repeat-new-tokens", help="tokens generated per repetition prompt"),
+    repeat_new_tokens: int = typer.Option(12, "--repeat-new-tokens", help="tokens generated per repetition prompt"),
     circuit_neurons: int = typer.Option(1, "--circuit-neurons",
                                         help="first-token neurons per layer tried for the sink circuit (0: skip)"),
     seed: int = typer.Option(0, "--seed"),

@@ -179,7 +179,7 @@ def explain_dormant(s: dict[str, Any]) -> list[str]:
 
 def explain_repetition(s: dict[str, Any]) -> list[str]:
     """Paragraphs for the repetition section: ``rates`` {length: rate}, optional ``circuit`` (with a
-    ``description``), ``patch`` ({n, rate_after, kl, ppl_change, neurons}) and ``patch_note``."""
+    ``description``), ``patch`` ({n, words, still_diverged, kl, ppl_change, neurons}) and ``patch_note``."""
     rates = {int(k): v for k, v in s["rates"].items()}
     out = []
     if rates:
@@ -196,13 +196,13 @@ def explain_repetition(s: dict[str, Any]) -> list[str]:
     if circ:
         out.append(f"The sink circuit: {circ['description']}")
     p = s.get("patch")
-    if p and int(p["n"]) in rates:
-        before, after = rates[int(p["n"])], float(p["rate_after"])
-        verdict = ("reduces" if after < before else "does not change" if after == before else "increases")
+    if p:
+        k, n_w = int(p["still_diverged"]), len(p["words"])
+        verdict = ("stops" if k == 0 else "does not stop" if k == n_w else "reduces")
         out.append(f"The patch (clamping {p['neurons']} neuron(s) wherever they exceed their ordinary range, except "
-                   f"at the true first token) {verdict} divergence at {p['n']} copies: {_pct(before)} before, "
-                   f"{_pct(after)} after, at a cost of {p['kl']:.2g} nats/token KL and a {100 * p['ppl_change']:+.2f}% "
-                   "perplexity change on ordinary text.")
+                   f"at the true first token) {verdict} the divergence at {p['n']} copies: of the {n_w} word(s) that "
+                   f"diverged without it ({', '.join(p['words'])}), {k} still diverge with it. On held-out ordinary "
+                   f"text it costs {p['kl']:.2g} nats/token KL and changes perplexity by {100 * p['ppl_change']:+.2f}%.")
     elif s.get("patch_note"):
         out.append(f"No patch was evaluated ({s['patch_note']}).")
     return out

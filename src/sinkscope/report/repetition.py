@@ -22,8 +22,9 @@ from sinkscope.viz.report import Section
 #: Tokens per ordinary-text sequence used to find the circuit (4 sequences of the built-in prose).
 CIRCUIT_TEXT_TOKENS = 32
 CIRCUIT_TEXT_SAMPLES = 4
-#: Words whose longest runs are used to see which circuit neurons fire on repeated tokens.
-CIRCUIT_RUN_WORDS = 3
+#: Words (and run length: the second longest of the report's lengths) used to see which circuit neurons fire on
+#: repeated tokens.
+CIRCUIT_RUN_WORDS = 2
 
 
 class RepetitionUnavailable(SinkscopeError):
@@ -84,12 +85,13 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
     text_seqs = [s for s in text_seqs if len(s) == CIRCUIT_TEXT_TOKENS]
     circuit, stats = None, None
     n_max = lengths[-1]
+    n_runs = lengths[-2] if len(lengths) > 1 else n_max
     if o.circuit_per_layer > 0:
         try:
             stats = lib["neuron_stats"](model, text_seqs)
             circuit = lib["localise_sink_circuit"](
                 model, tok, text_seqs, stats, heads=False, per_layer=o.circuit_per_layer,
-                run_words=words[:CIRCUIT_RUN_WORDS], run_length=n_max, max_new_tokens=o.repeat_new_tokens,
+                run_words=words[:CIRCUIT_RUN_WORDS], run_length=n_runs, max_new_tokens=o.repeat_new_tokens,
                 batch_size=len(words))
         except SinkscopeError as e:
             sec.data["circuit_error"] = str(e)
@@ -107,10 +109,16 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
             "top": [{"layer": c.layer, "neuron": c.index, "effect": c.effect, "effect_residual": c.effect_residual,
                      "effect_attention": c.effect_attention, "first_act": c.first_act, "text_range": c.text_range,
                      "fire_on_runs": c.fire_run} for c in top],
-            "description": _describe(top, len(circuit.components), n_max),
+            "description": _describe(top, len(circuit.components), n_runs),
         }
         sec.tables["circuit.csv"] = circuit.rows()
-        patched = _patch_effect(ctx, circuit, stats, words, n_max, text_seqs, sec)
+        diverged = [c["word"] for c in cells if c["n"] == n_max and c["diverged"]]
+        held_out = [list(tok(t, add_special_tokens=True)["input_ids"])[:CIRCUIT_TEXT_TOKENS]
+                    for t in PROSE[CIRCUIT_TEXT_SAMPLES:2 * CIRCUIT_TEXT_SAMPLES]]
+        if diverged:
+            patched = _patch_effect(ctx, circuit, stats, diverged, n_max, held_out, sec)
+        else:
+            sec.data["patch_note"] = f"no word diverged at {n_max} copies, so there is nothing for a patch to fix"
     progress(steps, steps)
 
     sec.figure(report_plots.divergence_vs_length(lengths, [rate_by_n[n] for n in lengths], patched),
@@ -149,8 +157,9 @@ def _describe(top: list[Any], n: int, run_length: int) -> str:
 
 def _patch_effect(ctx: Any, circuit: Any, stats: Any, words: list[str], n: int, text_seqs: list[list[int]],
                   sec: Section) -> dict[int, float] | None:
-    """Build the conditional sink-neuron patch from the circuit and measure divergence at ``n`` copies with it,
-    plus its KL and perplexity change on ordinary text. Returns ``{n: patched rate}`` or None (no patch)."""
+    """Build the conditional sink-neuron patch from the circuit, regenerate the runs of ``n`` copies of ``words``
+    (those that diverged without it) with it, and measure its KL and perplexity change on held-out text
+    ``text_seqs``. Returns ``{n: divergence rate over all scanned words with the patch}`` or None (no patch)."""
     from sinkscope.interventions.patch import apply_patch, build_patch
     from sinkscope.repetition.evaluate import divergence_verdicts, text_effect
 
@@ -163,8 +172,9 @@ def _patch_effect(ctx: Any, circuit: Any, stats: Any, words: list[str], n: int, 
         after = divergence_verdicts(ctx.model, ctx.tokenizer, words, n, max_new_tokens=ctx.options.repeat_new_tokens,
                                     batch_size=len(words))
     effect = text_effect(ctx.model, patch, text_seqs)
-    rate = sum(r["diverged"] for r in after) / len(after)
-    sec.data["patch"] = {"neurons": patch.n_neurons, "n": n, "rate_after": rate, "kl": effect.kl,
-                         "ppl_change": effect.ppl_change, "clamped": effect.clamped}
+    still = sum(r["diverged"] for r in after)
+    sec.data["patch"] = {"neurons": patch.n_neurons, "n": n, "words": list(words), "still_diverged": still,
+                         "kl": effect.kl, "ppl_change": effect.ppl_change, "clamped": effect.clamped}
     sec.tables["patch_verdicts.csv"] = after
-    return {n: rate}
+    before = sec.data.get("rates", {}).get(n)
+    return {n: float(before) * still / len(after)} if before is not None else None

@@ -51,7 +51,7 @@ class ReportOptions:
     dormant_threshold: float = 0.5
     repeat_words: tuple[str, ...] = ("poem", "company", "book", "water", "music", "king")
     repeat_lengths: tuple[int, ...] = (32, 256, 512)
-    repeat_new_tokens: int = 16
+    repeat_new_tokens: int = 12
     circuit_per_layer: int = 1
     seed: int = 0
 

@@ -113,8 +113,10 @@ def test_patch_effect_with_the_repetition_library(tmp_path) -> None:
     circuit = SinkCircuit({}, [neuron], {}, runs=[{"word": "poem", "diverged": True}])
     sec = Section("repetition", "Repetition")
     ctx = ReportContext(model, tok, ReportOptions(repeat_new_tokens=3), model_spec="tiny")
+    sec.data["rates"] = {6: 0.5}
     got = _patch_effect(ctx, circuit, stats, ["poem", "book"], 6, text, sec)
-    assert set(got) == {6} and 0 <= got[6] <= 1
+    k = sec.data["patch"]["still_diverged"]
+    assert got == {6: 0.5 * k / 2}
     assert sec.data["patch"]["neurons"] == 1 and sec.data["patch"]["kl"] >= 0
     assert len(sec.tables["patch_verdicts.csv"]) == 2
     # a circuit without run measurements gives no patch, and says why

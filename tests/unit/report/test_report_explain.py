@@ -68,11 +68,15 @@ def test_repetition_follows_rates_and_patch() -> None:
     assert "No continuation diverged for runs of 32 to 256 copies" in none
     s = {"rates": {32: 0.0, 256: 0.17, 512: 0.5},
          "circuit": {"description": "neuron 7 of layer 3 removes 40% of the sink."},
-         "patch": {"n": 512, "rate_after": 0.17, "kl": 1e-5, "ppl_change": 0.001, "neurons": 2}}
+         "patch": {"n": 512, "words": ["poem", "book", "cat"], "still_diverged": 1, "kl": 1e-5, "ppl_change": 0.001,
+                   "neurons": 2}}
     text = " ".join(explain.explain_repetition(s))
     assert "starts at 256 copies and reaches 50% of the words at 512" in text
-    assert "neuron 7 of layer 3" in text and "reduces divergence at 512 copies: 50% before, 17% after" in text
-    worse = " ".join(explain.explain_repetition({**s, "patch": {**s["patch"], "rate_after": 0.67}}))
-    assert "increases divergence" in worse
+    assert "neuron 7 of layer 3" in text and "reduces the divergence at 512 copies" in text
+    assert "of the 3 word(s) that diverged without it (poem, book, cat), 1 still diverge" in text
+    stops = " ".join(explain.explain_repetition({**s, "patch": {**s["patch"], "still_diverged": 0}}))
+    assert "stops the divergence" in stops
+    same = " ".join(explain.explain_repetition({**s, "patch": {**s["patch"], "still_diverged": 3}}))
+    assert "does not stop the divergence" in same
     nopatch = " ".join(explain.explain_repetition({"rates": {512: 0.5}, "patch_note": "no patch: no neuron fires"}))
     assert "No patch was evaluated (no patch: no neuron fires)" in nopatch
