@@ -28,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "load_config": "sinkscope.training:load_config",
     "TinyGPT": "sinkscope.models.tinygpt:TinyGPT",
     "TinyGPTConfig": "sinkscope.models.tinygpt:TinyGPTConfig",
+    "sink_cache": "sinkscope.streaming.cache:sink_cache",
+    "stream_generate": "sinkscope.streaming.generate:stream_generate",
+    "evaluate_stream": "sinkscope.streaming.ppl:evaluate_stream",
 }
 
 __all__ = ["__version__", *_EXPORTS]
