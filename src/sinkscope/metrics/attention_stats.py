@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Bytes of fp32 scores a chunk may hold (B*H*C*K*4); 64 MiB keeps the 8k context well under the forward's peak.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: Bytes of fp32 scores a chunk may hold (B*H*C*K*4); a few copies of a 16 MiB chunk stay well under the
+#: memory of the forward itself (MLP activations) at every length.
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass
