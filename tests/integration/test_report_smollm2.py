@@ -35,8 +35,8 @@ window.addEventListener('load', function () {
 
 def test_report_page_in_a_real_browser(tmp_path) -> None:
     out = tmp_path / "report"
-    rc = main(["report", "--model", "smollm2-135m", "--out", str(out), "--tokens", "32", "--samples", "2",
-               "--repeat-words", "poem,book", "--repeat-lengths", "8,32", "--repeat-new-tokens", "4",
+    rc = main(["report", "--model", "smollm2-135m", "--out", str(out), "--tokens", "24", "--samples", "2",
+               "--repeat-words", "poem,book", "--repeat-lengths", "4,16", "--repeat-new-tokens", "4",
                "--circuit-neurons", "0"])
     assert rc == 0
     doc = json.loads((out / "report.json").read_text())
