@@ -1,7 +1,9 @@
 """Benchmark: wall time and peak memory of the sink profile vs a bare SDPA forward vs eager output_attentions.
 
 Each (method, T) runs in a fresh subprocess that loads the model, then samples its resident memory every few ms
-while the method runs; "peak MB" is the peak resident memory above the loaded model. Prints a table with the
+while the method runs; "peak MB" is the peak resident memory above the loaded model. The children run with a
+fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_=65536), so freed large tensors go back to the OS at once and
+resident memory follows live memory rather than the allocator's heap growth. Prints a table with the
 ratios to the bare forward measured in the same run, and writes JSON.
 
     python bench/bench_profile.py --lengths 512 1024 2048 4096 8192 --out bench/results/profile.json
@@ -92,7 +94,8 @@ def main() -> int:
                 print(f"T={T:5d} {method:17s} skipped ({rows[-1]['skipped']})", flush=True)
                 continue
             cmd = [sys.executable, __file__, "--model", args.model, "--child", method, str(T)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 rows.append({"method": method, "T": T, "wall_s": None, "peak_mb": None,
                              "skipped": f"failed: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode}"})

@@ -31,6 +31,12 @@ _EXPORTS: dict[str, str] = {
     "sink_cache": "sinkscope.streaming.cache:sink_cache",
     "stream_generate": "sinkscope.streaming.generate:stream_generate",
     "evaluate_stream": "sinkscope.streaming.ppl:evaluate_stream",
+    "find_dormant_heads": "sinkscope.metrics.dormant:find_dormant_heads",
+    "DormancyReport": "sinkscope.metrics.dormant:DormancyReport",
+    "build_report": "sinkscope.report.build:build_report",
+    "apply_patch": "sinkscope.interventions.patch:apply_patch",
+    "SinkPatch": "sinkscope.interventions.patch:SinkPatch",
+    "scan_repetition": "sinkscope.repetition.scan:scan_repetition",
 }
 
 __all__ = ["__version__", *_EXPORTS]
