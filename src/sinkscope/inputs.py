@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from sinkscope.errors import InputError
+from sinkscope.io import read_text_file
 
 BOS_POLICIES = ("auto", "always", "never")
 
@@ -90,11 +91,7 @@ def file_inputs(tokenizer: Any, path: str | Path, *, bos: str = "auto", max_toke
                 samples: int = 1) -> TokenBatch:
     """Read a UTF-8 text file; with ``samples > 1`` cut it into that many consecutive chunks of ``max_tokens``."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"input file not found: {path}")
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise InputError(f"input file is empty: {path}")
+    text = read_text_file(p, "input file")
     if samples < 1:
         raise InputError(f"samples must be a positive integer, got {samples}")
     if samples == 1:

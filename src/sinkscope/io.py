@@ -15,6 +15,17 @@ from typing import Any
 from sinkscope.errors import InputError
 
 
+def read_text_file(path: str | Path, what: str = "input file") -> str:
+    """A UTF-8 text file's content; InputError if it is missing or blank (``what`` names it in the message)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} not found: {path}")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise InputError(f"{what} is empty: {path}")
+    return text
+
+
 def check_output_dir(path: str | Path) -> Path:
     """Fail early (InputError) if ``path`` could not be created or written, without creating anything."""
     p = Path(path).absolute()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from sinkscope.errors import InputError
+from sinkscope.io import read_text_file
 
 #: Where experiments look for a default corpus (tests never depend on it).
 DEFAULT_CORPUS = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "wikitext2-valid.txt"
@@ -30,13 +31,7 @@ def read_corpus(path: str | Path | None) -> str:
     """The text of ``path`` (UTF-8), or the built-in paragraphs when ``path`` is None."""
     if path is None:
         return " ".join(BUILTIN_TEXT * 4)
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"corpus file not found: {path}")
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise InputError(f"corpus file is empty: {path}")
-    return text
+    return read_text_file(path, "corpus file")
 
 
 def default_corpus_path() -> Path | None:

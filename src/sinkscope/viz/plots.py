@@ -17,6 +17,17 @@ def _title(profile: SinkProfile, what: str) -> str:
     return f"{what}\n{name}, {profile.inputs.get('kind')} input, BOS prepended: {profile.inputs.get('bos_prepended')}"
 
 
+def _finish(fig: Figure, ax, profile: SinkProfile, title: str, ylabel: str) -> Figure:
+    """Shared finishing of the by-layer line plots: labels, title, legend, grid."""
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(_title(profile, title), fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def sink_heatmap(profile: SinkProfile, k: int = 0) -> Figure:
     """Layer x head heatmap of alpha_k (mean attention on key k), with heads above eps marked."""
     a = profile.alpha_mean(k)  # (La, H)
@@ -46,13 +57,7 @@ def residual_norm_by_layer(profile: SinkProfile) -> Figure:
     ax.plot(range(L), first, "o-", label="token 0 (sink)")
     ax.plot(range(L), others, "s-", label="median other token")
     ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("||x[l, t]||")
-    ax.set_title(_title(profile, "residual-state norm by layer"), fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, profile, "residual-state norm by layer", "||x[l, t]||")
 
 
 def attention_on_first_by_layer(profile: SinkProfile) -> Figure:
@@ -65,13 +70,7 @@ def attention_on_first_by_layer(profile: SinkProfile) -> Figure:
     if profile.sink_mass is not None:
         ax.plot(profile.attention_layers, np.nanmean(profile.sink_mass, axis=(0, 2)), "^:", label="learned sink mass")
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("attention")
-    ax.set_title(_title(profile, "attention on token 0 by layer"), fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, profile, "attention on token 0 by layer", "attention")
 
 
 PLOTS = {
