@@ -121,6 +121,10 @@ def attention_with_stats(
     qf = query.float()
     inv_q_norm = 1.0 / qf.norm(dim=-1).clamp_min(1e-30)  # (B, H, Q)
     inv_k_norm = 1.0 / k_full.norm(dim=-1).clamp_min(1e-30)  # (B, H, K)
+    k_unit = k_full * inv_k_norm[..., None]  # (B, H, K, D) unit keys
+    # plain causal attention: the unit keys a query sees are a prefix, so their sum is a cumulative sum
+    k_unit_prefix = k_unit.cumsum(dim=2) if mask is None and sliding_window is None else None
+    q_scaled = qf * scaling
 
     f64 = torch.float64
     colsum = torch.zeros(B, H, K, dtype=f64, device=device)
@@ -139,26 +143,29 @@ def attention_with_stats(
         q_sl = slice(start, stop)
         k_end = min(K, offset + stop)  # keys after the chunk's last query are never visible (causal)
         vis, additive = _visible_chunk(mask, q_pos, k_pos, q_sl, k_end, sliding_window)
-        dots = torch.matmul(qf[:, :, q_sl], k_full[:, :, :k_end].transpose(-1, -2))  # (B, H, C, k_end)
+        scores = torch.matmul(q_scaled[:, :, q_sl], k_full[:, :, :k_end].transpose(-1, -2))  # (B, H, C, k_end)
         vis_b = vis.expand(B, 1, stop - start, k_end)[:, 0]  # (B, C, k_end)
-        qv = query_valid[:, q_sl].to(dots.dtype)  # (B, C)
+        qv = query_valid[:, q_sl].to(scores.dtype)  # (B, C)
 
-        # q-k alignment, cos = q.k / (|q| |k|): the first key vs the mean over the other visible keys
+        # q-k alignment, cos = q.k / (|q| |k|): the first key vs the mean over the other visible keys.
+        # sum_k vis[t, k] cos(q_t, k) = q_t . (sum of the visible unit keys) / |q_t|
         inv_q = inv_q_norm[:, :, q_sl]  # (B, H, C)
         fi = first.clamp_max(k_end - 1)
-        c_first = dots[bidx, :, :, fi] * inv_q * inv_k_norm[bidx, :, fi][:, :, None]  # (B, H, C)
-        other_vis = vis_b & (k_pos[None, :k_end] != first[:, None])[:, None, :]  # (B, C, k_end)
-        n_other = other_vis.sum(-1)  # (B, C)
-        masked = dots.masked_fill(~other_vis[:, None], 0.0)
-        c_other = torch.matmul(masked, inv_k_norm[:, :, :k_end, None]).squeeze(-1) * inv_q  # (B, H, C) sums
-        del masked
-        c_other = c_other / n_other.clamp_min(1)[:, None, :].to(dots.dtype)
-        w = ((n_other > 0) & (q_pos[q_sl][None, :] != first[:, None]) & query_valid[:, q_sl]).to(dots.dtype)
+        c_first = scores[bidx, :, :, fi] / scaling * inv_q * inv_k_norm[bidx, :, fi][:, :, None]  # (B, H, C)
+        if k_unit_prefix is not None:
+            seen = k_unit_prefix[:, :, q_pos[q_sl]]  # (B, H, C, D)
+        else:
+            seen = torch.matmul(vis_b[:, None].to(scores.dtype), k_unit[:, :, :k_end])  # (B, H, C, D)
+        first_seen = vis_b[bidx, :, fi] & (first < k_end)[:, None]  # (B, C): query sees the first key
+        c_sum = (qf[:, :, q_sl] * seen).sum(-1) * inv_q  # (B, H, C)
+        c_other = c_sum - c_first * first_seen[:, None, :].to(scores.dtype)
+        n_other = vis_b.sum(-1) - first_seen.long()  # (B, C)
+        c_other = c_other / n_other.clamp_min(1)[:, None, :].to(scores.dtype)
+        w = ((n_other > 0) & (q_pos[q_sl][None, :] != first[:, None]) & query_valid[:, q_sl]).to(scores.dtype)
         cos_first += (c_first * w[:, None, :]).sum(-1).to(f64)
         cos_other += (c_other * w[:, None, :]).sum(-1).to(f64)
         n_cos += w.sum(-1).to(f64)
 
-        scores = dots.mul_(scaling)  # in place: dots are no longer needed
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
         if additive is not None:
