@@ -116,6 +116,15 @@ class SinkProfile:
             return np.full(x.shape[1:-1], np.nan)
         return np.mean(out, axis=0)
 
+    def residual_norm_median_other(self) -> np.ndarray:
+        """(L,) per layer, the median residual norm over each sample's non-first tokens, averaged over samples
+        (NaN when no sample has a second token)."""
+        L = self.residual_norm.shape[1]
+        if not (self.lengths > 1).any():
+            return np.full(L, np.nan)
+        return np.array([np.nanmean([np.median(self.residual_norm[i, l, 1:n])
+                                     for i, n in enumerate(self.lengths) if n > 1]) for l in range(L)])
+
     def residual_ratio(self) -> np.ndarray:
         """(L,) the first token's residual norm over the median other token's, per layer."""
         return self._first_vs_median(self.residual_norm, self.lengths)
@@ -201,11 +210,7 @@ class SinkProfile:
             "alpha_0": self.alpha_mean(0).tolist(),
             "head_sink_rate_0": self.head_sink_rate(0).tolist(),
             "residual_norm_first": np.nanmean(self.residual_norm[..., 0], axis=0).tolist(),
-            "residual_norm_median_other": [
-                float(np.nanmean([np.median(self.residual_norm[i, l, 1:n]) for i, n in enumerate(self.lengths)
-                                  if n > 1])) if (self.lengths > 1).any() else None
-                for l in range(self.residual_norm.shape[1])
-            ],
+            "residual_norm_median_other": self.residual_norm_median_other().tolist(),
             "timing_s": self.timing,
         }
 

@@ -51,8 +51,7 @@ def residual_norm_by_layer(profile: SinkProfile) -> Figure:
     """Residual-stream norm after each layer: the first token vs the median of the other tokens (log scale)."""
     L = profile.residual_norm.shape[1]
     first = np.nanmean(profile.residual_norm[..., 0], axis=0)
-    others = [np.nanmean([np.median(profile.residual_norm[i, l, 1:n]) for i, n in enumerate(profile.lengths)
-                          if n > 1]) if (profile.lengths > 1).any() else np.nan for l in range(L)]
+    others = profile.residual_norm_median_other()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(L), first, "o-", label="token 0 (sink)")
     ax.plot(range(L), others, "s-", label="median other token")
