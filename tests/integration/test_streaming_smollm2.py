@@ -99,4 +99,7 @@ def test_generate_and_cli(smollm2, tmp_path) -> None:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 39 and rows[0].keys() == {"policy", "position", "nll"}
     assert (tmp_path / "ev" / "log_ppl.png").stat().st_size > 0
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []  # the CLI closed its figure (an in-process caller would otherwise leak it)
     assert main(["stream", "eval", "--file", str(text), "--out", str(tmp_path / "x"), "--policies", "sink"]) == 2

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -17,29 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sinkscope.errors import InputError
+from sinkscope.io import ensure_output_dir, save_figure_atomic, write_csv_atomic, write_json_atomic
 from sinkscope.models.load import DEFAULT_MODEL
 
 app = typer.Typer(help="Streaming with attention sinks (StreamingLLM): evaluate cache policies, generate endlessly.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _out_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create output directory {path}: {e.strerror or e}") from e
-    return path
 
 
 def _parse_policies(policies: Optional[str]) -> list[str]:
@@ -87,7 +66,7 @@ def eval_command(
     if threads:
         torch.set_num_threads(threads)
     console = Console(stderr=True)
-    out = _out_dir(out)
+    out = ensure_output_dir(out)
     lm, tokenizer = load_model(model)
     batch = file_inputs(tokenizer, file, bos=bos, max_tokens=tokens)
     ids = torch.tensor(batch.sequences[0], dtype=torch.long)
@@ -106,13 +85,9 @@ def eval_command(
                                        "threads": torch.get_num_threads(), "argv": sys.argv[1:]})
     summary = result.to_json()
     summary["total_seconds"] = time.perf_counter() - t0
-    with open(out / "tokens.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["policy", "position", "nll"])
-        w.writeheader()
-        w.writerows(result.to_rows())
-    (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
-    fig = plot_log_ppl(result)
-    fig.savefig(out / "log_ppl.png", dpi=120)
+    write_csv_atomic(out / "tokens.csv", result.to_rows())
+    write_json_atomic(out / "summary.json", summary)
+    save_figure_atomic(out / "log_ppl.png", plot_log_ppl(result))
 
     table = Table(title=f"{len(ids)} tokens, {sinks} sinks + {window} window")
     for col in ("policy", "ppl", "ppl after eviction", "tokens", "tok/s", "peak KV MiB", "RSS delta MiB"):

@@ -52,4 +52,4 @@ def test_page_embeds_figures_and_renders_a_failed_section_beside_ok_ones() -> No
     assert "Section B (failed)" in page  # the table of contents flags it
     # self-contained: no external resource of any kind
     assert not re.search(r'(src|href)="(https?:)?//', page) and "<link rel=\"stylesheet\"" not in page
-    assert plt.get_fignums() == []  # embedded figures are closed
+    assert not plt.fignum_exists(fig.number)  # the embedded figure was closed
