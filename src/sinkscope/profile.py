@@ -45,6 +45,11 @@ class SinkProfile:
         mlp_top_idx / mlp_top_act: (N, L, TOP_NEURONS) the first token's largest |MLP activations|.
         mlp_top_other: (N, L, TOP_NEURONS) median |activation| of those neurons on the other tokens.
         gate_mean / gate_closed: (N, La, H) output-gate mean and share below GATE_CLOSED, or None.
+        alpha_proxy: (N, La, H, T) alpha from Gu et al.'s row-normalised proxy ``|w| / sum |w|`` (rows over real
+            keys plus the sink slot), or None. Set for models whose attention rows need not sum to one
+            (tinygpt's sigmoid, relu, elu1, softmax + 1 and bias slots); ``alpha`` then holds the weights used.
+        sink_mass_proxy: (N, La, H) the sink slot's share of the row-normalised proxy, or None.
+        unavailable: field name -> why it holds no measurement for this model (NaN / -1 there).
     """
 
     model: dict[str, Any]
@@ -66,26 +71,46 @@ class SinkProfile:
     gate_closed: np.ndarray | None = None
     eps: float = 0.3
     timing: dict[str, float] = field(default_factory=dict)
+    alpha_proxy: np.ndarray | None = None
+    sink_mass_proxy: np.ndarray | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     # ---- sinks -------------------------------------------------------------------------------------------
-    def head_is_sink(self, k: int = 0, eps: float | None = None) -> np.ndarray:
+    def alpha_of(self, proxy: bool = False) -> np.ndarray:
+        """(N, La, H, T) alpha from the weights used, or (``proxy``) from the row-normalised proxy."""
+        if not proxy:
+            return self.alpha
+        if self.alpha_proxy is None:
+            raise InputError("this profile has no row-normalised proxy (its attention rows sum to one: use alpha)")
+        return self.alpha_proxy
+
+    def head_is_sink(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> np.ndarray:
         """(N, La, H) bool: alpha_k > eps (False where the sample is shorter than k + 1)."""
         e = self.eps if eps is None else eps
-        a = self.alpha[..., k]
+        a = self.alpha_of(proxy)[..., k]
         return np.nan_to_num(a, nan=-1.0) > e
 
-    def sink_ratio(self, k: int = 0, eps: float | None = None) -> float:
-        """``Sink_k^eps``: share of heads whose alpha_k exceeds eps, averaged over the samples (Gu et al.)."""
+    def sink_ratio(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> float:
+        """``Sink_k^eps``: share of heads whose alpha_k exceeds eps, averaged over the samples (Gu et al.);
+        ``proxy``: from the row-normalised proxy (Gu et al.'s * numbers for non-softmax attention)."""
         valid = self.lengths > k
         if not valid.any():
             raise InputError(f"no sample is longer than position {k}")
-        return float(self.head_is_sink(k, eps)[valid].mean())
+        return float(self.head_is_sink(k, eps, proxy=proxy)[valid].mean())
 
-    def sink_ratio_by_position(self, eps: float | None = None) -> np.ndarray:
+    def slot_sink_ratio(self, eps: float | None = None, *, proxy: bool = False) -> float:
+        """Gu et al.'s ``Sink_*``: share of heads (and samples) whose sink-slot mass exceeds eps."""
+        mass = self.sink_mass_proxy if proxy else self.sink_mass
+        if mass is None:
+            raise InputError("this model has no sink slot (learned sink, key bias, sink token or softmax + 1)")
+        e = self.eps if eps is None else eps
+        return float((np.nan_to_num(mass, nan=-1.0) > e).mean())
+
+    def sink_ratio_by_position(self, eps: float | None = None, *, proxy: bool = False) -> np.ndarray:
         """(T_min,) ``Sink_k^eps`` for every key position present in all samples."""
         t = int(self.lengths.min())
         e = self.eps if eps is None else eps
-        return (np.nan_to_num(self.alpha[..., :t], nan=-1.0) > e).mean(axis=(0, 1, 2))
+        return (np.nan_to_num(self.alpha_of(proxy)[..., :t], nan=-1.0) > e).mean(axis=(0, 1, 2))
 
     def top_sinks(self, n: int = 5, eps: float | None = None) -> list[dict[str, float]]:
         """The ``n`` key positions with the highest sink ratio (position 0 included)."""
@@ -93,14 +118,14 @@ class SinkProfile:
         order = np.argsort(-r, kind="stable")[:n]
         return [{"position": int(k), "sink_ratio": float(r[k])} for k in order]
 
-    def head_sink_rate(self, k: int = 0, eps: float | None = None) -> np.ndarray:
+    def head_sink_rate(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> np.ndarray:
         """(La, H) share of samples in which the head sinks on position k."""
         valid = self.lengths > k
-        return self.head_is_sink(k, eps)[valid].mean(axis=0)
+        return self.head_is_sink(k, eps, proxy=proxy)[valid].mean(axis=0)
 
-    def alpha_mean(self, k: int = 0) -> np.ndarray:
+    def alpha_mean(self, k: int = 0, *, proxy: bool = False) -> np.ndarray:
         """(La, H) alpha_k averaged over the samples."""
-        return np.nanmean(self.alpha[self.lengths > k][..., k], axis=0)
+        return np.nanmean(self.alpha_of(proxy)[self.lengths > k][..., k], axis=0)
 
     # ---- norms -------------------------------------------------------------------------------------------
     @staticmethod
@@ -138,6 +163,7 @@ class SinkProfile:
         """One row per (layer, head) for ``heads.csv``."""
         rate = self.head_sink_rate(0)
         a0 = self.alpha_mean(0)
+        a0p = self.alpha_mean(0, proxy=True) if self.alpha_proxy is not None else None
         vr = self.value_ratio()
         H = self.alpha.shape[2]
         groups = H // vr.shape[1]
@@ -151,8 +177,12 @@ class SinkProfile:
                     "cos_q_other": float(np.nanmean(self.cos_other[:, li, h])),
                     "out_norm": float(np.nanmean(self.out_norm[:, li, h])),
                 }
+                if self.alpha_proxy is not None:
+                    row["alpha_0_proxy"] = float(a0p[li, h])
                 if self.sink_mass is not None:
                     row["learned_sink_mass"] = float(np.nanmean(self.sink_mass[:, li, h]))
+                if self.sink_mass_proxy is not None:
+                    row["learned_sink_mass_proxy"] = float(np.nanmean(self.sink_mass_proxy[:, li, h]))
                 if self.gate_mean is not None and self.gate_closed is not None:
                     row["gate_mean"] = float(np.nanmean(self.gate_mean[:, li, h]))
                     row["gate_closed"] = float(np.nanmean(self.gate_closed[:, li, h]))
@@ -190,6 +220,18 @@ class SinkProfile:
         }
         if self.sink_mass is not None:
             out["learned_sink_mass_by_layer"] = np.nanmean(self.sink_mass, axis=(0, 2)).tolist()
+        if self.alpha_proxy is not None:  # models whose rows need not sum to one: Gu et al.'s proxy beside alpha
+            out["sink_ratio_proxy"] = self.sink_ratio(0, proxy=True)
+            out["attention_on_first_by_layer_proxy"] = np.nanmean(self.alpha_mean(0, proxy=True), axis=1).tolist()
+            out["sink_ratio_first_by_layer_proxy"] = (
+                self.head_is_sink(0, proxy=True)[self.lengths > 0].mean(axis=(0, 2)).tolist())
+            if self.sink_mass is not None:
+                out["sink_ratio_slot"] = self.slot_sink_ratio()
+            if self.sink_mass_proxy is not None:
+                out["sink_ratio_slot_proxy"] = self.slot_sink_ratio(proxy=True)
+                out["learned_sink_mass_proxy_by_layer"] = np.nanmean(self.sink_mass_proxy, axis=(0, 2)).tolist()
+        if self.unavailable:
+            out["unavailable"] = dict(self.unavailable)
         if self.gate_mean is not None and self.gate_closed is not None:
             out["gate_mean_by_layer"] = np.nanmean(self.gate_mean, axis=(0, 2)).tolist()
             out["gate_closed_by_layer"] = np.nanmean(self.gate_closed, axis=(0, 2)).tolist()
@@ -209,6 +251,9 @@ class SinkProfile:
             **self.summary(),
             "alpha_0": self.alpha_mean(0).tolist(),
             "head_sink_rate_0": self.head_sink_rate(0).tolist(),
+            **({"alpha_0_proxy": self.alpha_mean(0, proxy=True).tolist(),
+                "head_sink_rate_0_proxy": self.head_sink_rate(0, proxy=True).tolist()}
+               if self.alpha_proxy is not None else {}),
             "residual_norm_first": np.nanmean(self.residual_norm[..., 0], axis=0).tolist(),
             "residual_norm_median_other": self.residual_norm_median_other().tolist(),
             "timing_s": self.timing,
@@ -270,16 +315,7 @@ class _Collector:
 
     def _mlp(self, layer: int, a: Tensor) -> None:
         assert self.valid is not None
-        B, T = self.valid.shape
-        af = a.detach().float().abs().reshape(B, T, -1)  # (B, T, F); OPT flattens to (B*T, F)
-        first = af[:, 0]  # right padding: position 0 is each row's first token
-        vals, idx = first.topk(min(TOP_NEURONS, af.shape[-1]), dim=-1)  # (B, k)
-        other = af[:, 1:].gather(2, idx[:, None, :].expand(-1, af.shape[1] - 1, -1))  # (B, T-1, k)
-        med = torch.stack([
-            other[b, : int(self.valid[b, 1:].sum())].median(dim=0).values if self.valid[b, 1:].any()
-            else torch.full_like(vals[b], float("nan")) for b in range(af.shape[0])
-        ])
-        self.mlp[layer] = (idx, vals, med)
+        self.mlp[layer] = mlp_top_neurons(a, self.valid)
 
     def _gate(self, layer: int, q_out: Tensor) -> None:
         assert self.valid is not None
@@ -289,6 +325,28 @@ class _Collector:
         mean = (g.mean(-1) * w).sum(1) / n
         closed = ((g < GATE_CLOSED).float().mean(-1) * w).sum(1) / n
         self.gate[layer] = (mean, closed)
+
+
+def mlp_top_neurons(a: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The first token's largest |MLP hidden activations| and those neurons' median on the other tokens.
+
+    Args:
+        a: MLP hidden activation ``(B, T, F)`` (or ``(B*T, F)``), right-padded rows.
+        valid: ``(B, T)`` bool, real tokens.
+    Returns:
+        ``(idx, vals, med)``, each ``(B, TOP_NEURONS)``: neuron indices, |activation| at position 0, median
+        |activation| of the same neurons over the row's other real tokens (NaN for one-token rows).
+    """
+    B, T = valid.shape
+    af = a.detach().float().abs().reshape(B, T, -1)  # (B, T, F); OPT flattens to (B*T, F)
+    first = af[:, 0]  # right padding: position 0 is each row's first token
+    vals, idx = first.topk(min(TOP_NEURONS, af.shape[-1]), dim=-1)  # (B, k)
+    other = af[:, 1:].gather(2, idx[:, None, :].expand(-1, af.shape[1] - 1, -1))  # (B, T-1, k)
+    med = torch.stack([
+        other[b, : int(valid[b, 1:].sum())].median(dim=0).values if valid[b, 1:].any()
+        else torch.full_like(vals[b], float("nan")) for b in range(af.shape[0])
+    ])
+    return idx, vals, med
 
 
 def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -340,7 +398,9 @@ def profile_sinks(
     """Measure attention sinks, value drains, residual peaks, massive activations and q-k alignment.
 
     Args:
-        model: a loaded HF causal LM of a supported architecture (any attention implementation).
+        model: a loaded HF causal LM of a supported architecture (any attention implementation), or a
+            :class:`~sinkscope.models.tinygpt.TinyGPT` (measured from its capture points, see
+            `sinkscope.models.tinygpt_adapter`; ``alpha_proxy`` is then set too).
         batch: a `TokenBatch` (see `sinkscope.inputs`) or plain lists of token ids.
         eps: sink threshold for ``Sink_k^eps``.
         batch_size: samples per forward pass (right-padded; padded queries and keys are excluded).
@@ -362,6 +422,11 @@ def profile_sinks(
         raise InputError(f"eps must be in (0, 1), got {eps}")
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size}")
+    from sinkscope.models import tinygpt_adapter
+
+    if tinygpt_adapter.is_tinygpt(model):
+        return tinygpt_adapter.profile_tinygpt(model, batch, eps=eps, batch_size=batch_size,
+                                               pad_token_id=pad_token_id, progress=progress)
     adapter = get_adapter(model)
     if not isinstance(batch, TokenBatch):
         batch = TokenBatch([list(map(int, s)) for s in batch], "ids")
