@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -273,3 +274,26 @@ def profile_tinygpt(model: TinyGPT, batch: TokenBatch | list[list[int]], *, eps:
         sink_mass=sink_mass, eps=eps, timing={"forward_s": elapsed}, alpha_proxy=alpha_proxy,
         sink_mass_proxy=sink_mass_proxy, unavailable=unavailable,
     )
+
+
+def load_trained(run_dir: str | Path) -> tuple[TinyGPT, Any]:
+    """The trained model of a ``sinkscope train`` run directory (its ``config.yaml`` and ``checkpoint.pt``).
+
+    Returns:
+        ``(model, run_config)``: the TinyGPT in eval mode on the CPU, and the run's resolved `RunConfig`
+        (``run_config.data`` rebuilds the task's inputs, see `sinkscope.training.loop.build_task`).
+    Raises:
+        InputError: no ``config.yaml`` or ``checkpoint.pt`` in ``run_dir``; CheckpointError: a checkpoint that
+        is unreadable or from another config.
+    """
+    from sinkscope.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from sinkscope.training.config import load_config
+
+    run = Path(run_dir)
+    for name in ("config.yaml", CHECKPOINT_NAME):
+        if not (run / name).is_file():
+            raise InputError(f"{run} is not a sinkscope train run directory (no {name})")
+    cfg = load_config(run / "config.yaml")
+    model = TinyGPT(cfg.model)
+    model.load_state_dict(load_checkpoint(run / CHECKPOINT_NAME, cfg.state_dict_fingerprint())["model"])
+    return model.eval(), cfg
