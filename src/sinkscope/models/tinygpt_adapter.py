@@ -297,3 +297,33 @@ def load_trained(run_dir: str | Path) -> tuple[TinyGPT, Any]:
     model = TinyGPT(cfg.model)
     model.load_state_dict(load_checkpoint(run / CHECKPOINT_NAME, cfg.state_dict_fingerprint())["model"])
     return model.eval(), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sinkscope.models.tinygpt_adapter RUN_DIR... [--samples N]``: profile trained runs on held-out
+    task sequences and print Sink_0 from the weights used and from the proxy, Sink_* and the per-layer ratios."""
+    import argparse
+
+    from sinkscope.training.loop import build_task
+
+    ap = argparse.ArgumentParser(prog="python -m sinkscope.models.tinygpt_adapter", description=main.__doc__)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--samples", type=int, default=32, help="held-out sequences per run (seed 1234, step 0)")
+    args = ap.parse_args(argv)
+    for run in args.runs:
+        model, cfg = load_trained(run)
+        batch = build_task(cfg.data).batch(1234, 0, args.samples, cfg.data.seq_len)
+        s = profile_tinygpt(model, batch.idx.tolist()).summary()
+        r3 = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
+        slot = "" if "sink_ratio_slot" not in s else (
+            f" Sink_* {s['sink_ratio_slot']:.3f} (proxy {s['sink_ratio_slot_proxy']:.3f}),"
+            f" slot mass by layer {r3(s['learned_sink_mass_by_layer'])};")
+        print(f"{run}: {cfg.model.attention}, attn_bias {cfg.model.attn_bias}: Sink_0 {s['sink_ratio']:.3f}"
+              f" (proxy {s['sink_ratio_proxy']:.3f}); alpha_0 by layer {r3(s['attention_on_first_by_layer'])}"
+              f" (proxy {r3(s['attention_on_first_by_layer_proxy'])});{slot} value ratio"
+              f" {r3(s['value_ratio_first_by_layer'])}, residual ratio {r3(s['residual_ratio_first_by_layer'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
