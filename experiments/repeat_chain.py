@@ -28,7 +28,7 @@ def run(config_path: str, only: list[str] | None = None) -> int:
         argv = ["repeat", command, OUT_FLAG[command], str(out / name)]
         if command in MODEL_STEPS:
             argv += ["--model", cfg["model"]]
-        if command in CORPUS_STEPS and corpus is not None and command != "patch":
+        if command in CORPUS_STEPS and corpus is not None:
             argv += ["--corpus", str(corpus)]
         for k, v in opts.items():
             argv += [f"--{k}"] if v in ("", None) else [f"--{k}", str(v).format(out=out)]

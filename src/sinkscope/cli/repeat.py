@@ -188,22 +188,55 @@ def circuit(
 def patch(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     save: Path = typer.Option(..., "--save", help="directory for the patched model (manifest)"),
-    circuit_dir: Optional[Path] = typer.Option(None, "--circuit", help="output of `repeat circuit` (else run it)"),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for the neurons' ranges"),
+    method: str = typer.Option("direction", "--method", help="direction (gated clamp of the first-token direction) "
+                                                             "| neurons (conditional clamp of circuit neurons)"),
+    circuit_dir: Optional[Path] = typer.Option(None, "--circuit", help="neurons: output of `repeat circuit` "
+                                                                       "(else run it)"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for the ordinary ranges"),
     words: Optional[str] = typer.Option(None, "--words", help="patch-building words (default: built-in)"),
-    n: int = typer.Option(512, "--n"),
-    fire_min: float = typer.Option(0.2, "--fire-min", help="keep neurons above range on this share of run positions"),
-    margin: float = typer.Option(1.0, "--margin", help="threshold = margin x ordinary-text max"),
+    n: Optional[int] = typer.Option(None, "--n", help="copies in the measured runs (direction: 1024, neurons: 512)"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="direction: force the layer (default: chosen from "
+                                                              "the runs)"),
+    window: int = typer.Option(32, "--window", help="direction: repetition gate window (tokens)"),
+    min_cos: float = typer.Option(0.8, "--min-cos", help="direction: gate opens at this mean embedding cosine"),
+    fire_min: float = typer.Option(0.2, "--fire-min", help="neurons: keep neurons above range on this share of "
+                                                           "run positions"),
+    margin: float = typer.Option(1.0, "--margin", help="neurons: threshold = margin x ordinary-text max"),
     batch_size: int = typer.Option(8, "--batch-size"),
 ) -> None:
-    """Build the conditional sink-neuron patch from the circuit and save it; `sinkscope.load_model(DIR)` restores
-    the base model with the patch active."""
+    """Build the sink patch and save it; `sinkscope.load_model(DIR)` restores the base model with the patch active.
+
+    direction (default): the first-token direction of the layer where long runs stand out most, clamped back to
+    its ordinary median only inside repetitions. neurons: the circuit's first-token neurons that fire on runs,
+    clamped where they exceed their ordinary range."""
     from sinkscope.interventions.patch import build_patch, save_patch
-    from sinkscope.repetition.activations import load_neuron_stats
-    from sinkscope.repetition.circuit import SinkCircuit
     from sinkscope.tasks.repeated_tokens import PATCH_WORDS
 
+    if method not in ("direction", "neurons"):
+        raise InputError(f"unknown --method {method!r}; choose direction or neurons")
     m, tok = _load(model)
+    if method == "direction":
+        from sinkscope.repetition.corpus import calibration_sequences
+        from sinkscope.repetition.direction import build_direction_patch
+
+        ws = _words(tok, None, words, None, list(PATCH_WORDS[:8]))
+        with _progress("measure directions and runs", 1) as tick:
+            p, report = build_direction_patch(m, tok, calibration_sequences(tok, _corpus_text(corpus)), ws,
+                                              base_model=_model_spec(model), n=n or 1024, layer=layer, window=window,
+                                              min_cos=min_cos, batch_size=batch_size)
+            tick(1)
+        save_patch(p, save)
+        _write_json(save / "direction_report.json", report.__dict__)
+        print(f"saved patch ({p.describe()}) to {save}")
+        print(f"  layer scores (runs beyond ordinary text, in ordinary spreads): "
+              f"{[round(x, 1) for x in report.scores]}")
+        r = p.directions[0]
+        print(f"  layer {r.layer}: clamp above {r.threshold:.1f} to {r.value:.1f} (first token "
+              f"{report.ordinary['first'][r.layer]:.1f}, runs {p.meta['run_projection_mean']:.1f})")
+        return
+    from sinkscope.repetition.activations import load_neuron_stats
+    from sinkscope.repetition.circuit import SinkCircuit
+
     if circuit_dir is not None:
         cj, sp = circuit_dir / "circuit.json", circuit_dir / "neuron_stats.pt"
         if not cj.is_file() or not sp.is_file():
@@ -211,10 +244,10 @@ def patch(
         circ, stats = SinkCircuit.from_json(json.loads(cj.read_text())), load_neuron_stats(str(sp))
     else:
         ws = _words(tok, None, words, None, list(PATCH_WORDS[:8]))
-        circ, stats = _run_circuit(m, tok, save / "circuit", corpus, ws, n, "zero", False, 8, 24, batch_size)
+        circ, stats = _run_circuit(m, tok, save / "circuit", corpus, ws, n or 512, "zero", False, 8, 24, batch_size)
     p = build_patch(circ, stats, base_model=_model_spec(model), fire_min=fire_min, margin=margin)
     save_patch(p, save)
-    print(f"saved patch of {p.n_neurons} neurons in layers {[r.layer for r in p.rules]} to {save}")
+    print(f"saved patch ({p.describe()}) to {save}")
     for r in p.rules:
         print(f"  layer {r.layer}: neurons {r.index} thresholds {[round(t, 2) for t in r.threshold]}")
 
@@ -264,6 +297,10 @@ def evaluate(
     for r in ev.rates:
         print(f"N={r['n']:>5}: diverged {r['rate_before']:.0%} -> {r['rate_after']:.0%} "
               f"(relative reduction {r['relative_reduction']:.0%}) on {r['words']} words")
+        if "first_like_words" in r:
+            print(f"         runs gone first-like: {r['first_like_words']} words, diverged "
+                  f"{r['first_like_diverged_before']} -> {r['first_like_diverged_after']}; other runs: diverged "
+                  f"{r['other_diverged_before']} -> {r['other_diverged_after']}")
     t = ev.text
     print(f"text: KL {t.kl:.2e} nats/token (max {t.kl_max:.2e}), perplexity {t.ppl_original:.3f} -> "
           f"{t.ppl_patched:.3f} ({t.ppl_change:+.3%}), activations clamped {t.clamped}")

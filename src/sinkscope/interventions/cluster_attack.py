@@ -4,8 +4,9 @@ first-token circuit the way a run of one repeated token does.
 1. Layer-0 single-token representations in closed form: a lone token attends only to itself, so layer 0's
    attention output is ``W_O W_V norm(E[token])`` (value heads repeated over their query groups).
 2. Cosine k-means on them.
-3. Search: sample short sequences from every cluster, score each cluster by how strongly the circuit's sink
-   neurons fire at positions > 0 (activation over their ordinary-text threshold), keep the best.
+3. Search: sample short sequences from every cluster, score each cluster by how strongly the patch's components
+   (sink neurons, or the first-token direction) fire at positions > 0 relative to their ordinary-text range,
+   keep the best.
 4. Verdict: instructed prompts whose answer is ``[attack sequence of N tokens] + [tail copies of the word]``,
    compared with ``N + tail`` plain copies and with N uniformly random tokens + the same tail.
 """
@@ -84,21 +85,29 @@ class ClusterAttackResult:
 
 @torch.no_grad()
 def _fire_score(model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequence[int], patch: SinkPatch) -> Tensor:
-    """Per prompt: mean over the patch's neurons and over the positions from ``start`` on of |a| / threshold."""
+    """Per prompt: how strongly the patch's components fire from position ``start`` on, in units of their
+    ordinary-text range, capped at 10 and averaged over components and positions.
+
+    Neuron rules: ``|a| / threshold``. Direction rules: ``(x . u - value) / (threshold - value)`` (0 at the
+    ordinary median, 1 at the top of the ordinary range)."""
     a = get_adapter(model)
     device = next(model.parameters()).device
     pad = int(getattr(model.config, "pad_token_id", None) or 0)
     ids, mask = left_pad(prompts, pad, device)
-    got: dict[int, Tensor] = {}
-    hooks = [(a.mlp_down_module(r.layer), (lambda x, r=r: got.__setitem__(r.layer, (x.detach().float()[..., r.index].abs()
-              / torch.tensor(r.threshold).clamp_min(1e-6)))), True) for r in patch.rules]
+    got: dict[str, Tensor] = {}
+    hooks = [(a.mlp_down_module(r.layer), (lambda x, r=r: got.__setitem__(f"n{r.layer}", (
+              x.detach().float()[..., r.index].abs() / torch.tensor(r.threshold).clamp_min(1e-6)))), True)
+             for r in patch.rules]
+    hooks += [(a.layer_modules[r.layer], (lambda x, r=r: got.__setitem__(f"d{r.layer}", (
+               (x.detach().float() @ torch.tensor(r.direction) - r.value) / max(r.threshold - r.value, 1e-6)
+               )[..., None])), False) for r in patch.directions]
     with forward_hooks(hooks):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     T = ids.shape[1]
     scores = []
     for b, (p, s) in enumerate(zip(prompts, starts)):
         lo = T - len(p) + s
-        scores.append(torch.cat([got[r.layer][b, lo:] for r in patch.rules], dim=-1).clamp_max(10).mean())
+        scores.append(torch.cat([v[b, lo:] for v in got.values()], dim=-1).clamp(-10, 10).mean())
     return torch.stack(scores)
 
 
@@ -110,12 +119,13 @@ def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
     plain repetition and random sequences (see the module docstring).
 
     Args:
-        patch: its rules name the sink neurons and their ordinary thresholds (e.g. from `build_patch`).
+        patch: its rules name the components (sink neurons or first-token directions) and their ordinary ranges
+            (`build_patch` / `build_direction_patch`).
         words: words whose instruction and tail frame the sequences.
         ns: attack sequence lengths.
     """
-    if not patch.rules:
-        raise InputError("the patch has no neurons to score clusters with")
+    if not patch.rules and not patch.directions:
+        raise InputError("the patch has no neurons or directions to score clusters with")
     g = torch.Generator().manual_seed(seed)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     V = vocab_limit or model.get_input_embeddings().weight.shape[0]

@@ -1,10 +1,20 @@
-"""The sink-circuit patch: keep first-token MLP neurons from firing anywhere but at each row's true first token.
+"""The sink-circuit patch: keep the first-token signal from appearing anywhere but at each row's true first token.
 
-A `SinkPatch` lists, per layer, neurons (inputs of the MLP down projection) with a threshold (their ordinary-text
-range) and a replacement value (their ordinary-text median). While installed, a forward pre-hook on each listed
-down projection replaces ``a[b, t, j]`` by ``value[j]`` wherever ``|a[b, t, j]| > threshold[j]`` and position ``t``
-is not row ``b``'s first real token. Positions are relative to the first real token (left padding, KV cache):
-a pre-hook on the decoder captures ``attention_mask`` / ``position_ids`` / the cache length of every call.
+A `SinkPatch` holds two kinds of rules:
+
+* `DirectionRule` (the default patch): the residual stream after one decoder layer, projected on the
+  first-token direction ``u`` (mean first-token state minus mean other-token state, unit norm). Where the
+  projection ``p = x . u`` exceeds ``threshold`` (its ordinary-text range) it is set back to ``value`` (its
+  ordinary-text median): ``x <- x - (p - value) u``. A forward hook on that decoder layer does it.
+* `NeuronRule`: MLP neurons (inputs of the down projection) replaced by ``value[j]`` wherever
+  ``|a[b, t, j]| > threshold[j]``. A forward pre-hook on the down projection does it.
+
+Neither rule ever touches row ``b``'s first real token. With a `RepetitionGate`, rules act only at positions
+whose input embedding resembles the preceding ``window`` tokens' (mean cosine >= ``min_cos``: inside a run of
+one repeated token, or of near-identical tokens), which ordinary text practically never is. Positions and the
+gate follow each row's real tokens under left padding and KV cache: a pre-hook on the decoder captures
+``input_ids``, ``attention_mask`` / ``position_ids`` / the cache length of every call and keeps the last
+``window`` token ids of each row between calls.
 
 The edit is conditional and position-dependent, so it cannot be folded into weights: a saved patch is a manifest
 (`sinkscope_manifest.json`) naming the base model and the rules; `sinkscope.load_model(DIR)` restores it.
@@ -25,7 +35,7 @@ from sinkscope.errors import InputError, ModelLoadError
 from sinkscope.models.adapters import get_adapter
 
 MANIFEST_KIND = "repeat_patch"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # version 1 (neuron rules only) still loads
 
 
 @dataclass(frozen=True)
@@ -50,28 +60,84 @@ class NeuronRule:
 
 
 @dataclass(frozen=True)
-class SinkPatch:
-    """A set of neuron rules plus provenance.
+class DirectionRule:
+    """Clamp of the residual stream after decoder layer ``layer`` along one direction.
 
     Attributes:
-        rules: one `NeuronRule` per patched layer.
+        layer: decoder layer whose output is edited.
+        direction: unit vector, length d_model (the first-token direction of that layer).
+        threshold: projection above which a position counts as first-like (ordinary-text range).
+        value: projection a first-like position is set back to (ordinary-text median).
+    """
+
+    layer: int
+    direction: list[float]
+    threshold: float
+    value: float
+
+    def __post_init__(self) -> None:
+        if not self.direction:
+            raise InputError(f"layer {self.layer}: empty direction")
+
+
+@dataclass(frozen=True)
+class RepetitionGate:
+    """Where rules may act: positions whose input embedding has mean cosine >= ``min_cos`` with each of the
+    previous ``window`` real tokens' (all of which must exist). A run of one token has cosine 1."""
+
+    window: int = 32
+    min_cos: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or not -1.0 <= self.min_cos <= 1.0:
+            raise InputError(f"gate needs window >= 1 and min_cos in [-1, 1], got {self.window}, {self.min_cos}")
+
+
+@dataclass(frozen=True)
+class SinkPatch:
+    """Neuron and direction rules, an optional repetition gate, plus provenance.
+
+    Attributes:
+        rules: one `NeuronRule` per patched layer (may be empty).
         base_model: spec of the model the rules were measured on (alias, directory, hub id).
         protect_first: never touch each row's first real token (the true sink).
         meta: how the patch was built (words, calibration corpus, margins).
+        directions: `DirectionRule` s (may be empty).
+        gate: if set, every rule acts only where the `RepetitionGate` is open.
     """
 
     rules: list[NeuronRule]
     base_model: str = ""
     protect_first: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+    directions: list[DirectionRule] = field(default_factory=list)
+    gate: RepetitionGate | None = None
 
     @property
     def n_neurons(self) -> int:
         return sum(len(r.index) for r in self.rules)
 
+    @property
+    def layers(self) -> list[int]:
+        """Layers the patch edits (neuron and direction rules)."""
+        return sorted({r.layer for r in self.rules} | {r.layer for r in self.directions})
+
+    def describe(self) -> str:
+        """One line: what the patch edits and where."""
+        parts = []
+        if self.directions:
+            parts.append(f"first-token direction after layer(s) {[r.layer for r in self.directions]}")
+        if self.rules:
+            parts.append(f"{self.n_neurons} neurons in layer(s) {[r.layer for r in self.rules]}")
+        gate = (f", only inside repetitions (window {self.gate.window}, mean cosine >= {self.gate.min_cos})"
+                if self.gate else "")
+        return " + ".join(parts) + gate
+
     def to_json(self) -> dict[str, Any]:
         return {"kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "base_model": self.base_model,
-                "protect_first": self.protect_first, "rules": [asdict(r) for r in self.rules], "meta": self.meta}
+                "protect_first": self.protect_first, "rules": [asdict(r) for r in self.rules],
+                "directions": [asdict(r) for r in self.directions],
+                "gate": asdict(self.gate) if self.gate else None, "meta": self.meta}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SinkPatch:
@@ -79,7 +145,12 @@ class SinkPatch:
             raise ModelLoadError(f"not a repeat patch manifest (kind {d.get('kind')!r})")
         rules = [NeuronRule(int(r["layer"]), [int(i) for i in r["index"]], [float(x) for x in r["threshold"]],
                             [float(x) for x in r["value"]]) for r in d["rules"]]
-        return cls(rules, str(d.get("base_model", "")), bool(d.get("protect_first", True)), dict(d.get("meta", {})))
+        dirs = [DirectionRule(int(r["layer"]), [float(x) for x in r["direction"]], float(r["threshold"]),
+                              float(r["value"])) for r in d.get("directions") or []]
+        g = d.get("gate")
+        gate = RepetitionGate(int(g["window"]), float(g["min_cos"])) if g else None
+        return cls(rules, str(d.get("base_model", "")), bool(d.get("protect_first", True)), dict(d.get("meta", {})),
+                   dirs, gate)
 
 
 def relative_positions(n_query: int, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -99,6 +170,34 @@ def relative_positions(n_query: int, attention_mask: Tensor | None, position_ids
     return torch.arange(past_length, past_length + n_query)[None, :]
 
 
+def repetition_gate(embedding: Tensor, ids: Tensor, real: Tensor, tail_ids: Tensor, tail_real: Tensor,
+                    gate: RepetitionGate) -> Tensor:
+    """Open/closed gate for each query: (B, Q) bool.
+
+    Args:
+        embedding: (V, d) input embedding matrix (rows are normalised here, only those used).
+        ids, real: (B, Q) this call's token ids and real-token mask.
+        tail_ids, tail_real: (B, window) the previous ``window`` positions (ids, real mask) before this call.
+
+    A query is open when all ``window`` positions before it are real and the mean cosine of its embedding with
+    theirs is >= ``gate.min_cos`` (a prefix sum over the concatenated tail + call: O((window + Q) d)).
+    """
+    W = gate.window
+    all_ids = torch.cat([tail_ids, ids], dim=1)  # (B, W + Q)
+    e = torch.nn.functional.normalize(embedding[all_ids].float(), dim=-1)  # (B, W + Q, d)
+    all_real = torch.cat([tail_real, real], dim=1).to(e.dtype)
+    e = e * all_real[..., None]
+    zero = e.new_zeros(e.shape[0], 1, e.shape[2])
+    csum = torch.cat([zero, e.cumsum(dim=1)], dim=1)  # csum[:, j] = sum of positions < j
+    cnt = torch.cat([all_real.new_zeros(e.shape[0], 1), all_real.cumsum(dim=1)], dim=1)
+    Q = ids.shape[1]
+    j = torch.arange(W, W + Q, device=ids.device)  # index of each query in the concatenation
+    win = csum[:, j] - csum[:, j - W]  # (B, Q, d): sum of the W positions before the query
+    n = cnt[:, j] - cnt[:, j - W]
+    mean_cos = (win * e[:, j]).sum(-1) / W
+    return (n >= W - 0.5) & real.bool() & (mean_cos >= gate.min_cos)
+
+
 class PatchHandle:
     """Installed hooks of a `SinkPatch` on one model; `remove()` (or leaving the ``with`` block) uninstalls."""
 
@@ -107,14 +206,16 @@ class PatchHandle:
         self.patch = patch
         self.adapter = get_adapter(model)
         self._rel: Tensor | None = None
+        self._gate: Tensor | None = None
+        self._tail: tuple[Tensor, Tensor] | None = None
         self.enabled = True
-        self.n_clamped = 0  # how many (row, position, neuron) activations were replaced since install
+        self.n_clamped = 0  # how many (row, position, neuron or direction) values were replaced since install
+        self.n_gated = 0  # how many (row, position) the repetition gate opened since install
         self._handles: list[Any] = []
         decoder = self._decoder()
         self._handles.append(decoder.register_forward_pre_hook(self._capture, with_kwargs=True))
         for rule in patch.rules:
-            if not 0 <= rule.layer < self.adapter.n_layers:
-                raise InputError(f"patch rule for layer {rule.layer}, but the model has {self.adapter.n_layers}")
+            self._check_layer(rule.layer)
             down = self.adapter.mlp_down_module(rule.layer)
             if down is None:
                 raise InputError(f"layer {rule.layer} has no dense MLP to patch")
@@ -123,6 +224,18 @@ class PatchHandle:
             val = torch.tensor(rule.value, dtype=torch.float32)
             self._handles.append(down.register_forward_pre_hook(
                 lambda m, args, idx=idx, thr=thr, val=val: self._clamp(args, idx, thr, val)))
+        for drule in patch.directions:
+            self._check_layer(drule.layer)
+            u = torch.tensor(drule.direction, dtype=torch.float32)
+            if u.numel() != self.adapter.d_model:
+                raise InputError(f"direction for layer {drule.layer} has {u.numel()} entries, the model's width "
+                                 f"is {self.adapter.d_model}")
+            self._handles.append(self.adapter.layer_modules[drule.layer].register_forward_hook(
+                lambda m, args, out, u=u, r=drule: self._clamp_direction(out, u, r.threshold, r.value)))
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.adapter.n_layers:
+            raise InputError(f"patch rule for layer {layer}, but the model has {self.adapter.n_layers}")
 
     def _decoder(self) -> nn.Module:
         """The module that owns the decoder layers (receives mask, positions and cache on every call)."""
@@ -138,27 +251,70 @@ class PatchHandle:
         n_query = int(ids.shape[1]) if ids is not None else int(emb.shape[1])
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        self._rel = relative_positions(n_query, kwargs.get("attention_mask"), kwargs.get("position_ids"), past)
+        mask = kwargs.get("attention_mask")
+        self._rel = relative_positions(n_query, mask, kwargs.get("position_ids"), past)
+        gate = self.patch.gate
+        if gate is None:
+            self._gate = None
+            return
+        B = int(ids.shape[0]) if ids is not None else int(emb.shape[0])
+        device = ids.device if ids is not None else emb.device
+        if ids is None:  # no token ids (inputs_embeds): the gate cannot tell repetitions, so it stays closed
+            self._gate, self._tail = torch.zeros(B, n_query, dtype=torch.bool, device=device), None
+            return
+        real = (mask[:, -n_query:] if mask is not None and mask.dim() == 2
+                else torch.ones(B, n_query, dtype=torch.long, device=device)).long()
+        if past == 0 or self._tail is None or self._tail[0].shape[0] != B:
+            self._tail = (torch.zeros(B, gate.window, dtype=torch.long, device=device),
+                          torch.zeros(B, gate.window, dtype=torch.long, device=device))
+        tail_ids, tail_real = self._tail
+        weight = self.model.get_input_embeddings().weight.detach()
+        self._gate = repetition_gate(weight, ids, real, tail_ids, tail_real, gate)
+        self.n_gated += int(self._gate.sum())
+        self._tail = (torch.cat([tail_ids, ids], 1)[:, -gate.window:], torch.cat([tail_real, real], 1)[:, -gate.window:])
 
-    def _clamp(self, args: tuple[Any, ...], idx: Tensor, thr: Tensor, val: Tensor) -> tuple[Any, ...] | None:
+    def _where(self, B: int, T: int, device: torch.device) -> Tensor | None:
+        """(B, T, 1) bool: positions a rule may edit (not a first token, gate open), or None to skip this call."""
         if not self.enabled or self._rel is None:
             return None
-        x = args[0]  # (B, T, F)
-        rel = self._rel.to(x.device)
-        B, T = x.shape[0], x.shape[1]
+        rel = self._rel.to(device)
         if rel.shape[-1] != T:
             return None  # a call we did not see the mask of: leave it alone
+        ok = (rel >= 0).expand(B, T)
+        if self.patch.protect_first:
+            ok = ok & (rel != 0).expand(B, T)
+        if self._gate is not None:
+            ok = ok & self._gate.to(device)
+        return ok[..., None]
+
+    def _clamp(self, args: tuple[Any, ...], idx: Tensor, thr: Tensor, val: Tensor) -> tuple[Any, ...] | None:
+        x = args[0]  # (B, T, F)
+        where = self._where(x.shape[0], x.shape[1], x.device)
+        if where is None:
+            return None
         idx, thr, val = idx.to(x.device), thr.to(x.device, x.dtype), val.to(x.device, x.dtype)
         sub = x[..., idx]  # (B, T, n)
-        fire = sub.abs() > thr
-        if self.patch.protect_first:
-            fire &= (rel != 0).expand(B, T)[..., None]
+        fire = (sub.abs() > thr) & where
         if not bool(fire.any()):
             return None
         self.n_clamped += int(fire.sum())
         x = x.clone()
         x[..., idx] = torch.where(fire, val.expand_as(sub), sub)
         return (x, *args[1:])
+
+    def _clamp_direction(self, out: Any, u: Tensor, thr: float, val: float) -> Any:
+        x = out[0] if isinstance(out, tuple) else out  # (B, T, d) residual stream after the layer
+        where = self._where(x.shape[0], x.shape[1], x.device)
+        if where is None:
+            return None
+        u = u.to(x.device, x.dtype)
+        p = x @ u  # (B, T)
+        fire = (p > thr) & where[..., 0]
+        if not bool(fire.any()):
+            return None
+        self.n_clamped += int(fire.sum())
+        y = x - ((p - val) * fire)[..., None] * u
+        return (y, *out[1:]) if isinstance(out, tuple) else y
 
     def remove(self) -> None:
         for h in self._handles:
@@ -196,7 +352,7 @@ def save_patch(patch: SinkPatch, directory: str | Path, *, base_model: str | Non
         base = str(Path(base).expanduser().resolve())
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    manifest = {**SinkPatch(patch.rules, base, patch.protect_first, patch.meta).to_json()}
+    manifest = SinkPatch(patch.rules, base, patch.protect_first, patch.meta, patch.directions, patch.gate).to_json()
     tmp = d / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(d / MANIFEST_NAME)

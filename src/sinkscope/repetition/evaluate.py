@@ -96,6 +96,36 @@ def divergence_verdicts(model: nn.Module, tokenizer: Any, words: Sequence[str], 
     return rows
 
 
+#: a run counts as first-like when its projection on the patch's first-token direction is this many ordinary
+#: spreads (q90 - median) above the ordinary median
+FIRST_LIKE_SCORE = 5.0
+
+
+def _first_like_split(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Sequence[str], n: int, form: str,
+                      rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Adds ``run_score`` to each verdict row (unpatched run, last 32 positions, first direction rule's layer,
+    in ordinary spreads) and returns the divergence counts among first-like runs and among the others."""
+    from sinkscope.repetition.direction import FirstTokenDirections, run_projections
+
+    rule = patch.directions[0]
+    L = get_adapter(model).n_layers
+    u = torch.tensor(rule.direction)
+    # only the rule's layer matters; the other layers get a dummy direction
+    dirs = FirstTokenDirections([u if l == rule.layer else torch.zeros_like(u) for l in range(L)],
+                                [0.0] * L, [0.0] * L, [0.0] * L, [0.0] * L, 0)
+    proj = run_projections(model, tokenizer, dirs, words, n, form=form)[:, rule.layer]
+    spread = max(rule.threshold - rule.value, 1e-6)
+    for r, p in zip(rows, proj.tolist()):
+        r["run_score"] = (p - rule.value) / spread
+    first_like = [r for r in rows if r["run_score"] >= FIRST_LIKE_SCORE]
+    other = [r for r in rows if r["run_score"] < FIRST_LIKE_SCORE]
+    return {"first_like_words": len(first_like),
+            "first_like_diverged_before": sum(r["diverged_before"] for r in first_like),
+            "first_like_diverged_after": sum(r["diverged_after"] for r in first_like),
+            "other_diverged_before": sum(r["diverged_before"] for r in other),
+            "other_diverged_after": sum(r["diverged_after"] for r in other)}
+
+
 def evaluate_patch(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Sequence[str], ns: Sequence[int],
                    text_seqs: Sequence[Sequence[int]], *, form: str = "instruct", max_new_tokens: int = 24,
                    batch_size: int = 8, on_batch: Callable[[int], None] | None = None) -> PatchEvaluation:
@@ -117,8 +147,11 @@ def evaluate_patch(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
                              "emitted_after": a["emitted"]})
         rb = sum(r["diverged"] for r in before) / len(before)
         ra = sum(r["diverged"] for r in after) / len(after)
-        rates.append({"n": n, "words": len(words), "rate_before": rb, "rate_after": ra,
-                      "relative_reduction": (rb - ra) / rb if rb > 0 else float("nan")})
+        row = {"n": n, "words": len(words), "rate_before": rb, "rate_after": ra,
+               "relative_reduction": (rb - ra) / rb if rb > 0 else float("nan")}
+        if patch.directions:
+            row.update(_first_like_split(model, tokenizer, patch, words, n, form, verdicts[-len(words):]))
+        rates.append(row)
     effect = text_effect(model, patch, text_seqs, batch_size=batch_size)
     seqs = [list(s) for s in text_seqs]
     sr_before = profile_sinks(model, seqs, batch_size=batch_size).sink_ratio(0)
@@ -126,4 +159,5 @@ def evaluate_patch(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
         sr_after = profile_sinks(model, seqs, batch_size=batch_size).sink_ratio(0)
     return PatchEvaluation(rates, verdicts, effect, sr_before, sr_after,
                            {"form": form, "max_new_tokens": max_new_tokens, "words": list(words), "ns": list(ns),
-                            "text_samples": len(text_seqs), "patch_neurons": patch.n_neurons})
+                            "text_samples": len(text_seqs), "patch_neurons": patch.n_neurons,
+                             "patch": patch.describe(), "first_like_score": FIRST_LIKE_SCORE})

@@ -179,7 +179,7 @@ def explain_dormant(s: dict[str, Any]) -> list[str]:
 
 def explain_repetition(s: dict[str, Any]) -> list[str]:
     """Paragraphs for the repetition section: ``rates`` {length: rate}, optional ``circuit`` (with a
-    ``description``), ``patch`` ({n, words, still_diverged, kl, ppl_change, neurons}) and ``patch_note``."""
+    ``description``), ``patch`` ({n, words, still_diverged, kl, ppl_change, description}) and ``patch_note``."""
     rates = {int(k): v for k, v in s["rates"].items()}
     out = []
     if rates:
@@ -199,8 +199,9 @@ def explain_repetition(s: dict[str, Any]) -> list[str]:
     if p:
         k, n_w = int(p["still_diverged"]), len(p["words"])
         verdict = ("stops" if k == 0 else "does not stop" if k == n_w else "reduces")
-        out.append(f"The patch (clamping {p['neurons']} neuron(s) wherever they exceed their ordinary range, except "
-                   f"at the true first token) {verdict} the divergence at {p['n']} copies: of the {n_w} word(s) that "
+        what = p.get("description") or f"{p.get('neurons', '?')} neuron(s)"
+        out.append(f"The patch (clamping the {what} back to the ordinary range, never at the true first token) "
+                   f"{verdict} the divergence at {p['n']} copies: of the {n_w} word(s) that "
                    f"diverged without it ({', '.join(p['words'])}), {k} still diverge with it. On held-out ordinary "
                    f"text it costs {p['kl']:.2g} nats/token KL and changes perplexity by {100 * p['ppl_change']:+.2f}%.")
     elif s.get("patch_note"):

@@ -1,5 +1,6 @@
 """The repetition section of `sinkscope report`: divergence rate vs repetition length, the sink circuit and the
-effect of a sink patch, measured with the repeated-token library (`sinkscope.repetition`, Yona et al. 2503.08908).
+effect of the gated first-token-direction patch, measured with the repeated-token library
+(`sinkscope.repetition`, Yona et al. 2503.08908).
 
 Sizes are small so that the whole report stays within minutes on a CPU: a short word list, a few lengths, short
 continuations, first-token *neurons* only (ablating every head is left to ``sinkscope repeat``). If the
@@ -46,6 +47,7 @@ def _library() -> dict[str, Any]:
 def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
     """Divergence scan, circuit localisation (first-token neurons) and, when a patch can be had, its effect."""
     from sinkscope.domains import PROSE
+    from sinkscope.repetition.corpus import chat_samples
     from sinkscope.viz import report_plots
 
     lib = _library()
@@ -112,13 +114,15 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
             "description": _describe(top, len(circuit.components), n_runs),
         }
         sec.tables["circuit.csv"] = circuit.rows()
-        diverged = [c["word"] for c in cells if c["n"] == n_max and c["diverged"]]
-        held_out = [list(tok(t, add_special_tokens=True)["input_ids"])[:CIRCUIT_TEXT_TOKENS]
-                    for t in PROSE[CIRCUIT_TEXT_SAMPLES:2 * CIRCUIT_TEXT_SAMPLES]]
-        if diverged:
-            patched = _patch_effect(ctx, circuit, stats, diverged, n_max, held_out, sec)
-        else:
-            sec.data["patch_note"] = f"no word diverged at {n_max} copies, so there is nothing for a patch to fix"
+    diverged = [c["word"] for c in cells if c["n"] == n_max and c["diverged"]]
+    held_out = [list(tok(t, add_special_tokens=True)["input_ids"])[:CIRCUIT_TEXT_TOKENS]
+                for t in PROSE[CIRCUIT_TEXT_SAMPLES:2 * CIRCUIT_TEXT_SAMPLES]]
+    if diverged:
+        calibration = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in PROSE[:CIRCUIT_TEXT_SAMPLES]]
+        calibration += chat_samples(tok, " ".join(PROSE[:CIRCUIT_TEXT_SAMPLES]), n=CIRCUIT_TEXT_SAMPLES)
+        patched = _patch_effect(ctx, words, diverged, n_max, held_out, calibration, sec)
+    else:
+        sec.data["patch_note"] = f"no word diverged at {n_max} copies, so there is nothing for a patch to fix"
     progress(steps, steps)
 
     sec.figure(report_plots.divergence_vs_length(lengths, [rate_by_n[n] for n in lengths], patched),
@@ -155,26 +159,30 @@ def _describe(top: list[Any], n: int, run_length: int) -> str:
             f"{', '.join(map(str, layers))}." + runs)
 
 
-def _patch_effect(ctx: Any, circuit: Any, stats: Any, words: list[str], n: int, text_seqs: list[list[int]],
-                  sec: Section) -> dict[int, float] | None:
-    """Build the conditional sink-neuron patch from the circuit, regenerate the runs of ``n`` copies of ``words``
-    (those that diverged without it) with it, and measure its KL and perplexity change on held-out text
-    ``text_seqs``. Returns ``{n: divergence rate over all scanned words with the patch}`` or None (no patch)."""
-    from sinkscope.interventions.patch import apply_patch, build_patch
+def _patch_effect(ctx: Any, words: list[str], diverged: list[str], n: int, text_seqs: list[list[int]],
+                  calibration: list[list[int]], sec: Section) -> dict[int, float] | None:
+    """Build the gated first-token-direction patch (`build_direction_patch`: directions and ordinary range from
+    ``calibration``, runs of ``n`` copies of ``words``), regenerate the runs of the ``diverged`` words with it,
+    and measure its KL and perplexity change on held-out text ``text_seqs``. Returns
+    ``{n: divergence rate over all scanned words with the patch}`` or None (no patch)."""
+    from sinkscope.interventions.patch import apply_patch
+    from sinkscope.repetition.direction import build_direction_patch
     from sinkscope.repetition.evaluate import divergence_verdicts, text_effect
 
     try:
-        patch = build_patch(circuit, stats, base_model=ctx.model_spec or "model")
+        patch, report = build_direction_patch(ctx.model, ctx.tokenizer, calibration, words,
+                                              base_model=ctx.model_spec or "model", n=n, batch_size=len(words))
     except SinkscopeError as e:
         sec.data["patch_note"] = f"no patch: {e}"
         return None
     with apply_patch(ctx.model, patch):
-        after = divergence_verdicts(ctx.model, ctx.tokenizer, words, n, max_new_tokens=ctx.options.repeat_new_tokens,
-                                    batch_size=len(words))
+        after = divergence_verdicts(ctx.model, ctx.tokenizer, diverged, n,
+                                    max_new_tokens=ctx.options.repeat_new_tokens, batch_size=len(diverged))
     effect = text_effect(ctx.model, patch, text_seqs)
     still = sum(r["diverged"] for r in after)
-    sec.data["patch"] = {"neurons": patch.n_neurons, "n": n, "words": list(words), "still_diverged": still,
-                         "kl": effect.kl, "ppl_change": effect.ppl_change, "clamped": effect.clamped}
+    sec.data["patch"] = {"description": patch.describe(), "layer": report.layer, "n": n, "words": list(diverged),
+                         "still_diverged": still, "kl": effect.kl, "ppl_change": effect.ppl_change,
+                         "clamped": effect.clamped}
     sec.tables["patch_verdicts.csv"] = after
     before = sec.data.get("rates", {}).get(n)
     return {n: float(before) * still / len(after)} if before is not None else None

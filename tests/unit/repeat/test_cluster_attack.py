@@ -33,3 +33,19 @@ def test_kmeans_and_attack(tiny_llama, tiny_tok):
     assert all(0.0 <= r["rate"] <= 1.0 and r["words"] == 2 for r in res.rates)
     scores = [c["score"] for c in res.clusters]
     assert scores == sorted(scores, reverse=True) and res.best_cluster == res.clusters[0]["cluster"]
+
+
+@torch.no_grad()
+def test_fire_score_of_a_direction_rule_is_the_projection_in_ordinary_units(tiny_llama):
+    from sinkscope.interventions.cluster_attack import _fire_score
+    from sinkscope.interventions.patch import DirectionRule
+
+    d = tiny_llama.config.hidden_size
+    u = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    patch = SinkPatch([], "tiny", directions=[DirectionRule(0, u.tolist(), 0.5, 0.1)])
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    score = _fire_score(tiny_llama, prompts, [1, 2], patch)
+    for b, (p, s) in enumerate(zip(prompts, [1, 2])):
+        x = tiny_llama(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states[1][0]  # after layer 0
+        ref = ((x[s:] @ u - 0.1) / 0.4).clamp(-10, 10).mean()
+        assert abs(float(score[b]) - float(ref)) < 1e-4

@@ -99,27 +99,27 @@ def test_repetition_section_on_a_tiny_model(tmp_path) -> None:
     assert 'id="repetition" class="report-section ok"' in res.index.read_text()
 
 
-def test_patch_effect_with_the_repetition_library(tmp_path) -> None:
-    from sinkscope.repetition.activations import neuron_stats
-    from sinkscope.repetition.circuit import ComponentEffect, SinkCircuit
+def test_patch_effect_with_the_repetition_library(monkeypatch) -> None:
+    import sinkscope.repetition.direction as direction
     from sinkscope.report.repetition import _patch_effect
     from sinkscope.report.sections import ReportContext
     from sinkscope.viz.report import Section
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     text = [[5 + (i * 7 + j) % 90 for j in range(12)] for i in range(3)]
-    stats = neuron_stats(model, text)
-    neuron = ComponentEffect(1, "neuron", 3, 0.5, 0.5, 0.1, fire_run=0.9)
-    circuit = SinkCircuit({}, [neuron], {}, runs=[{"word": "poem", "diverged": True}])
-    sec = Section("repetition", "Repetition")
     ctx = ReportContext(model, tok, ReportOptions(repeat_new_tokens=3), model_spec="tiny")
-    sec.data["rates"] = {6: 0.5}
-    got = _patch_effect(ctx, circuit, stats, ["poem", "book"], 6, text, sec)
+    # a random tiny model's runs do not become first-like: no patch, and the page says why
+    sec = Section("repetition", "Repetition")
+    sec.data["rates"] = {40: 0.5}
+    assert _patch_effect(ctx, ["poem", "book"], ["poem"], 40, text, text, sec) is None
+    assert sec.data["patch_note"].startswith("no patch: runs do not move along the first-token direction")
+    # with a layer chosen, the patch is built, the diverged words are regenerated and the text cost measured
+    monkeypatch.setattr(direction, "choose_layer", lambda dirs, run_proj: (1, direction.layer_scores(dirs, run_proj)))
+    sec = Section("repetition", "Repetition")
+    sec.data["rates"] = {40: 0.5}
+    got = _patch_effect(ctx, ["poem", "book"], ["poem", "book"], 40, text, text, sec)
     k = sec.data["patch"]["still_diverged"]
-    assert got == {6: 0.5 * k / 2}
-    assert sec.data["patch"]["neurons"] == 1 and sec.data["patch"]["kl"] >= 0
+    assert got == {40: 0.5 * k / 2} and sec.data["patch"]["layer"] == 1
+    assert "first-token direction after layer(s) [1]" in sec.data["patch"]["description"]
+    assert sec.data["patch"]["kl"] == 0.0 and sec.data["patch"]["clamped"] == 0  # no repetition in the text
     assert len(sec.tables["patch_verdicts.csv"]) == 2
-    # a circuit without run measurements gives no patch, and says why
-    sec2 = Section("repetition", "Repetition")
-    assert _patch_effect(ctx, SinkCircuit({}, [neuron], {}), stats, ["poem"], 6, text, sec2) is None
-    assert sec2.data["patch_note"].startswith("no patch: the circuit has no run measurements")

@@ -69,10 +69,11 @@ def test_repetition_follows_rates_and_patch() -> None:
     s = {"rates": {32: 0.0, 256: 0.17, 512: 0.5},
          "circuit": {"description": "neuron 7 of layer 3 removes 40% of the sink."},
          "patch": {"n": 512, "words": ["poem", "book", "cat"], "still_diverged": 1, "kl": 1e-5, "ppl_change": 0.001,
-                   "neurons": 2}}
+                   "description": "first-token direction after layer(s) [2]"}}
     text = " ".join(explain.explain_repetition(s))
     assert "starts at 256 copies and reaches 50% of the words at 512" in text
     assert "neuron 7 of layer 3" in text and "reduces the divergence at 512 copies" in text
+    assert "clamping the first-token direction after layer(s) [2] back to the ordinary range" in text
     assert "of the 3 word(s) that diverged without it (poem, book, cat), 1 still diverge" in text
     stops = " ".join(explain.explain_repetition({**s, "patch": {**s["patch"], "still_diverged": 0}}))
     assert "stops the divergence" in stops
