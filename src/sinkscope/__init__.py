@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "apply_patch": "sinkscope.interventions.patch:apply_patch",
     "SinkPatch": "sinkscope.interventions.patch:SinkPatch",
     "scan_repetition": "sinkscope.repetition.scan:scan_repetition",
+    "build_direction_patch": "sinkscope.repetition.direction:build_direction_patch",
+    "load_trained_tinygpt": "sinkscope.models.tinygpt_adapter:load_trained",
 }
 
 __all__ = ["__version__", *_EXPORTS]
