@@ -1,10 +1,10 @@
 """The repeated-token phenomenon on the real SmolLM2: long instructed runs diverge, the circuit is found from
-measurements, and the gated first-token-direction patch removes most divergences of runs that went first-like
-while leaving ordinary text exactly alone.
+measurements, and the default patch (gated first-token-direction clamp + attention de-duplication inside
+repetitions) stops the divergence while leaving ordinary text exactly alone.
 
-Numbers behind the word choice (docs/repetition.md, `repeat evaluate` on 24 held-out words): at N = 1024 these
-words diverge unpatched and their runs go far along the first-token direction; the patch built from two other
-words stops most of them (moon is one it does not stop).
+Word choice (docs/repetition.md, `repeat evaluate` on 24 held-out words): at N = 1024 all of these diverge at the
+first generated token unpatched; the first five have runs that go far along the first-token direction, the last
+three do not (their divergence is not sink-neuron driven, and the direction clamp alone does not stop it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sinkscope.repetition.corpus import calibration_sequences, heldout_sequences
 from sinkscope.repetition.direction import build_direction_patch
 from sinkscope.repetition.evaluate import divergence_verdicts, text_effect
 
-WORDS = ["school", "child", "heart", "day", "train", "moon"]
+WORDS = ["school", "child", "heart", "day", "moon", "friend", "bread", "milk"]
 
 
 @pytest.mark.slow
@@ -41,12 +41,13 @@ def test_long_runs_diverge_and_the_direction_patch_stops_most(smollm2):
                                           ["book", "money"], base_model="smollm2-135m", n=1024)
     # runs go far beyond ordinary text along an early layer's first-token direction
     assert 1 <= report.layer <= 8 and report.scores[report.layer] > 5
-    before = divergence_verdicts(model, tok, WORDS, 1024, max_new_tokens=12, batch_size=3)
+    assert patch.attention_dedup and patch.gate is not None
+    before = divergence_verdicts(model, tok, WORDS, 1024, max_new_tokens=12, batch_size=4)
     with apply_patch(model, patch) as handle:
-        after = divergence_verdicts(model, tok, WORDS, 1024, max_new_tokens=12, batch_size=3)
-        assert handle.n_clamped > 0
+        after = divergence_verdicts(model, tok, WORDS, 1024, max_new_tokens=12, batch_size=4)
+        assert handle.n_clamped > 0 and handle.n_gated > 0
     n_before, n_after = sum(r["diverged"] for r in before), sum(r["diverged"] for r in after)
-    assert n_before >= 5, before
-    assert n_after <= 2, after
+    assert n_before >= 7, before
+    assert n_after <= 1, after
     effect = text_effect(model, patch, heldout_sequences(tok, text, n_text=4, n_chat=2))
     assert effect.clamped == 0 and effect.kl < 1e-9 and abs(effect.ppl_change) < 1e-6

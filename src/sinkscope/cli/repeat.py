@@ -188,8 +188,12 @@ def circuit(
 def patch(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     save: Path = typer.Option(..., "--save", help="directory for the patched model (manifest)"),
-    method: str = typer.Option("direction", "--method", help="direction (gated clamp of the first-token direction) "
-                                                             "| neurons (conditional clamp of circuit neurons)"),
+    method: str = typer.Option("direction", "--method", help="direction (gated clamp of the first-token direction "
+                                                             "+ attention de-duplication) | dedup (only the "
+                                                             "de-duplication) | neurons (conditional clamp of "
+                                                             "circuit neurons)"),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="direction: also count repeated keys once in "
+                                                                "attention"),
     circuit_dir: Optional[Path] = typer.Option(None, "--circuit", help="neurons: output of `repeat circuit` "
                                                                        "(else run it)"),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for the ordinary ranges"),
@@ -207,13 +211,22 @@ def patch(
     """Build the sink patch and save it; `sinkscope.load_model(DIR)` restores the base model with the patch active.
 
     direction (default): the first-token direction of the layer where long runs stand out most, clamped back to
-    its ordinary median only inside repetitions. neurons: the circuit's first-token neurons that fire on runs,
-    clamped where they exceed their ordinary range."""
+    its ordinary median only inside repetitions, and the keys inside a repetition counted once in attention.
+    dedup: only the latter. neurons: the circuit's first-token neurons that fire on runs, clamped where they exceed
+    their ordinary range."""
     from sinkscope.interventions.patch import build_patch, save_patch
     from sinkscope.tasks.repeated_tokens import PATCH_WORDS
 
-    if method not in ("direction", "neurons"):
-        raise InputError(f"unknown --method {method!r}; choose direction or neurons")
+    if method not in ("direction", "dedup", "neurons"):
+        raise InputError(f"unknown --method {method!r}; choose direction, dedup or neurons")
+    if method == "dedup":
+        from sinkscope.repetition.direction import dedup_patch
+
+        _load(model)  # fails early on a bad model spec
+        p = dedup_patch(base_model=_model_spec(model), window=window, min_cos=min_cos)
+        save_patch(p, save)
+        print(f"saved patch ({p.describe()}) to {save}")
+        return
     m, tok = _load(model)
     if method == "direction":
         from sinkscope.repetition.corpus import calibration_sequences
@@ -223,7 +236,7 @@ def patch(
         with _progress("measure directions and runs", 1) as tick:
             p, report = build_direction_patch(m, tok, calibration_sequences(tok, _corpus_text(corpus)), ws,
                                               base_model=_model_spec(model), n=n or 1024, layer=layer, window=window,
-                                              min_cos=min_cos, batch_size=batch_size)
+                                              min_cos=min_cos, attention_dedup=dedup, batch_size=batch_size)
             tick(1)
         save_patch(p, save)
         _write_json(save / "direction_report.json", report.__dict__)

@@ -104,6 +104,8 @@ class SinkPatch:
         meta: how the patch was built (words, calibration corpus, margins).
         directions: `DirectionRule` s (may be empty).
         gate: if set, every rule acts only where the `RepetitionGate` is open.
+        attention_dedup: keys where the gate is open (the inside of a repetition) share one key's attention:
+            for a query that sees ``c`` of them, their logits are lowered by ``log(c)`` in every layer and head.
     """
 
     rules: list[NeuronRule]
@@ -112,6 +114,11 @@ class SinkPatch:
     meta: dict[str, Any] = field(default_factory=dict)
     directions: list[DirectionRule] = field(default_factory=list)
     gate: RepetitionGate | None = None
+    attention_dedup: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention_dedup and self.gate is None:
+            raise InputError("attention_dedup needs a repetition gate (it acts on the keys inside repetitions)")
 
     @property
     def n_neurons(self) -> int:
@@ -126,9 +133,12 @@ class SinkPatch:
         """One line: what the patch edits and where."""
         parts = []
         if self.directions:
-            parts.append(f"first-token direction after layer(s) {[r.layer for r in self.directions]}")
+            parts.append(f"first-token direction after layer(s) {[r.layer for r in self.directions]} clamped to its "
+                         "ordinary range")
         if self.rules:
             parts.append(f"{self.n_neurons} neurons in layer(s) {[r.layer for r in self.rules]}")
+        if self.attention_dedup:
+            parts.append("attention to repeated keys counted once")
         gate = (f", only inside repetitions (window {self.gate.window}, mean cosine >= {self.gate.min_cos})"
                 if self.gate else "")
         return " + ".join(parts) + gate
@@ -137,7 +147,8 @@ class SinkPatch:
         return {"kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "base_model": self.base_model,
                 "protect_first": self.protect_first, "rules": [asdict(r) for r in self.rules],
                 "directions": [asdict(r) for r in self.directions],
-                "gate": asdict(self.gate) if self.gate else None, "meta": self.meta}
+                "gate": asdict(self.gate) if self.gate else None, "attention_dedup": self.attention_dedup,
+                "meta": self.meta}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SinkPatch:
@@ -150,7 +161,7 @@ class SinkPatch:
         g = d.get("gate")
         gate = RepetitionGate(int(g["window"]), float(g["min_cos"])) if g else None
         return cls(rules, str(d.get("base_model", "")), bool(d.get("protect_first", True)), dict(d.get("meta", {})),
-                   dirs, gate)
+                   dirs, gate, bool(d.get("attention_dedup", False)))
 
 
 def relative_positions(n_query: int, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -198,6 +209,27 @@ def repetition_gate(embedding: Tensor, ids: Tensor, real: Tensor, tail_ids: Tens
     return (n >= W - 0.5) & real.bool() & (mean_cos >= gate.min_cos)
 
 
+def dedup_mask(flags: Tensor, mask2d: Tensor | None, n_query: int, dtype: torch.dtype) -> Tensor:
+    """Additive attention mask (B, 1, Q, K) for the last ``n_query`` of ``K`` positions: causal and padding
+    masking, plus ``-log(c)`` on flagged keys, where ``c`` is how many flagged keys the query sees (so together
+    they weigh like one key with their mean logit).
+
+    Args:
+        flags: (B, K) bool, keys inside a repetition.
+        mask2d: (B, K) 1 = real token, or None (all real).
+    """
+    B, K = flags.shape
+    q_pos = torch.arange(K - n_query, K, device=flags.device)
+    visible = torch.arange(K, device=flags.device)[None, :] <= q_pos[:, None]  # (Q, K)
+    visible = visible[None].expand(B, -1, -1)
+    if mask2d is not None:
+        visible = visible & mask2d[:, None, :].bool()
+    seen = (flags.long().cumsum(dim=1))[:, q_pos]  # (B, Q): flagged keys up to each query
+    bias = -torch.log(seen.clamp_min(1).to(torch.float32))[..., None] * flags[:, None, :]  # (B, Q, K)
+    out = torch.where(visible, bias, torch.full_like(bias, torch.finfo(dtype).min))
+    return out.to(dtype)[:, None]
+
+
 class PatchHandle:
     """Installed hooks of a `SinkPatch` on one model; `remove()` (or leaving the ``with`` block) uninstalls."""
 
@@ -213,6 +245,12 @@ class PatchHandle:
         self.n_gated = 0  # how many (row, position) the repetition gate opened since install
         self._handles: list[Any] = []
         decoder = self._decoder()
+        self._flags: Tensor | None = None  # (B, keys so far): the gate was open at that key (attention_dedup)
+        if patch.attention_dedup:
+            windows = [self.adapter.sliding_window(l) for l in range(self.adapter.n_layers)]
+            if any(windows):
+                raise InputError("attention_dedup replaces the attention mask and supports only models without "
+                                 "sliding-window layers")
         self._handles.append(decoder.register_forward_pre_hook(self._capture, with_kwargs=True))
         for rule in patch.rules:
             self._check_layer(rule.layer)
@@ -245,7 +283,8 @@ class PatchHandle:
             mod = getattr(mod, part)
         return mod
 
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
         n_query = int(ids.shape[1]) if ids is not None else int(emb.shape[1])
@@ -272,6 +311,15 @@ class PatchHandle:
         self._gate = repetition_gate(weight, ids, real, tail_ids, tail_real, gate)
         self.n_gated += int(self._gate.sum())
         self._tail = (torch.cat([tail_ids, ids], 1)[:, -gate.window:], torch.cat([tail_real, real], 1)[:, -gate.window:])
+        if self.patch.attention_dedup:
+            if past == 0 or self._flags is None or self._flags.shape != (B, past):
+                self._flags = torch.zeros(B, past, dtype=torch.bool, device=device)
+            self._flags = torch.cat([self._flags, self._gate], dim=1)
+            if self.enabled and bool(self._flags.any()):
+                kwargs = dict(kwargs)
+                kwargs["attention_mask"] = dedup_mask(self._flags, mask, n_query, self.model.dtype)
+                return args, kwargs
+        return None
 
     def _where(self, B: int, T: int, device: torch.device) -> Tensor | None:
         """(B, T, 1) bool: positions a rule may edit (not a first token, gate open), or None to skip this call."""
@@ -352,7 +400,8 @@ def save_patch(patch: SinkPatch, directory: str | Path, *, base_model: str | Non
         base = str(Path(base).expanduser().resolve())
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    manifest = SinkPatch(patch.rules, base, patch.protect_first, patch.meta, patch.directions, patch.gate).to_json()
+    manifest = SinkPatch(patch.rules, base, patch.protect_first, patch.meta, patch.directions, patch.gate,
+                         patch.attention_dedup).to_json()
     tmp = d / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(d / MANIFEST_NAME)

@@ -8,7 +8,9 @@ which is the early stage of the sink circuit firing where it should not (RESEARC
 
 `build_direction_patch` measures the directions and the ordinary range of the projection, measures how far the
 last positions of long instructed runs go, picks the earliest layer where runs stand out most, and returns a
-`SinkPatch` that clamps that projection back to its ordinary median only inside repetitions (a `RepetitionGate`).
+`SinkPatch` that clamps that projection back to its ordinary median only inside repetitions (a `RepetitionGate`),
+and (by default) lets the keys inside a repetition share one key's attention, so that the run, which has become
+a collective sink, cannot drown the instruction (`SinkPatch.attention_dedup`).
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class DirectionPatchReport:
 
 def build_direction_patch(model: nn.Module, tokenizer: Any, calibration: Sequence[Sequence[int]],
                           words: Sequence[str], *, base_model: str, n: int = 1024, layer: int | None = None,
-                          window: int = 32, min_cos: float = 0.8, batch_size: int = 8
+                          window: int = 32, min_cos: float = 0.8, attention_dedup: bool = True, batch_size: int = 8
                           ) -> tuple[SinkPatch, DirectionPatchReport]:
     """Measure the first-token directions on ``calibration`` (ordinary text), the runs of ``words`` at ``n``
     copies, and return a patch that clamps the chosen layer's first-token projection to its ordinary median where
@@ -173,6 +175,8 @@ def build_direction_patch(model: nn.Module, tokenizer: Any, calibration: Sequenc
 
     Args:
         layer: force the layer (default: `choose_layer`).
+        attention_dedup: also let the keys inside a repetition share one key's attention
+            (`SinkPatch.attention_dedup`), so that the run cannot swamp the rest of the context.
     """
     dirs = first_token_directions(model, calibration, batch_size=batch_size)
     run_proj = run_projections(model, tokenizer, dirs, words, n, batch_size=max(1, batch_size // 2))
@@ -190,4 +194,9 @@ def build_direction_patch(model: nn.Module, tokenizer: Any, calibration: Sequenc
             "first_projection": dirs.first[chosen], "ordinary_median": dirs.median[chosen],
             "ordinary_q90": dirs.q90[chosen], "ordinary_max": dirs.max[chosen],
             "run_projection_mean": float(run_proj[:, chosen].mean())}
-    return SinkPatch([], base_model, True, meta, [rule], RepetitionGate(window, min_cos)), report
+    return SinkPatch([], base_model, True, meta, [rule], RepetitionGate(window, min_cos), attention_dedup), report
+
+
+def dedup_patch(*, base_model: str, window: int = 32, min_cos: float = 0.8) -> SinkPatch:
+    """The attention de-duplication alone: no measurement needed (the gate finds repetitions from embeddings)."""
+    return SinkPatch([], base_model, True, {"method": "dedup"}, [], RepetitionGate(window, min_cos), True)

@@ -200,7 +200,7 @@ def explain_repetition(s: dict[str, Any]) -> list[str]:
         k, n_w = int(p["still_diverged"]), len(p["words"])
         verdict = ("stops" if k == 0 else "does not stop" if k == n_w else "reduces")
         what = p.get("description") or f"{p.get('neurons', '?')} neuron(s)"
-        out.append(f"The patch (clamping the {what} back to the ordinary range, never at the true first token) "
+        out.append(f"The patch ({what}; never at the true first token) "
                    f"{verdict} the divergence at {p['n']} copies: of the {n_w} word(s) that "
                    f"diverged without it ({', '.join(p['words'])}), {k} still diverge with it. On held-out ordinary "
                    f"text it costs {p['kl']:.2g} nats/token KL and changes perplexity by {100 * p['ppl_change']:+.2f}%.")

@@ -194,3 +194,92 @@ def test_build_direction_patch_on_tiny_model(tiny_llama, tiny_tok):
     assert len(report.scores) == tiny_llama.config.num_hidden_layers and len(report.run_projection) == 2
     with apply_patch(tiny_llama, patch):  # installs and runs
         tiny_llama(input_ids=torch.tensor([seqs[0]]))
+
+
+def test_dedup_mask_against_loops():
+    from sinkscope.interventions.patch import dedup_mask
+
+    flags = torch.tensor([[0, 0, 1, 1, 0, 1, 1], [0, 0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    mask2d = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])
+    got = dedup_mask(flags, mask2d, 3, torch.float32)[:, 0]  # (B, 3, 7): the last 3 positions query
+    low = torch.finfo(torch.float32).min
+    for b in range(2):
+        for i, q in enumerate(range(4, 7)):
+            c = int(flags[b, :q + 1].sum())
+            for k in range(7):
+                if k > q or not mask2d[b, k]:
+                    assert got[b, i, k] == low
+                elif flags[b, k]:
+                    assert got[b, i, k] == pytest.approx(-torch.log(torch.tensor(float(c))).item())
+                else:
+                    assert got[b, i, k] == 0
+
+
+def _dedup(model, window: int = 4) -> SinkPatch:
+    return SinkPatch([], "unused", gate=RepetitionGate(window, 0.9), attention_dedup=True)
+
+
+@torch.no_grad()
+def test_dedup_leaves_ordinary_text_identical_and_changes_runs_after_the_gate(tiny_llama):
+    plain = torch.randint(4, 99, (2, 20))
+    base = tiny_llama(input_ids=plain).logits
+    with apply_patch(tiny_llama, _dedup(tiny_llama)) as h:
+        assert torch.equal(tiny_llama(input_ids=plain).logits, base) and h.n_gated == 0
+    seq = torch.tensor([_seq_with_run(6, 7, 12)])
+    base = tiny_llama(input_ids=seq).logits
+    with apply_patch(tiny_llama, _dedup(tiny_llama)):
+        pat = tiny_llama(input_ids=seq).logits
+    changed = (pat - base).abs().amax(-1)[0] > 1e-5
+    # the gate opens at the run's 5th copy; that key is the first flagged one, so c = 1 and nothing changes yet
+    assert not changed[:6 + 5].any() and changed[6 + 5:].all()
+
+
+@torch.no_grad()
+def test_dedup_kv_cache_left_padding_and_generate(tiny_llama):
+    seqs = [_seq_with_run(5, 7, 12, 0, 1), _seq_with_run(2, 11, 9, 0, 2), _seq_with_run(3, 13, 2, 0, 3)]
+    ids, mask = left_pad(seqs, 0)
+    patch = SinkPatch([], "unused", directions=_direction_patch(tiny_llama).directions,
+                      gate=RepetitionGate(4, 0.9), attention_dedup=True)
+    with apply_patch(tiny_llama, patch):
+        full = tiny_llama(input_ids=ids, attention_mask=mask).logits
+        for b, s in enumerate(seqs):
+            alone = tiny_llama(input_ids=torch.tensor([s])).logits[0]
+            torch.testing.assert_close(full[b, -len(s):], alone, atol=1e-4, rtol=1e-4)
+        T = ids.shape[1]
+        out = tiny_llama(input_ids=ids[:, :T - 5], attention_mask=mask[:, :T - 5], use_cache=True)
+        cache = out.past_key_values
+        for t in range(T - 5, T):
+            step = tiny_llama(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                              use_cache=True)
+            cache = step.past_key_values
+            torch.testing.assert_close(step.logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+        batched = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                      pad_token_id=0)[:, T:]
+        for b, s in enumerate(seqs):
+            alone = tiny_llama.generate(input_ids=torch.tensor([s]), max_new_tokens=5, do_sample=False,
+                                        pad_token_id=0)[0, len(s):]
+            assert batched[b].tolist() == alone.tolist()
+
+
+def test_dedup_needs_a_gate_and_round_trips(tiny_dir, tmp_path):
+    with pytest.raises(InputError, match="gate"):
+        SinkPatch([], "x", attention_dedup=True)
+    from sinkscope.repetition.direction import dedup_patch
+
+    p = dedup_patch(base_model=str(tiny_dir), window=8, min_cos=0.7)
+    back = read_patch(save_patch(p, tmp_path / "d"))
+    assert back.attention_dedup and back.gate == RepetitionGate(8, 0.7) and back.directions == []
+    assert "attention to repeated keys counted once" in back.describe()
+
+
+def test_patch_cli_dedup_method_and_bad_method(tiny_dir, tmp_path, capsys):
+    from sinkscope.cli.__main__ import main
+
+    assert main(["repeat", "patch", "--method", "dedup", "--model", str(tiny_dir), "--save", str(tmp_path / "p"),
+                 "--window", "16"]) == 0
+    p = read_patch(tmp_path / "p")
+    assert p.attention_dedup and p.gate == RepetitionGate(16, 0.8)
+    model, _ = sinkscope.load_model(tmp_path / "p")
+    assert model.sinkscope_patch.patch.attention_dedup
+    assert main(["repeat", "patch", "--method", "bogus", "--model", str(tiny_dir), "--save", str(tmp_path / "q")]) == 2
+    assert "unknown --method 'bogus'" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_repetition_follows_rates_and_patch() -> None:
     text = " ".join(explain.explain_repetition(s))
     assert "starts at 256 copies and reaches 50% of the words at 512" in text
     assert "neuron 7 of layer 3" in text and "reduces the divergence at 512 copies" in text
-    assert "clamping the first-token direction after layer(s) [2] back to the ordinary range" in text
+    assert "The patch (first-token direction after layer(s) [2]; never at the true first token)" in text
     assert "of the 3 word(s) that diverged without it (poem, book, cat), 1 still diverge" in text
     stops = " ".join(explain.explain_repetition({**s, "patch": {**s["patch"], "still_diverged": 0}}))
     assert "stops the divergence" in stops
