@@ -9,7 +9,12 @@ three do not (their divergence is not sink-neuron driven, and the direction clam
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
+
+from sinkscope.capture import forward_hooks
 
 from sinkscope.interventions.patch import apply_patch
 from sinkscope.repetition.activations import neuron_stats
@@ -17,6 +22,7 @@ from sinkscope.repetition.circuit import localise_sink_circuit
 from sinkscope.repetition.corpus import calibration_sequences, heldout_sequences, read_corpus, text_chunks
 from sinkscope.repetition.direction import build_direction_patch
 from sinkscope.repetition.evaluate import divergence_verdicts, text_effect
+from sinkscope.tasks.repeated_tokens import build_prompt
 
 WORDS = ["school", "child", "heart", "day", "moon", "friend", "bread", "milk"]
 
@@ -45,7 +51,24 @@ def test_long_runs_diverge_and_the_direction_patch_stops_most(smollm2):
     before = divergence_verdicts(model, tok, WORDS, 1024, max_new_tokens=12, batch_size=4)
     with apply_patch(model, patch) as handle:
         after = divergence_verdicts(model, tok, WORDS, 1024, max_new_tokens=12, batch_size=4)
-        assert handle.n_clamped > 0 and handle.n_gated > 0
+        assert handle.n_gated > 0
+    # counting the run once removes its drift along the first-token direction (the clamp then has nothing to do);
+    # the clamp alone does fire on the same run
+    rule = patch.directions[0]
+    u = torch.tensor(rule.direction)
+    ids = torch.tensor([build_prompt(tok, "day", 1024).ids])
+    proj = {}
+    with torch.no_grad(), forward_hooks([(model.model.layers[rule.layer],
+                                          lambda x: proj.__setitem__("p", float((x[0, -32:] @ u).mean())), False)]):
+        model(input_ids=ids)
+        plain = proj["p"]
+        with apply_patch(model, patch):
+            model(input_ids=ids)
+        deduped = proj["p"]
+        with apply_patch(model, dataclasses.replace(patch, attention_dedup=False)) as clamp_only:
+            model(input_ids=ids)
+    assert plain > rule.value + 5 * (rule.threshold - rule.value) and deduped < rule.threshold
+    assert clamp_only.n_clamped > 0
     n_before, n_after = sum(r["diverged"] for r in before), sum(r["diverged"] for r in after)
     assert n_before >= 7, before
     assert n_after <= 1, after
