@@ -323,7 +323,8 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------------------------
 @app.command("cluster")
 def cluster(
-    patch_dir: Path = typer.Option(..., "--patch", help="a saved patch (its neurons define the circuit to trigger)"),
+    patch_dir: Path = typer.Option(..., "--patch", help="a saved patch (its neurons or first-token direction are "
+                                                                  "what the search tries to excite)"),
     out: Path = typer.Option(..., "--out", "-o"),
     words: Optional[str] = typer.Option(None, "--words"),
     n_words: Optional[int] = typer.Option(8, "--n-words"),
@@ -334,8 +335,9 @@ def cluster(
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Non-repeating sequences from the token cluster that most excites the sink neurons: divergence rate compared
-    with plain repetition and random sequences of the same length."""
+    """Non-repeating sequences from the token cluster that most excites the patch's components (sink neurons or the
+    first-token direction): divergence rate compared with plain repetition and random sequences of the same
+    length."""
     from sinkscope.interventions.cluster_attack import cluster_attack
     from sinkscope.interventions.patch import read_patch
     from sinkscope.tasks.repeated_tokens import heldout_words
@@ -351,4 +353,4 @@ def cluster(
     print(f"best cluster {res.best_cluster}: {res.clusters[0]['examples']} (score {res.clusters[0]['score']:.2f})")
     for r in res.rates:
         print(f"N={r['n']:>5} {r['kind']:>8}: diverged {r['rate']:.0%} of {r['words']} words, "
-              f"sink-neuron firing {r['sink_fire']:.2f} x threshold")
+              f"circuit firing {r['sink_fire']:.2f} (1 = top of its ordinary range)")
