@@ -18,7 +18,6 @@ torch.Size([3, 8, 11])
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

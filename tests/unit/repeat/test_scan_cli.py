@@ -51,3 +51,28 @@ def test_cli_bad_input(tiny_dir: Path, tmp_path: Path, capsys, args, msg):
     rc = main(["repeat", "scan", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and msg in err and "\n" not in err
+
+
+def test_chain_yaml_builds_only_valid_repeat_commands(monkeypatch):
+    """experiments/repeat_chain.yaml -> one `sinkscope repeat ...` per step, every option known to its command."""
+    import importlib.util
+    from pathlib import Path
+
+    import typer
+
+    from sinkscope.cli.repeat import app
+
+    root = Path(__file__).resolve().parents[3]
+    spec = importlib.util.spec_from_file_location("repeat_chain", root / "experiments" / "repeat_chain.py")
+    chain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chain)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(chain, "cli", lambda argv: calls.append(argv) or 0)
+    assert chain.run(str(root / "experiments" / "repeat_chain.yaml")) == 0
+    group = typer.main.get_command(app)
+    assert {a[1] for a in calls} >= {"scan", "circuit", "patch", "evaluate", "cluster"}
+    for argv in calls:
+        assert argv[0] == "repeat"
+        command = group.commands[argv[1]]
+        known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        assert {a for a in argv[2:] if a.startswith("--")} <= known, argv

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 from transformers import DynamicCache
 
 from sinkscope.errors import InputError
