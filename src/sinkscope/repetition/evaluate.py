@@ -92,7 +92,7 @@ def divergence_verdicts(model: nn.Module, tokenizer: Any, words: Sequence[str], 
     for p, o in zip(prompts, outs):
         v = detect_divergence(tokenizer, p.word, o)
         rows.append({"word": p.word, "n": n, "form": form, "diverged": v.diverged, "at": v.at,
-                     "emitted": v.emitted[:120]})
+                     "emitted": v.emitted[:120], "continuation": tokenizer.decode(o, skip_special_tokens=True)})
     return rows
 
 
@@ -144,7 +144,8 @@ def evaluate_patch(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
         for b, a in zip(before, after):
             verdicts.append({"word": b["word"], "n": n, "diverged_before": b["diverged"],
                              "diverged_after": a["diverged"], "emitted_before": b["emitted"],
-                             "emitted_after": a["emitted"]})
+                             "emitted_after": a["emitted"], "continuation_before": b["continuation"],
+                             "continuation_after": a["continuation"]})
         rb = sum(r["diverged"] for r in before) / len(before)
         ra = sum(r["diverged"] for r in after) / len(after)
         row = {"n": n, "words": len(words), "rate_before": rb, "rate_after": ra,

@@ -213,12 +213,14 @@ _STRIP = re.compile(r"[\s" + re.escape(string.punctuation) + r"\u2018\u2019\u201
 def residue(text: str, word: str) -> str:
     """What remains of ``text`` after removing ``word`` (case-insensitive), whitespace and punctuation.
 
-    A trailing fragment that is a prefix of the word (a copy cut off by the token limit) is ignored.
+    A fragment that is a prefix of the word is ignored only at the very end of the text (a copy cut off by the
+    token limit): "cat cat ca" still repeats, "M" followed by blank lines (for "milk") does not.
     """
     w = word.strip().lower()
-    rest = _STRIP.sub("", text.lower().replace(w, " "))
+    low = text.lower()
+    rest = _STRIP.sub("", low.replace(w, " "))
     for k in range(len(w) - 1, 0, -1):
-        if rest == w[:k]:
+        if rest == w[:k] and low.endswith(w[:k]):
             return ""
     return rest
 

@@ -17,6 +17,8 @@ def test_residue_rules():
     assert residue(" Poem, poem!\n", "poem") == ""
     assert residue(".\n\nThe original text", "poem") == "theoriginaltext"
     assert residue(" poem poem poet", "poem") == "poet"
+    assert residue("M\n\n\n\n", "milk") == "m"  # a fragment that is not at the end is not a cut-off copy
+    assert residue(" milk milk mi", "milk") == ""
 
 
 def test_detect_divergence(tiny_tok):
