@@ -45,3 +45,53 @@ def tiny_dir(tmp_path: Path, tiny_llama, tiny_tok) -> Path:
     tiny_llama.save_pretrained(d)
     tiny_tok.save_pretrained(d)
     return d
+
+
+def _padded_and_cached_match(model, seqs, decode_steps: int):
+    """Left-padded batch == each row alone; prefill + ``decode_steps`` cached single-token steps == the full
+    forward. Returns the padded ids, mask and full logits."""
+    import torch
+
+    from sinkscope.repetition.generate import left_pad
+
+    ids, mask = left_pad(seqs, 0)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        for b, s in enumerate(seqs):
+            alone = model(input_ids=torch.tensor([s])).logits[0]
+            torch.testing.assert_close(full[b, -len(s):], alone, atol=1e-4, rtol=1e-4)
+        T = ids.shape[1]
+        cache = model(input_ids=ids[:, :T - decode_steps], attention_mask=mask[:, :T - decode_steps],
+                      use_cache=True).past_key_values
+        for t in range(T - decode_steps, T):
+            step = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                         use_cache=True)
+            cache = step.past_key_values
+            torch.testing.assert_close(step.logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+    return ids, mask, full
+
+
+def _batched_generate_matches(model, seqs, max_new_tokens: int):
+    """Greedy generation of a left-padded batch == each row alone; returns the batch's new tokens (B, N)."""
+    import torch
+
+    from sinkscope.repetition.generate import left_pad
+
+    ids, mask = left_pad(seqs, 0)
+    batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=0)[:, ids.shape[1]:]
+    for b, s in enumerate(seqs):
+        alone = model.generate(input_ids=torch.tensor([s]), max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=0)[0, len(s):]
+        assert batched[b].tolist() == alone.tolist()
+    return batched
+
+
+@pytest.fixture(scope="session")
+def padded_and_cached_match():
+    return _padded_and_cached_match
+
+
+@pytest.fixture(scope="session")
+def batched_generate_matches():
+    return _batched_generate_matches

@@ -93,39 +93,21 @@ def test_direction_patch_edits_only_inside_repetitions(tiny_llama):
 
 
 @torch.no_grad()
-def test_direction_patch_kv_cache_and_left_padding_match_full_forward(tiny_llama):
+def test_direction_patch_kv_cache_and_left_padding_match_full_forward(tiny_llama, padded_and_cached_match):
     seqs = [_seq_with_run(5, 7, 9, 0, 1), _seq_with_run(2, 11, 7, 0, 2), _seq_with_run(3, 13, 2, 0, 3)]
-    ids, mask = left_pad(seqs, 0)
     with apply_patch(tiny_llama, _direction_patch(tiny_llama)):
-        full = tiny_llama(input_ids=ids, attention_mask=mask).logits
-        for b, s in enumerate(seqs):
-            alone = tiny_llama(input_ids=torch.tensor([s])).logits[0]
-            torch.testing.assert_close(full[b, -len(s):], alone, atol=1e-4, rtol=1e-4)
-        T = ids.shape[1]
-        out = tiny_llama(input_ids=ids[:, :T - 4], attention_mask=mask[:, :T - 4], use_cache=True)
-        cache = out.past_key_values
-        for t in range(T - 4, T):
-            step = tiny_llama(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
-                              use_cache=True)
-            cache = step.past_key_values
-            torch.testing.assert_close(step.logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+        padded_and_cached_match(tiny_llama, seqs, 4)
 
 
 @torch.no_grad()
-def test_direction_patch_generate_batched_equals_unbatched(tiny_llama):
+def test_direction_patch_generate_batched_equals_unbatched(tiny_llama, batched_generate_matches):
     seqs = [_seq_with_run(4, 7, 9, 0, 1), _seq_with_run(2, 11, 6, 0, 2)]
+    with apply_patch(tiny_llama, _direction_patch(tiny_llama)):
+        patched = batched_generate_matches(tiny_llama, seqs, 6)
     ids, mask = left_pad(seqs, 0)
-    patch = _direction_patch(tiny_llama)
-    with apply_patch(tiny_llama, patch):
-        batched = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                      pad_token_id=0)[:, ids.shape[1]:]
-        for b, s in enumerate(seqs):
-            alone = tiny_llama.generate(input_ids=torch.tensor([s]), max_new_tokens=6, do_sample=False,
-                                        pad_token_id=0)[0, len(s):]
-            assert batched[b].tolist() == alone.tolist()
     plain = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                 pad_token_id=0)[:, ids.shape[1]:]
-    assert plain.tolist() != batched.tolist()
+    assert plain.tolist() != patched.tolist()
 
 
 @torch.no_grad()
@@ -235,30 +217,13 @@ def test_dedup_leaves_ordinary_text_identical_and_changes_runs_after_the_gate(ti
 
 
 @torch.no_grad()
-def test_dedup_kv_cache_left_padding_and_generate(tiny_llama):
+def test_dedup_kv_cache_left_padding_and_generate(tiny_llama, padded_and_cached_match, batched_generate_matches):
     seqs = [_seq_with_run(5, 7, 12, 0, 1), _seq_with_run(2, 11, 9, 0, 2), _seq_with_run(3, 13, 2, 0, 3)]
-    ids, mask = left_pad(seqs, 0)
     patch = SinkPatch([], "unused", directions=_direction_patch(tiny_llama).directions,
                       gate=RepetitionGate(4, 0.9), attention_dedup=True)
     with apply_patch(tiny_llama, patch):
-        full = tiny_llama(input_ids=ids, attention_mask=mask).logits
-        for b, s in enumerate(seqs):
-            alone = tiny_llama(input_ids=torch.tensor([s])).logits[0]
-            torch.testing.assert_close(full[b, -len(s):], alone, atol=1e-4, rtol=1e-4)
-        T = ids.shape[1]
-        out = tiny_llama(input_ids=ids[:, :T - 5], attention_mask=mask[:, :T - 5], use_cache=True)
-        cache = out.past_key_values
-        for t in range(T - 5, T):
-            step = tiny_llama(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
-                              use_cache=True)
-            cache = step.past_key_values
-            torch.testing.assert_close(step.logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
-        batched = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                                      pad_token_id=0)[:, T:]
-        for b, s in enumerate(seqs):
-            alone = tiny_llama.generate(input_ids=torch.tensor([s]), max_new_tokens=5, do_sample=False,
-                                        pad_token_id=0)[0, len(s):]
-            assert batched[b].tolist() == alone.tolist()
+        padded_and_cached_match(tiny_llama, seqs, 5)
+        batched_generate_matches(tiny_llama, seqs, 5)
 
 
 def test_dedup_needs_a_gate_and_round_trips(tiny_dir, tmp_path):

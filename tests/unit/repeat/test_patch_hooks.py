@@ -42,40 +42,21 @@ def test_first_token_untouched_rest_patched(tiny_llama):
 
 
 @torch.no_grad()
-def test_kv_cache_and_left_padding_match_full_forward(tiny_llama):
+def test_kv_cache_and_left_padding_match_full_forward(tiny_llama, padded_and_cached_match):
     seqs = [torch.randint(4, 99, (n,)).tolist() for n in (11, 7, 4)]
-    ids, mask = left_pad(seqs, 0)
     with apply_patch(tiny_llama, _patch(tiny_llama)):
-        full = tiny_llama(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-        # the same rows alone, unpadded: identical at real positions
-        for b, s in enumerate(seqs):
-            alone = tiny_llama(input_ids=torch.tensor([s])).logits[0]
-            torch.testing.assert_close(full[b, -len(s):], alone, atol=1e-4, rtol=1e-4)
-        # prefill 3 tokens, then decode one token at a time with the cache
-        T = ids.shape[1]
-        out = tiny_llama(input_ids=ids[:, :T - 3], attention_mask=mask[:, :T - 3], use_cache=True)
-        cache = out.past_key_values
-        for t in range(T - 3, T):
-            step = tiny_llama(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
-                              use_cache=True)
-            cache = step.past_key_values
-            torch.testing.assert_close(step.logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+        padded_and_cached_match(tiny_llama, seqs, 3)
 
 
 @torch.no_grad()
-def test_generate_batched_equals_unbatched(tiny_llama):
+def test_generate_batched_equals_unbatched(tiny_llama, batched_generate_matches):
     seqs = [torch.randint(4, 99, (n,)).tolist() for n in (9, 5)]
-    ids, mask = left_pad(seqs, 0)
     with apply_patch(tiny_llama, _patch(tiny_llama)):
-        batched = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                      pad_token_id=0)[:, ids.shape[1]:]
-        for b, s in enumerate(seqs):
-            alone = tiny_llama.generate(input_ids=torch.tensor([s]), max_new_tokens=6, do_sample=False,
-                                        pad_token_id=0)[0, len(s):]
-            assert batched[b].tolist() == alone.tolist()
+        patched = batched_generate_matches(tiny_llama, seqs, 6)
+    ids, mask = left_pad(seqs, 0)
     plain = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                 pad_token_id=0)[:, ids.shape[1]:]
-    assert plain.tolist() != batched.tolist()  # the patch does change this tiny model
+    assert plain.tolist() != patched.tolist()  # the patch does change this tiny model
 
 
 @torch.no_grad()
