@@ -42,28 +42,10 @@ def test_softmax_weights_equal_plain_reference() -> None:
     assert cap.values[0].shape == (3, 2, 10, 8) and cap.resid[1].shape == (3, 10, 16)
 
 
-def test_logits_match_hf_llama_with_copied_weights() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def test_logits_match_hf_llama_with_copied_weights(llama_twin) -> None:
     cfg = _cfg(positions="rope", norm="rmsnorm", mlp_kind="swiglu", d_ff=24)
     model = TinyGPT(cfg).eval()
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=13, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=10,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, attn_implementation="eager")).eval()
-    sd = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm_f.weight,
-          "lm_head.weight": model.head.weight}
-    for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        qw, kw, vw = block.attn.qkv.weight.split(16, dim=0)
-        sd.update({p + "self_attn.q_proj.weight": qw, p + "self_attn.k_proj.weight": kw,
-                   p + "self_attn.v_proj.weight": vw, p + "self_attn.o_proj.weight": block.attn.proj.weight,
-                   p + "mlp.gate_proj.weight": block.mlp.gate.weight, p + "mlp.up_proj.weight": block.mlp.up.weight,
-                   p + "mlp.down_proj.weight": block.mlp.down.weight,
-                   p + "input_layernorm.weight": block.norm1.weight,
-                   p + "post_attention_layernorm.weight": block.norm2.weight})
-    missing, unexpected = hf.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing)
+    hf = llama_twin(model, max_positions=10, attn_implementation="eager")
     idx = torch.randint(0, 13, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=1e-4)

@@ -137,28 +137,12 @@ def test_large_slot_is_reported_as_sink_mass(name: str) -> None:
     assert all(r["learned_sink_mass"] > 0.9 for r in prof.heads_rows())
 
 
-def test_llama_shaped_tinygpt_matches_the_hf_path() -> None:
+def test_llama_shaped_tinygpt_matches_the_hf_path(llama_twin) -> None:
     """A rope/rmsnorm/swiglu tinygpt and the Llama with its weights: both profiler paths give the same numbers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     model = _model(positions="rope", norm="rmsnorm", mlp_kind="swiglu", d_ff=24)
     with torch.no_grad():  # a stronger sink: first-token keys differ, so alpha_0 is not uniform
         model.tok_emb.weight.mul_(3)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=12,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).eval()
-    sd = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm_f.weight,
-          "lm_head.weight": model.head.weight}
-    for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        qw, kw, vw = block.attn.qkv.weight.split(16, dim=0)
-        sd.update({p + "self_attn.q_proj.weight": qw, p + "self_attn.k_proj.weight": kw,
-                   p + "self_attn.v_proj.weight": vw, p + "self_attn.o_proj.weight": block.attn.proj.weight,
-                   p + "mlp.gate_proj.weight": block.mlp.gate.weight, p + "mlp.up_proj.weight": block.mlp.up.weight,
-                   p + "mlp.down_proj.weight": block.mlp.down.weight, p + "input_layernorm.weight": block.norm1.weight,
-                   p + "post_attention_layernorm.weight": block.norm2.weight})
-    hf.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=False)
+    hf = llama_twin(model, max_positions=12)
     batch = _batch()
     ours, theirs = profile_sinks(model, batch, batch_size=2), profile_sinks(hf, batch, batch_size=2)
     for f in ("alpha", "value_norm", "residual_norm", "cos_first", "cos_other", "out_norm", "mlp_top_act",
