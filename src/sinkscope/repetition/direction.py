@@ -112,19 +112,24 @@ def first_token_directions(model: nn.Module, seqs: Sequence[Sequence[int]], *, b
 
 
 @torch.no_grad()
-def run_projections(model: nn.Module, tokenizer: Any, dirs: FirstTokenDirections, words: Sequence[str], n: int, *,
-                    form: str = "instruct", tail: int = 32, batch_size: int = 4) -> Tensor:
-    """Mean projection ``x_l . u_l`` over the last ``tail`` positions of each word's ``n``-copy run: (words, L)."""
+def run_projections(model: nn.Module, tokenizer: Any, directions: Sequence[Tensor | None], words: Sequence[str],
+                    n: int, *, form: str = "instruct", tail: int = 32, batch_size: int = 4) -> Tensor:
+    """Mean projection ``x_l . u_l`` over the last ``tail`` positions of each word's ``n``-copy run: (words, L).
+
+    ``directions[l]`` is ``u_l`` (d_model,), or None to skip layer ``l`` (its column is NaN).
+    """
     if not words:
         raise InputError("need at least one run word")
     a = get_adapter(model)
     prompts = [build_prompt(tokenizer, w, n, form, max_positions=a.max_positions).ids for w in words]
-    out = torch.zeros(len(words), a.n_layers)
+    out = torch.full((len(words), a.n_layers), float("nan"))
     k = min(tail, n)
     row = {"start": 0}
 
     def each(l: int, x: Tensor, real: Tensor, first: Tensor) -> None:
-        p = (x[:, -k:] @ dirs.direction[l].to(x.device)).mean(-1).cpu()  # runs end every row: no padding at the end
+        if directions[l] is None:
+            return
+        p = (x[:, -k:] @ directions[l].to(x.device)).mean(-1).cpu()  # runs end every row: no padding at the end
         out[row["start"]:row["start"] + len(p), l] = p
 
     for s in range(0, len(prompts), batch_size):
@@ -179,7 +184,7 @@ def build_direction_patch(model: nn.Module, tokenizer: Any, calibration: Sequenc
             (`SinkPatch.attention_dedup`), so that the run cannot swamp the rest of the context.
     """
     dirs = first_token_directions(model, calibration, batch_size=batch_size)
-    run_proj = run_projections(model, tokenizer, dirs, words, n, batch_size=max(1, batch_size // 2))
+    run_proj = run_projections(model, tokenizer, dirs.direction, words, n, batch_size=max(1, batch_size // 2))
     if layer is None:
         chosen, scores = choose_layer(dirs, run_proj)
     else:

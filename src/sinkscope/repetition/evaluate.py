@@ -105,15 +105,12 @@ def _first_like_split(model: nn.Module, tokenizer: Any, patch: SinkPatch, words:
                       rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Adds ``run_score`` to each verdict row (unpatched run, last 32 positions, first direction rule's layer,
     in ordinary spreads) and returns the divergence counts among first-like runs and among the others."""
-    from sinkscope.repetition.direction import FirstTokenDirections, run_projections
+    from sinkscope.repetition.direction import run_projections
 
     rule = patch.directions[0]
-    L = get_adapter(model).n_layers
-    u = torch.tensor(rule.direction)
-    # only the rule's layer matters; the other layers get a dummy direction
-    dirs = FirstTokenDirections([u if l == rule.layer else torch.zeros_like(u) for l in range(L)],
-                                [0.0] * L, [0.0] * L, [0.0] * L, [0.0] * L, 0)
-    proj = run_projections(model, tokenizer, dirs, words, n, form=form)[:, rule.layer]
+    directions: list[torch.Tensor | None] = [None] * get_adapter(model).n_layers
+    directions[rule.layer] = torch.tensor(rule.direction)
+    proj = run_projections(model, tokenizer, directions, words, n, form=form)[:, rule.layer]
     spread = max(rule.threshold - rule.value, 1e-6)
     for r, p in zip(rows, proj.tolist()):
         r["run_score"] = (p - rule.value) / spread

@@ -248,3 +248,27 @@ def test_patch_cli_dedup_method_and_bad_method(tiny_dir, tmp_path, capsys):
     assert model.sinkscope_patch.patch.attention_dedup
     assert main(["repeat", "patch", "--method", "bogus", "--model", str(tiny_dir), "--save", str(tmp_path / "q")]) == 2
     assert "unknown --method 'bogus'" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_evaluate_patch_splits_first_like_runs(tiny_llama, tiny_tok):
+    from sinkscope.repetition.evaluate import FIRST_LIKE_SCORE, evaluate_patch
+    from sinkscope.tasks.repeated_tokens import build_prompt
+
+    patch = _direction_patch(tiny_llama)
+    rule = SinkPatch([], "x", directions=[DirectionRule(0, patch.directions[0].direction, 0.2, 0.0)],
+                     gate=RepetitionGate(4, 0.9), attention_dedup=True)
+    text = [torch.randint(4, 99, (10,)).tolist() for _ in range(2)]
+    ev = evaluate_patch(tiny_llama, tiny_tok, rule, ["poem", "cat", "dog"], [12], text, max_new_tokens=3,
+                        batch_size=2)
+    (rates,) = ev.rates
+    u = torch.tensor(rule.directions[0].direction)
+    for v in ev.verdicts:  # run_score: the unpatched run's layer-0 projection in ordinary spreads
+        ids = torch.tensor([build_prompt(tiny_tok, v["word"], 12).ids])
+        x = tiny_llama(input_ids=ids, output_hidden_states=True).hidden_states[1][0]
+        assert v["run_score"] == pytest.approx(float((x[-12:] @ u).mean()) / 0.2, abs=1e-4)
+    first_like = [v for v in ev.verdicts if v["run_score"] >= FIRST_LIKE_SCORE]
+    assert rates["first_like_words"] == len(first_like)
+    assert rates["first_like_diverged_before"] + rates["other_diverged_before"] == sum(
+        v["diverged_before"] for v in ev.verdicts)
+    assert ev.text.kl == 0.0 and ev.text.clamped == 0  # no repetition in the text: the gate stays closed
