@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from sinkscope.compat import cache_kwargs
 from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
 from sinkscope.streaming.generate import prefill
 from sinkscope.streaming.ppl import recompute_nll, rss_bytes
@@ -66,7 +67,7 @@ def run_cached(model, policy: str, ids: torch.Tensor, lengths: list[int], sinks:
         peak_rss = max(peak_rss, rss_bytes())
         t0 = time.perf_counter()
         for t in range(start, L):
-            model(input_ids=ids[t:t + 1][None], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[t:t + 1][None], **cache_kwargs(model, cache), use_cache=True)
         dt = time.perf_counter() - t0
         peak_rss = max(peak_rss, rss_bytes())
         rows.append({"policy": policy, "length": L, "tokens_per_s": (L - start) / dt,

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from sinkscope.compat import cache_kwargs
 from sinkscope.streaming.cache import sink_cache
 from sinkscope.streaming.generate import stream_generate
 from sinkscope.streaming.ppl import evaluate_stream
@@ -73,7 +74,7 @@ def test_plain_cache_equals_band_masked_forward_on_smollm2(smollm2, stream) -> N
     cache = sink_cache(model, S, W, reassign=False)
     with torch.no_grad():
         full = model(ids, attention_mask=mask[None, None]).logits[0]
-        streamed = torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits[0] for t in range(T)])
+        streamed = torch.cat([model(ids[:, t:t + 1], **cache_kwargs(model, cache)).logits[0] for t in range(T)])
     torch.testing.assert_close(streamed, full, atol=2e-4, rtol=1e-4)
 
 
@@ -84,7 +85,7 @@ def test_generate_and_cli(smollm2, tmp_path) -> None:
     prompt = tok("The lighthouse keeper", add_special_tokens=False)["input_ids"]
     toks = list(stream_generate(model, prompt, n_sink=4, window=12, max_new_tokens=24))
     assert len(toks) == 24 and len({t.kv_bytes for t in toks[14:]}) == 1  # full after 16 tokens
-    out = model.generate(torch.tensor([prompt]), past_key_values=sink_cache(model, 4, 12), max_new_tokens=24,
+    out = model.generate(torch.tensor([prompt]), **cache_kwargs(model, sink_cache(model, 4, 12)), max_new_tokens=24,
                          min_new_tokens=24, do_sample=False)
     assert out[0, len(prompt):].tolist() == [t.token_id for t in toks]
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sinkscope.compat import cached_length, find_cache
 from sinkscope.errors import InputError, ModelLoadError
 from sinkscope.models.adapters import get_adapter
 
@@ -288,8 +289,7 @@ class PatchHandle:
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
         n_query = int(ids.shape[1]) if ids is not None else int(emb.shape[1])
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        past = cached_length(find_cache(kwargs, args))
         mask = kwargs.get("attention_mask")
         self._rel = relative_positions(n_query, mask, kwargs.get("position_ids"), past)
         gate = self.patch.gate

@@ -2,7 +2,7 @@
 
 The cache keeps the first ``n_sink`` tokens plus the most recent ``window`` tokens of every attention layer, so its
 memory is constant however long the stream grows. It is a plain :class:`transformers.Cache` built from
-:class:`SinkWindowLayer` (a subclass of ``DynamicLayer``): pass it as ``past_key_values`` to ``model(...)`` or to
+:class:`SinkWindowLayer` (a subclass of ``DynamicLayer``): pass it as the KV cache (``cache=`` on transformers >= 5.24, ``past_key_values=`` before; see `sinkscope.compat`) to ``model(...)`` or to
 ``model.generate(...)``; no model code is patched.
 
 Positions. Models call ``past_key_values.update(k, v, layer_idx)`` with keys that are already rotated (RoPE) at the
@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Cache
-from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import DynamicLayer
 
+from sinkscope.compat import attention_layer_types
 from sinkscope.errors import InputError, UnsupportedArchitectureError
 
 #: RoPE variants whose frequencies change with the sequence length: a fixed re-rotation would be wrong.
@@ -217,9 +218,14 @@ class SinkWindowLayer(DynamicLayer):
         self.keys, self.values = keys, self.values.index_select(-2, idx)
         self._ring, self._sink_keys = False, None
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         """(kv_length, kv_offset) for the causal mask: the stored keys precede every query, so they are laid out
-        as the ``stored`` positions right before the query (all visible), the new keys causally after."""
+        as the ``stored`` positions right before the query (all visible), the new keys causally after.
+
+        ``query_length``: the number of new tokens (transformers >= 5.24) or their ``cache_position`` tensor
+        (earlier releases)."""
+        if isinstance(query_length, torch.Tensor):
+            query_length = int(query_length.shape[0])
         stored = self.stored_tokens
         return stored + query_length, self.cumulative_length - stored
 
@@ -228,6 +234,9 @@ class SinkWindowLayer(DynamicLayer):
 
     def get_max_length(self) -> int:
         return -1  # the stream has no maximum length
+
+    def get_max_cache_shape(self) -> int:
+        return -1  # transformers < 5.24 asks under this name
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a sink+window cache cannot be cropped (evicted tokens are gone)")
@@ -252,14 +261,15 @@ class SinkWindowCache(Cache):
     >>> from sinkscope.models.tiny import tiny_model
     >>> m = tiny_model("llama")
     >>> cache = sink_cache(m, n_sink=2, window=4)
-    >>> _ = m(torch.arange(3, 13)[None], past_key_values=cache)
+    >>> from sinkscope.compat import cache_kwargs
+    >>> _ = m(torch.arange(3, 13)[None], **cache_kwargs(m, cache))
     >>> cache.get_seq_length(), cache.stored_tokens, cache.evicted
     (10, 6, 4)
     """
 
     def __init__(self, config: Any, n_sink: int, window: int, rotary: RotaryShift | None = None) -> None:
         text = config.get_text_config(decoder=True)
-        layer_types, _ = get_layer_types_and_kwargs(text)
+        layer_types = attention_layer_types(text)
         if any(t != "full_attention" for t in layer_types):
             raise UnsupportedArchitectureError(
                 f"{text.model_type} has non-full-attention layers ({sorted(set(layer_types))}); "

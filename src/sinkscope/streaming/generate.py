@@ -1,8 +1,9 @@
 """Endless generation with a sink + window cache: chunked prefill, then one token at a time at constant memory.
 
 :func:`stream_generate` is a plain decoding loop over ``model(...)`` with a :class:`SinkWindowCache` as
-``past_key_values`` (greedy or temperature / top-k sampling); it yields tokens forever unless ``max_new_tokens``
-is set. The same cache also works with ``model.generate(..., past_key_values=cache, prefill_chunk_size=...)``.
+its KV cache (greedy or temperature / top-k sampling); it yields tokens forever unless ``max_new_tokens`` is set.
+The same cache also works with ``model.generate(..., **cache_kwargs(model, cache), prefill_chunk_size=...)``
+(`sinkscope.compat.cache_kwargs` picks the keyword the installed transformers takes).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from transformers import Cache
 
+from sinkscope.compat import cache_kwargs
 from sinkscope.errors import InputError
 from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
 
@@ -33,7 +35,7 @@ def prefill(model: nn.Module, ids: torch.Tensor, cache: Cache, chunk_size: int =
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     logits = None
     for start in range(0, ids.shape[1], chunk_size):
-        out = model(input_ids=ids[:, start:start + chunk_size], past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids[:, start:start + chunk_size], use_cache=True, **cache_kwargs(model, cache),
                     logits_to_keep=1)
         logits = out.logits[:, -1]
     assert logits is not None
@@ -105,7 +107,7 @@ def stream_generate(model: nn.Module, prompt_ids: list[int] | torch.Tensor, *, n
     while max_new_tokens is None or produced < max_new_tokens:
         token = _pick(logits, temperature, top_k, generator)
         nxt = torch.tensor([[token]], device=device)
-        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache)).logits[0, -1]
         yield StreamToken(token, position, kv_cache_bytes(cache))
         position += 1
         produced += 1

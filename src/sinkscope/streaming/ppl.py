@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache
 
+from sinkscope.compat import cache_kwargs
 from sinkscope.errors import InputError
 from sinkscope.models.adapters import get_adapter
 from sinkscope.registry import Registry
@@ -182,7 +183,7 @@ def stream_nll(model: nn.Module, ids: torch.Tensor, cache: Cache, *, name: str =
     meter = _MemoryMeter(device)
     t0 = time.perf_counter()
     for t in range(n - 1):
-        logits = model(input_ids=ids[t:t + 1][None], past_key_values=cache, use_cache=True).logits[0, -1:]  # (1, V)
+        logits = model(input_ids=ids[t:t + 1][None], use_cache=True, **cache_kwargs(model, cache)).logits[0, -1:]  # (1, V)
         nll[t] = _token_nll(logits, ids[t + 1:t + 2])[0].cpu()
         meter.sample(kv_cache_bytes(cache))
         if on_step is not None:

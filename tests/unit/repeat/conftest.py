@@ -52,6 +52,7 @@ def _padded_and_cached_match(model, seqs, decode_steps: int):
     forward. Returns the padded ids, mask and full logits."""
     import torch
 
+    from sinkscope.compat import cache_kwargs, output_cache
     from sinkscope.repetition.generate import left_pad
 
     ids, mask = left_pad(seqs, 0)
@@ -62,11 +63,12 @@ def _padded_and_cached_match(model, seqs, decode_steps: int):
             torch.testing.assert_close(full[b, -len(s):], alone, atol=1e-4, rtol=1e-4)
         T = ids.shape[1]
         cache = model(input_ids=ids[:, :T - decode_steps], attention_mask=mask[:, :T - decode_steps],
-                      use_cache=True).past_key_values
+                      use_cache=True)
+        cache = output_cache(cache)
         for t in range(T - decode_steps, T):
-            step = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+            step = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], **cache_kwargs(model, cache),
                          use_cache=True)
-            cache = step.past_key_values
+            cache = output_cache(step)
             torch.testing.assert_close(step.logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
     return ids, mask, full
 

@@ -9,6 +9,7 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from sinkscope.compat import cache_kwargs
 from sinkscope.errors import InputError, UnsupportedArchitectureError
 from sinkscope.models.tiny import tiny_model
 from sinkscope.streaming.cache import RotaryShift, SinkWindowCache, kv_cache_bytes, sink_cache
@@ -27,7 +28,7 @@ def _model(arch: str, **kw: Any):
 def _stream(model, ids: torch.Tensor, cache: Cache, **kw: Any) -> torch.Tensor:
     """Token-by-token logits (T, V)."""
     with torch.no_grad():
-        return torch.cat([model(ids[:, t:t + 1], past_key_values=cache, **kw).logits[0] for t in range(ids.shape[1])])
+        return torch.cat([model(ids[:, t:t + 1], **cache_kwargs(model, cache), **kw).logits[0] for t in range(ids.shape[1])])
 
 
 def _band_mask(T: int, n_sink: int, window: int) -> torch.Tensor:
@@ -120,7 +121,7 @@ def test_reassigned_multilayer_equals_prerope_slot_reference() -> None:
     with torch.no_grad():
         for t in range(T):
             slot = ref_cache.get_seq_length()
-            ref.append(model(ids[:, t:t + 1], past_key_values=ref_cache,
+            ref.append(model(ids[:, t:t + 1], **cache_kwargs(model, ref_cache),
                              position_ids=torch.tensor([[slot]])).logits[0])
     streamed = _stream(model, ids, sink_cache(model, S, W, reassign=True))
     torch.testing.assert_close(streamed, torch.cat(ref), atol=ATOL, rtol=0)
@@ -148,8 +149,8 @@ def test_memory_stays_flat_as_the_stream_grows() -> None:
     with torch.no_grad():
         for t in range(100):
             tok = torch.tensor([[3 + t % 90]])
-            model(tok, past_key_values=cache)
-            model(tok, past_key_values=dense)
+            model(tok, **cache_kwargs(model, cache))
+            model(tok, **cache_kwargs(model, dense))
             sizes.append(kv_cache_bytes(cache))
             dense_sizes.append(kv_cache_bytes(dense))
     per_token = dense_sizes[0]
@@ -192,7 +193,7 @@ def test_works_with_model_generate() -> None:
     model = _model("llama")
     prompt = torch.randint(3, 99, (1, 10))
     cache = sink_cache(model, 4, 12)
-    out = model.generate(prompt, past_key_values=cache, max_new_tokens=40, do_sample=False, min_new_tokens=40,
+    out = model.generate(prompt, **cache_kwargs(model, cache), max_new_tokens=40, do_sample=False, min_new_tokens=40,
                          prefill_chunk_size=4, pad_token_id=0)
     ours = [t.token_id for t in stream_generate(model, prompt[0], n_sink=4, window=12, max_new_tokens=40,
                                                 prefill_chunk_size=4)]
