@@ -8,9 +8,6 @@ from typing import Any
 from sinkscope.errors import InputError
 from sinkscope.io import read_text_file
 
-#: Where experiments look for a default corpus (tests never depend on it).
-DEFAULT_CORPUS = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "wikitext2-valid.txt"
-
 #: A few built-in English paragraphs, used when no corpus file is given.
 BUILTIN_TEXT = (
     "The river runs through the old town, past the market and the stone bridge that was built three centuries "
@@ -32,11 +29,6 @@ def read_corpus(path: str | Path | None) -> str:
     if path is None:
         return " ".join(BUILTIN_TEXT * 4)
     return read_text_file(path, "corpus file")
-
-
-def default_corpus_path() -> Path | None:
-    """The shared wikitext file when present (experiments only), else None."""
-    return DEFAULT_CORPUS if DEFAULT_CORPUS.is_file() else None
 
 
 def text_chunks(tokenizer: Any, text: str, *, n: int, length: int, offset: int = 0) -> list[list[int]]:

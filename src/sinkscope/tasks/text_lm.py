@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sinkscope.corpora import corpus_path
 from sinkscope.errors import InputError
 from sinkscope.tasks.batch import LMBatch, step_generator
 
-DEFAULT_CORPUS = Path("../shared/data/wikitext2-valid.txt")
 
 
 def encode(text: str, tokenizer: str) -> tuple[Tensor, int, int]:
@@ -60,11 +60,9 @@ class TextLM:
 
     @classmethod
     def from_file(cls, path: str | Path | None, tokenizer: str = "bytes", **kwargs) -> TextLM:
-        """Read ``path`` (default: ../shared/data/wikitext2-valid.txt when it exists)."""
+        """Read ``path`` (default: the shipped WikiText-2 validation text, `sinkscope.corpora`)."""
         if path is None:
-            if not DEFAULT_CORPUS.is_file():
-                raise InputError(f"no data.corpus given and the default {DEFAULT_CORPUS} does not exist")
-            path = DEFAULT_CORPUS
+            path = corpus_path()
         path = Path(path)
         if not path.is_file():
             raise InputError(f"data file not found: {path}")

@@ -44,7 +44,7 @@ class DataConfig:
         seq_len: tokens the model sees per sequence, BOS included when there is one.
         batch_size: global batch (split over DDP ranks); ``eval_batch_size``: sequences per evaluation.
         corpus: text file (bigram statistics for BB; training text for text LM). Relative paths are resolved
-            against the working directory. null: ``../shared/data/wikitext2-valid.txt`` when it exists.
+            against the working directory. null: the shipped WikiText-2 validation text (`sinkscope.corpora`).
         n_chars, n_triggers: BB alphabet size (most frequent characters) and number of trigger characters.
         tokenizer: text LM tokenizer, ``bytes`` (vocab 257, BOS 256) or ``smollm2`` (embedded SmolLM2's).
         bos: text LM chunks start with a BOS token (BB always has one).

@@ -48,11 +48,9 @@ def build_task(data: DataConfig):
     """The task object of ``data.task`` (BigramBackcopy or TextLM); raises InputError for a missing file."""
     if data.task == "bigram_backcopy":
         from sinkscope.tasks.bigram_backcopy import BigramBackcopy
-        from sinkscope.tasks.text_lm import DEFAULT_CORPUS
+        from sinkscope.corpora import corpus_path
 
-        corpus = data.corpus if data.corpus is not None else DEFAULT_CORPUS
-        if data.corpus is None and not Path(corpus).is_file():
-            raise ConfigError(f"no data.corpus given and the default {DEFAULT_CORPUS} does not exist")
+        corpus = data.corpus if data.corpus is not None else corpus_path()
         return BigramBackcopy.from_file(corpus, data.n_chars, data.n_triggers)
     from sinkscope.tasks.text_lm import TextLM
 
