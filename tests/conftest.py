@@ -29,13 +29,30 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+def _chromium_missing() -> bool:
+    from sinkscope.viz.browser import BrowserUnavailable, find_chromium
+
+    try:
+        find_chromium()
+    except BrowserUnavailable:
+        return True
+    return False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available() or os.environ.get("SINKSCOPE_GPU"):
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    """``gpu`` tests need a CUDA device; ``browser`` tests need Chromium (``apt-get install chromium``): both are
+    skipped with the reason when absent. CI installs Chromium and sets ``SINKSCOPE_REQUIRE_BROWSER=1``, so there
+    a missing browser fails the browser tests instead of skipping them."""
+    if not (torch.cuda.is_available() or os.environ.get("SINKSCOPE_GPU")):
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    if not os.environ.get("SINKSCOPE_REQUIRE_BROWSER") and _chromium_missing():
+        skip = pytest.mark.skip(reason="needs Chromium for the headless page check: apt-get install chromium")
+        for item in items:
+            if "browser" in item.keywords:
+                item.add_marker(skip)
 
 
 def _llama_twin(model, *, max_positions: int, attn_implementation: str | None = None):

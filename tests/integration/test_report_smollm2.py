@@ -11,7 +11,7 @@ import pytest
 from sinkscope.cli.__main__ import main
 from sinkscope.viz.browser import load_page
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 SECTIONS = ("model", "sinks", "drains", "dormant", "repetition")
 
