@@ -38,7 +38,8 @@ def build_inputs(tokenizer, *, text: list[str] | None, file: Path | None, random
 
 
 def command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="alias, HF directory, .gguf file, hub id, saved patch or `sinkscope train` run"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory"),
     text: Optional[list[str]] = typer.Option(None, "--text", help="input text (repeat for several samples)"),
     file: Optional[Path] = typer.Option(None, "--file", help="a UTF-8 text file"),
@@ -55,8 +56,9 @@ def command(
 ) -> None:
     """Measure sinks (Sink_k^eps, alpha_k per layer/head), value drains, residual peaks, massive activations and
     q-k alignment; writes profile.json, heads.csv and PNG plots to --out."""
-    from sinkscope.metrics.qk_alignment import qk_alignment
-    from sinkscope.models.load import load_model
+    from sinkscope.analyses.qk_alignment import qk_alignment
+    from sinkscope.models.adapters import has_adapter
+    from sinkscope.plugins import load_model
     from sinkscope.profile import profile_sinks, versions
     from sinkscope.viz.plots import PLOTS
 
@@ -82,7 +84,7 @@ def command(
     result = prof.to_json()
     first = batch.sequences[0]
     sinks = [p["position"] for p in prof.top_sinks(3) if p["position"] < len(first) - 1]
-    if sinks:  # Gu et al.: sink keys align with all queries (a key bias); measured on the first sample
+    if sinks and has_adapter(lm):  # Gu et al.: sink keys align with all queries (a key bias); first sample
         result["qk_alignment"] = qk_alignment(lm, first, sinks).to_json()
     result["versions"] = versions()
     result["bos"] = {"policy": bos, "prepended": batch.bos_prepended}

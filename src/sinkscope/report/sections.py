@@ -15,7 +15,7 @@ import numpy as np
 from torch import nn
 
 from sinkscope.domains import domain_batch
-from sinkscope.metrics.dormant import DormancyReport, dormancy_from_profiles
+from sinkscope.analyses.dormant import DormancyReport, dormancy_from_profiles
 from sinkscope.models.adapters import get_adapter
 from sinkscope.profile import SinkProfile, model_info, profile_sinks, versions
 from sinkscope.registry import Registry
