@@ -380,9 +380,9 @@ def profile_sinks(
             its vocabulary, eps outside (0, 1), batch_size < 1.
     """
     if not 0 < eps < 1:
-        raise InputError(f"eps must be in (0, 1), got {eps}")
+        raise InputError(f"eps must be in (0, 1), got {eps}", param="eps")
     if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size}", param="batch_size")
     batch = as_token_batch(batch)
     collector = collector_for(model, fused=fused, chunk_bytes=chunk_bytes, adapter=adapter, prefix_len=prefix_len)
     collector.check(batch.sequences)
