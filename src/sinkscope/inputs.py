@@ -54,20 +54,32 @@ class TokenBatch:
                 "bos_prepended": self.bos_prepended, **self.meta}
 
 
+def _is_id(t: Any) -> bool:
+    """An integer token id: a Python or numpy integer (not a bool, not a float)."""
+    return not isinstance(t, (bool, float)) and hasattr(t, "__index__")
+
+
 def _id_rows(x: Any, name: str) -> list[list[int]]:
-    """``x`` (a tensor / array / nested list of ints, 1-D = one sample, 2-D = samples) as lists of ints."""
+    """``x`` (a tensor / array / nested sequence of ints, 1-D = one sample, 2-D = samples) as lists of ints."""
     if hasattr(x, "tolist"):
         x = x.tolist()
-    if isinstance(x, (list, tuple)) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
-        return [list(x)]
-    if not isinstance(x, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in x):
+    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
         raise InputError(f"{name} must be token ids: a list of lists of ints (or a 1-D/2-D tensor), "
-                         f"got {type(x).__name__}")
-    rows = [list(r) for r in x]
-    if not all(isinstance(t, int) and not isinstance(t, bool) for r in rows for t in r):
-        bad = next(t for r in rows for t in r if not isinstance(t, int) or isinstance(t, bool))
-        raise InputError(f"{name} must hold integer token ids, found {bad!r} ({type(bad).__name__})")
-    return rows
+                         f"got {type(x).__name__}", param=name)
+    rows: list[Any] = [list(x)] if x and all(_is_id(t) for t in x) else list(x)
+    out = []
+    for r in rows:
+        if hasattr(r, "tolist"):
+            r = r.tolist()
+        if isinstance(r, (str, bytes)) or not isinstance(r, Sequence):
+            raise InputError(f"{name} must be token ids: a list of lists of ints (or a 1-D/2-D tensor), "
+                             f"found {type(r).__name__}", param=name)
+        bad = next((t for t in r if not _is_id(t)), None)
+        if bad is not None:
+            raise InputError(f"{name} must hold integer token ids, found {bad!r} ({type(bad).__name__})",
+                             param=name)
+        out.append([int(t) for t in r])
+    return out
 
 
 def as_token_batch(batch: Any) -> TokenBatch:
