@@ -57,7 +57,7 @@ def command(
     """Measure sinks (Sink_k^eps, alpha_k per layer/head), value drains, residual peaks, massive activations and
     q-k alignment; writes profile.json, heads.csv and PNG plots to --out."""
     from sinkscope.analyses.qk_alignment import qk_alignment
-    from sinkscope.models.adapters import has_adapter
+    from sinkscope.models.adapters import get_adapter, has_adapter
     from sinkscope.plugins import load_model
     from sinkscope.profile import profile_sinks, versions
     from sinkscope.viz.plots import PLOTS
@@ -75,17 +75,18 @@ def command(
     t_load = time.perf_counter() - t0
     batch = build_inputs(tokenizer, text=text, file=file, random=random, samples=samples, repeat=repeat,
                          times=times, bos=bos, max_tokens=max_tokens, seed=seed)
+    adapter = get_adapter(lm) if has_adapter(lm) else None  # resolved once for the whole command
     with Progress(TextColumn("[bold]profiling"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("profile", total=None)
-        prof = profile_sinks(lm, batch, eps=eps, batch_size=batch_size,
+        prof = profile_sinks(lm, batch, eps=eps, batch_size=batch_size, adapter=adapter,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     prof.timing["load_s"] = t_load
     result = prof.to_json()
     first = batch.sequences[0]
     sinks = [p["position"] for p in prof.top_sinks(3) if p["position"] < len(first) - 1]
-    if sinks and has_adapter(lm):  # Gu et al.: sink keys align with all queries (a key bias); first sample
-        result["qk_alignment"] = qk_alignment(lm, first, sinks).to_json()
+    if sinks and adapter is not None:  # Gu et al.: sink keys align with all queries (a key bias); first sample
+        result["qk_alignment"] = qk_alignment(lm, first, sinks, adapter=adapter).to_json()
     result["versions"] = versions()
     result["bos"] = {"policy": bos, "prepended": batch.bos_prepended}
     out_dir = ensure_output_dir(out)
