@@ -28,7 +28,8 @@ from sinkscope.errors import InputError
 from sinkscope.inputs import TokenBatch, as_token_batch, pad_batch
 from sinkscope.metrics.attention_stats import DEFAULT_CHUNK_BYTES
 from sinkscope.metrics.sink import DEFAULT_EPS, first_vs_median, is_sink
-from sinkscope.models.adapters import ModelAdapter, pad_token_id as model_pad_token_id
+from sinkscope.models.adapters import ModelAdapter
+from sinkscope.models.adapters import pad_token_id as model_pad_token_id
 
 if TYPE_CHECKING:
     import pandas

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sinkscope.hooks import forward_hooks
 from sinkscope.collectors.base import Collector
 from sinkscope.errors import InputError
+from sinkscope.hooks import forward_hooks
 from sinkscope.metrics.sink import alpha_from_sums, alpha_sums, row_normalised
 from sinkscope.models.tinygpt import TinyGPT, attention_mask, rope
 

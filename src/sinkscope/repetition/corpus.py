@@ -9,6 +9,7 @@ from sinkscope.corpora import corpus_path
 from sinkscope.errors import InputError
 from sinkscope.io import read_text_file
 
+
 def read_corpus(path: str | Path | None) -> str:
     """The text of ``path`` (UTF-8), or the shipped WikiText-2 validation text when ``path`` is None
     (`sinkscope.corpora.corpus_path`)."""

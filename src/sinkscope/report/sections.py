@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from sinkscope.domains import domain_batch
 from sinkscope.analyses.dormant import DormancyReport, dormancy_from_profiles
+from sinkscope.domains import domain_batch
 from sinkscope.models.adapters import ModelAdapter, get_adapter
 from sinkscope.profile import SinkProfile, model_info, profile_sinks, versions
 from sinkscope.registry import Registry

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sinkscope.errors import InputError
 from sinkscope.collectors.tinygpt import capture_tinygpt
+from sinkscope.errors import InputError
 from sinkscope.metrics.sink import column_alpha, row_normalised
 from sinkscope.models.attention import ATTENTION_FNS
 from sinkscope.models.tinygpt import TinyGPT, TinyGPTConfig, attention_mask

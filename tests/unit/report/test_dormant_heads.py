@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from sinkscope.analyses.dormant import DormancyReport, find_dormant_heads
 from sinkscope.capture import attention_probs_eager
 from sinkscope.errors import InputError
 from sinkscope.inputs import TokenBatch
-from sinkscope.analyses.dormant import DormancyReport, find_dormant_heads
 from sinkscope.models.tiny import tiny_model, tiny_tokenizer
 
 
