@@ -87,11 +87,18 @@ def run_tokenizer(cfg: RunConfig) -> Any:
 
 
 def load_run_model(path: str | Path, **kwargs: Any) -> tuple[TinyGPT, Any]:
-    """Loader of the ``tinygpt_run`` artefact: ``(model, tokenizer)``; ``device`` and ``dtype`` are applied."""
+    """Loader of the ``tinygpt_run`` artefact: ``(model, tokenizer)``. Of `load_model`'s keyword arguments it
+    applies ``device`` and ``dtype`` / ``torch_dtype`` (a torch dtype or its name; ``"auto"``: fp32) and ignores
+    the Hugging Face-only ones."""
     import torch
 
     model, cfg = load_trained(path)
-    model.to(device=kwargs.get("device", "cpu"), dtype=kwargs.get("dtype", torch.float32))
+    dtype = kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.float32
+    if isinstance(dtype, str):
+        dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise InputError(f"unknown dtype {kwargs.get('dtype') or kwargs.get('torch_dtype')!r}", param="dtype")
+    model.to(device=kwargs.get("device") or "cpu", dtype=dtype)
     return model, run_tokenizer(cfg)
 
 
