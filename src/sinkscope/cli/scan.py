@@ -94,11 +94,13 @@ def command(
     write_csv_atomic(out_dir / "heads.csv", prof.heads_rows())
     for name, plot in PLOTS.items():
         save_figure_atomic(out_dir / name, plot(prof))
-    peak = result["residual_peak"] or {"ratio": float("nan"), "layer": None}
+    peak = result["residual_peak"]
+    peak_text = (f"residual peak {peak['ratio']:.1f}x median at layer {peak['layer']}" if peak
+                 else "no residual peak (no sample has a second token)")
     console.print(
         f"[bold]Sink_0^{eps}[/] = {result['sink_ratio']:.3f} over {len(batch.sequences)} sample(s) of "
         f"{min(batch.lengths)}-{max(batch.lengths)} tokens (BOS prepended: {batch.bos_prepended}); "
-        f"top sinks {[s['position'] for s in result['top_sinks'][:3]]}; residual peak "
-        f"{peak['ratio']:.1f}x median at layer {peak['layer']}. Wrote {out_dir}/profile.json, heads.csv, "
+        f"top sinks {[s['position'] for s in result['top_sinks'][:3]]}; {peak_text}. "
+        f"Wrote {out_dir}/profile.json, heads.csv, "
         f"{len(PLOTS)} plots."
     )

@@ -29,3 +29,11 @@ def test_cli_names_the_flag(tmp_path, capsys: pytest.CaptureFixture) -> None:
 def test_version(capsys: pytest.CaptureFixture) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"sinkscope {sinkscope.__version__}"
+
+
+def test_one_token_scan_says_there_is_no_peak(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    model = save_tiny(str(tmp_path / "llama"))
+    capsys.readouterr()
+    assert main(["scan", "--model", model, "--text", "cat", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    assert "no residual peak" in out.out + out.err and "nan" not in (out.out + out.err).lower()
