@@ -2,8 +2,8 @@
 
 `observe_attention(model, observer)` switches the model to the ``"sinkscope"`` attention implementation
 (registered with transformers' ``AttentionInterface``), which hands every attention call to the observer and
-restores the previous implementation on exit. `observe_layers(...)` adds forward hooks on decoder layers, MLP
-down projections and q projections. No module's ``forward`` is ever replaced.
+restores the previous implementation on exit. Forward hooks (`forward_hooks`, from `sinkscope.hooks`) observe
+decoder layers, MLP down projections and q projections. No module's ``forward`` is ever replaced.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from sinkscope.hooks import forward_hooks as forward_hooks
 
 ATTENTION_NAME = "sinkscope"
 
@@ -100,29 +102,6 @@ def observe_attention(model: nn.Module, observer: AttentionObserver) -> Iterator
         for i in ids:
             _OBSERVERS.pop(i, None)
         model.set_attn_implementation(previous)
-
-
-def _first_tensor(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@contextlib.contextmanager
-def forward_hooks(hooks: list[tuple[nn.Module, Callable[..., None], bool]]) -> Iterator[None]:
-    """Install ``(module, fn, pre)`` hooks; ``fn(tensor)`` gets the module's first output (or input if pre).
-
-    Handles are always removed, even on error.
-    """
-    handles = []
-    try:
-        for module, fn, pre in hooks:
-            if pre:
-                handles.append(module.register_forward_pre_hook(lambda m, args, fn=fn: fn(args[0])))
-            else:
-                handles.append(module.register_forward_hook(lambda m, args, out, fn=fn: fn(_first_tensor(out))))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Token inputs for measurements: text, files, uniformly random tokens and runs of one repeated token.
+"""Token inputs for measurements: text, files, uniformly random tokens and runs of one repeated token, and the
+one padding helper that turns id lists into a batch.
 
 Every batch records its BOS policy (``auto``: whatever the tokenizer adds; ``always``: make sure a BOS is at
 position 0; ``never``: strip a leading BOS), because "first token" vs "BOS" is the main confound in sink studies.
@@ -6,11 +7,13 @@ position 0; ``never``: strip a leading BOS), because "first token" vs "BOS" is t
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from sinkscope.errors import InputError
 from sinkscope.io import read_text_file
@@ -51,9 +54,68 @@ class TokenBatch:
                 "bos_prepended": self.bos_prepended, **self.meta}
 
 
+def _is_id(t: Any) -> bool:
+    """An integer token id: a Python or numpy integer (not a bool, not a float)."""
+    return not isinstance(t, (bool, float)) and hasattr(t, "__index__")
+
+
+def _id_rows(x: Any, name: str) -> list[list[int]]:
+    """``x`` (a tensor / array / nested sequence of ints, 1-D = one sample, 2-D = samples) as lists of ints."""
+    if hasattr(x, "tolist"):
+        x = x.tolist()
+    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+        raise InputError(f"{name} must be token ids: a list of lists of ints (or a 1-D/2-D tensor), "
+                         f"got {type(x).__name__}", param=name)
+    rows: list[Any] = [list(x)] if x and all(_is_id(t) for t in x) else list(x)
+    out = []
+    for r in rows:
+        if hasattr(r, "tolist"):
+            r = r.tolist()
+        if isinstance(r, (str, bytes)) or not isinstance(r, Sequence):
+            raise InputError(f"{name} must be token ids: a list of lists of ints (or a 1-D/2-D tensor), "
+                             f"found {type(r).__name__}", param=name)
+        bad = next((t for t in r if not _is_id(t)), None)
+        if bad is not None:
+            raise InputError(f"{name} must hold integer token ids, found {bad!r} ({type(bad).__name__})",
+                             param=name)
+        out.append([int(t) for t in r])
+    return out
+
+
+def as_token_batch(batch: Any) -> TokenBatch:
+    """A `TokenBatch` from what users hand the profiler.
+
+    Accepts a `TokenBatch`; lists of token-id lists (or one flat list, or a 1-D/2-D tensor); or a tokenizer's
+    output: a ``BatchEncoding`` or any mapping with ``input_ids`` and optionally ``attention_mask`` (lists or
+    tensors). With a mask, each row keeps only its real tokens (mask 1), so left- and right-padded batches
+    give the same samples.
+
+    >>> as_token_batch({"input_ids": [[0, 5, 6], [7, 8, 9]], "attention_mask": [[0, 1, 1], [1, 1, 1]]}).sequences
+    [[5, 6], [7, 8, 9]]
+
+    Raises:
+        InputError: anything else (one line naming what was given).
+    """
+    if isinstance(batch, TokenBatch):
+        return batch
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise InputError(f"a mapping of inputs needs 'input_ids' (got keys: {', '.join(map(str, batch))})")
+        rows = _id_rows(batch["input_ids"], "input_ids")
+        if batch.get("attention_mask") is not None:
+            masks = _id_rows(batch["attention_mask"], "attention_mask")
+            if [len(m) for m in masks] != [len(r) for r in rows]:
+                raise InputError("attention_mask and input_ids have different shapes")
+            rows = [[t for t, m in zip(r, mk) if m] for r, mk in zip(rows, masks)]
+        return TokenBatch(rows, "ids")
+    if isinstance(batch, (str, bytes)):
+        raise InputError("batch is text: tokenise it first (sinkscope.text_inputs(tokenizer, [text]))")
+    return TokenBatch(_id_rows(batch, "batch"), "ids")
+
+
 def _check_policy(bos: str) -> None:
     if bos not in BOS_POLICIES:
-        raise InputError(f"unknown BOS policy {bos!r}; choose one of {', '.join(BOS_POLICIES)}")
+        raise InputError(f"unknown BOS policy bos={bos!r}; choose one of {', '.join(BOS_POLICIES)}", param="bos")
 
 
 def apply_bos(ids: list[int], tokenizer: Any, bos: str) -> tuple[list[int], bool]:
@@ -63,7 +125,7 @@ def apply_bos(ids: list[int], tokenizer: Any, bos: str) -> tuple[list[int], bool
     starts = bool(ids) and bos_id is not None and ids[0] == bos_id
     if bos == "always":
         if bos_id is None:
-            raise InputError("--bos always: this tokenizer has no BOS token")
+            raise InputError("bos='always': this tokenizer has no BOS token", param="bos")
         return (ids if starts else [bos_id, *ids]), True
     if bos == "never" and starts:
         return ids[1:], False
@@ -77,7 +139,7 @@ def text_inputs(tokenizer: Any, texts: list[str], *, bos: str = "auto", max_toke
     if not texts or any(not t.strip() for t in texts):
         raise InputError("empty text: give at least one non-blank text")
     if max_tokens is not None and max_tokens < 1:
-        raise InputError(f"max_tokens must be a positive integer, got {max_tokens}")
+        raise InputError(f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
     seqs, flags = [], []
     for t in texts:
         ids, has_bos = apply_bos(list(tokenizer(t, add_special_tokens=True)["input_ids"]), tokenizer, bos)
@@ -93,11 +155,11 @@ def file_inputs(tokenizer: Any, path: str | Path, *, bos: str = "auto", max_toke
     p = Path(path)
     text = read_text_file(p, "input file")
     if samples < 1:
-        raise InputError(f"samples must be a positive integer, got {samples}")
+        raise InputError(f"samples must be a positive integer, got {samples}", param="samples")
     if samples == 1:
         return text_inputs(tokenizer, [text], bos=bos, max_tokens=max_tokens, kind="file", meta={"file": str(p)})
     if not max_tokens:
-        raise InputError("cutting a file into several samples needs max_tokens")
+        raise InputError("cutting a file into several samples needs max_tokens", param="max_tokens")
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if len(ids) < samples * max_tokens:
         raise InputError(f"{path} has {len(ids)} tokens, fewer than samples*max_tokens = {samples * max_tokens}")
@@ -147,7 +209,7 @@ def repeat_inputs(tokenizer: Any, word: str, times: int, *, bos: str = "auto", p
     """One sample: an optional text prefix, then one token id repeated ``times`` times (built from the id,
     never from joined text, which BPE would tokenise differently)."""
     if times < 1:
-        raise InputError(f"times must be a positive integer, got {times}")
+        raise InputError(f"times must be a positive integer, got {times}", param="times")
     tid = single_token_id(tokenizer, word)
     pre = list(tokenizer(prefix, add_special_tokens=True)["input_ids"]) if prefix else []
     if not prefix:
@@ -156,3 +218,36 @@ def repeat_inputs(tokenizer: Any, word: str, times: int, *, bos: str = "auto", p
     ids, has = apply_bos(pre + [tid] * times, tokenizer, bos)
     return TokenBatch([ids], "repeat", bos, has, {"word": word, "token_id": tid, "times": times,
                                                   "token": tokenizer.convert_ids_to_tokens(tid)})
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right",
+              device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Pad id lists into one batch: ``ids`` (B, T) long and ``attention_mask`` (B, T) long (1 = real token).
+
+    ``side="right"``: each row starts at position 0 (what the profiler runs: position 0 is every row's first
+    token). ``side="left"``: each row ends at ``T - 1`` and starts at ``T - len(row)`` (what generation needs).
+
+    >>> ids, mask = pad_batch([[5, 6, 7], [8]], 0, side="left")
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    if side not in ("right", "left"):
+        raise InputError(f"side must be 'right' or 'left', got {side!r}")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+            ids[i, cols] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def first_and_other(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``mask`` (B, T) of real tokens -> (each row's first real token, its other real tokens), both (B, T) bool;
+    works under left and right padding."""
+    first_idx = mask.long().argmax(dim=1)  # (B,)
+    first = torch.zeros_like(mask, dtype=torch.bool)
+    first[torch.arange(mask.shape[0], device=mask.device), first_idx] = True
+    return first, mask.bool() & ~first

@@ -1,4 +1,4 @@
-"""Atomic file output: results appear whole or not at all (write to a temp file, then rename)."""
+"""File input and output: text inputs read with one-line errors, results written atomically (whole or not at all)."""
 
 from __future__ import annotations
 
@@ -51,12 +51,24 @@ def ensure_output_dir(path: str | Path) -> Path:
     return p
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` (bytes, or text as UTF-8) to ``path`` whole or not at all: a temporary file in the same
+    directory, flushed to disk, then renamed over ``path``. The one writer every result, checkpoint and
+    manifest goes through.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> write_atomic(d / "a.txt", "hello")
+    >>> (d / "a.txt").read_text(), sorted(p.name for p in d.iterdir())
+    ('hello', ['a.txt'])
+    """
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; results are meant to be shared
         os.replace(tmp, p)
     except BaseException:
@@ -76,24 +88,34 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_bytes_atomic(path, json.dumps(_clean(obj), indent=2).encode())
+def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> None:
+    """``obj`` as JSON (NaN and infinities written as null), atomically."""
+    write_atomic(path, json.dumps(_clean(obj), indent=indent))
 
 
 def write_csv_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Rows of dicts as CSV (header from the first row's keys), atomically."""
     rows = list(rows)
     buf = io.StringIO()
     if rows:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    write_bytes_atomic(path, buf.getvalue().encode())
+    write_atomic(path, buf.getvalue())
 
 
-def save_figure_atomic(path: str | Path, fig: Any, dpi: int = 120) -> None:
+def figure_bytes(fig: Any, fmt: str = "png", dpi: int = 120) -> bytes:
+    """A matplotlib figure rendered to bytes (``fmt``: png, svg, pdf, ...); the figure is closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    try:
+        fig.savefig(buf, format=fmt, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def save_figure_atomic(path: str | Path, fig: Any, dpi: int = 120) -> None:
+    """Write a figure (format from the suffix, default PNG) atomically and close it: the one figure saver."""
+    write_atomic(path, figure_bytes(fig, Path(path).suffix.lstrip(".") or "png", dpi))

@@ -1,8 +1,10 @@
-"""The sink profiler: one pass over a batch of token sequences, all extreme-token metrics, linear memory.
+"""The sink profiler: one loop over a batch of token sequences, all extreme-token metrics, linear memory.
 
-`profile_sinks` runs the model with its attention routed through `sinkscope.capture` (column statistics in
-query chunks, one layer at a time) and hooks on decoder layers, MLP down projections and gated q projections.
-It returns a `SinkProfile` holding per-sample arrays (no T x T matrix) and the derived summaries.
+`profile_sinks` is the only entry. It picks the collector of the model's family (`sinkscope.collectors`:
+Hugging Face models through the registered attention function, tinygpt through its capture points), runs the
+samples in right-padded batches, and copies each layer's records into the arrays of a `SinkProfile`. The
+arrays and their shapes are declared once, as `SinkProfile` fields made with `stat`; the numbers behind the
+sink summaries are defined once, in `sinkscope.metrics.sink`. No T x T matrix is kept.
 """
 
 from __future__ import annotations
@@ -10,24 +12,45 @@ from __future__ import annotations
 import platform
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from sinkscope.capture import forward_hooks, observe_attention
+from sinkscope.collectors import collector_for
+from sinkscope.collectors.base import GATE_CLOSED as GATE_CLOSED
+from sinkscope.collectors.base import TOP_NEURONS as TOP_NEURONS
+from sinkscope.collectors.base import Collector
 from sinkscope.errors import InputError
-from sinkscope.inputs import TokenBatch
-from sinkscope.metrics.attention_stats import DEFAULT_CHUNK_BYTES, attention_with_stats
-from sinkscope.metrics.massive import MassiveTracker
-from sinkscope.models.adapters import ModelAdapter, get_adapter
+from sinkscope.inputs import TokenBatch, as_token_batch, pad_batch
+from sinkscope.metrics.attention_stats import DEFAULT_CHUNK_BYTES
+from sinkscope.metrics.sink import DEFAULT_EPS, first_vs_median, is_sink
+from sinkscope.models.adapters import ModelAdapter
+from sinkscope.models.adapters import pad_token_id as model_pad_token_id
 
-#: Gate values below this count as "closed" (Qwen3-Next style output gates).
-GATE_CLOSED = 0.05
-#: Neurons per layer reported for the first token's MLP activation.
-TOP_NEURONS = 3
+if TYPE_CHECKING:
+    import pandas
+
+#: Axis letters of a statistic after the sample axis N: ``attn`` = attention layers (La), ``layer`` = decoder
+#: layers (L), ``head`` = query heads (H), ``kv`` = key/value heads (Hkv), ``key`` = key positions (T),
+#: ``top`` = `TOP_NEURONS`.
+AXES = ("attn", "layer", "head", "kv", "key", "top")
+
+
+def stat(axes: str, *, dtype: Any = np.float64, fill: float = np.nan, optional: bool = False) -> Any:
+    """Declare a per-sample statistic of `SinkProfile`: an ``(N, *axes)`` array filled by the collectors.
+
+    Args:
+        axes: comma-separated axis letters after N (see `AXES`); the first is ``attn`` or ``layer`` (which
+            records the statistic comes from).
+        dtype, fill: array dtype and the value where nothing was measured.
+        optional: the field is None unless the model's collector lists it in ``provides``.
+    """
+    meta = {"axes": tuple(axes.split(",")), "dtype": dtype, "fill": fill}
+    return field(default=None, metadata=meta) if optional else field(metadata=meta)
 
 
 @dataclass
@@ -56,24 +79,30 @@ class SinkProfile:
     inputs: dict[str, Any]
     attention_layers: list[int]
     lengths: np.ndarray
-    alpha: np.ndarray
-    value_norm: np.ndarray
-    residual_norm: np.ndarray
-    cos_first: np.ndarray
-    cos_other: np.ndarray
-    out_norm: np.ndarray
-    mlp_top_idx: np.ndarray
-    mlp_top_act: np.ndarray
-    mlp_top_other: np.ndarray
+    alpha: np.ndarray = stat("attn,head,key")
+    value_norm: np.ndarray = stat("attn,kv,key", dtype=np.float32)
+    residual_norm: np.ndarray = stat("layer,key", dtype=np.float32)
+    cos_first: np.ndarray = stat("attn,head")
+    cos_other: np.ndarray = stat("attn,head")
+    out_norm: np.ndarray = stat("attn,head")
+    mlp_top_idx: np.ndarray = stat("layer,top", dtype=np.int64, fill=-1)
+    mlp_top_act: np.ndarray = stat("layer,top")
+    mlp_top_other: np.ndarray = stat("layer,top")
     massive: list[dict[str, Any]]
-    sink_mass: np.ndarray | None = None
-    gate_mean: np.ndarray | None = None
-    gate_closed: np.ndarray | None = None
-    eps: float = 0.3
+    sink_mass: np.ndarray | None = stat("attn,head", optional=True)
+    gate_mean: np.ndarray | None = stat("attn,head", optional=True)
+    gate_closed: np.ndarray | None = stat("attn,head", optional=True)
+    eps: float = DEFAULT_EPS
     timing: dict[str, float] = field(default_factory=dict)
-    alpha_proxy: np.ndarray | None = None
-    sink_mass_proxy: np.ndarray | None = None
+    alpha_proxy: np.ndarray | None = stat("attn,head,key", optional=True)
+    sink_mass_proxy: np.ndarray | None = stat("attn,head", optional=True)
     unavailable: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def statistics(cls) -> dict[str, dict[str, Any]]:
+        """Field name -> ``{"axes", "dtype", "fill"}`` of every per-sample statistic (see `stat`), optional
+        ones included."""
+        return {f.name: dict(f.metadata) for f in fields(cls) if "axes" in f.metadata}
 
     # ---- sinks -------------------------------------------------------------------------------------------
     def alpha_of(self, proxy: bool = False) -> np.ndarray:
@@ -86,9 +115,7 @@ class SinkProfile:
 
     def head_is_sink(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> np.ndarray:
         """(N, La, H) bool: alpha_k > eps (False where the sample is shorter than k + 1)."""
-        e = self.eps if eps is None else eps
-        a = self.alpha_of(proxy)[..., k]
-        return np.nan_to_num(a, nan=-1.0) > e
+        return is_sink(self.alpha_of(proxy)[..., k], self.eps if eps is None else eps)
 
     def sink_ratio(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> float:
         """``Sink_k^eps``: share of heads whose alpha_k exceeds eps, averaged over the samples (Gu et al.);
@@ -103,14 +130,12 @@ class SinkProfile:
         mass = self.sink_mass_proxy if proxy else self.sink_mass
         if mass is None:
             raise InputError("this model has no sink slot (learned sink, key bias, sink token or softmax + 1)")
-        e = self.eps if eps is None else eps
-        return float((np.nan_to_num(mass, nan=-1.0) > e).mean())
+        return float(is_sink(mass, self.eps if eps is None else eps).mean())
 
     def sink_ratio_by_position(self, eps: float | None = None, *, proxy: bool = False) -> np.ndarray:
         """(T_min,) ``Sink_k^eps`` for every key position present in all samples."""
         t = int(self.lengths.min())
-        e = self.eps if eps is None else eps
-        return (np.nan_to_num(self.alpha_of(proxy)[..., :t], nan=-1.0) > e).mean(axis=(0, 1, 2))
+        return is_sink(self.alpha_of(proxy)[..., :t], self.eps if eps is None else eps).mean(axis=(0, 1, 2))
 
     def top_sinks(self, n: int = 5, eps: float | None = None) -> list[dict[str, float]]:
         """The ``n`` key positions with the highest sink ratio (position 0 included)."""
@@ -128,19 +153,6 @@ class SinkProfile:
         return np.nanmean(self.alpha_of(proxy)[self.lengths > k][..., k], axis=0)
 
     # ---- norms -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _first_vs_median(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """x: (N, ..., T) -> (...,): mean over samples of x[..., 0] / median(x[..., 1:len])."""
-        out = []
-        for i, n in enumerate(lengths):
-            if n < 2:
-                continue
-            med = np.median(x[i, ..., 1:n], axis=-1)
-            out.append(x[i, ..., 0] / np.maximum(med, 1e-30))
-        if not out:
-            return np.full(x.shape[1:-1], np.nan)
-        return np.mean(out, axis=0)
-
     def residual_norm_median_other(self) -> np.ndarray:
         """(L,) per layer, the median residual norm over each sample's non-first tokens, averaged over samples
         (NaN when no sample has a second token)."""
@@ -152,11 +164,11 @@ class SinkProfile:
 
     def residual_ratio(self) -> np.ndarray:
         """(L,) the first token's residual norm over the median other token's, per layer."""
-        return self._first_vs_median(self.residual_norm, self.lengths)
+        return first_vs_median(self.residual_norm, self.lengths)
 
     def value_ratio(self) -> np.ndarray:
         """(La, Hkv) the first token's value norm over the median other token's (small = value drain)."""
-        return self._first_vs_median(self.value_norm, self.lengths)
+        return first_vs_median(self.value_norm, self.lengths)
 
     # ---- export ------------------------------------------------------------------------------------------
     def heads_rows(self) -> list[dict[str, Any]]:
@@ -259,122 +271,49 @@ class SinkProfile:
             "timing_s": self.timing,
         }
 
+    def to_pandas(self) -> pandas.DataFrame:
+        """The per-sample statistics as one long-format DataFrame (needs pandas: ``pip install sinkscope[pandas]``).
 
-class _Collector:
-    """Attention observer plus hook callbacks for one batch; stores reduced numpy arrays per layer."""
+        One row per measured value, per sample (average with ``groupby``): columns ``sample``, ``layer`` (the
+        model's layer index), ``head`` (the query head; the key/value head for ``value_norm``), ``key_position``,
+        ``statistic`` (the `SinkProfile` field name) and ``value``. ``head`` / ``key_position`` are missing
+        (``<NA>``) for statistics without that axis; padded positions and unmeasured entries (NaN) are left out.
+        The MLP top-neuron fields (neuron ids, not positions) are not included.
 
-    def __init__(self, adapter: ModelAdapter, chunk_bytes: int, fused: bool, tick: Any = None) -> None:
-        self.adapter = adapter
-        self.tick = tick
-        self.chunk_bytes = chunk_bytes
-        self.fused = fused
-        self.layer_of = {id(adapter.attention_module(l)): l for l in adapter.attention_layers}
-        self.valid: Tensor | None = None  # (B, T) bool
-        self.attn: dict[int, Any] = {}
-        self.residual: dict[int, Tensor] = {}
-        self.mlp: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self.gate: dict[int, tuple[Tensor, Tensor]] = {}
-        self.massive = MassiveTracker()
-
-    # attention ---------------------------------------------------------------------------------------------
-    def observe(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                scaling: float, **kwargs: Any) -> Tensor | None:
-        layer = self.layer_of.get(id(module))
-        if layer is None or self.valid is None or query.shape[2] != key.shape[2]:
-            return None  # not ours, or a cached decoding step: let the base implementation run
-        out, stats = attention_with_stats(
-            query, key, value, scaling=scaling, mask=attention_mask, query_valid=self.valid, key_valid=self.valid,
-            softcap=kwargs.get("softcap"), sink_logits=kwargs.get("s_aux"),
-            sliding_window=kwargs.get("sliding_window"), compute_output=self.fused, chunk_bytes=self.chunk_bytes,
-        )
-        self.attn[layer] = stats
-        if self.tick is not None:
-            self.tick()
-        return out
-
-    # hooks -------------------------------------------------------------------------------------------------
-    def hooks(self) -> list[tuple[nn.Module, Any, bool]]:
-        a = self.adapter
-        hooks: list[tuple[nn.Module, Any, bool]] = []
-        for l, layer in enumerate(a.layer_modules):
-            hooks.append((layer, lambda x, l=l: self._residual(l, x), False))
-            down = a.mlp_down_module(l)
-            if down is not None:
-                hooks.append((down, lambda x, l=l: self._mlp(l, x), True))
-        if a.spec.gated_q:
-            for l in a.attention_layers:
-                q = a.projection_modules(l)["q"]
-                hooks.append((q, lambda x, l=l: self._gate(l, x), False))
-        return hooks
-
-    def _residual(self, layer: int, x: Tensor) -> None:
-        assert self.valid is not None
-        xf = x.detach().float()
-        self.residual[layer] = xf.norm(dim=-1)  # (B, T)
-        self.massive.update(layer, xf, self.valid)
-
-    def _mlp(self, layer: int, a: Tensor) -> None:
-        assert self.valid is not None
-        self.mlp[layer] = mlp_top_neurons(a, self.valid)
-
-    def _gate(self, layer: int, q_out: Tensor) -> None:
-        assert self.valid is not None
-        g = torch.sigmoid(self.adapter.split_gate(q_out.detach().float()))  # (B, T, H, D)
-        w = self.valid[:, :, None].float()
-        n = w.sum(1).clamp_min(1)  # (B, 1)
-        mean = (g.mean(-1) * w).sum(1) / n
-        closed = ((g < GATE_CLOSED).float().mean(-1) * w).sum(1) / n
-        self.gate[layer] = (mean, closed)
-
-
-def mlp_top_neurons(a: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The first token's largest |MLP hidden activations| and those neurons' median on the other tokens.
-
-    Args:
-        a: MLP hidden activation ``(B, T, F)`` (or ``(B*T, F)``), right-padded rows.
-        valid: ``(B, T)`` bool, real tokens.
-    Returns:
-        ``(idx, vals, med)``, each ``(B, TOP_NEURONS)``: neuron indices, |activation| at position 0, median
-        |activation| of the same neurons over the row's other real tokens (NaN for one-token rows).
-    """
-    B, T = valid.shape
-    af = a.detach().float().abs().reshape(B, T, -1)  # (B, T, F); OPT flattens to (B*T, F)
-    first = af[:, 0]  # right padding: position 0 is each row's first token
-    vals, idx = first.topk(min(TOP_NEURONS, af.shape[-1]), dim=-1)  # (B, k)
-    other = af[:, 1:].gather(2, idx[:, None, :].expand(-1, af.shape[1] - 1, -1))  # (B, T-1, k)
-    med = torch.stack([
-        other[b, : int(valid[b, 1:].sum())].median(dim=0).values if valid[b, 1:].any()
-        else torch.full_like(vals[b], float("nan")) for b in range(af.shape[0])
-    ])
-    return idx, vals, med
-
-
-def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
+        Raises:
+            ImportError: pandas is not installed (with the command that installs it).
+        """
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("SinkProfile.to_pandas needs pandas: pip install 'sinkscope[pandas]'") from e
+        frames = []
+        for name, meta in self.statistics().items():
+            arr = getattr(self, name)
+            axes = meta["axes"]
+            if arr is None or "top" in axes:
+                continue
+            idx = np.nonzero(np.isfinite(arr))  # one index array per axis, NaN (padding, unmeasured) left out
+            cols: dict[str, Any] = {"sample": idx[0]}
+            layers = np.asarray(self.attention_layers if axes[0] == "attn" else range(arr.shape[1]))
+            cols["layer"] = layers[idx[1]]
+            cols["head"] = pd.array(idx[2], dtype="Int64") if len(axes) > 1 and axes[1] in ("head", "kv") else (
+                pd.array([pd.NA] * len(idx[0]), dtype="Int64"))
+            cols["key_position"] = pd.array(idx[-1], dtype="Int64") if axes[-1] == "key" else (
+                pd.array([pd.NA] * len(idx[0]), dtype="Int64"))
+            cols["statistic"] = name
+            cols["value"] = arr[idx].astype(np.float64)
+            frames.append(pd.DataFrame(cols))
+        return pd.concat(frames, ignore_index=True)
 
 
 def model_info(model: nn.Module, adapter: ModelAdapter | None = None) -> dict[str, Any]:
-    """Architecture facts and provenance recorded with every result."""
-    a = adapter or get_adapter(model)
-    src = getattr(model, "sinkscope_source", None)
-    return {
-        "name": getattr(model.config, "name_or_path", "") or getattr(model.config, "_name_or_path", ""),
-        "source": src.to_json() if src is not None else {"kind": "object"},
-        "model_type": a.model_type, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-        "d_model": a.d_model, "d_head": a.d_head, "positions": a.spec.positions, "max_positions": a.max_positions,
-        "attention_layers": a.attention_layers, "learned_sinks": a.spec.sink_param is not None,
-        "output_gate": a.spec.gated_q,
-        "n_params": int(sum(p.numel() for p in model.parameters())),
-    }
+    """Architecture facts and provenance recorded with every result (from the model's collector)."""
+    return collector_for(model, adapter=adapter).model_info()
 
 
 def versions() -> dict[str, str]:
+    """Versions of sinkscope, torch, transformers and Python (recorded with every result)."""
     import transformers
 
     import sinkscope
@@ -383,123 +322,114 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+def _allocate(collector: Collector, N: int, T: int) -> dict[str, np.ndarray | None]:
+    """The arrays of every `SinkProfile` statistic for ``N`` samples of at most ``T`` tokens (None for an
+    optional statistic the collector does not provide)."""
+    size = {"attn": len(collector.attention_layers), "layer": collector.n_layers, "head": collector.n_heads,
+            "kv": collector.n_kv_heads, "key": T, "top": TOP_NEURONS}
+    out: dict[str, np.ndarray | None] = {}
+    for name, f in SinkProfile.statistics().items():
+        optional = next(x for x in fields(SinkProfile) if x.name == name).default is None
+        if optional and name not in collector.provides:
+            out[name] = None
+            continue
+        out[name] = np.full((N, *(size[a] for a in f["axes"])), f["fill"], f["dtype"])
+    return out
+
+
 @torch.no_grad()
 def profile_sinks(
     model: nn.Module,
-    batch: TokenBatch | list[list[int]],
+    batch: TokenBatch | Sequence[Sequence[int]] | Mapping[str, Any],
     *,
-    eps: float = 0.3,
+    eps: float = DEFAULT_EPS,
     batch_size: int = 8,
     fused: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     pad_token_id: int | None = None,
     progress: Any = None,
+    adapter: ModelAdapter | None = None,
+    prefix_len: int = 0,
 ) -> SinkProfile:
     """Measure attention sinks, value drains, residual peaks, massive activations and q-k alignment.
 
     Args:
-        model: a loaded HF causal LM of a supported architecture (any attention implementation), or a
-            :class:`~sinkscope.models.tinygpt.TinyGPT` (measured from its capture points, see
-            `sinkscope.models.tinygpt_adapter`; ``alpha_proxy`` is then set too).
-        batch: a `TokenBatch` (see `sinkscope.inputs`) or plain lists of token ids.
+        model: a loaded HF causal LM of a supported architecture (any attention implementation, any device or
+            dtype, also spread over devices with ``device_map``), or a :class:`~sinkscope.models.tinygpt.TinyGPT`
+            (measured from its capture points; ``alpha_proxy`` is then set too).
+        batch: a `TokenBatch` (see `sinkscope.inputs`), lists of token ids, or a tokenizer's output (a
+            ``BatchEncoding`` or a dict with ``input_ids`` and optionally ``attention_mask``, lists or tensors,
+            left- or right-padded: the mask strips the padding).
         eps: sink threshold for ``Sink_k^eps``.
         batch_size: samples per forward pass (right-padded; padded queries and keys are excluded).
-        fused: compute the attention output inside the chunked statistics pass (one attention computation);
-            if False, the model's SDPA computes the output and the statistics are recomputed from q and k.
-        chunk_bytes: memory budget of one chunk of attention scores.
+        fused: (HF models) compute the attention output inside the chunked statistics pass (one attention
+            computation); if False, the model's attention computes the output and the statistics are recomputed
+            from q and k.
+        chunk_bytes: (HF models) memory budget of one chunk of attention scores.
         pad_token_id: id used for padding (any id works: padded positions are masked).
         progress: optional callable ``progress(done, total)`` called after every attention layer of every
             batch (``total = n_batches * n_attention_layers``).
+        adapter: the model's adapter, if the caller resolved it already (HF models).
+        prefix_len: (tinygpt) prefix-LM length: the first ``prefix_len`` tokens attend bidirectionally.
 
     Returns:
-        A `SinkProfile`.
+        A `SinkProfile`; its statistics are accumulated in fp32/fp64 whatever the model's dtype.
 
     Raises:
         UnsupportedArchitectureError: no adapter for the model.
-        InputError: a sample longer than the model's context, or eps outside (0, 1).
+        InputError: inputs that are not token ids, a sample longer than the model's context or with ids outside
+            its vocabulary, eps outside (0, 1), batch_size < 1.
     """
     if not 0 < eps < 1:
-        raise InputError(f"eps must be in (0, 1), got {eps}")
+        raise InputError(f"eps must be in (0, 1), got {eps}", param="eps")
     if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size}")
-    from sinkscope.models import tinygpt_adapter
-
-    if tinygpt_adapter.is_tinygpt(model):
-        return tinygpt_adapter.profile_tinygpt(model, batch, eps=eps, batch_size=batch_size,
-                                               pad_token_id=pad_token_id, progress=progress)
-    adapter = get_adapter(model)
-    if not isinstance(batch, TokenBatch):
-        batch = TokenBatch([list(map(int, s)) for s in batch], "ids")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size}", param="batch_size")
+    batch = as_token_batch(batch)
+    collector = collector_for(model, fused=fused, chunk_bytes=chunk_bytes, adapter=adapter, prefix_len=prefix_len)
+    collector.check(batch.sequences)
     lengths = np.array(batch.lengths)
-    ctx = adapter.max_positions
-    if ctx is not None and lengths.max() > ctx:
-        raise InputError(f"input of {int(lengths.max())} tokens is longer than the model's context ({ctx})")
-    device = next(model.parameters()).device
-    pad = pad_token_id if pad_token_id is not None else int(getattr(model.config, "pad_token_id", None) or 0)
-    N, T, L, La = len(lengths), int(lengths.max()), adapter.n_layers, len(adapter.attention_layers)
-    H, Hkv = adapter.n_heads, adapter.n_kv_heads
-    nan = np.nan
-    alpha = np.full((N, La, H, T), nan, np.float64)
-    value_norm = np.full((N, La, Hkv, T), nan, np.float32)
-    residual = np.full((N, L, T), nan, np.float32)
-    cos_first, cos_other, out_norm = (np.full((N, La, H), nan) for _ in range(3))
-    sink_mass = np.full((N, La, H), nan) if adapter.spec.sink_param else None
-    gate_mean = np.full((N, La, H), nan) if adapter.spec.gated_q else None
-    gate_closed = np.full((N, La, H), nan) if adapter.spec.gated_q else None
-    mlp_idx = np.full((N, L, TOP_NEURONS), -1, np.int64)
-    mlp_act, mlp_other = np.full((N, L, TOP_NEURONS), nan), np.full((N, L, TOP_NEURONS), nan)
+    N, T = len(lengths), int(lengths.max())
+    arrays = _allocate(collector, N, T)
+    per_key = [n for n, f in SinkProfile.statistics().items() if f["axes"][-1] == "key" and arrays[n] is not None]
+    pad = model_pad_token_id(model, pad_token_id)
 
     n_batches = -(-N // batch_size)
-    steps = {"done": 0, "total": n_batches * La}
+    steps = {"done": 0, "total": n_batches * len(collector.attention_layers)}
 
     def tick() -> None:
         steps["done"] += 1
         if progress is not None:
             progress(steps["done"], steps["total"])
 
-    collector = _Collector(adapter, chunk_bytes, fused, tick)
+    collector.tick = tick
     t0 = time.perf_counter()
     order = np.argsort(-lengths, kind="stable")  # similar lengths together: less padding
-    with observe_attention(model, collector), forward_hooks(collector.hooks()):
+    with collector.installed():
         for start in range(0, N, batch_size):
             rows = order[start:start + batch_size]
-            ids, mask = _pad_right([batch.sequences[i] for i in rows], pad)
-            ids, mask = ids.to(device), mask.to(device)
-            collector.valid = mask.bool()
-            collector.massive.rows = rows
-            collector.attn.clear(), collector.residual.clear(), collector.mlp.clear(), collector.gate.clear()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            t = ids.shape[1]
-            for j, li in enumerate(adapter.attention_layers):
-                s = collector.attn[li]
-                alpha[rows, j, :, :t] = s.alpha.cpu().numpy()
-                value_norm[rows, j, :, :t] = s.value_norm.cpu().numpy()
-                n_cos = s.n_cos.clamp_min(1)[:, None]
-                cos_first[rows, j] = (s.cos_first / n_cos).cpu().numpy()
-                cos_other[rows, j] = (s.cos_other / n_cos).cpu().numpy()
-                out_norm[rows, j] = (s.out_norm / s.n_queries.clamp_min(1)[:, None]).cpu().numpy()
-                if sink_mass is not None and s.sink_mass is not None:
-                    sink_mass[rows, j] = (s.sink_mass / s.n_queries.clamp_min(1)[:, None]).cpu().numpy()
-                if gate_mean is not None and gate_closed is not None and li in collector.gate:
-                    gate_mean[rows, j] = collector.gate[li][0].cpu().numpy()
-                    gate_closed[rows, j] = collector.gate[li][1].cpu().numpy()
-            for l in range(L):
-                residual[rows, l, :t] = collector.residual[l].cpu().numpy()
-                if l in collector.mlp:
-                    i_, v_, m_ = collector.mlp[l]
-                    mlp_idx[rows, l, : i_.shape[1]] = i_.cpu().numpy()
-                    mlp_act[rows, l, : v_.shape[1]] = v_.cpu().numpy()
-                    mlp_other[rows, l, : m_.shape[1]] = m_.cpu().numpy()
+            ids, mask = pad_batch([batch.sequences[i] for i in rows], pad, device=collector.input_device)
+            collector.run(ids, mask, rows)
+            for j, layer in enumerate(collector.attention_layers):  # one copy per record, each to the host
+                _fill(arrays, rows, j, collector.attn.get(layer, {}))
+            for layer in range(collector.n_layers):
+                _fill(arrays, rows, layer, collector.layers.get(layer, {}))
             for i, n in zip(rows, lengths[rows]):  # padded positions are not measurements
-                alpha[i, ..., n:] = nan
-                value_norm[i, ..., n:] = nan
-                residual[i, ..., n:] = nan
+                for name in per_key:
+                    arrays[name][i, ..., n:] = np.nan  # type: ignore[index]
     elapsed = time.perf_counter() - t0
     return SinkProfile(
-        model=model_info(model, adapter), inputs={**batch.to_json(), "versions": versions()},
-        attention_layers=adapter.attention_layers, lengths=lengths, alpha=alpha, value_norm=value_norm,
-        residual_norm=residual, cos_first=cos_first, cos_other=cos_other, out_norm=out_norm,
-        mlp_top_idx=mlp_idx, mlp_top_act=mlp_act, mlp_top_other=mlp_other,
-        massive=collector.massive.summary(), sink_mass=sink_mass, gate_mean=gate_mean,
-        gate_closed=gate_closed, eps=eps, timing={"forward_s": elapsed},
+        model=collector.model_info(), inputs={**batch.to_json(), "versions": versions()},
+        attention_layers=list(collector.attention_layers), lengths=lengths, massive=collector.massive.summary(),
+        eps=eps, timing={"forward_s": elapsed}, unavailable=dict(collector.unavailable), **arrays,
     )
+
+
+def _fill(arrays: dict[str, np.ndarray | None], rows: np.ndarray, index: int, records: dict[str, Any]) -> None:
+    """Copy one layer's records ``{name: (B, ...)}`` into ``arrays[name][rows, index, ...]`` (leading part of
+    each remaining axis: the batch's padded length, or fewer top neurons)."""
+    for name, t in records.items():
+        arr = arrays[name]
+        if arr is None:
+            raise KeyError(f"collector recorded {name!r}, which it does not list in provides")
+        value = t.detach().cpu().numpy()
+        arr[(rows, index, *(slice(0, d) for d in value.shape[1:]))] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import typer
@@ -17,8 +18,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from sinkscope import __version__
+
+        print(f"sinkscope {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
     """Find, measure, explain and fix attention sinks and extreme tokens in transformer LMs."""
 
 
@@ -35,12 +47,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
 
 def _register() -> None:
     for module_name, name, kind in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"sinkscope.cli.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"sinkscope.cli.{module_name}":
-                continue  # subcommand not built yet
-            raise
+        module = importlib.import_module(f"sinkscope.cli.{module_name}")
         if kind == "group":
             app.add_typer(module.app, name=name)
         else:
@@ -50,6 +57,19 @@ def _register() -> None:
 _register()
 
 
+#: library parameter -> CLI flag, where the flag is not ``--`` + the parameter with dashes
+FLAGS: dict[str, str] = {"n_sink": "--sinks"}
+
+
+def user_message(e: SinkscopeError) -> str:
+    """The error's message with the library parameter it names (``e.param``) shown as the CLI flag."""
+    msg = str(e)
+    if e.param:
+        flag = FLAGS.get(e.param, "--" + e.param.replace("_", "-"))
+        msg = re.sub(rf"(?<![\w-]){re.escape(e.param)}\b", flag, msg)
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (`error: ...`) and exit with status 2."""
     try:
@@ -57,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     except SinkscopeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -71,7 +71,7 @@ def load_cli_model(model: str, *, device: str = "cpu", dtype: str = "float32", r
     if revision is not None and source.kind not in ("hub", "manifest"):
         raise InputError(f"--revision applies to hub models; {model!r} is a local {source.kind}")
     check_device(device)
-    from sinkscope.models.load import load_model
+    from sinkscope.plugins import load_model  # the loader that also opens saved patches and training runs
 
     placement: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {"device": device}
     extra: dict[str, Any] = {"revision": revision} if revision is not None else {}

@@ -72,7 +72,7 @@ def _lengths(spec: str) -> list[int]:
 
 
 def _load(model: str):
-    from sinkscope.models.load import load_model
+    from sinkscope.plugins import load_model
 
     return load_model(model)
 
@@ -81,10 +81,6 @@ def _corpus_text(corpus: Optional[Path]) -> str:
     from sinkscope.repetition.corpus import read_corpus
 
     return read_corpus(corpus)
-
-
-def _model_spec(model: str) -> str:
-    return model
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -149,7 +145,7 @@ def _run_circuit(m: Any, tok: Any, out: Path, corpus: Optional[Path], run_words:
                                      per_layer=per_layer, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                      progress=lambda stage, d, t: tick(d, t))
     d = circ.to_json()
-    d["settings"]["corpus"] = str(corpus) if corpus else "built-in paragraphs"
+    d["settings"]["corpus"] = str(corpus) if corpus else "shipped WikiText-2"
     _write_json(out / "circuit.json", d)
     _write_csv(out / "circuit.csv", circ.rows())
     _save_fig(out / "circuit.png", circuit_effects(d["components"]))
@@ -160,7 +156,7 @@ def _run_circuit(m: Any, tok: Any, out: Path, corpus: Optional[Path], run_words:
 def circuit(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     out: Path = typer.Option(..., "--out", "-o"),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text (default: built-in paragraphs)"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text (default: the shipped WikiText-2 text)"),
     words: Optional[str] = typer.Option(None, "--words", help="run words (default: 8 of the patch-building words)"),
     n: int = typer.Option(512, "--n", help="repetitions in the runs measured for firing"),
     mode: str = typer.Option("zero", "--mode", help="zero | mean ablation at token 0"),
@@ -223,7 +219,7 @@ def patch(
         from sinkscope.repetition.direction import dedup_patch
 
         _load(model)  # fails early on a bad model spec
-        p = dedup_patch(base_model=_model_spec(model), window=window, min_cos=min_cos)
+        p = dedup_patch(base_model=model, window=window, min_cos=min_cos)
         save_patch(p, save)
         print(f"saved patch ({p.describe()}) to {save}")
         return
@@ -235,7 +231,7 @@ def patch(
         ws = _words(tok, None, words, None, list(PATCH_WORDS[:8]))
         with _progress("measure directions and runs", 1) as tick:
             p, report = build_direction_patch(m, tok, calibration_sequences(tok, _corpus_text(corpus)), ws,
-                                              base_model=_model_spec(model), n=n or 1024, layer=layer, window=window,
+                                              base_model=model, n=n or 1024, layer=layer, window=window,
                                               min_cos=min_cos, attention_dedup=dedup, batch_size=batch_size)
             tick(1)
         save_patch(p, save)
@@ -258,7 +254,7 @@ def patch(
     else:
         ws = _words(tok, None, words, None, list(PATCH_WORDS[:8]))
         circ, stats = _run_circuit(m, tok, save / "circuit", corpus, ws, n or 512, "zero", False, 8, 24, batch_size)
-    p = build_patch(circ, stats, base_model=_model_spec(model), fire_min=fire_min, margin=margin)
+    p = build_patch(circ, stats, base_model=model, fire_min=fire_min, margin=margin)
     save_patch(p, save)
     print(f"saved patch ({p.describe()}) to {save}")
     for r in p.rules:
@@ -302,7 +298,7 @@ def evaluate(
         ev = evaluate_patch(m, tok, p, ws, ns, seqs, form=form, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, on_batch=on_batch)
     d = ev.to_json()
-    d["settings"].update({"patch": str(patch_dir), "corpus": str(corpus) if corpus else "built-in paragraphs"})
+    d["settings"].update({"patch": str(patch_dir), "corpus": str(corpus) if corpus else "shipped WikiText-2"})
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "evaluation.json", d)
     _write_csv(out / "evaluation.csv", ev.verdicts)

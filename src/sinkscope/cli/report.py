@@ -37,7 +37,7 @@ def command(
 ) -> None:
     """Measure a model's attention sinks, value drains, residual peaks, massive activations, active/dormant heads
     and repeated-token divergence on a built-in mix of inputs; write a self-contained DIR/index.html."""
-    from sinkscope.models.load import load_model
+    from sinkscope.plugins import load_model
     from sinkscope.report.build import build_report, parse_sections
     from sinkscope.report.sections import SECTIONS, ReportOptions
 

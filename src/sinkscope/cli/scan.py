@@ -38,7 +38,8 @@ def build_inputs(tokenizer, *, text: list[str] | None, file: Path | None, random
 
 
 def command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="alias, HF directory, .gguf file, hub id, saved patch or `sinkscope train` run"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory"),
     text: Optional[list[str]] = typer.Option(None, "--text", help="input text (repeat for several samples)"),
     file: Optional[Path] = typer.Option(None, "--file", help="a UTF-8 text file"),
@@ -55,8 +56,9 @@ def command(
 ) -> None:
     """Measure sinks (Sink_k^eps, alpha_k per layer/head), value drains, residual peaks, massive activations and
     q-k alignment; writes profile.json, heads.csv and PNG plots to --out."""
-    from sinkscope.metrics.qk_alignment import qk_alignment
-    from sinkscope.models.load import load_model
+    from sinkscope.analyses.qk_alignment import qk_alignment
+    from sinkscope.models.adapters import get_adapter, has_adapter
+    from sinkscope.plugins import load_model
     from sinkscope.profile import profile_sinks, versions
     from sinkscope.viz.plots import PLOTS
 
@@ -73,17 +75,18 @@ def command(
     t_load = time.perf_counter() - t0
     batch = build_inputs(tokenizer, text=text, file=file, random=random, samples=samples, repeat=repeat,
                          times=times, bos=bos, max_tokens=max_tokens, seed=seed)
+    adapter = get_adapter(lm) if has_adapter(lm) else None  # resolved once for the whole command
     with Progress(TextColumn("[bold]profiling"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("profile", total=None)
-        prof = profile_sinks(lm, batch, eps=eps, batch_size=batch_size,
+        prof = profile_sinks(lm, batch, eps=eps, batch_size=batch_size, adapter=adapter,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     prof.timing["load_s"] = t_load
     result = prof.to_json()
     first = batch.sequences[0]
     sinks = [p["position"] for p in prof.top_sinks(3) if p["position"] < len(first) - 1]
-    if sinks:  # Gu et al.: sink keys align with all queries (a key bias); measured on the first sample
-        result["qk_alignment"] = qk_alignment(lm, first, sinks).to_json()
+    if sinks and adapter is not None:  # Gu et al.: sink keys align with all queries (a key bias); first sample
+        result["qk_alignment"] = qk_alignment(lm, first, sinks, adapter=adapter).to_json()
     result["versions"] = versions()
     result["bos"] = {"policy": bos, "prepended": batch.bos_prepended}
     out_dir = ensure_output_dir(out)
@@ -91,11 +94,13 @@ def command(
     write_csv_atomic(out_dir / "heads.csv", prof.heads_rows())
     for name, plot in PLOTS.items():
         save_figure_atomic(out_dir / name, plot(prof))
-    peak = result["residual_peak"] or {"ratio": float("nan"), "layer": None}
+    peak = result["residual_peak"]
+    peak_text = (f"residual peak {peak['ratio']:.1f}x median at layer {peak['layer']}" if peak
+                 else "no residual peak (no sample has a second token)")
     console.print(
         f"[bold]Sink_0^{eps}[/] = {result['sink_ratio']:.3f} over {len(batch.sequences)} sample(s) of "
         f"{min(batch.lengths)}-{max(batch.lengths)} tokens (BOS prepended: {batch.bos_prepended}); "
-        f"top sinks {[s['position'] for s in result['top_sinks'][:3]]}; residual peak "
-        f"{peak['ratio']:.1f}x median at layer {peak['layer']}. Wrote {out_dir}/profile.json, heads.csv, "
+        f"top sinks {[s['position'] for s in result['top_sinks'][:3]]}; {peak_text}. "
+        f"Wrote {out_dir}/profile.json, heads.csv, "
         f"{len(PLOTS)} plots."
     )

@@ -53,7 +53,7 @@ def eval_command(
     import torch
 
     from sinkscope.inputs import file_inputs
-    from sinkscope.models.load import load_model
+    from sinkscope.plugins import load_model
     from sinkscope.streaming.ppl import evaluate_stream, plot_log_ppl
 
     if tokens < 2:
@@ -117,7 +117,7 @@ def generate_command(
 ) -> None:
     """Generate from a prompt with a sink + window cache at constant memory (endless unless -n is given;
     Ctrl-C stops)."""
-    from sinkscope.models.load import load_model
+    from sinkscope.plugins import load_model
     from sinkscope.streaming.generate import stream_generate
 
     if sinks < 0 or window < 1:

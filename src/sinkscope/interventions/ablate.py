@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from sinkscope.errors import InputError
 from sinkscope.models.adapters import get_adapter
-from sinkscope.repetition.activations import output_projection
 
 KINDS = ("neuron", "head")
 POSITIONS = ("first", "rest", "all")
@@ -78,7 +77,7 @@ def ablate(model: nn.Module, components: Sequence[Component], *, positions: str 
         else:
             if not 0 <= c.index < a.n_heads:
                 raise InputError(f"component {c.name}: the model has {a.n_heads} heads")
-            mod = output_projection(a, c.layer)
+            mod = a.output_projection(c.layer)
             by_module.setdefault(mod, []).append((c, slice(c.index * a.d_head, (c.index + 1) * a.d_head)))
 
     def make_hook(items: list[tuple[Component, slice | int]]) -> Any:

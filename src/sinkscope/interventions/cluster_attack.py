@@ -22,20 +22,18 @@ from torch import Tensor, nn
 
 from sinkscope.capture import forward_hooks
 from sinkscope.errors import InputError
+from sinkscope.inputs import pad_batch
 from sinkscope.interventions.patch import SinkPatch
-from sinkscope.models.adapters import get_adapter
-from sinkscope.repetition.activations import output_projection
-from sinkscope.repetition.generate import greedy_continue, left_pad
+from sinkscope.models.adapters import get_adapter, model_device, pad_token_id
+from sinkscope.models.generate import greedy_continue
 from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
 
 
 def _layer0_norm(model: nn.Module) -> nn.Module:
-    layer = get_adapter(model).layer_modules[0]
-    for name in ("input_layernorm", "ln_1", "input_layer_norm", "self_attn_layer_norm"):
-        m = getattr(layer, name, None)
-        if isinstance(m, nn.Module):
-            return m
-    raise InputError(f"cannot find the pre-attention norm of {type(layer).__name__}")
+    norm = get_adapter(model).attention_norm(0)
+    if norm is None:
+        raise InputError("this architecture has no pre-attention norm in the adapter table")
+    return norm
 
 
 @torch.no_grad()
@@ -48,7 +46,7 @@ def layer0_representations(model: nn.Module, token_ids: Tensor | None = None) ->
     x = _layer0_norm(model).float()(emb)
     v = a.projection_modules(0)["v"].float()(x)  # (V, Hkv*D)
     v = v.view(len(x), a.n_kv_heads, a.d_head).repeat_interleave(a.kv_groups, dim=1).reshape(len(x), -1)
-    return output_projection(a, 0).float()(v)  # (V, d_model)
+    return a.output_projection(0).float()(v)  # (V, d_model)
 
 
 def cosine_kmeans(x: Tensor, k: int, *, iters: int = 15, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -91,9 +89,7 @@ def _fire_score(model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequ
     Neuron rules: ``|a| / threshold``. Direction rules: ``(x . u - value) / (threshold - value)`` (0 at the
     ordinary median, 1 at the top of the ordinary range)."""
     a = get_adapter(model)
-    device = next(model.parameters()).device
-    pad = int(getattr(model.config, "pad_token_id", None) or 0)
-    ids, mask = left_pad(prompts, pad, device)
+    ids, mask = pad_batch(prompts, pad_token_id(model), side="left", device=model_device(model))
     got: dict[str, Tensor] = {}
     hooks = [(a.mlp_down_module(r.layer), (lambda x, r=r: got.__setitem__(f"n{r.layer}", (
               x.detach().float()[..., r.index].abs() / torch.tensor(r.threshold).clamp_min(1e-6)))), True)

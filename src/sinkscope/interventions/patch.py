@@ -23,7 +23,6 @@ No module's ``forward`` is replaced.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sinkscope.artefacts import read_manifest, register_artefact, write_manifest
 from sinkscope.compat import cached_length, find_cache
 from sinkscope.errors import InputError, ModelLoadError
-from sinkscope.models.adapters import get_adapter
+from sinkscope.models.adapters import ModelAdapter, get_adapter
+from sinkscope.models.load import PACKAGED_MODELS, ModelSource, load_model
 
 MANIFEST_KIND = "repeat_patch"
 MANIFEST_VERSION = 2  # version 1 (neuron rules only) still loads
@@ -234,10 +235,10 @@ def dedup_mask(flags: Tensor, mask2d: Tensor | None, n_query: int, dtype: torch.
 class PatchHandle:
     """Installed hooks of a `SinkPatch` on one model; `remove()` (or leaving the ``with`` block) uninstalls."""
 
-    def __init__(self, model: nn.Module, patch: SinkPatch) -> None:
+    def __init__(self, model: nn.Module, patch: SinkPatch, adapter: ModelAdapter | None = None) -> None:
         self.model = model
         self.patch = patch
-        self.adapter = get_adapter(model)
+        self.adapter = adapter or get_adapter(model)
         self._rel: Tensor | None = None
         self._gate: Tensor | None = None
         self._tail: tuple[Tensor, Tensor] | None = None
@@ -365,9 +366,12 @@ class PatchHandle:
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
     def remove(self) -> None:
+        """Uninstall every hook; the model's ``sinkscope_patch`` no longer names this handle."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if getattr(self.model, "sinkscope_patch", None) is self:
+            del self.model.sinkscope_patch
 
     def __enter__(self) -> PatchHandle:
         return self
@@ -376,12 +380,13 @@ class PatchHandle:
         self.remove()
 
 
-def apply_patch(model: nn.Module, patch: SinkPatch) -> PatchHandle:
+def apply_patch(model: nn.Module, patch: SinkPatch, adapter: ModelAdapter | None = None) -> PatchHandle:
     """Install ``patch`` on ``model`` (in place); use as a context manager or call ``.remove()``.
 
-    Example: ``with apply_patch(model, patch): model.generate(...)``.
+    ``model.sinkscope_patch`` names the handle while it is installed. ``adapter``: the model's adapter, if the
+    caller resolved it already. Example: ``with apply_patch(model, patch): model.generate(...)``.
     """
-    handle = PatchHandle(model, patch)
+    handle = PatchHandle(model, patch, adapter)
     model.sinkscope_patch = handle
     return handle
 
@@ -391,33 +396,27 @@ def save_patch(patch: SinkPatch, directory: str | Path, *, base_model: str | Non
 
     The base model is referenced, not copied: local paths are stored absolute.
     """
-    from sinkscope.models.load import MANIFEST_NAME, PACKAGED_MODELS
-
     base = base_model or patch.base_model
     if not base:
         raise InputError("a saved patch needs the base model spec (base_model)")
     if base not in PACKAGED_MODELS and Path(base).expanduser().exists():
         base = str(Path(base).expanduser().resolve())
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     manifest = SinkPatch(patch.rules, base, patch.protect_first, patch.meta, patch.directions, patch.gate,
                          patch.attention_dedup).to_json()
-    tmp = d / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(d / MANIFEST_NAME)
-    return d
+    return write_manifest(directory, manifest)
 
 
 def read_patch(directory: str | Path) -> SinkPatch:
-    from sinkscope.models.load import MANIFEST_NAME
+    """The patch saved in ``directory`` by `save_patch`.
 
-    p = Path(directory) / MANIFEST_NAME
-    if not p.is_file():
-        raise ModelLoadError(f"no {MANIFEST_NAME} in {directory}")
+    Raises:
+        ModelLoadError: no manifest, or not a readable repeat patch.
+    """
+    manifest = read_manifest(directory)
     try:
-        return SinkPatch.from_json(json.loads(p.read_text()))
+        return SinkPatch.from_json(manifest)
     except (KeyError, ValueError, TypeError) as e:
-        raise ModelLoadError(f"broken patch manifest {p}: {e}") from e
+        raise ModelLoadError(f"broken patch manifest in {directory}: {e}") from e
 
 
 def load_patched_model(path: str | Path, **load_kwargs: Any):
@@ -426,8 +425,6 @@ def load_patched_model(path: str | Path, **load_kwargs: Any):
     ``load_kwargs`` are `sinkscope.load_model`'s (dtype, device, device_map, revision, ...), applied to the base.
     Returns ``(model, tokenizer)``; ``model.sinkscope_patch`` is the `PatchHandle`.
     """
-    from sinkscope.models.load import ModelSource, load_model
-
     patch = read_patch(path)
     if Path(patch.base_model).expanduser().resolve() == Path(path).expanduser().resolve():
         raise ModelLoadError(f"{path}: a patch cannot name itself as its base model")
@@ -470,3 +467,6 @@ def build_patch(circuit: Any, stats: Any, *, base_model: str, fire_min: float = 
             "neurons": [{"layer": c.layer, "index": c.index, "effect": c.effect, "fire_run": c.fire_run}
                         for c in chosen]}
     return SinkPatch(rules, base_model, True, meta)
+
+
+register_artefact(MANIFEST_KIND, load_patched_model)

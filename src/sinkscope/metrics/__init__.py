@@ -1,1 +1,1 @@
-"""Extreme-token metrics: sinks, value drains, residual peaks / massive activations, q-k alignment, dormancy."""
+"""Extreme-token statistics: what a sink is (`sink`), attention column statistics in chunks (`attention_stats`), massive activations (`massive`)."""

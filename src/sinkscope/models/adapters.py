@@ -29,6 +29,8 @@ class ArchSpec:
     v: str | None = "v_proj"
     fused_qkv: str | None = None  # name of a fused projection (GPT-2 c_attn, NeoX query_key_value, Phi-3 qkv_proj)
     fused_layout: str = ""  # "concat" (q|k|v along features) or "neox" (per head [q k v])
+    o: str = "o_proj"  # attention output projection W_O inside the attention module (input: heads concatenated)
+    attn_norm: str | None = "input_layernorm"  # the norm before attention, inside the layer (pre-norm models)
     positions: str = "rope"  # rope | rope-partial | learned
     sink_param: str | None = None  # attribute of the attention module holding per-head sink logits
     gated_q: bool = False  # Qwen3-Next style: q_proj outputs [q, gate] per head; output *= sigmoid(gate)
@@ -45,10 +47,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "phi3": ArchSpec("model.layers", "self_attn", "mlp.down_proj", q=None, k=None, v=None,
                      fused_qkv="qkv_proj", fused_layout="concat", positions="rope-partial"),
     "gpt2": ArchSpec("transformer.h", "attn", "mlp.c_proj", q=None, k=None, v=None,
-                     fused_qkv="c_attn", fused_layout="concat", positions="learned", gqa=False),
+                     fused_qkv="c_attn", fused_layout="concat", o="c_proj", attn_norm="ln_1", positions="learned",
+                     gqa=False),
     "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "mlp.dense_4h_to_h", q=None, k=None, v=None,
-                         fused_qkv="query_key_value", fused_layout="neox", positions="rope-partial", gqa=False),
-    "opt": ArchSpec("model.decoder.layers", "self_attn", "fc2", positions="learned", gqa=False),
+                         fused_qkv="query_key_value", fused_layout="neox", o="dense", positions="rope-partial",
+                         gqa=False),
+    "opt": ArchSpec("model.decoder.layers", "self_attn", "fc2", o="out_proj", attn_norm="self_attn_layer_norm",
+                   positions="learned", gqa=False),
     "gpt_oss": ArchSpec("model.layers", "self_attn", None, sink_param="sinks"),
     "qwen3_next": ArchSpec("model.layers", "self_attn", None, gated_q=True, attn_type_attr="layer_types"),
 }
@@ -149,6 +154,15 @@ class ModelAdapter:
             return {"qkv": getattr(attn, self.spec.fused_qkv)}
         return {n: getattr(attn, getattr(self.spec, n)) for n in ("q", "k", "v")}
 
+    def output_projection(self, layer: int) -> nn.Module:
+        """The attention output projection W_O of ``layer``; its input is the head outputs concatenated,
+        ``(B, T, H * D)``."""
+        return getattr(self.attention_module(layer), self.spec.o)
+
+    def attention_norm(self, layer: int) -> nn.Module | None:
+        """The norm applied to the residual stream before ``layer``'s attention (None if the table has none)."""
+        return _get(self.layer_modules[layer], self.spec.attn_norm) if self.spec.attn_norm else None
+
     def scaling(self, layer: int) -> float:
         """Factor multiplying q.k before softmax (OPT folds it into q_proj, reported as d_head**-0.5)."""
         attn = self.attention_module(layer)
@@ -185,6 +199,27 @@ class ModelAdapter:
             return q, k, v
         q, k, v = fused.split([H * D, Hkv * D, Hkv * D], dim=-1)
         return q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+
+
+def pad_token_id(model: nn.Module, override: int | None = None) -> int:
+    """The id to pad batches with: ``override``, else the model config's ``pad_token_id``, else 0.
+
+    Any id works where padded positions are masked (every measurement here masks them).
+    """
+    if override is not None:
+        return int(override)
+    return int(getattr(getattr(model, "config", None), "pad_token_id", None) or 0)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model takes its inputs: the device of its first parameter (its embedding, also under a
+    ``device_map`` that spreads layers over several devices)."""
+    return next(model.parameters()).device
+
+
+def has_adapter(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers model of an architecture in the table."""
+    return getattr(getattr(model, "config", None), "model_type", None) in ARCHITECTURES
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

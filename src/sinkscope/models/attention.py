@@ -4,7 +4,7 @@ Every entry turns ``q (B, H, Q, D)``, ``k (B, H, K, D)``, a boolean visibility `
 additive logit bias ``(H, Q, K)`` (ALiBi) into the weights the layer actually uses, ``(B, H, Q, K)``; the layer
 then outputs ``weights @ v``. Masked entries are exactly 0. Kinds whose rows need not sum to one (sigmoid, relu,
 elu1, softmax1) are measured both from these weights and from Gu et al.'s row-normalised proxy
-(:func:`row_normalised`).
+(`sinkscope.metrics.sink.row_normalised`).
 
 >>> import torch
 >>> q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
@@ -126,20 +126,3 @@ def elu1_norm_attention(q: Tensor, k: Tensor, mask: Tensor, logit_bias: Tensor |
 
 
 ATTENTION_FNS.freeze()
-
-
-def row_normalised(weights: Tensor, slot: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """Gu et al.'s proxy for non-softmax kinds: ``|w| / sum |w|`` per row, over real keys plus the sink slot.
-
-    Args:
-        weights: ``(B, H, Q, K)`` attention weights as used.
-        slot: ``(B, H, Q)`` weight on a bias key / virtual key, or None.
-    Returns:
-        The normalised weights ``(B, H, Q, K)`` and slot ``(B, H, Q)`` (None when ``slot`` is None).
-    """
-    w = weights.abs()
-    total = w.sum(-1)
-    if slot is not None:
-        total = total + slot.abs()
-    total = total.clamp_min(1e-12)
-    return w / total[..., None], (None if slot is None else slot.abs() / total)

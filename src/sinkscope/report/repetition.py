@@ -4,7 +4,7 @@ effect of the gated first-token-direction patch, measured with the repeated-toke
 
 Sizes are small so that the whole report stays within minutes on a CPU: a short word list, a few lengths, short
 continuations, first-token *neurons* only (ablating every head is left to ``sinkscope repeat``). If the
-repeated-token library is missing or fails, the section fails with its error and the rest of the report renders.
+analysis fails, the section fails with its error and the rest of the report renders.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from typing import Any
 import numpy as np
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.repetition.activations import neuron_stats
+from sinkscope.repetition.circuit import localise_sink_circuit
+from sinkscope.repetition.scan import ScanPlan, scan_repetition, summarise
 from sinkscope.report import explain
+from sinkscope.tasks.repeated_tokens import run_token_id
 from sinkscope.viz.report import Section
 
 #: Tokens per ordinary-text sequence used to find the circuit (4 sequences of the built-in prose).
@@ -29,19 +33,7 @@ CIRCUIT_RUN_WORDS = 2
 
 
 class RepetitionUnavailable(SinkscopeError):
-    """The repeated-token analysis is not available in this installation."""
-
-
-def _library() -> dict[str, Any]:
-    try:
-        from sinkscope.repetition.activations import neuron_stats
-        from sinkscope.repetition.circuit import localise_sink_circuit
-        from sinkscope.repetition.scan import ScanPlan, scan_repetition, summarise
-        from sinkscope.tasks.repeated_tokens import run_token_id
-    except ImportError as e:  # the repetition issue's modules are optional for the report
-        raise RepetitionUnavailable(f"the repeated-token library is not available: {e}") from e
-    return {"neuron_stats": neuron_stats, "localise_sink_circuit": localise_sink_circuit, "ScanPlan": ScanPlan,
-            "scan_repetition": scan_repetition, "summarise": summarise, "run_token_id": run_token_id}
+    """The repeated-token analysis cannot run on this model (e.g. no report word is a single token)."""
 
 
 def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
@@ -50,20 +42,19 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
     from sinkscope.repetition.corpus import chat_samples
     from sinkscope.viz import report_plots
 
-    lib = _library()
     o = ctx.options
     model, tok = ctx.model, ctx.tokenizer
     words = []
     for w in o.repeat_words:
         try:
-            lib["run_token_id"](tok, w)
+            run_token_id(tok, w)
             words.append(w)
         except SinkscopeError:
             continue
     if not words:
         raise RepetitionUnavailable("none of the report's repeat words is a single token for this tokenizer")
     lengths = sorted(o.repeat_lengths)
-    plan = lib["ScanPlan"](words=words, lengths=lengths, forms=["instruct"], max_new_tokens=o.repeat_new_tokens,
+    plan = ScanPlan(words=words, lengths=lengths, forms=["instruct"], max_new_tokens=o.repeat_new_tokens,
                            batch_size=len(words), sinkness_words=words[:1])
     n_cells = len(words) * len(lengths)
     steps = n_cells + 2  # cells, circuit, patch
@@ -72,10 +63,10 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
              f"repetition (Yona et al. 2503.08908). Words: {', '.join(words)}; N = {', '.join(map(str, lengths))}.")
     tmp = Path(tempfile.mkdtemp(prefix="sinkscope-report-repeat-"))
     try:
-        cells = lib["scan_repetition"](model, tok, plan, tmp, on_cells=lambda d, t: progress(d, steps))
+        cells = scan_repetition(model, tok, plan, tmp, on_cells=lambda d, t: progress(d, steps))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rates = lib["summarise"](cells)
+    rates = summarise(cells)
     rate_by_n = {int(r["n"]): float(r["rate"]) for r in rates}
     sec.data.update({"words": words, "lengths": lengths, "form": "instruct", "rates": rate_by_n,
                      "summary": rates})
@@ -90,8 +81,8 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
     n_runs = lengths[-2] if len(lengths) > 1 else n_max
     if o.circuit_per_layer > 0:
         try:
-            stats = lib["neuron_stats"](model, text_seqs)
-            circuit = lib["localise_sink_circuit"](
+            stats = neuron_stats(model, text_seqs)
+            circuit = localise_sink_circuit(
                 model, tok, text_seqs, stats, heads=False, per_layer=o.circuit_per_layer,
                 run_words=words[:CIRCUIT_RUN_WORDS], run_length=n_runs, max_new_tokens=o.repeat_new_tokens,
                 batch_size=len(words))

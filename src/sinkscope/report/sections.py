@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from sinkscope.analyses.dormant import DormancyReport, dormancy_from_profiles
 from sinkscope.domains import domain_batch
-from sinkscope.metrics.dormant import DormancyReport, dormancy_from_profiles
-from sinkscope.models.adapters import get_adapter
+from sinkscope.models.adapters import ModelAdapter, get_adapter
 from sinkscope.profile import SinkProfile, model_info, profile_sinks, versions
 from sinkscope.registry import Registry
 from sinkscope.report import explain
@@ -68,17 +69,23 @@ class ReportContext:
     profiles: dict[str, SinkProfile] = field(default_factory=dict)
     dormancy: DormancyReport | None = None
 
+    @cached_property
+    def adapter(self) -> ModelAdapter:
+        """The model's adapter, resolved once for the whole report."""
+        return get_adapter(self.model)
+
     def get_profiles(self, kinds: tuple[str, ...], progress: Progress | None = None) -> dict[str, SinkProfile]:
         """Profiles of the built-in input kinds, computed once each (progress counts attention layers)."""
         o = self.options
-        La = len(get_adapter(self.model).attention_layers)
+        La = len(self.adapter.attention_layers)
         per = -(-o.samples // o.batch_size) * La
         todo = [k for k in kinds if k not in self.profiles]
         total = max(1, per * len(todo))
         for i, kind in enumerate(todo):
             batch = domain_batch(self.tokenizer, kind, n_tokens=o.n_tokens, samples=o.samples, seed=o.seed)
             cb = (lambda d, _t, s=i * per: progress(s + d, total)) if progress is not None else None
-            self.profiles[kind] = profile_sinks(self.model, batch, eps=o.eps, batch_size=o.batch_size, progress=cb)
+            self.profiles[kind] = profile_sinks(self.model, batch, eps=o.eps, batch_size=o.batch_size, progress=cb,
+                                                adapter=self.adapter)
         if progress is not None:
             progress(total, total)
         return {k: self.profiles[k] for k in kinds}
@@ -100,8 +107,8 @@ def section(key: str, title: str) -> Callable[[SectionFn], SectionFn]:
 @section("model", "Model card")
 def model_card(ctx: ReportContext, sec: Section, progress: Progress) -> None:
     """Architecture, positions, context, provenance, versions (the timings are added by the builder)."""
-    info = model_info(ctx.model)
-    a = get_adapter(ctx.model)
+    a = ctx.adapter
+    info = model_info(ctx.model, a)
     tok = ctx.tokenizer
     bos_added = bool(tok("", add_special_tokens=True)["input_ids"]) and getattr(tok, "bos_token_id", None) is not None
     windows = sorted({w for w in (a.sliding_window(l) for l in a.attention_layers) if w})

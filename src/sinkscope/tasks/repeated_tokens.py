@@ -200,7 +200,8 @@ def parse_lengths(spec: str) -> list[int]:
             return log_lengths(lo, hi)
         vals = sorted({int(x) for x in s.split(",") if x.strip()})
     except ValueError:
-        raise InputError(f"bad --lengths {spec!r}: give 'LO..HI' or a comma list of integers") from None
+        raise InputError(f"bad lengths {spec!r}: give 'LO..HI' or a comma list of integers",
+                         param="lengths") from None
     if not vals or vals[0] < 1:
         raise InputError(f"repetition lengths must be positive integers, got {spec!r}")
     return vals

@@ -30,9 +30,9 @@ def encode(text: str, tokenizer: str) -> tuple[Tensor, int, int]:
     if tokenizer == "bytes":
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long), 257, 256
     if tokenizer == "smollm2":
-        from sinkscope.models.load import load_model
+        from sinkscope.models.load import load_tokenizer
 
-        _, tok = load_model("smollm2-135m")  # the embedded model's tokenizer (~1 s once cached)
+        tok = load_tokenizer("smollm2-135m")  # the embedded model's tokenizer, without its weights
         ids = tok(text, add_special_tokens=False)["input_ids"]
         bos = tok.bos_token_id if tok.bos_token_id is not None else 0
         return torch.tensor(ids, dtype=torch.long), len(tok), int(bos)

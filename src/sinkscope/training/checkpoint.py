@@ -1,15 +1,16 @@
-"""Training checkpoints: written atomically (temp file + rename), checked against the run's config on load."""
+"""Training checkpoints: written atomically (`sinkscope.io.write_atomic`), read without unpickling code
+(``torch.load(weights_only=True)``), checked against the run's config on load."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.io import write_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -19,32 +20,15 @@ class CheckpointError(SinkscopeError):
     """A checkpoint is unreadable, or was written by a different model/optimiser/data config."""
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Save ``state`` (tensors, optimiser state, python scalars) atomically: a crash never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": FORMAT_VERSION, **state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Save ``state`` atomically: a crash never leaves half a file.
+
+    ``state`` holds only what ``torch.load(weights_only=True)`` reads back: tensors, dicts, lists, tuples,
+    strings and numbers (model and optimiser state dicts, the RNG state tensor, the config fingerprint).
+    """
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, **state}, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -62,12 +46,16 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Load a checkpoint and check it belongs to a run with this config ``fingerprint``.
 
+    The file is read with ``weights_only=True``: a checkpoint that carries a pickled object (code) is refused
+    before anything in it runs.
+
     Raises:
-        CheckpointError: the file cannot be read (corrupt/truncated), has an unknown format, or was written by
-            a run whose model/data/optimiser settings differ (the message names the first differing key).
+        CheckpointError: the file cannot be read (corrupt/truncated, or it holds pickled objects other than
+            tensors and plain containers), has an unknown format, or was written by a run whose
+            model/data/optimiser settings differ (the message names the first differing key).
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({msg[:120]})") from None

@@ -8,10 +8,7 @@ global batch. Rank 0 evaluates, logs and checkpoints.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,26 +72,3 @@ def barrier(ctx: DistContext) -> None:
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, world_size: int, port: int, cfg_dict: dict[str, Any], out: str, threads: int) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
-    torch.set_num_threads(threads)
-    from sinkscope.training.config import config_from_dict
-    from sinkscope.training.loop import train
-
-    train(config_from_dict(cfg_dict), Path(out), progress=False)
-
-
-def run_local_processes(cfg_dict: dict[str, Any], out: str | Path, world_size: int = 2, threads: int = 1) -> None:
-    """Run one training config as ``world_size`` local CPU processes (gloo), like ``torchrun --nproc_per_node``."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(world_size, free_port(), cfg_dict, str(out), threads), nprocs=world_size, join=True)

@@ -25,7 +25,8 @@ from torch import nn
 
 from sinkscope.models.tinygpt import TinyGPT
 from sinkscope.tasks.batch import LMBatch
-from sinkscope.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_atomic
+from sinkscope.io import save_figure_atomic, write_atomic
+from sinkscope.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from sinkscope.training.config import ConfigError, DataConfig, RunConfig
 from sinkscope.training.ddp import DistContext, all_reduce_sum, barrier, init_distributed, shutdown
 from sinkscope.training.metrics import measure_model
@@ -236,7 +237,7 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
              "world_size": ctx.world_size, "device": str(ctx.device), "params": model.num_params()}
     write_atomic(out / "final.json", json.dumps(final, indent=1))
     if tc.plots:
-        from sinkscope.training.plots import plot_dynamics, save_figure
+        from sinkscope.training.plots import plot_dynamics
 
-        save_figure(plot_dynamics(rows, title=out.name), out / "dynamics.png")
+        save_figure_atomic(out / "dynamics.png", plot_dynamics(rows, title=out.name, eps=tc.eps), dpi=100)
     return RunResult(out, rows, final, wall)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -12,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def plot_dynamics(rows: list[dict[str, Any]], title: str = "") -> Figure:
-    """Five panels over training steps from ``metrics.jsonl`` rows (data -> Figure, no I/O)."""
+def plot_dynamics(rows: list[dict[str, Any]], title: str = "", eps: float | None = None) -> Figure:
+    """Five panels over training steps from ``metrics.jsonl`` rows (data -> Figure, no I/O); ``eps``: the sink
+    threshold the run measured with (``train.eps``), shown in the sink panel's title."""
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 5, figsize=(22, 4))
     ax = axes[0]
@@ -29,7 +29,7 @@ def plot_dynamics(rows: list[dict[str, Any]], title: str = "") -> Figure:
         if key in rows[-1]:
             ax.plot(steps, [r.get(key) for r in rows], label=key)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Sink_0 (eps 0.3)")
+    ax.set_title("Sink_0" if eps is None else f"Sink_0 (eps {eps:g})")
     ax.legend(fontsize=7)
     panels = [("bos_attention", "mean attention on first token"), ("bos_value_norm", "first-token value norm / median"),
               ("bos_residual_norm", "first-token residual norm / median")]
@@ -47,12 +47,3 @@ def plot_dynamics(rows: list[dict[str, Any]], title: str = "") -> Figure:
     fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def save_figure(fig: Figure, path: str | Path) -> None:
-    """Write a figure as PNG through a temporary file (atomic) and close it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
-    plt.close(fig)

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from sinkscope.metrics.sink import is_sink  # noqa: E402
 from sinkscope.profile import SinkProfile  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def sink_heatmap(profile: SinkProfile, k: int = 0) -> Figure:
     a = profile.alpha_mean(k)  # (La, H)
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * a.shape[1] + 2), max(3, 0.22 * a.shape[0] + 1.5)))
     im = ax.imshow(a, aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower")
-    ys, xs = np.nonzero(a > profile.eps)
+    ys, xs = np.nonzero(is_sink(a, profile.eps))
     ax.scatter(xs, ys, marker=".", s=8, c="cyan", label=f"alpha > {profile.eps}")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +16,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from sinkscope.io import figure_bytes  # noqa: E402
 
 
 def esc(x: Any) -> str:
@@ -28,12 +28,7 @@ def esc(x: Any) -> str:
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     """PNG bytes of a figure; the figure is closed."""
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+    return figure_bytes(fig, "png", dpi)
 
 
 def figure_html(fig: Figure, caption: str = "", dpi: int = 100) -> str:

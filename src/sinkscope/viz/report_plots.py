@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from sinkscope.metrics.dormant import DormancyReport  # noqa: E402
+from sinkscope.analyses.dormant import DormancyReport  # noqa: E402
 from sinkscope.profile import SinkProfile  # noqa: E402
 
 
@@ -109,13 +109,13 @@ def massive_by_layer(profile: SinkProfile) -> Figure:
 def dormancy_heatmaps(report: DormancyReport) -> Figure:
     """alpha_0 per head on each domain, then the dependence (max - min over domains), layer x head."""
     D = len(report.domains)
-    La, H = report.sink_mass.shape[1:]
+    La, H = report.alpha0.shape[1:]
     fig, axes = plt.subplots(1, D + 1, figsize=(max(5.0, (0.3 * H + 1.2) * (D + 1) + 1.5),
                                                 max(3.0, 0.16 * La + 1.4)), squeeze=False)
     im = None
     for d, name in enumerate(report.domains):
         ax = axes[0, d]
-        im = ax.imshow(report.sink_mass[d], aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower")
+        im = ax.imshow(report.alpha0[d], aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower")
         ax.set_title(f"alpha_0 on {name}", fontsize=9)
         ax.set_xlabel("head")
         if d == 0:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sinkscope.errors import InputError
-from sinkscope.metrics.qk_alignment import qk_alignment
+from sinkscope.analyses.qk_alignment import qk_alignment
 from sinkscope.models.tiny import tiny_model
 from sinkscope.profile import profile_sinks
 

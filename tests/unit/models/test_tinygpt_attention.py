@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from sinkscope.collectors.tinygpt import capture_tinygpt
 from sinkscope.errors import InputError
-from sinkscope.models.attention import ATTENTION_FNS, row_normalised
+from sinkscope.metrics.sink import column_alpha, row_normalised
+from sinkscope.models.attention import ATTENTION_FNS
 from sinkscope.models.tinygpt import TinyGPT, TinyGPTConfig, attention_mask
-from sinkscope.training.metrics import capture_tinygpt, column_alpha
 
 
 def _cfg(**kw) -> TinyGPTConfig:

@@ -11,11 +11,10 @@ from sinkscope.interventions.patch import NeuronRule, SinkPatch
 @torch.no_grad()
 def test_layer0_closed_form_matches_attention_output(tiny_llama):
     from sinkscope.capture import forward_hooks
-    from sinkscope.repetition.activations import output_projection
     from sinkscope.models.adapters import get_adapter
 
     got = {}
-    o = output_projection(get_adapter(tiny_llama), 0)
+    o = get_adapter(tiny_llama).output_projection(0)
     with forward_hooks([(o, lambda x: got.__setitem__("out", x), False)]):
         tiny_llama(input_ids=torch.tensor([[7]]))
     rep = layer0_representations(tiny_llama, torch.tensor([7]))

@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
+from sinkscope.analyses.dormant import DormancyReport, find_dormant_heads
 from sinkscope.capture import attention_probs_eager
 from sinkscope.errors import InputError
 from sinkscope.inputs import TokenBatch
-from sinkscope.metrics.dormant import DormancyReport, find_dormant_heads
 from sinkscope.models.tiny import tiny_model, tiny_tokenizer
 
 
 def test_golden_classification_and_ranking() -> None:
     sink = np.array([[[0.9, 0.1, 0.9]], [[0.8, 0.2, 0.1]]])  # (D=2, La=1, H=3)
     out = np.array([[[1.0, 2.0, 0.5]], [[1.0, 2.0, 2.0]]])
-    rep = DormancyReport(domains=["text", "code"], attention_layers=[0], sink_mass=sink, out_norm=out,
+    rep = DormancyReport(domains=["text", "code"], attention_layers=[0], alpha0=sink, out_norm=out,
                          threshold=0.5)
     assert rep.classify().tolist() == [["dormant", "active", "switching"]]
     np.testing.assert_allclose(rep.dependence(), [[0.1, 0.1, 0.8]])
@@ -42,13 +42,13 @@ def test_sink_mass_equals_eager_attention_on_token_0() -> None:
     domains = {"a": _batch(1), "b": _batch(2, T=9)}
     calls = []
     rep = find_dormant_heads(model, None, domains, batch_size=2, progress=lambda d, t: calls.append((d, t)))
-    assert rep.domains == ["a", "b"] and rep.sink_mass.shape == (2, 2, 4) and rep.out_norm.shape == (2, 2, 4)
+    assert rep.domains == ["a", "b"] and rep.alpha0.shape == (2, 2, 4) and rep.out_norm.shape == (2, 2, 4)
     for d, batch in enumerate(domains.values()):
         ids = torch.tensor(batch.sequences)
         A = torch.stack(attention_probs_eager(model, ids)).double()  # (La, B, H, Q, K)
         T = ids.shape[1]
         alpha0 = (A[..., 0].sum(-1) / T).mean(1)  # mean over queries (all see key 0), then samples: (La, H)
-        np.testing.assert_allclose(rep.sink_mass[d], alpha0.numpy(), atol=1e-5)
+        np.testing.assert_allclose(rep.alpha0[d], alpha0.numpy(), atol=1e-5)
     assert (rep.out_norm > 0).all()
     assert calls[-1][0] == calls[-1][1] == 2 * 2 * 2  # 2 domains x 2 batches x 2 layers
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)

@@ -16,7 +16,7 @@ from sinkscope.errors import InputError
 from sinkscope.inputs import TokenBatch
 from sinkscope.models.tinygpt import TinyGPT, TinyGPTConfig, attention_mask
 from sinkscope.profile import profile_sinks
-from sinkscope.training.metrics import capture_tinygpt
+from sinkscope.collectors.tinygpt import capture_tinygpt
 
 TOL = 1e-5
 V = 17
@@ -214,7 +214,7 @@ def test_scan_outputs_and_unavailable_fields(tmp_path: Path) -> None:
 
 
 def test_trained_run_directory_profiles_like_its_final_row(corpus: Path, tmp_path: Path) -> None:
-    from sinkscope.models.tinygpt_adapter import load_trained
+    from sinkscope.training.run import load_trained
     from sinkscope.training.config import config_from_dict
     from sinkscope.training.loop import _eval_batch, build_task, train
 

@@ -45,7 +45,7 @@ def test_run_outputs_and_exact_resume(tiny_cfg: RunConfig, tmp_path: Path) -> No
 
 
 def test_ddp_two_cpu_processes_match_single(corpus: Path, tmp_path: Path) -> None:
-    from sinkscope.training.ddp import run_local_processes
+    from sinkscope.training.launch import run_local_processes
 
     d = tiny_dict(corpus, train={"steps": 4, "eval_every": 2, "ckpt_every": 4})
     single = train(config_from_dict(d), tmp_path / "single", progress=False)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from sinkscope.capture import observe_attention
 from sinkscope.errors import InputError
-from sinkscope.models.adapters import get_adapter
+from sinkscope.models.adapters import ModelAdapter, get_adapter, model_device
 
 #: Histogram bin edges of the cosine distributions.
 COS_BINS = np.linspace(-1.0, 1.0, 41)
@@ -82,7 +82,7 @@ class _AlignmentObserver:
 
 @torch.no_grad()
 def qk_alignment(model: nn.Module, ids: list[int], positions: list[int] | None = None,
-                 n_other: int = 64) -> QKAlignment:
+                 n_other: int = 64, adapter: ModelAdapter | None = None) -> QKAlignment:
     """Cosine between queries and the keys at ``positions`` (default: the first token) in one sequence.
 
     Args:
@@ -90,6 +90,7 @@ def qk_alignment(model: nn.Module, ids: list[int], positions: list[int] | None =
         ids: one token sequence.
         positions: sink key positions (e.g. ``[p["position"] for p in profile.top_sinks()]``).
         n_other: how many evenly spaced non-sink keys to use as the comparison baseline.
+        adapter: the model's adapter, if the caller resolved it already.
 
     Shapes: see `QKAlignment`.
     """
@@ -98,10 +99,10 @@ def qk_alignment(model: nn.Module, ids: list[int], positions: list[int] | None =
         raise InputError("empty input")
     if positions[0] < 0 or positions[-1] >= len(ids) - 1:
         raise InputError(f"sink positions must lie in [0, {len(ids) - 2}] for a {len(ids)}-token input")
-    adapter = get_adapter(model)
+    adapter = adapter or get_adapter(model)
     layer_of = {id(adapter.attention_module(l)): l for l in adapter.attention_layers}
     obs = _AlignmentObserver(layer_of, positions, n_other)
-    device = next(model.parameters()).device
+    device = model_device(model)
     with observe_attention(model, obs):
         model(input_ids=torch.tensor([ids], device=device), use_cache=False)
     layers = adapter.attention_layers

@@ -31,16 +31,16 @@ DORMANT_THRESHOLD = 0.5
 
 @dataclass
 class DormancyReport:
-    """Per-head sink mass and output norm on several input domains.
+    """Per-head attention on the first token (alpha_0) and output norm on several input domains.
 
     Shapes (D domains, La attention layers, H heads):
-        sink_mass: (D, La, H) mean alpha_0 (attention on token 0, averaged over queries and samples).
+        alpha0: (D, La, H) mean alpha_0 (attention on token 0, averaged over queries and samples).
         out_norm: (D, La, H) mean ||head output|| (before W_O), averaged over queries and samples.
     """
 
     domains: list[str]
     attention_layers: list[int]
-    sink_mass: np.ndarray
+    alpha0: np.ndarray
     out_norm: np.ndarray
     threshold: float = DORMANT_THRESHOLD
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -48,11 +48,11 @@ class DormancyReport:
 
     def dormant(self) -> np.ndarray:
         """(D, La, H) bool: the head is dormant on the domain (alpha_0 >= threshold)."""
-        return np.nan_to_num(self.sink_mass, nan=0.0) >= self.threshold
+        return np.nan_to_num(self.alpha0, nan=0.0) >= self.threshold
 
     def dependence(self) -> np.ndarray:
         """(La, H) range of alpha_0 over the domains (max - min), in [0, 1]."""
-        return np.nanmax(self.sink_mass, axis=0) - np.nanmin(self.sink_mass, axis=0)
+        return np.nanmax(self.alpha0, axis=0) - np.nanmin(self.alpha0, axis=0)
 
     def out_norm_ratio(self) -> np.ndarray:
         """(La, H) largest over smallest output norm across domains (>= 1; large = the head switches on)."""
@@ -73,8 +73,8 @@ class DormancyReport:
         dep, cls, ratio = self.dependence(), self.classify(), self.out_norm_ratio()
         rows = []
         for li, layer in enumerate(self.attention_layers):
-            for h in range(self.sink_mass.shape[2]):
-                s = self.sink_mass[:, li, h]
+            for h in range(self.alpha0.shape[2]):
+                s = self.alpha0[:, li, h]
                 row: dict[str, Any] = {
                     "layer": layer, "head": h, "class": str(cls[li, h]), "dependence": float(dep[li, h]),
                     "most_dormant_on": self.domains[int(np.nanargmax(s))],
@@ -106,7 +106,7 @@ class DormancyReport:
             "n_active": int((cls == "active").sum()),
             "n_switching": int((cls == "switching").sum()),
             "dormant_share": {n: float(dormant[d].mean()) for d, n in enumerate(self.domains)},
-            "mean_alpha0": {n: float(np.nanmean(self.sink_mass[d])) for d, n in enumerate(self.domains)},
+            "mean_alpha0": {n: float(np.nanmean(self.alpha0[d])) for d, n in enumerate(self.domains)},
             "mean_dependence": float(np.nanmean(dep)),
             "most_dependent": {k: top[k] for k in ("layer", "head", "dependence", "most_dormant_on",
                                                    "most_active_on")},
@@ -116,7 +116,7 @@ class DormancyReport:
         return {
             "domains": self.domains, "attention_layers": self.attention_layers, "threshold": self.threshold,
             "inputs": self.inputs, "summary": self.summary(),
-            "sink_mass": self.sink_mass.tolist(), "out_norm": self.out_norm.tolist(),
+            "alpha0": self.alpha0.tolist(), "out_norm": self.out_norm.tolist(),
         }
 
 
@@ -138,7 +138,7 @@ def dormancy_from_profiles(profiles: Mapping[str, SinkProfile], *, threshold: fl
     first = profiles[names[0]]
     sink = np.stack([profiles[n].alpha_mean(0) for n in names])  # (D, La, H)
     out = np.stack([np.nanmean(profiles[n].out_norm, axis=0) for n in names])  # (D, La, H)
-    return DormancyReport(domains=names, attention_layers=list(first.attention_layers), sink_mass=sink,
+    return DormancyReport(domains=names, attention_layers=list(first.attention_layers), alpha0=sink,
                           out_norm=out, threshold=threshold, inputs={n: profiles[n].inputs for n in names},
                           profiles=dict(profiles))
 
@@ -172,7 +172,7 @@ def find_dormant_heads(
         A `DormancyReport` (rows sorted by how much the head depends on the domain).
 
     Shapes:
-        report.sink_mass, report.out_norm: (D, La, H).
+        report.alpha0, report.out_norm: (D, La, H).
 
     Raises:
         InputError: fewer than two domains, an unknown domain name, or empty inputs.
