@@ -70,6 +70,10 @@ def user_message(e: SinkscopeError) -> str:
     return msg
 
 
+INTERRUPTED = ("interrupted; resume with the same command (train, repeat scan and repeat evaluate continue where "
+               "they stopped; nothing half-written is left behind)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line (`error: ...`) and exit with status 2."""
     try:
@@ -80,19 +84,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except Exception as e:  # click's (typer-vendored) usage errors: one line, no usage box
         if type(e).__name__ == "NoArgsIsHelpError":
             print(e.ctx.get_help())  # type: ignore[attr-defined]
             return 0
-        if type(e).__name__ == "Abort":
-            print("aborted", file=sys.stderr)
+        if type(e).__name__ == "Abort":  # click turns Ctrl-C inside a command into Abort
+            print(INTERRUPTED, file=sys.stderr)
             return 130
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             print(f"error: {e.format_message()}", file=sys.stderr)
             return 2
         raise
+    if result == 130:  # typer turns Ctrl-C inside a command (click's Abort) into this return code
+        print(INTERRUPTED, file=sys.stderr)
     if isinstance(result, int) and result:
         return result
     return 0

@@ -10,9 +10,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from sinkscope.cli.common import DEVICE_OPTION, DTYPE_OPTION, REVISION_OPTION, TRUST_OPTION, load_cli_model
 from sinkscope.errors import InputError
 from sinkscope.io import check_output_dir
-from sinkscope.models.load import DEFAULT_MODEL
+from sinkscope.models.load import DEFAULT_MODEL, resolve_model_spec
 
 
 def command(
@@ -33,15 +34,17 @@ def command(
     circuit_neurons: int = typer.Option(1, "--circuit-neurons",
                                         help="first-token neurons per layer tried for the sink circuit (0: skip)"),
     seed: int = typer.Option(0, "--seed"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="only for code you trust"),
+    trust_remote_code: bool = TRUST_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    revision: Optional[str] = REVISION_OPTION,
 ) -> None:
     """Measure a model's attention sinks, value drains, residual peaks, massive activations, active/dormant heads
     and repeated-token divergence on a built-in mix of inputs; write a self-contained DIR/index.html."""
-    from sinkscope.plugins import load_model
-    from sinkscope.report.build import build_report, parse_sections
-    from sinkscope.report.sections import SECTIONS, ReportOptions
-
     console = Console(stderr=True)
+    resolve_model_spec(model)  # a bad model name is refused before the heavy imports below
+    from sinkscope.report.build import parse_sections
+
     keys = parse_sections(sections)
     if not 0 < eps < 1:
         raise InputError(f"--eps must be in (0, 1), got {eps}")
@@ -53,8 +56,12 @@ def command(
         raise InputError(f"--batch-size must be a positive integer, got {batch_size}")
     check_output_dir(out)
     t0 = time.perf_counter()
-    lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
+    lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
+                                   trust_remote_code=trust_remote_code)
     load_s = time.perf_counter() - t0
+    from sinkscope.report.build import build_report
+    from sinkscope.report.sections import SECTIONS, ReportOptions
+
     extra: dict[str, object] = {}
     if repeat_words:
         extra["repeat_words"] = tuple(w.strip() for w in repeat_words.split(",") if w.strip())

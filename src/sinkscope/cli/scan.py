@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sinkscope.cli.common import DEVICE_OPTION, DTYPE_OPTION, REVISION_OPTION, TRUST_OPTION, load_cli_model
 from sinkscope.errors import InputError
 from sinkscope.inputs import TokenBatch, file_inputs, random_inputs, repeat_inputs, text_inputs
 from sinkscope.io import check_output_dir, ensure_output_dir, save_figure_atomic, write_csv_atomic, write_json_atomic
@@ -52,16 +53,13 @@ def command(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="truncate each sample to this many tokens"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="only for code you trust"),
+    trust_remote_code: bool = TRUST_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    revision: Optional[str] = REVISION_OPTION,
 ) -> None:
     """Measure sinks (Sink_k^eps, alpha_k per layer/head), value drains, residual peaks, massive activations and
     q-k alignment; writes profile.json, heads.csv and PNG plots to --out."""
-    from sinkscope.analyses.qk_alignment import qk_alignment
-    from sinkscope.models.adapters import get_adapter, has_adapter
-    from sinkscope.plugins import load_model
-    from sinkscope.profile import profile_sinks, versions
-    from sinkscope.viz.plots import PLOTS
-
     console = Console(stderr=True)
     if times is not None and times < 1:
         raise InputError(f"--times must be a positive integer, got {times}")
@@ -71,8 +69,14 @@ def command(
         raise InputError(f"--eps must be in (0, 1), got {eps}")
     check_output_dir(out)
     t0 = time.perf_counter()
-    lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
+    lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
+                                   trust_remote_code=trust_remote_code)
     t_load = time.perf_counter() - t0
+    from sinkscope.analyses.qk_alignment import qk_alignment
+    from sinkscope.models.adapters import get_adapter, has_adapter
+    from sinkscope.profile import profile_sinks, versions
+    from sinkscope.viz.plots import PLOTS
+
     batch = build_inputs(tokenizer, text=text, file=file, random=random, samples=samples, repeat=repeat,
                          times=times, bos=bos, max_tokens=max_tokens, seed=seed)
     adapter = get_adapter(lm) if has_adapter(lm) else None  # resolved once for the whole command

@@ -58,3 +58,29 @@ def test_unknown_model_and_unwritable_out(tmp_path, capsys) -> None:
     f.write_text("x")
     assert main(["scan", "--model", str(tmp_path / "nope"), "--out", str(f), "--text", "hi"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_scan_takes_device_dtype_and_refuses_bad_ones(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "bf16"
+    assert main(["scan", "--model", model_dir, "--random", "12", "--out", str(out), "--dtype", "bfloat16",
+                 "--device", "cpu"]) == 0
+    assert 0 <= json.loads((out / "profile.json").read_text())["sink_ratio"] <= 1
+    capsys.readouterr()
+    for args, message in ((["--device", "gpu"], "--device 'gpu' is not a device"),
+                          (["--dtype", "int4"], "--dtype 'int4'"),
+                          (["--revision", "main"], "--revision applies to hub models")):
+        assert main(["scan", "--model", model_dir, "--random", "12", "--out", str(tmp_path / "x"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+
+
+def test_ctrl_c_exits_130_with_a_resume_hint(model_dir, tmp_path, monkeypatch, capsys) -> None:
+    import sinkscope.cli.common as common
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "load_model", interrupted, raising=False)
+    monkeypatch.setattr("sinkscope.plugins.load_model", interrupted)
+    assert main(["scan", "--model", model_dir, "--random", "12", "--out", str(tmp_path / "x")]) == 130
+    assert "interrupted; resume with the same command" in capsys.readouterr().err
