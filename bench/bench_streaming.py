@@ -13,6 +13,10 @@ Three sections, each printing a table with its ratio to a baseline measured in t
 * ``fast``: the exact block mode (`sinkscope.streaming.banded`, ``--chunk`` queries per forward) scoring a
   ``--fast-tokens``-token stream under dense / window / sinks_plain, in tokens/s and as a multiple of the
   ``generate`` decode speed of the ``decode`` section.
+* ``exact`` (not in the default set; a check, not a timing): the block mode against token by token PAST the model's
+  context (absolute positions, RoPE extrapolating). The cache is filled exactly by the block mode up to position
+  ``--exact-offset`` (8192: SmolLM2's context), then ``--exact-tokens`` more are fed one at a time; the maximum
+  NLL difference to the block mode's scores of the same positions is printed.
 * ``lengths``: tokens/s and memory of each policy at stream lengths 2k..64k on ``--lengths-model`` (below).
 
 One stream of random tokens per policy. Each checkpoint length L is reached by chunked prefill (``--prefill-chunk``
@@ -43,6 +47,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from sinkscope.compat import cache_kwargs
 from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
+from sinkscope.streaming.banded import banded_stream_nll
 from sinkscope.streaming.generate import prefill
 from sinkscope.streaming.ppl import CACHE_POLICIES, banded_nll, recompute_nll, rss_bytes, stream_nll
 
@@ -158,6 +163,19 @@ def run_fast(model, args: argparse.Namespace, ids: torch.Tensor, generate_speed:
     return rows
 
 
+@torch.no_grad()
+def run_exact(model, args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any]:
+    """Block mode vs token by token for positions ``offset+1 .. offset+k`` (sinks_plain)."""
+    n, k, s, w = args.exact_offset, args.exact_tokens, args.sinks, args.window
+    t0 = time.perf_counter()
+    fast = banded_nll(model, ids[:n + k + 1], "sinks_plain", s, w, chunk=args.chunk).nll[n:n + k]
+    cache = CACHE_POLICIES["sinks_plain"](model, s, w)
+    banded_stream_nll(model, ids[:n + 1], cache, n_sink=s, window=w, chunk=args.chunk)  # feeds 0..n-1, exactly
+    token = stream_nll(model, ids[n:n + k + 1], cache).nll  # feeds n..n+k-1 one at a time
+    return {"offset": n, "tokens": k, "max_abs_nll_diff": (fast - token).abs().max().item(),
+            "mean_nll": token.double().mean().item(), "seconds": time.perf_counter() - t0}
+
+
 def table(rows: list[dict[str, Any]], lengths: list[int], key: str, fmt: str) -> str:
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     head = "| policy | " + " | ".join(f"{L // 1024}k" for L in lengths) + " |"
@@ -179,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-tokens", type=int, default=4096)
     ap.add_argument("--fast-policies", default="dense,window,sinks_plain")
     ap.add_argument("--chunk", type=int, default=512, help="fast: queries per forward")
+    ap.add_argument("--exact-offset", type=int, default=8192, help="exact: first position fed token by token")
+    ap.add_argument("--exact-tokens", type=int, default=32)
     ap.add_argument("--lengths-model", default="tiny", help="model of the lengths section")
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768,65536")
     ap.add_argument("--sinks", type=int, default=4)
@@ -197,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"threads": args.threads, "sinks": args.sinks, "window": args.window,
                               "argv": sys.argv[1:], "load_avg_start": os.getloadavg()}
     t0 = time.perf_counter()
-    if "decode" in sections or "fast" in sections:
+    if {"decode", "fast", "exact"} & set(sections):
         model, desc = build_model(args.model)
-        ids = torch.randint(3, model.config.vocab_size, (max(args.context + (args.decode or 64) + 1, args.fast_tokens),),
+        n_ids = max(args.context + (args.decode or 64) + 1, args.fast_tokens, args.exact_offset + args.exact_tokens + 1)
+        ids = torch.randint(3, model.config.vocab_size, (n_ids,),
                             generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             model(input_ids=ids[:8][None])  # warm-up
@@ -213,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if "fast" in sections:
             result["fast"] = {"tokens": args.fast_tokens, "chunk": args.chunk,
                               "rows": run_fast(model, args, ids, gen_speed)}
+        if "exact" in sections:
+            result["exact"] = run_exact(model, args, ids)
         del model
     if "lengths" in sections:
         result["lengths"] = run_lengths(args, argparse.Namespace(**{**vars(args), "decode": args.decode or 256}))
@@ -238,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             x = "n/a" if r["over_generate_decode"] is None else f"{r['over_generate_decode']:.1f}"
             print(f"| {r['policy']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | {x} | "
                   f"{r['peak_mem_mb']:.1f} |")
+    if "exact" in result:
+        e = result["exact"]
+        print(f"\nexact past the context: positions {e['offset'] + 1}..{e['offset'] + e['tokens']}, block mode vs token "
+              f"by token (sinks_plain, {args.sinks} + {args.window}): max |NLL diff| {e['max_abs_nll_diff']:.2e} nats "
+              f"(mean NLL {e['mean_nll']:.3f})")
     if "lengths" in result:
         rows, lengths = result["lengths"]["rows"], result["lengths"]["lengths"]
         print(f"\nlengths ({result['lengths']['model']})")

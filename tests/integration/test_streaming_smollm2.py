@@ -104,3 +104,31 @@ def test_generate_and_cli(smollm2, tmp_path) -> None:
 
     assert plt.get_fignums() == []  # the CLI closed its figure (an in-process caller would otherwise leak it)
     assert main(["stream", "eval", "--file", str(text), "--out", str(tmp_path / "x"), "--policies", "sink"]) == 2
+
+
+def test_block_mode_equals_token_by_token_on_smollm2(smollm2, stream) -> None:
+    """The exact block mode (band mask, chunks of 24 queries) gives the token-by-token NLLs of the plain cache."""
+    from sinkscope.streaming.ppl import run_policy
+
+    model, _ = smollm2
+    ids = stream[:64]
+    token = run_policy(model, ids, "sinks_plain", 4, 16, mode="token")
+    fast = run_policy(model, ids, "sinks_plain", 4, 16, chunk=24)
+    assert fast.mode == "fast" and token.mode == "token"
+    assert (fast.nll - token.nll).abs().max().item() < 1e-4
+
+
+def test_left_padded_batch_equals_rows_alone_on_smollm2(smollm2) -> None:
+    """Batched left-padded generation with the sink cache (4 sinks + 12 window, far past eviction) gives each
+    prompt's own greedy continuation."""
+    model, tok = smollm2
+    prompts = [tok(t, add_special_tokens=False)["input_ids"]
+               for t in ("The lighthouse keeper wrote in the log that", "Supplies came by boat")]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id or 0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+    batch = model.generate(ids, attention_mask=mask, **cache_kwargs(model, sink_cache(model, 4, 12)), **kw)
+    for row, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([p]), **cache_kwargs(model, sink_cache(model, 4, 12)), **kw)
+        assert batch[row, width:].tolist() == alone[0, len(p):].tolist()
