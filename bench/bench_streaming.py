@@ -54,7 +54,21 @@ from sinkscope.streaming.ppl import CACHE_POLICIES, banded_nll, recompute_nll, r
 MB = float(1 << 20)
 
 
-def build_model(spec: str):
+def build_model(spec: str, device: str = "cpu"):
+    """``tiny``, ``config:DIR`` (random weights from a model's config.json: timing only, e.g. on a machine without
+    the weights) or a `load_model` spec."""
+    model, desc = _build_model(spec)
+    return model.to(device).eval(), desc
+
+
+def _build_model(spec: str):
+    if spec.startswith("config:"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(spec[len("config:"):])
+        return AutoModelForCausalLM.from_config(config), f"random weights, config of {config.model_type} " \
+            f"({config.num_hidden_layers} layers, d_model {config.hidden_size})"
     if spec == "tiny":
         from sinkscope.models.tiny import tiny_model
 
@@ -113,6 +127,8 @@ class _StepClock(StoppingCriteria):
         self.times: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if input_ids.is_cuda:
+            torch.cuda.synchronize(input_ids.device)
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -210,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=512, help="chunk size used to reach each length")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="decode, fast and exact sections (cpu, cuda)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -218,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                               "argv": sys.argv[1:], "load_avg_start": os.getloadavg()}
     t0 = time.perf_counter()
     if {"decode", "fast", "exact"} & set(sections):
-        model, desc = build_model(args.model)
+        model, desc = build_model(args.model, args.device)
         n_ids = max(args.context + (args.decode or 64) + 1, args.fast_tokens, args.exact_offset + args.exact_tokens + 1)
         ids = torch.randint(3, model.config.vocab_size, (n_ids,),
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(0)).to(args.device)
         with torch.no_grad():
             model(input_ids=ids[:8][None])  # warm-up
         result["model"] = desc
+        result["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
         gen_speed = None
         if "decode" in sections:
             decode_args = argparse.Namespace(**{**vars(args), "decode": args.decode or 64})
@@ -248,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if "decode" in result:
         print(f"\ndecode after {args.context} tokens, {result['decode']['decode_tokens']} steps, best and median of "
-              f"{args.repeats} alternating rounds ({result['model']}, {args.threads} thread(s))\n")
+              f"{args.repeats} alternating rounds ({result['model']}, {result['device']}, {args.threads} "
+              "thread(s))\n")
         print("| path | tokens/s (best) | tokens/s (median) | generate / path |\n|---|---|---|---|")
         for r in result["decode"]["rows"]:
             name = "generate (HF, DynamicCache)" if r["path"] == "generate" else f"stream eval token loop: {r['path']}"
