@@ -133,9 +133,10 @@ def eval_command(
                       f"{p['peak_rss_delta_mb']:.1f}")
     Console().print(table)
     blocks = [n for n, p in summary["policies"].items() if p["mode"] == "fast"]
-    console.print(f"mode: {', '.join(blocks) or 'none'} in exact blocks of {chunk} queries (band mask); "
-                  + ", ".join(f"{n} {p['mode']}" for n, p in summary["policies"].items() if p["mode"] != "fast")
-                  + (" (--token-by-token)" if token_by_token else ""))
+    others = [f"{n} {p['mode']}" for n, p in summary["policies"].items() if p["mode"] != "fast"]
+    console.print("mode: " + "; ".join(
+        ([f"{', '.join(blocks)} in exact blocks of {chunk} queries (band mask)"] if blocks else [])
+        + ([", ".join(others) + (" (--token-by-token)" if token_by_token else "")] if others else [])))
     for n, p in summary["policies"].items():
         if p.get("note"):
             console.print(f"{n}: {p['note']}")
