@@ -67,8 +67,9 @@ def _build_model(spec: str):
 
         torch.manual_seed(0)
         config = AutoConfig.from_pretrained(spec[len("config:"):])
-        return AutoModelForCausalLM.from_config(config), f"random weights, config of {config.model_type} " \
-            f"({config.num_hidden_layers} layers, d_model {config.hidden_size})"
+        desc = f"random weights, config of {config.model_type} ({config.num_hidden_layers} layers, " \
+            f"d_model {config.hidden_size})"
+        return AutoModelForCausalLM.from_config(config), desc
     if spec == "tiny":
         from sinkscope.models.tiny import tiny_model
 

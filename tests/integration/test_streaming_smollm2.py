@@ -127,7 +127,7 @@ def test_left_padded_batch_equals_rows_alone_on_smollm2(smollm2) -> None:
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id or 0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+    kw = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False, "pad_token_id": tok.pad_token_id or 0}
     batch = model.generate(ids, attention_mask=mask, **cache_kwargs(model, sink_cache(model, 4, 12)), **kw)
     for row, p in enumerate(prompts):
         alone = model.generate(torch.tensor([p]), **cache_kwargs(model, sink_cache(model, 4, 12)), **kw)

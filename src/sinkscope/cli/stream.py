@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ def eval_command(
 
 
 def _num(x: float, fmt: str) -> str:
-    return fmt.format(x) if x == x else "n/a"  # NaN: no token in that range
+    return "n/a" if math.isnan(x) else fmt.format(x)  # NaN: no token in that range
 
 
 @app.command("generate")

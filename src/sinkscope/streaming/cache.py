@@ -417,7 +417,7 @@ def _padding_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str
     """Forward pre-hook: hand the 2D ``attention_mask`` to a `SinkWindowCache` passed to this forward."""
     cache = find_cache(kwargs, args)
     if not isinstance(cache, SinkWindowCache):
-        return None
+        return
     new = kwargs.get("input_ids")
     if new is None:
         new = kwargs.get("inputs_embeds")
@@ -425,7 +425,6 @@ def _padding_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str
         new = args[0]
     if new is not None:
         cache.observe_attention_mask(kwargs.get("attention_mask"), int(new.shape[1]))
-    return None
 
 
 def install_padding_hook(model: nn.Module) -> None:

@@ -285,7 +285,7 @@ def test_assisted_decoding_works_until_eviction_then_says_why() -> None:
 def test_beam_search_reorders_the_rows() -> None:
     model = _model("llama")
     prompt = torch.randint(3, 99, (1, 6))
-    kw: dict[str, Any] = dict(num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    kw: dict[str, Any] = {"num_beams": 3, "num_return_sequences": 2, "do_sample": False, "pad_token_id": 0}
     ours = model.generate(prompt, **cache_kwargs(model, sink_cache(model, 4, 40)), max_new_tokens=10, **kw)
     dense = model.generate(prompt, **cache_kwargs(model, DynamicCache(config=model.config)), max_new_tokens=10, **kw)
     assert ours.tolist() == dense.tolist()  # nothing evicted: the same beams
