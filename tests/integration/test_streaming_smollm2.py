@@ -52,15 +52,18 @@ def stream(smollm2):
 def test_window_breaks_sinks_stay_near_recompute(smollm2, stream) -> None:
     model, _ = smollm2
     res = evaluate_stream(model, stream, n_sink=4, window=60, policies=["window", "sinks", "recompute"],
-                          batch_size=32)
+                          batch_size=32, chunk=64)
     after = {k: v.ppl_after(4 + 60 + 1) for k, v in res.policies.items()}  # tokens predicted after eviction
     before = {k: v.ppl_after(0) for k, v in res.policies.items()}
     # window-only collapses once the first tokens are evicted; keeping 4 sinks restores the recompute quality
     assert after["window"] > 2.0 * after["sinks"], after
     assert after["sinks"] < 1.3 * after["recompute"], after
     assert before["window"] > before["sinks"]
-    # the bounded caches never grow
-    assert res.policies["sinks"].memory["peak_mem_mb"] == res.policies["window"].memory["peak_mem_mb"]
+    # the bounded caches never grow: sinks (token by token) holds 4 + 60 + the ring slot, window (exact blocks of 64
+    # queries) the 64-token budget plus one block; 46080 bytes of fp32 K/V per token (30 layers x 3 kv heads x 64 x 2)
+    assert res.policies["sinks"].mode == "token" and res.policies["window"].mode == "fast"
+    assert res.policies["sinks"].memory["peak_mem_mb"] == 65 * 46080 / 2**20
+    assert res.policies["window"].memory["peak_mem_mb"] == (64 + 64) * 46080 / 2**20
 
 
 def test_plain_cache_equals_band_masked_forward_on_smollm2(smollm2, stream) -> None:
@@ -104,3 +107,31 @@ def test_generate_and_cli(smollm2, tmp_path) -> None:
 
     assert plt.get_fignums() == []  # the CLI closed its figure (an in-process caller would otherwise leak it)
     assert main(["stream", "eval", "--file", str(text), "--out", str(tmp_path / "x"), "--policies", "sink"]) == 2
+
+
+def test_block_mode_equals_token_by_token_on_smollm2(smollm2, stream) -> None:
+    """The exact block mode (band mask, chunks of 24 queries) gives the token-by-token NLLs of the plain cache."""
+    from sinkscope.streaming.ppl import run_policy
+
+    model, _ = smollm2
+    ids = stream[:64]
+    token = run_policy(model, ids, "sinks_plain", 4, 16, mode="token")
+    fast = run_policy(model, ids, "sinks_plain", 4, 16, chunk=24)
+    assert fast.mode == "fast" and token.mode == "token"
+    assert (fast.nll - token.nll).abs().max().item() < 1e-4
+
+
+def test_left_padded_batch_equals_rows_alone_on_smollm2(smollm2) -> None:
+    """Batched left-padded generation with the sink cache (4 sinks + 12 window, far past eviction) gives each
+    prompt's own greedy continuation."""
+    model, tok = smollm2
+    prompts = [tok(t, add_special_tokens=False)["input_ids"]
+               for t in ("The lighthouse keeper wrote in the log that", "Supplies came by boat")]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id or 0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False, "pad_token_id": tok.pad_token_id or 0}
+    batch = model.generate(ids, attention_mask=mask, **cache_kwargs(model, sink_cache(model, 4, 12)), **kw)
+    for row, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([p]), **cache_kwargs(model, sink_cache(model, 4, 12)), **kw)
+        assert batch[row, width:].tolist() == alone[0, len(p):].tolist()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,21 @@ app = typer.Typer(help="Streaming with attention sinks (StreamingLLM): evaluate 
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
+def _check_text_file(path: Path) -> None:
+    """One-line InputError unless ``path`` is a non-blank UTF-8 text file (checked before the model loads)."""
+    if not path.is_file():
+        raise InputError(f"--file not found: {path}")
+    data = path.read_bytes()
+    if not data.strip():
+        raise InputError(f"--file is empty: {path}")
+    if b"\x00" in data:
+        raise InputError(f"--file {path} is not text (it contains NUL bytes)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--file {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
 def _parse_policies(policies: Optional[str]) -> list[str]:
     from sinkscope.streaming.ppl import ALL_POLICIES, DEFAULT_POLICIES
 
@@ -36,7 +52,9 @@ def _parse_policies(policies: Optional[str]) -> list[str]:
 @app.command("eval")
 def eval_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
-    file: Path = typer.Option(..., "--file", "-f", help="a UTF-8 text file: the stream"),
+    file: Optional[Path] = typer.Option(
+        None, "--file", "-f", help="a UTF-8 text file: the stream (default: the WikiText-2 validation text shipped "
+                                   "with sinkscope)"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory"),
     sinks: int = typer.Option(4, "--sinks", help="first tokens kept by the sinks policy"),
     window: int = typer.Option(1020, "--window", help="recent tokens kept (window/recompute keep sinks+window)"),
@@ -46,32 +64,49 @@ def eval_command(
                                  "(default: dense,window,sinks,recompute)"),
     bos: str = typer.Option("auto", "--bos", help="auto | always | never: prepend a BOS token?"),
     batch_size: int = typer.Option(16, "--batch-size", help="windows per forward for recompute"),
+    token_by_token: bool = typer.Option(
+        False, "--token-by-token", help="feed one token per forward under every policy (default: dense, window "
+                                        "and sinks_plain are scored in exact blocks of --chunk queries)"),
+    chunk: int = typer.Option(512, "--chunk", help="queries per forward in the exact block mode"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
 ) -> None:
-    """Token-by-token perplexity over a long text for each cache policy; writes tokens.csv (policy, position,
-    nll), summary.json and log_ppl.png to --out."""
+    """Perplexity over a long text for each cache policy, every token predicted from what the policy keeps; writes
+    tokens.csv (policy, position, nll), summary.json and log_ppl.png to --out."""
+    if tokens < 2:
+        raise InputError(f"--tokens must be at least 2, got {tokens}")
+    if sinks < 0 or window < 1:
+        raise InputError(f"need --sinks >= 0 and --window >= 1, got {sinks} and {window}")
+    if tokens <= sinks + window + 1:
+        raise InputError(f"--tokens {tokens} <= --sinks + --window + 1 = {sinks + window + 1}: the cache never "
+                         "evicts, so the policies cannot differ; give more --tokens or a smaller --window")
+    if batch_size < 1 or chunk < 1:
+        raise InputError(f"need --batch-size >= 1 and --chunk >= 1, got {batch_size} and {chunk}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    names = _parse_policies(policies)
+    if file is None:
+        from sinkscope.corpora import corpus_path
+
+        file = corpus_path()
+    _check_text_file(file)
+    out = ensure_output_dir(out)
+
     import torch
 
     from sinkscope.inputs import file_inputs
     from sinkscope.plugins import load_model
     from sinkscope.streaming.ppl import evaluate_stream, plot_log_ppl
 
-    if tokens < 2:
-        raise InputError(f"--tokens must be at least 2, got {tokens}")
-    if sinks < 0 or window < 1:
-        raise InputError(f"need --sinks >= 0 and --window >= 1, got {sinks} and {window}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    names = _parse_policies(policies)
     if threads:
         torch.set_num_threads(threads)
     console = Console(stderr=True)
-    out = ensure_output_dir(out)
     lm, tokenizer = load_model(model)
     batch = file_inputs(tokenizer, file, bos=bos, max_tokens=tokens)
     ids = torch.tensor(batch.sequences[0], dtype=torch.long)
     if len(ids) < tokens:
-        console.print(f"[yellow]warning: {file} has only {len(ids)} tokens (asked for {tokens})")
+        raise InputError(f"{file} has {len(ids)} tokens, fewer than --tokens {tokens}; use --tokens {len(ids)} "
+                         "or a longer file")
+    mode = "token" if token_by_token else "auto"
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
@@ -80,9 +115,10 @@ def eval_command(
             return lambda done: bar.update(task, completed=done)
 
         result = evaluate_stream(lm, ids, n_sink=sinks, window=window, policies=names, batch_size=batch_size,
-                                 on_policy=on_policy,
+                                 mode=mode, chunk=chunk, on_policy=on_policy,
                                  meta={"model": model, "file": str(file), "input": batch.to_json(),
-                                       "threads": torch.get_num_threads(), "argv": sys.argv[1:]})
+                                       "mode": mode, "chunk": chunk, "threads": torch.get_num_threads(),
+                                       "argv": sys.argv[1:]})
     summary = result.to_json()
     summary["total_seconds"] = time.perf_counter() - t0
     write_csv_atomic(out / "tokens.csv", result.to_rows())
@@ -90,13 +126,26 @@ def eval_command(
     save_figure_atomic(out / "log_ppl.png", plot_log_ppl(result))
 
     table = Table(title=f"{len(ids)} tokens, {sinks} sinks + {window} window")
-    for col in ("policy", "ppl", "ppl after eviction", "tokens", "tok/s", "peak KV MiB", "RSS delta MiB"):
-        table.add_column(col, justify="right" if col != "policy" else "left")
+    for col in ("policy", "mode", "ppl", "ppl after eviction", "tokens", "tok/s", "peak KV MiB", "RSS delta MiB"):
+        table.add_column(col, justify="left" if col in ("policy", "mode") else "right")
     for name, p in summary["policies"].items():
-        table.add_row(name, f"{p['ppl']:.2f}", f"{p['ppl_after_eviction']:.2f}", str(p["tokens"]),
-                      f"{p['tokens_per_s']:.1f}", f"{p['peak_mem_mb']:.2f}", f"{p['peak_rss_delta_mb']:.1f}")
+        table.add_row(name, p["mode"], _num(p["ppl"], "{:.2f}"), _num(p["ppl_after_eviction"], "{:.2f}"),
+                      str(p["tokens"]), _num(p["tokens_per_s"], "{:.1f}"), f"{p['peak_mem_mb']:.2f}",
+                      f"{p['peak_rss_delta_mb']:.1f}")
     Console().print(table)
+    blocks = [n for n, p in summary["policies"].items() if p["mode"] == "fast"]
+    others = [f"{n} {p['mode']}" for n, p in summary["policies"].items() if p["mode"] != "fast"]
+    console.print("mode: " + "; ".join(
+        ([f"{', '.join(blocks)} in exact blocks of {chunk} queries (band mask)"] if blocks else [])
+        + ([", ".join(others) + (" (--token-by-token)" if token_by_token else "")] if others else [])))
+    for n, p in summary["policies"].items():
+        if p.get("note"):
+            console.print(f"{n}: {p['note']}")
     console.print(f"wrote {out}/tokens.csv, summary.json, log_ppl.png")
+
+
+def _num(x: float, fmt: str) -> str:
+    return "n/a" if math.isnan(x) else fmt.format(x)  # NaN: no token in that range
 
 
 @app.command("generate")
@@ -126,6 +175,10 @@ def generate_command(
         raise InputError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
         raise InputError(f"--temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {top_k}")
+    if prefill_chunk < 1:
+        raise InputError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
     lm, tokenizer = load_model(model)
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,

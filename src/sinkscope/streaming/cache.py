@@ -28,6 +28,7 @@ transient attention stays bounded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from torch import nn
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from sinkscope.compat import attention_layer_types
+from sinkscope.compat import attention_layer_types, find_cache
 from sinkscope.errors import InputError, UnsupportedArchitectureError
 
 #: RoPE variants whose frequencies change with the sequence length: a fixed re-rotation would be wrong.
@@ -108,29 +109,48 @@ class RotaryShift:
         self._cached_key, self._cached_matrix = key, R.to(dtype)
         return self._cached_matrix
 
-    def rotate(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
-        """Rotate keys (already at some RoPE position p) to position ``p + delta``.
+    def rotate(self, keys: torch.Tensor, delta: int | Sequence[int]) -> torch.Tensor:
+        """Rotate cached keys (already at some RoPE position p) to position ``p + delta``.
 
-        Shapes: ``keys`` (B, H_kv, K, D) -> same; only the first ``rotary_dim`` channels of D change.
+        Shapes: ``keys`` (B, H_kv, K, D) -> same; only the first ``rotary_dim`` channels of D change. ``delta`` is
+        one offset for every row, or one per row (B offsets; a row with offset 0 is returned unchanged).
         """
-        return keys @ self.matrix(delta, keys.shape[-1], keys.dtype, keys.device)
+        if isinstance(delta, int):
+            return keys @ self.matrix(delta, keys.shape[-1], keys.dtype, keys.device)
+        deltas = list(delta)
+        if len(set(deltas)) == 1:
+            return keys @ self.matrix(deltas[0], keys.shape[-1], keys.dtype, keys.device)
+        key = (tuple(deltas), keys.shape[-1], keys.dtype, keys.device)
+        if getattr(self, "_rows_key", None) != key:  # all layers of one step share the per-row matrices
+            eye = torch.eye(keys.shape[-1], dtype=keys.dtype, device=keys.device)
+            mats = [self.matrix(d, keys.shape[-1], keys.dtype, keys.device) if d else eye for d in deltas]
+            self._rows_key, self._rows_matrices = key, torch.stack(mats)[:, None]  # (B, 1, D, D)
+        return keys @ self._rows_matrices
 
 
 class SinkWindowLayer(DynamicLayer):
-    """One layer's cache: the first ``n_sink`` tokens plus the last ``window`` tokens.
+    """One layer's cache: the first ``n_sink`` tokens plus the last ``window`` tokens of every row.
 
-    Stored ``keys``/``values``: (B, H_kv, min(seen, n_sink + window), D), sinks first. ``get_seq_length()`` is the
-    number of tokens seen (absolute position of the next token), like HF's sliding-window layers.
+    Stored ``keys``/``values``: (B, H_kv, min(seen, n_sink + window), D). ``get_seq_length()`` is the number of
+    tokens seen (absolute position of the next token, padding included), like HF's sliding-window layers.
+
+    Rows and left padding. Each row keeps its own first ``n_sink`` *real* tokens and its last ``window`` tokens,
+    right-aligned in the stored slots: a row with ``n`` real tokens seen holds them in the last ``min(n, capacity)``
+    slots (``[sinks, window]`` once it is full); the slots before them hold padding or stale keys, which the model's
+    2D padding mask hides (stored slot ``j`` is laid out at position ``seen - stored + j``, and a left-padded row is
+    real exactly from its first real token on). The cache learns which new tokens are real from the ``attention_mask``
+    that `sink_cache`'s forward pre-hook hands it (`SinkWindowCache.observe_attention_mask`); without a mask every
+    token counts as real. A batch whose rows have equal lengths behaves exactly like one row.
 
     Args:
         n_sink: tokens kept from the start of the stream (0: a window-only cache).
         window: most recent tokens kept (>= 1).
-        rotary: if given, positions are re-assigned by cache slot (sinks re-rotated by the evicted count); if
+        rotary: if given, positions are re-assigned by cache slot (sinks re-rotated by the row's evicted count); if
             ``None``, tokens keep their absolute positions.
     """
 
     is_sliding = False
-    is_croppable = False
+    is_croppable = True  # `crop` is exact until the first eviction and refuses (one line) afterwards
 
     def __init__(self, n_sink: int, window: int, rotary: RotaryShift | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -139,8 +159,9 @@ class SinkWindowLayer(DynamicLayer):
         self.n_sink = n_sink
         self.window = window
         self.rotary = rotary
-        self.cumulative_length = 0  # tokens seen
-        self.evicted = 0  # tokens dropped from between the sinks and the window
+        self.cumulative_length = 0  # tokens seen, padding included
+        self.real: list[int] = []  # per row: real (non-padding) tokens seen
+        self.pending_real: list[int] | None = None  # per row: real tokens among the next update's (None: all)
         self._ring = False  # single-token ring-buffer mode (see `_ring_step`)
         self._free = 0
         self._sink_keys: torch.Tensor | None = None
@@ -151,10 +172,20 @@ class SinkWindowLayer(DynamicLayer):
 
     @property
     def stored_tokens(self) -> int:
-        """Tokens held now (<= capacity)."""
+        """Token slots held now (<= capacity)."""
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
             return 0
         return self.capacity if self._ring else self.keys.shape[-2]
+
+    @property
+    def evicted_rows(self) -> list[int]:
+        """Per row: real tokens dropped from between its sinks and its window."""
+        return [max(0, n - self.capacity) for n in self.real]
+
+    @property
+    def evicted(self) -> int:
+        """Tokens evicted from the longest row (the only row of an unbatched stream)."""
+        return max(self.evicted_rows, default=0)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,33 +195,58 @@ class SinkWindowLayer(DynamicLayer):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[-2]
-        if q == 1 and (self._ring or self.stored_tokens == self.capacity):
-            return self._ring_step(key_states, value_states)
+        B, q = key_states.shape[0], key_states.shape[-2]
+        if len(self.real) != B:
+            if self.cumulative_length:
+                raise InputError(f"the sink cache holds {len(self.real)} rows, this forward has {B}")
+            self.real = [0] * B
+        new_real, self.pending_real = self.pending_real or [q] * B, None
+        shifts = self.evicted_rows  # evicted before this forward: how far each row's sinks sit beyond slot distance
+        if q == 1 and min(new_real) == 1 and (
+                self._ring or (self.stored_tokens == self.capacity and min(self.real) >= self.capacity)):
+            return self._ring_step(key_states, value_states, shifts)
         if self._ring:
             self._linearize()
-        shift = self.evicted  # evicted before this forward: how far the sinks sit beyond their slot distance
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
+        held = [min(n, self.capacity) + r for n, r in zip(self.real, new_real)]  # real tokens in `keys`, per row
         self.cumulative_length += q
-        n, s = keys.shape[-2], self.n_sink
-        if n > self.capacity:
-            self.keys = torch.cat([keys[..., :s, :], keys[..., n - self.window:, :]], dim=-2)
-            self.values = torch.cat([values[..., :s, :], values[..., n - self.window:, :]], dim=-2)
-            self.evicted += n - self.capacity
+        self.real = [n + r for n, r in zip(self.real, new_real)]
+        n, s, kept = keys.shape[-2], self.n_sink, min(self.cumulative_length, self.capacity)
+        if n > kept:
+            self.keys, self.values = self._evict(keys, values, held, kept)
         else:
             self.keys, self.values = keys, values
-        if self.rotary is not None and shift > 0 and s > 0:
-            # shift > 0 means the cache was full, so this forward evicted and `keys` is not aliased by `self.keys`
-            keys[..., :s, :] = self.rotary.rotate(keys[..., :s, :], shift)
+        if self.rotary is not None and s > 0 and max(shifts) > 0:
+            # a row evicted before, so this forward evicted too and `keys` is not aliased by `self.keys`
+            keys[..., :s, :] = self.rotary.rotate(keys[..., :s, :], shifts)
         return keys, values
+
+    def _evict(self, keys: torch.Tensor, values: torch.Tensor, held: list[int], kept: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep ``kept`` slots per row: its sinks + last ``window`` tokens once it holds more than the capacity,
+        else its last ``kept`` slots (all its real tokens, right-aligned). Shapes: (B, H, n, D) -> (B, H, kept, D)."""
+        n, s = keys.shape[-2], self.n_sink
+        rows = [(*range(n - h, n - h + s), *range(n - self.window, n)) if h > self.capacity
+                else tuple(range(n - kept, n)) for h in held]
+        if len(set(rows)) == 1:  # every row alike (no padding): slices, no gather
+            idx = rows[0]
+            if idx == tuple(range(n - kept, n)):
+                return keys[..., n - kept:, :], values[..., n - kept:, :]
+            return (torch.cat([keys[..., :s, :], keys[..., n - self.window:, :]], dim=-2),
+                    torch.cat([values[..., :s, :], values[..., n - self.window:, :]], dim=-2))
+        index = torch.tensor(rows, device=keys.device)[:, None, :, None]  # (B, 1, kept, 1)
+        return (keys.gather(-2, index.expand(-1, keys.shape[1], -1, keys.shape[-1])),
+                values.gather(-2, index.expand(-1, values.shape[1], -1, values.shape[-1])))
 
     # Single-token steps on a full cache use a ring buffer of capacity + 1 slots, so a step writes one token
     # instead of copying the whole cache: slots [0, n_sink) hold the sinks, the other window + 1 slots hold the
     # window plus one free slot that the new token takes; the oldest window token's slot is freed afterwards.
-    # With one query every key is visible, so the keys' order in the buffer does not matter.
+    # With one query every key is visible, so the keys' order in the buffer does not matter. Only entered when every
+    # row is full (no padding slots left).
 
-    def _ring_step(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ring_step(self, key_states: torch.Tensor, value_states: torch.Tensor, shifts: list[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.n_sink
         if not self._ring:  # enter ring mode: window in slots [s, capacity), free slot at the end
             self.keys = torch.cat([self.keys, torch.empty_like(key_states)], dim=-2)
@@ -200,10 +256,10 @@ class SinkWindowLayer(DynamicLayer):
         free = self._free
         self.keys[..., free:free + 1, :] = key_states
         self.values[..., free:free + 1, :] = value_states
-        if self.rotary is not None and s > 0 and self.evicted > 0:
-            self.keys[..., :s, :] = self.rotary.rotate(self._sink_keys, self.evicted)
+        if self._sink_keys is not None and s > 0 and max(shifts) > 0:
+            self.keys[..., :s, :] = self.rotary.rotate(self._sink_keys, shifts)
         self.cumulative_length += 1
-        self.evicted += 1  # the oldest window token, in the next slot of the ring, is dropped after this step
+        self.real = [n + 1 for n in self.real]  # each row's oldest window token is dropped after this step
         self._free = s + (free - s + 1) % (self.window + 1)
         return self.keys, self.values
 
@@ -238,12 +294,53 @@ class SinkWindowLayer(DynamicLayer):
     def get_max_cache_shape(self) -> int:
         return -1  # transformers < 5.24 asks under this name
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a sink+window cache cannot be cropped (evicted tokens are gone)")
+    def crop(self, max_length: int) -> None:
+        """Forget the last tokens: ``crop(-n)`` removes ``n`` (transformers >= 5.24), ``crop(m)`` keeps the first ``m``
+        (earlier releases). Exact while no row has evicted anything; afterwards the evicted tokens a shorter stream
+        would hold again are gone, so it raises `InputError`. ``crop(0)`` (5.24) does nothing."""
+        remove = -max_length if max_length < 0 else (self.cumulative_length - max_length if max_length else 0)
+        if remove <= 0 or not self.is_initialized:
+            return
+        if remove > min(self.real, default=0):
+            raise InputError(f"cannot remove {remove} tokens from a sink cache row holding {min(self.real)}")
+        if self.evicted:
+            raise InputError(
+                f"cannot remove the last {remove} tokens from the sink + window cache: it already evicted "
+                f"{self.evicted} tokens that the shorter stream needs back; assisted/speculative decoding (crop) works "
+                f"only while the stream fits in n_sink + window = {self.capacity} tokens")
+        if self._ring:
+            self._linearize()
+        stored, self.cumulative_length = self.keys.shape[-2], self.cumulative_length - remove
+        self.real = [n - remove for n in self.real]
+        keys, values = self.keys[..., :stored - remove, :], self.values[..., :stored - remove, :]
+        if (gap := min(self.cumulative_length, self.capacity) - keys.shape[-2]) > 0:  # padded rows: keep right-aligned
+            pad = keys.new_zeros(*keys.shape[:-2], gap, keys.shape[-1])
+            keys, values = torch.cat([pad, keys], dim=-2), torch.cat([pad, values], dim=-2)
+        self.keys, self.values = keys, values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        order = beam_idx.tolist()
+        self.real = [self.real[i] for i in order]
+        if self._sink_keys is not None:
+            self._sink_keys = self._sink_keys.index_select(0, beam_idx.to(self._sink_keys.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.real = [n for n in self.real for _ in range(repeats)]
+        if self._sink_keys is not None:
+            self._sink_keys = self._sink_keys.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.real = [self.real[i] for i in indices.tolist()]
+        if self._sink_keys is not None:
+            self._sink_keys = self._sink_keys[indices]
 
     def reset(self) -> None:
         super().reset()
-        self.evicted, self._ring, self._sink_keys = 0, False, None
+        self.cumulative_length, self.real, self.pending_real = 0, [], None
+        self._ring, self._sink_keys = False, None
 
 
 class SinkWindowCache(Cache):
@@ -279,12 +376,63 @@ class SinkWindowCache(Cache):
 
     @property
     def stored_tokens(self) -> int:
-        """Tokens currently held by the first layer."""
+        """Token slots currently held by the first layer."""
         return self.layers[0].stored_tokens
 
     @property
     def evicted(self) -> int:
         return self.layers[0].evicted
+
+    def observe_attention_mask(self, attention_mask: torch.Tensor | None, n_new: int) -> None:
+        """Tell the layers which of the next forward's ``n_new`` tokens are real (left padding).
+
+        ``attention_mask``: the model's 2D mask (B, seen + n_new), 1 for real tokens; ``None`` or a 4D mask: every
+        token counts as real. Raises `InputError` for a mask of the wrong length or padding after a real token (only
+        left padding is supported)."""
+        for layer in self.layers:
+            layer.pending_real = None
+        if attention_mask is None or attention_mask.dim() != 2:
+            return
+        seen = self.get_seq_length()
+        if attention_mask.shape[-1] != seen + n_new:
+            raise InputError(f"attention_mask covers {attention_mask.shape[-1]} tokens, but the sink cache has seen "
+                             f"{seen} and this forward adds {n_new}: pass the mask of every token so far")
+        new = attention_mask[:, seen:].bool()  # (B, n_new)
+        if bool(new.all()):
+            return
+        started = torch.tensor([n > 0 for n in self.layers[0].real]) if self.layers[0].real \
+            else attention_mask[:, :seen].bool().any(-1).cpu()
+        steps_down = (new[:, 1:].int() - new[:, :-1].int() < 0).any(-1).cpu()
+        bad = steps_down | (started & ~new.all(-1).cpu())
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise InputError(f"the sink cache supports left padding only: row {row} of the attention mask has "
+                             "padding after a real token")
+        real = new.sum(-1).tolist()
+        for layer in self.layers:
+            layer.pending_real = real
+
+
+def _padding_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: hand the 2D ``attention_mask`` to a `SinkWindowCache` passed to this forward."""
+    cache = find_cache(kwargs, args)
+    if not isinstance(cache, SinkWindowCache):
+        return
+    new = kwargs.get("input_ids")
+    if new is None:
+        new = kwargs.get("inputs_embeds")
+    if new is None and args and isinstance(args[0], torch.Tensor):
+        new = args[0]
+    if new is not None:
+        cache.observe_attention_mask(kwargs.get("attention_mask"), int(new.shape[1]))
+
+
+def install_padding_hook(model: nn.Module) -> None:
+    """Once per model: a forward pre-hook that tells sink caches which tokens are left padding (see
+    `SinkWindowCache.observe_attention_mask`). It does nothing for calls without a sink cache."""
+    if not getattr(model, "_sinkscope_padding_hook", False):
+        model.register_forward_pre_hook(_padding_pre_hook, with_kwargs=True)
+        model._sinkscope_padding_hook = True
 
 
 def sink_cache(model: nn.Module, n_sink: int = 4, window: int = 1020, *, reassign: bool = True) -> SinkWindowCache:
@@ -297,6 +445,7 @@ def sink_cache(model: nn.Module, n_sink: int = 4, window: int = 1020, *, reassig
         reassign: re-assign positions by cache slot (StreamingLLM) instead of keeping absolute positions.
     """
     rotary = RotaryShift.from_model(model) if reassign and n_sink > 0 else None
+    install_padding_hook(model)
     return SinkWindowCache(model.config, n_sink, window, rotary)
 
 

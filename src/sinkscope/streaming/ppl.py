@@ -11,6 +11,12 @@ Each policy predicts token ``t + 1`` from token ``t`` and what its cache kept (X
 
 A query always sees at most ``n_sink + window`` earlier tokens plus itself under every bounded policy.
 
+Modes. ``dense``, ``window`` and ``sinks_plain`` have a fixed attention mask, so by default (``mode="auto"``) they are
+scored in blocks of ``chunk`` queries with a sinks + band mask (`sinkscope.streaming.banded`), which gives the same
+NLLs as feeding one token at a time (tests check 1e-4) in ``T / chunk`` forwards; ``mode="token"`` forces one token
+per forward. ``sinks`` (re-assigned positions) is always token by token; ``recompute`` is batched windows. Each
+result records its ``mode``.
+
 Memory. ``peak_mem_mb`` is the peak size of the key/value tensors the policy holds (MiB, summed over layers: for
 cache policies the stored cache after each step, for ``recompute`` the K/V of one ``n_sink + window + 1``-token
 window). ``peak_rss_delta_mb`` is the process resident-set high-water mark above its value when the policy started
@@ -35,6 +41,7 @@ from sinkscope.compat import cache_kwargs
 from sinkscope.errors import InputError
 from sinkscope.models.adapters import get_adapter
 from sinkscope.registry import Registry
+from sinkscope.streaming.banded import BANDED_POLICIES, banded_stream_nll, fast_mode_obstacle
 from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
 
 #: Cache policies: name -> factory(model, n_sink, window) -> Cache. ``recompute`` is handled separately.
@@ -47,8 +54,14 @@ CACHE_POLICIES.add("sinks_plain", lambda model, n_sink, window: sink_cache(model
 #: Every policy name, in report order; DEFAULT_POLICIES is what ``sinkscope stream eval`` runs by default.
 ALL_POLICIES: tuple[str, ...] = ("dense", "window", "sinks", "sinks_plain", "recompute")
 DEFAULT_POLICIES: tuple[str, ...] = ("dense", "window", "sinks", "recompute")
+#: ``auto``: block scoring where it is exact (BANDED_POLICIES), else one token per forward; ``token``: always one
+MODES: tuple[str, ...] = ("auto", "token")
+#: (n_sink, window) of each banded policy's attention mask, from the run's (n_sink, window); window None: causal
+_BANDS: dict[str, Callable[[int, int], tuple[int, int | None]]] = {
+    "dense": lambda s, w: (0, None), "window": lambda s, w: (0, s + w), "sinks_plain": lambda s, w: (s, w)}
 
 _MB = float(1 << 20)
+_SAMPLE_EVERY = 16  # token-by-token runs sample memory every this many steps (and at the last)
 
 
 def rss_bytes() -> int:
@@ -94,7 +107,8 @@ class PolicyResult:
         nll: (N,) negative log-likelihood of that token, nats.
         seconds: wall time of the run.
         memory: ``peak_mem_mb`` (KV tensors), ``peak_rss_delta_mb`` and, on CUDA, ``peak_cuda_mb``.
-        note: why the run stopped early, if it did (e.g. past the model's context).
+        note: why the run stopped early, if it did (e.g. past the model's context), or why it ran token by token.
+        mode: ``token`` (one token per forward), ``fast`` (exact blocks with a band mask) or ``batched windows``.
     """
 
     name: str
@@ -103,6 +117,7 @@ class PolicyResult:
     seconds: float
     memory: dict[str, float]
     note: str = ""
+    mode: str = "token"
 
     @property
     def ppl(self) -> float:
@@ -120,7 +135,8 @@ class PolicyResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"ppl": self.ppl, "tokens": len(self.nll), "tokens_per_s": self.tokens_per_s,
-                "seconds": self.seconds, **self.memory, **({"note": self.note} if self.note else {})}
+                "seconds": self.seconds, "mode": self.mode, **self.memory,
+                **({"note": self.note} if self.note else {})}
 
 
 @dataclass(frozen=True)
@@ -177,21 +193,65 @@ def stream_nll(model: nn.Module, ids: torch.Tensor, cache: Cache, *, name: str =
     """
     device = next(model.parameters()).device
     ids = ids.to(device)
-    n = len(ids) if max_positions is None else min(len(ids), max_positions)
-    note = f"stopped at the model's context ({max_positions} tokens)" if n < len(ids) else ""
-    nll = torch.empty(max(n - 1, 0))
+    n, note = _stop_at_context(len(ids), max_positions)
+    nll = torch.empty(max(n - 1, 0), device=device)
     meter = _MemoryMeter(device)
+    kw = cache_kwargs(model, cache)
+    inputs = ids[:n - 1, None, None]  # (n-1, 1, 1): one (1, 1) input per step, no per-step slicing
     t0 = time.perf_counter()
     for t in range(n - 1):
-        logits = model(input_ids=ids[t:t + 1][None], use_cache=True, **cache_kwargs(model, cache)).logits[0, -1:]  # (1, V)
-        nll[t] = _token_nll(logits, ids[t + 1:t + 2])[0].cpu()
-        meter.sample(kv_cache_bytes(cache))
+        logits = model(input_ids=inputs[t], use_cache=True, **kw).logits[0]  # (1, V)
+        nll[t:t + 1] = _token_nll(logits, ids[t + 1:t + 2])  # stays on the device: no sync per token
+        if t % _SAMPLE_EVERY == 0 or t == n - 2:
+            meter.sample(kv_cache_bytes(cache))
         if on_step is not None:
             on_step(t + 1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    return PolicyResult(name, torch.arange(1, n), nll, seconds, meter.summary(), note)
+    return PolicyResult(name, torch.arange(1, n), nll.cpu(), seconds, meter.summary(), note)
+
+
+def _stop_at_context(n_tokens: int, max_positions: int | None) -> tuple[int, str]:
+    """(tokens to use, note): a stream longer than ``max_positions`` is cut there."""
+    if max_positions is None or n_tokens <= max_positions:
+        return n_tokens, ""
+    return max_positions, f"stopped at the model's context ({max_positions} tokens)"
+
+
+@torch.no_grad()
+def banded_nll(model: nn.Module, ids: torch.Tensor, policy: str, n_sink: int, window: int, *, chunk: int = 512,
+               on_step: Callable[[int], None] | None = None) -> PolicyResult:
+    """Score a fixed-mask policy (``dense``, ``window``, ``sinks_plain``) in exact blocks of ``chunk`` queries.
+
+    Same NLLs as :func:`stream_nll` with the policy's cache (see `sinkscope.streaming.banded`). ``peak_mem_mb`` is
+    the K/V one block attends over: the cache plus the block (``n_sink + window + chunk`` tokens for the bounded
+    policies). ``dense`` stops at the model's context.
+    """
+    if policy not in _BANDS:
+        raise InputError(f"policy {policy!r} has no fixed mask; banded policies: {', '.join(BANDED_POLICIES)}")
+    if chunk < 1:
+        raise InputError(f"chunk must be >= 1, got {chunk}")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    n, note = _stop_at_context(len(ids), get_adapter(model).max_positions if policy == "dense" else None)
+    band_sink, band_window = _BANDS[policy](n_sink, window)
+    cache = CACHE_POLICIES[policy](model, n_sink, window)
+    per_token = _kv_bytes_per_token(model)
+    meter = _MemoryMeter(device)
+
+    def on_chunk(done: int, kv_tokens: int) -> None:
+        meter.sample(kv_tokens * per_token)
+        if on_step is not None:
+            on_step(done)
+
+    t0 = time.perf_counter()
+    nll = banded_stream_nll(model, ids[:n], cache, n_sink=band_sink, window=band_window, chunk=chunk,
+                            on_chunk=on_chunk)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return PolicyResult(policy, torch.arange(1, n), nll, seconds, meter.summary(), note, mode="fast")
 
 
 def _kv_bytes_per_token(model: nn.Module) -> int:
@@ -255,22 +315,63 @@ def recompute_nll(model: nn.Module, ids: torch.Tensor, context: int, *, batch_si
     seconds = time.perf_counter() - t0
     order = sorted(out)
     return PolicyResult("recompute", torch.tensor(order, dtype=torch.long),
-                        torch.tensor([out[p] for p in order]), seconds, meter.summary())
+                        torch.tensor([out[p] for p in order]), seconds, meter.summary(), mode="batched windows")
 
 
 def run_policy(model: nn.Module, ids: torch.Tensor, policy: str, n_sink: int, window: int, *,
-               batch_size: int = 16, on_step: Callable[[int], None] | None = None) -> PolicyResult:
-    """Run one named policy (see the module docstring) over the stream ``ids`` (T,)."""
+               batch_size: int = 16, mode: str = "auto", chunk: int = 512,
+               on_step: Callable[[int], None] | None = None) -> PolicyResult:
+    """Run one named policy (see the module docstring) over the stream ``ids`` (T,).
+
+    ``mode="auto"`` scores the fixed-mask policies in exact blocks of ``chunk`` queries (falling back to one token
+    per forward, with a note, where :func:`~sinkscope.streaming.banded.fast_mode_obstacle` says blocks would not be
+    exact); ``mode="token"`` always feeds one token per forward."""
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if policy == "recompute":
         return recompute_nll(model, ids, n_sink + window, batch_size=batch_size, on_step=on_step)
+    note = ""
+    if mode == "auto" and policy in BANDED_POLICIES:
+        obstacle = fast_mode_obstacle(model)
+        if obstacle is None:
+            return banded_nll(model, ids, policy, n_sink, window, chunk=chunk, on_step=on_step)
+        note = f"token by token: {obstacle}"
     cache = CACHE_POLICIES[policy](model, n_sink, window)
     max_positions = get_adapter(model).max_positions if policy == "dense" else None
-    return stream_nll(model, ids, cache, name=policy, max_positions=max_positions, on_step=on_step)
+    r = stream_nll(model, ids, cache, name=policy, max_positions=max_positions, on_step=on_step)
+    return r if not note else PolicyResult(r.name, r.positions, r.nll, r.seconds, r.memory,
+                                           "; ".join(x for x in (r.note, note) if x), r.mode)
+
+
+def has_rope(model: nn.Module) -> bool:
+    """Whether the model encodes positions with RoPE (a module with an ``inv_freq`` buffer)."""
+    return any(isinstance(getattr(m, "inv_freq", None), torch.Tensor) for m in model.modules())
+
+
+def check_stream(model: nn.Module, n_tokens: int, n_sink: int, window: int, policies: Sequence[str]) -> None:
+    """Refuse, in one line, runs that cannot mean what they say (InputError).
+
+    * ``n_sink + window + 1`` past the model's context: every bounded policy (and ``recompute``'s windows) would
+      attend over more tokens than the model was trained on;
+    * a model with learned absolute positions (no RoPE) has no position past its context: ``window`` and
+      ``sinks_plain`` keep absolute positions, so they cannot score a longer stream (``dense`` stops at the
+      context by design).
+    """
+    ctx = get_adapter(model).max_positions
+    if not ctx:
+        return
+    if n_sink + window + 1 > ctx and any(p != "dense" for p in policies):
+        raise InputError(f"--sinks + --window + 1 = {n_sink + window + 1} tokens exceed the model's context ({ctx}): "
+                         "the bounded policies would attend past the trained positions; use a smaller --window")
+    absolute = [p for p in policies if p in ("window", "sinks_plain")]
+    if n_tokens > ctx and absolute and not has_rope(model):
+        raise InputError(f"{type(model).__name__} has learned absolute positions (no RoPE): {', '.join(absolute)} "
+                         f"cannot score past its context ({ctx} tokens); use --tokens {ctx} or fewer")
 
 
 def evaluate_stream(model: nn.Module, ids: torch.Tensor, *, n_sink: int = 4, window: int = 1020,
-                    policies: Sequence[str] = DEFAULT_POLICIES, batch_size: int = 16,
-                    on_policy: Callable[[str, int], Callable[[int], None] | None] | None = None,
+                    policies: Sequence[str] = DEFAULT_POLICIES, batch_size: int = 16, mode: str = "auto",
+                    chunk: int = 512, on_policy: Callable[[str, int], Callable[[int], None] | None] | None = None,
                     meta: dict[str, Any] | None = None) -> StreamEval:
     """Token-by-token perplexity of one long stream under each policy (StreamingLLM Fig. 3 / Table 1 arms).
 
@@ -281,11 +382,14 @@ def evaluate_stream(model: nn.Module, ids: torch.Tensor, *, n_sink: int = 4, win
         window: recent tokens kept by ``sinks``; ``window`` and ``recompute`` keep ``n_sink + window``.
         policies: names from :data:`ALL_POLICIES`.
         batch_size: windows per forward for ``recompute``.
+        mode: ``auto`` (exact blocks for the fixed-mask policies) or ``token`` (one token per forward).
+        chunk: queries per forward in the block mode.
         on_policy: ``on_policy(name, total_steps)`` may return an ``on_step`` progress callback.
         meta: extra fields for ``summary.json`` (model, file, ...).
 
     Raises:
-        InputError: unknown policy, bad sizes, or a stream shorter than 2 tokens.
+        InputError: unknown policy or mode, bad sizes, a stream shorter than 2 tokens, or a run
+            :func:`check_stream` refuses.
     """
     if ids.dim() != 1 or len(ids) < 2:
         raise InputError("the stream needs at least 2 tokens")
@@ -294,12 +398,18 @@ def evaluate_stream(model: nn.Module, ids: torch.Tensor, *, n_sink: int = 4, win
     unknown = [p for p in policies if p not in ALL_POLICIES]
     if unknown or not policies:
         raise InputError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if chunk < 1 or batch_size < 1:
+        raise InputError(f"need --chunk >= 1 and --batch-size >= 1, got {chunk} and {batch_size}")
+    check_stream(model, len(ids), n_sink, window, policies)
     with torch.no_grad():  # warm-up: page in lazily loaded weights so they do not count as a policy's memory
         model(input_ids=ids[:2][None].to(next(model.parameters()).device), use_cache=False)
     results: dict[str, PolicyResult] = {}
     for name in dict.fromkeys(policies):
         on_step = on_policy(name, len(ids) - 1) if on_policy is not None else None
-        results[name] = run_policy(model, ids, name, n_sink, window, batch_size=batch_size, on_step=on_step)
+        results[name] = run_policy(model, ids, name, n_sink, window, batch_size=batch_size, mode=mode, chunk=chunk,
+                                   on_step=on_step)
     return StreamEval(results, len(ids), n_sink, window, dict(meta or {}))
 
 

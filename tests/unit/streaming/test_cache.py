@@ -22,7 +22,8 @@ ROPE_ARCHS = ["llama", "gpt_neox", "phi3"]
 def _model(arch: str, **kw: Any):
     if arch == "phi3":
         kw.setdefault("sliding_window", None)  # full attention everywhere
-    return tiny_model(arch, attn_implementation="eager", **kw)
+    kw.setdefault("attn_implementation", "eager")
+    return tiny_model(arch, **kw)
 
 
 def _stream(model, ids: torch.Tensor, cache: Cache, **kw: Any) -> torch.Tensor:
@@ -209,3 +210,85 @@ def test_refuses_what_it_cannot_do() -> None:
         sink_cache(tiny_model("mistral"), 4, 8)
     with pytest.raises(InputError):
         sink_cache(_model("llama"), 4, 0)
+
+
+def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _greedy(model, ids, cache, n: int, **kw: Any):
+    out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)  # (B, n), (B, n, V)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("reassign", [True, False])
+def test_left_padded_batch_equals_each_row_alone(impl: str, reassign: bool) -> None:
+    """tiny Llama, 2 sinks + window 6 (issue 10.5): every row of a left-padded batch, decoded far past eviction,
+    gives the tokens and logits of that prompt run alone -- its sinks are its own first real tokens."""
+    model = _model("llama", attn_implementation=impl)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 99, (n,), generator=g).tolist() for n in (5, 11, 2)]
+    ids, mask = _left_padded(prompts)
+    batch_tokens, batch_logits = _greedy(model, ids, sink_cache(model, 2, 6, reassign=reassign), 24,
+                                         attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        tokens, logits = _greedy(model, torch.tensor([prompt]), sink_cache(model, 2, 6, reassign=reassign), 24)
+        assert batch_tokens[row].tolist() == tokens[0].tolist()
+        torch.testing.assert_close(batch_logits[row], logits[0], atol=1e-4, rtol=0)
+
+
+def test_right_padding_and_short_masks_are_refused() -> None:
+    model = _model("llama")
+    ids = torch.randint(3, 99, (2, 6))
+    with pytest.raises(InputError, match="left padding only"):
+        model(ids, attention_mask=torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]]),
+              **cache_kwargs(model, sink_cache(model, 2, 6)))
+    cache = sink_cache(model, 2, 6)
+    model(ids, **cache_kwargs(model, cache))
+    with pytest.raises(InputError, match="mask of every token"):
+        model(ids[:, :1], attention_mask=torch.ones(2, 1, dtype=torch.long), **cache_kwargs(model, cache))
+
+
+def test_crop_is_exact_before_eviction_and_refused_after() -> None:
+    model = _model("llama")
+    ids = torch.randint(3, 99, (1, 14))
+    ref, cropped = sink_cache(model, 4, 12), sink_cache(model, 4, 12)
+    with torch.no_grad():
+        model(ids[:, :10], **cache_kwargs(model, ref))
+        model(ids, **cache_kwargs(model, cropped))
+        cropped.crop(-4)  # 14 tokens <= 16: nothing evicted yet
+        assert cropped.get_seq_length() == 10 and cropped.stored_tokens == 10
+        nxt = torch.randint(3, 99, (1, 9))  # past the capacity after the crop
+        torch.testing.assert_close(_stream(model, nxt, cropped), _stream(model, nxt, ref), atol=ATOL, rtol=0)
+    with pytest.raises(InputError, match="evicted"):
+        cropped.crop(-1)
+
+
+def test_assisted_decoding_works_until_eviction_then_says_why() -> None:
+    model, assistant = _model("llama"), _model("llama", num_hidden_layers=1, seed=1)
+    prompt = torch.randint(3, 99, (1, 6))
+
+    def run(n: int, **kw: Any) -> torch.Tensor:
+        return model.generate(prompt, **cache_kwargs(model, sink_cache(model, 4, 12)), max_new_tokens=n,
+                              do_sample=False, pad_token_id=0, **kw)
+
+    assert run(8, assistant_model=assistant).tolist() == run(8).tolist()  # 14 tokens: fits the 16-token cache
+    with pytest.raises(InputError, match="assisted/speculative decoding"):
+        run(30, assistant_model=assistant)
+
+
+def test_beam_search_reorders_the_rows() -> None:
+    model = _model("llama")
+    prompt = torch.randint(3, 99, (1, 6))
+    kw: dict[str, Any] = {"num_beams": 3, "num_return_sequences": 2, "do_sample": False, "pad_token_id": 0}
+    ours = model.generate(prompt, **cache_kwargs(model, sink_cache(model, 4, 40)), max_new_tokens=10, **kw)
+    dense = model.generate(prompt, **cache_kwargs(model, DynamicCache(config=model.config)), max_new_tokens=10, **kw)
+    assert ours.tolist() == dense.tolist()  # nothing evicted: the same beams
+    cache = sink_cache(model, 2, 5, reassign=True)
+    long = model.generate(prompt, **cache_kwargs(model, cache), max_new_tokens=30, **kw)
+    assert long.shape == (2, 36) and cache.stored_tokens == 7 and len(cache.layers[0].real) == 3

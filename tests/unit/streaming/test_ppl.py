@@ -55,7 +55,8 @@ def test_dense_stops_at_the_model_context() -> None:
 def test_summary_rows_and_plot(model) -> None:
     ids = torch.randint(3, 99, (40,))
     res = evaluate_stream(model, ids, n_sink=2, window=8,
-                          policies=["dense", "window", "sinks", "sinks_plain", "recompute"], batch_size=5)
+                          policies=["dense", "window", "sinks", "sinks_plain", "recompute"], batch_size=5,
+                          mode="token")
     js = res.to_json()
     assert set(js["policies"]) == {"dense", "window", "sinks", "sinks_plain", "recompute"}
     for p in js["policies"].values():
@@ -78,3 +79,26 @@ def test_bad_input(model) -> None:
         evaluate_stream(model, ids[:1])
     with pytest.raises(InputError):
         evaluate_stream(model, ids, window=0)
+
+
+def test_modes_give_the_same_perplexities(model) -> None:
+    """Default: fixed-mask policies in exact blocks, sinks token by token, recompute batched; --token-by-token
+    gives the same numbers (1e-4 nats per token)."""
+    ids = torch.randint(3, 99, (70,), generator=torch.Generator().manual_seed(2))
+    names = ["dense", "window", "sinks", "sinks_plain", "recompute"]
+    auto = evaluate_stream(model, ids, n_sink=2, window=8, policies=names, chunk=16)
+    token = evaluate_stream(model, ids, n_sink=2, window=8, policies=names, mode="token")
+    assert {k: v.mode for k, v in auto.policies.items()} == {
+        "dense": "fast", "window": "fast", "sinks": "token", "sinks_plain": "fast", "recompute": "batched windows"}
+    assert {v.mode for k, v in token.policies.items() if k != "recompute"} == {"token"}
+    for name in names:
+        assert (auto.policies[name].nll - token.policies[name].nll).abs().max().item() < 1e-4, name
+    assert auto.to_json()["policies"]["window"]["mode"] == "fast"
+
+
+def test_window_past_the_context_is_refused() -> None:
+    m = tiny_model("llama", max_position_embeddings=40)
+    with pytest.raises(InputError, match="exceed the model's context"):
+        evaluate_stream(m, torch.randint(3, 99, (60,)), n_sink=4, window=40, policies=["sinks"])
+    res = evaluate_stream(m, torch.randint(3, 99, (60,)), n_sink=4, window=40, policies=["dense"])  # dense: no window
+    assert len(res.policies["dense"].nll) == 39
