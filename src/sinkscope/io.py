@@ -16,11 +16,18 @@ from sinkscope.errors import InputError
 
 
 def read_text_file(path: str | Path, what: str = "input file") -> str:
-    """A UTF-8 text file's content; InputError if it is missing or blank (``what`` names it in the message)."""
+    """A UTF-8 text file's content; InputError if it is missing, blank or not text: NUL bytes or invalid UTF-8,
+    which a binary file has (``what`` names it in the message)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{what} not found: {path}")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise InputError(f"{what} {path} is not text (it contains NUL bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
     if not text.strip():
         raise InputError(f"{what} is empty: {path}")
     return text

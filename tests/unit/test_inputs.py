@@ -57,3 +57,19 @@ def test_empty_and_missing_inputs(tok, tmp_path) -> None:
     (tmp_path / "t.txt").write_text("the cat is red . " * 20)
     chunks = file_inputs(tok, tmp_path / "t.txt", max_tokens=10, samples=3)
     assert chunks.lengths == [10, 10, 10]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not text"),
+    (b"caf\xe9 au lait", "not UTF-8 text"),
+    (b"  \n\t", "empty"),
+])
+def test_non_text_files_are_refused(tmp_path, content, message) -> None:
+    from sinkscope.errors import InputError
+    from sinkscope.io import read_text_file
+
+    f = tmp_path / "input.bin"
+    f.write_bytes(content)
+    with pytest.raises(InputError, match=message) as e:
+        read_text_file(f)
+    assert "\n" not in str(e.value)

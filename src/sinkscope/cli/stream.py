@@ -14,27 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sinkscope.cli.common import (
+    DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, REVISION_OPTION, TRUST_OPTION, load_cli_model,
+)
 from sinkscope.errors import InputError
-from sinkscope.io import ensure_output_dir, save_figure_atomic, write_csv_atomic, write_json_atomic
-from sinkscope.models.load import DEFAULT_MODEL
+from sinkscope.io import ensure_output_dir, read_text_file, save_figure_atomic, write_csv_atomic, write_json_atomic
 
 app = typer.Typer(help="Streaming with attention sinks (StreamingLLM): evaluate cache policies, generate endlessly.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-
-def _check_text_file(path: Path) -> None:
-    """One-line InputError unless ``path`` is a non-blank UTF-8 text file (checked before the model loads)."""
-    if not path.is_file():
-        raise InputError(f"--file not found: {path}")
-    data = path.read_bytes()
-    if not data.strip():
-        raise InputError(f"--file is empty: {path}")
-    if b"\x00" in data:
-        raise InputError(f"--file {path} is not text (it contains NUL bytes)")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"--file {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
 def _parse_policies(policies: Optional[str]) -> list[str]:
@@ -51,7 +38,7 @@ def _parse_policies(policies: Optional[str]) -> list[str]:
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
+    model: str = MODEL_OPTION,
     file: Optional[Path] = typer.Option(
         None, "--file", "-f", help="a UTF-8 text file: the stream (default: the WikiText-2 validation text shipped "
                                    "with sinkscope)"),
@@ -69,6 +56,10 @@ def eval_command(
                                         "and sinks_plain are scored in exact blocks of --chunk queries)"),
     chunk: int = typer.Option(512, "--chunk", help="queries per forward in the exact block mode"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    revision: Optional[str] = REVISION_OPTION,
+    trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Perplexity over a long text for each cache policy, every token predicted from what the policy keeps; writes
     tokens.csv (policy, position, nll), summary.json and log_ppl.png to --out."""
@@ -88,19 +79,19 @@ def eval_command(
         from sinkscope.corpora import corpus_path
 
         file = corpus_path()
-    _check_text_file(file)
+    read_text_file(file, "--file")  # missing, empty or binary: one line, before the model loads
     out = ensure_output_dir(out)
 
     import torch
 
     from sinkscope.inputs import file_inputs
-    from sinkscope.plugins import load_model
     from sinkscope.streaming.ppl import evaluate_stream, plot_log_ppl
 
     if threads:
         torch.set_num_threads(threads)
     console = Console(stderr=True)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
+                                   trust_remote_code=trust_remote_code)
     batch = file_inputs(tokenizer, file, bos=bos, max_tokens=tokens)
     ids = torch.tensor(batch.sequences[0], dtype=torch.long)
     if len(ids) < tokens:
@@ -151,7 +142,7 @@ def _num(x: float, fmt: str) -> str:
 @app.command("generate")
 def generate_command(
     prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
+    model: str = MODEL_OPTION,
     sinks: int = typer.Option(4, "--sinks", help="first tokens kept (attention sinks)"),
     window: int = typer.Option(1020, "--window", help="recent tokens kept"),
     max_new_tokens: int = typer.Option(0, "--max-new-tokens", "-n", help="stop after N tokens (0: never stop)"),
@@ -163,10 +154,13 @@ def generate_command(
     stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="stop at the tokenizer's EOS token"),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="prompt tokens per forward"),
     stats: bool = typer.Option(False, "--stats", help="print cache size and speed to stderr at the end"),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    revision: Optional[str] = REVISION_OPTION,
+    trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Generate from a prompt with a sink + window cache at constant memory (endless unless -n is given;
     Ctrl-C stops)."""
-    from sinkscope.plugins import load_model
     from sinkscope.streaming.generate import stream_generate
 
     if sinks < 0 or window < 1:
@@ -179,7 +173,8 @@ def generate_command(
         raise InputError(f"--top-k must be >= 1, got {top_k}")
     if prefill_chunk < 1:
         raise InputError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
+                                   trust_remote_code=trust_remote_code)
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True)

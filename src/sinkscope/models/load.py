@@ -20,14 +20,11 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sinkscope.artefacts import MANIFEST_NAME as MANIFEST_NAME
 from sinkscope.artefacts import detect_artefact, manifest_kind
 from sinkscope.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 
