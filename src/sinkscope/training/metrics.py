@@ -165,6 +165,9 @@ def measure_model(model: nn.Module, batch: LMBatch, *, eps: float = 0.3, dormant
     # value vectors of all heads concatenated per token: (B, H, K, D) -> (B, K, H*D)
     row["bos_value_norm"] = [round(norm_ratio(v.transpose(1, 2).flatten(2)), 4) for v in cap.values]
     row["bos_residual_norm"] = [round(norm_ratio(x), 4) for x in cap.resid]
+    # absolute norms (Guo et al. plot these): mean ||x[l, b, 0]|| and the median ||x[l, b, t]||, t >= 1
+    row["bos_residual_abs"] = [round(float(x[:, 0].norm(dim=-1).mean()), 4) for x in cap.resid]
+    row["median_residual_abs"] = [round(float(x[:, 1:].norm(dim=-1).median()), 4) for x in cap.resid]
     row["heads"] = heads
     row["head_bos_mass"] = head_mass
     return row
