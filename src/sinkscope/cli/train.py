@@ -17,13 +17,21 @@ def command(
 ) -> None:
     """Train a small transformer (Bigram-Backcopy or text) and write config.yaml, metrics.jsonl, final.json, plots.
 
+    Rerunning the same command resumes from the last checkpoint (it says from which step); Ctrl-C exits with
+    status 130. `train.max_minutes=M` stops cleanly after M minutes (evaluated, checkpointed, final.json written).
     Runs unchanged under `torchrun --nproc_per_node N -m sinkscope.cli train ...` (DDP: gloo on CPU, nccl on GPU).
     """
     from sinkscope.training.config import load_config
     from sinkscope.training.loop import train
 
     cfg = load_config(config, list(overrides or []))
-    result = train(cfg, out, resume=not fresh, progress=sys.stderr.isatty(), argv=["sinkscope", "train", *sys.argv[2:]])
+    try:
+        result = train(cfg, out, resume=not fresh, progress=sys.stderr.isatty(),
+                       argv=["sinkscope", "train", *sys.argv[2:]])
+    except KeyboardInterrupt:
+        # the last checkpoint (every train.ckpt_every steps, atomic) is intact; the same command resumes from it
+        print("interrupted; resume with the same command", file=sys.stderr)
+        raise typer.Exit(130) from None
     if result is not None:
         f = result.final
         keys = ("step", "loss", "excess_loss", "sink_ratio", "sink_ratio_proxy", "sink_ratio_slot", "wall_time_s")
