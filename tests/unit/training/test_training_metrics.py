@@ -34,3 +34,23 @@ def test_measure_model_rows(corpus: Path, kw: dict, slot: bool) -> None:
     assert all(v in ("active", "dormant") for labels in row["heads"].values() for v in labels.values())
     if kw.get("attention") == "relu":  # weights used are not rows summing to one; the proxy renormalises them
         assert row["bos_attention"] != row["bos_attention_proxy"]
+
+
+def test_absolute_residual_norms_match_the_ratio(corpus: Path) -> None:
+    task = BigramBackcopy.from_file(corpus, n_chars=20, n_triggers=2)
+    model = TinyGPT(TinyGPTConfig(vocab_size=task.vocab_size, block_size=16, n_layers=3, d_model=16, n_heads=2))
+    row = measure_model(model, task.batch(0, 0, 8, 16))
+    assert len(row["bos_residual_abs"]) == len(row["median_residual_abs"]) == 3
+    for ratio, bos, med in zip(row["bos_residual_norm"], row["bos_residual_abs"], row["median_residual_abs"]):
+        assert bos > 0 and med > 0 and ratio == pytest.approx(bos / med, rel=1e-3)
+
+
+def test_relu_flat_divides_every_row_alike() -> None:
+    from sinkscope.models.attention import ATTENTION_FNS
+
+    q, k = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    mask = torch.ones(5, 5).tril().bool()
+    relu, flat = ATTENTION_FNS["relu"](q, k, mask), ATTENTION_FNS["relu_flat"](q, k, mask)
+    n_visible = torch.arange(1, 6, dtype=torch.float32)[:, None]  # 1 / (t + 1) for relu, 1 / 5 for every flat row
+    torch.testing.assert_close(flat * 5, relu * n_visible)
+    assert (flat[..., ~mask] == 0).all()
