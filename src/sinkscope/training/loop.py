@@ -98,11 +98,15 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _eval_batch(task: Any, cfg: RunConfig) -> LMBatch:
+def evaluation_batch(task: Any, cfg: RunConfig) -> LMBatch:
+    """The fixed evaluation batch of a run: held-out rows of ``task`` seeded by ``train.seed``."""
     d = cfg.data
     if hasattr(task, "eval_batch"):
         return task.eval_batch(cfg.train.seed, d.eval_batch_size, d.seq_len)
     return task.batch(cfg.train.seed, 0, d.eval_batch_size, d.seq_len, stream=1)
+
+
+_eval_batch = evaluation_batch  # former private name
 
 
 def check_output_dir(out: Path) -> None:
@@ -205,7 +209,7 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
     net: nn.Module = model
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    eval_batch = _eval_batch(task, cfg).to(ctx.device)
+    eval_batch = evaluation_batch(task, cfg).to(ctx.device)
     local_b = d.batch_size // ctx.world_size
     lo, hi = ctx.rank * local_b, (ctx.rank + 1) * local_b
 

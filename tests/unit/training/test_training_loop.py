@@ -201,3 +201,41 @@ def test_ctrl_c_exits_130_with_resume_hint(corpus: Path, tmp_path: Path, capsys:
     cfg.write_text(yaml.safe_dump(tiny_dict(corpus)))
     assert cli_main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 130
     assert capsys.readouterr().err.strip() == "interrupted; resume with the same command"
+
+
+def test_equal_loss_matches_the_slower_runs_final_row() -> None:
+    from sinkscope.training.table import equal_loss
+
+    fast = [{"step": s, "loss": v} for s, v in [(0, 4.0), (100, 2.0), (200, 1.0), (300, 0.9)]]
+    slow = [{"step": s, "loss": v} for s, v in [(0, 4.0), (100, 3.0), (200, 1.5)]]
+    assert equal_loss(fast, slow) == (fast[2], slow[2])  # fast's first row at <= 1.5, against slow's final row
+    assert equal_loss(slow, fast) == (slow[2], fast[2])
+    late = [{"step": 0, "loss": 3.0}, {"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    assert equal_loss(late, slow) == (late[1], slow[2])  # the first row at or below the other's final loss
+
+
+def test_results_table_marks_and_skips_long_experiments(corpus: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from sinkscope.training.table import main as table_main
+
+    exp = tmp_path / "experiments"
+    exp.mkdir()
+    (exp / "quick.yaml").write_text(yaml.safe_dump(tiny_dict(corpus, train={"steps": 2, "eval_every": 1})))
+    (exp / "slow.yaml").write_text(yaml.safe_dump(tiny_dict(corpus, train={"steps": 2, "minutes": 12})))
+    assert table_main([str(exp), str(tmp_path / "runs"), "--run", "--skip-long"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping slow (long: ~12 min)" in captured.err
+    assert "| slow (long, ~12 min) | (not run) |" in captured.out and "| quick | softmax |" in captured.out
+    assert not (tmp_path / "runs" / "slow").exists()
+
+
+def test_comparison_figures_from_finished_runs(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    from sinkscope.training.figures import FIGURES, write_figures
+
+    name = FIGURES["training-peak"].runs[0]
+    train(tiny_cfg, tmp_path / "runs" / name, progress=False)
+    written = write_figures(tmp_path / "runs", tmp_path / "img")
+    assert written == [tmp_path / "img" / "training-peak.png"]  # figures without any finished run are skipped
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -54,3 +54,38 @@ def test_relu_flat_divides_every_row_alike() -> None:
     n_visible = torch.arange(1, 6, dtype=torch.float32)[:, None]  # 1 / (t + 1) for relu, 1 / 5 for every flat row
     torch.testing.assert_close(flat * 5, relu * n_visible)
     assert (flat[..., ~mask] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid_norm"])
+def test_score_budget_share_is_the_weight_used(corpus: Path, kind: str) -> None:
+    from sinkscope.training.diagnose import score_budget
+    from sinkscope.training.metrics import capture_tinygpt
+
+    task = BigramBackcopy.from_file(corpus, n_chars=20, n_triggers=2)
+    torch.manual_seed(0)
+    model = TinyGPT(TinyGPTConfig(vocab_size=task.vocab_size, block_size=16, n_layers=2, d_model=16, n_heads=2,
+                                  attention=kind, positions="rope")).eval()
+    batch = task.batch(0, 0, 8, 16)
+    budget = score_budget(model, batch, layer=1, buckets=1)
+    with torch.no_grad(), capture_tinygpt(model) as cap:
+        model(batch.idx)
+    used = cap.weights[1][..., 0]  # (B, H, T): weight on the first token as the model used it
+    for cls, rows in budget["classes"].items():
+        sel = batch.classes[cls].clone()
+        sel[:, 0] = False  # the buckets cover query positions 1..T-1
+        expected = used[sel[:, None, :].expand_as(used)].mean()
+        assert rows[0]["share_first"] == pytest.approx(float(expected), abs=2e-4)
+
+
+def test_residual_parts_output_ratio_is_the_metrics_ratio(corpus: Path) -> None:
+    from sinkscope.training.diagnose import residual_parts
+
+    task = BigramBackcopy.from_file(corpus, n_chars=20, n_triggers=2)
+    model = TinyGPT(TinyGPTConfig(vocab_size=task.vocab_size, block_size=16, n_layers=2, d_model=16,
+                                  attention="relu")).eval()
+    batch = task.batch(0, 0, 8, 16)
+    parts = residual_parts(model, batch, layer=0)["parts"]
+    assert set(parts) == {"input", "attention", "mlp", "output"}
+    row = measure_model(model, batch)
+    assert parts["output"]["ratio"] == pytest.approx(row["bos_residual_norm"][0], abs=2e-3)
+    assert parts["output"]["first"] == pytest.approx(row["bos_residual_abs"][0], abs=2e-3)
