@@ -10,6 +10,7 @@ norms where logged), and for text runs Sink_0 every 500 steps.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -57,13 +58,13 @@ def _cfg(run: Path) -> dict[str, Any]:
     return yaml.safe_load((run / "config.yaml").read_text())
 
 
-def training_experiments(experiments: Path) -> list[Path]:
+def training_experiments(experiments: Path, pattern: str = "*") -> list[Path]:
     """The YAML files of ``experiments`` that are training configs (top-level keys among base/model/data/optim/
     train); other experiment files in the folder (e.g. scripts' configs) are skipped."""
     from sinkscope.training.config import SECTIONS, ConfigError, read_yaml_tree
 
     out = []
-    for path in sorted(experiments.glob("*.yaml")):
+    for path in sorted(experiments.glob(f"{pattern}.yaml")):
         try:
             keys = set(read_yaml_tree(path))
         except ConfigError:
@@ -73,12 +74,12 @@ def training_experiments(experiments: Path) -> list[Path]:
     return out
 
 
-def results_table(experiments: Path, runs: Path) -> str:
+def results_table(experiments: Path, runs: Path, pattern: str = "*") -> str:
     """Markdown table of every experiment's final row (missing runs are listed as not run)."""
     header = ("| experiment | attention | optim | steps | eval loss | excess | Sink_0 | Sink_0 proxy | Sink_slot "
               "| BOS attn (per layer) | BOS value / median | BOS resid / median | dormant heads | wall s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for path in training_experiments(experiments):
+    for path in training_experiments(experiments, pattern):
         run = runs / path.stem
         if not (run / "final.json").is_file():
             lines.append(f"| {_name(path)} | (not run) |" + " |" * (header.count("|") - 3))
@@ -95,8 +96,8 @@ def results_table(experiments: Path, runs: Path) -> str:
             f"| {f['sink_ratio']:.2f} | {f['sink_ratio_proxy']:.2f} | {slot} | {_fmt_layers(f['bos_attention'])} "
             f"| {_fmt_layers(f['bos_value_norm'])} | {_fmt_layers(f['bos_residual_norm'])} | {_dormant(f)} "
             f"| {f['wall_time_s']:.0f} |")
-    lines += ["", *equal_loss_lines(experiments, runs), *dynamics_lines(experiments, runs),
-              *text_sink_lines(experiments, runs)]
+    lines += ["", *equal_loss_lines(experiments, runs, pattern), *dynamics_lines(experiments, runs, pattern=pattern),
+              *text_sink_lines(experiments, runs, pattern=pattern)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -121,7 +122,7 @@ def equal_loss(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]]) -> tu
     return next(r for r in a_rows if r["loss"] <= b_final["loss"]), b_final
 
 
-def equal_loss_lines(experiments: Path, runs: Path) -> list[str]:
+def equal_loss_lines(experiments: Path, runs: Path, pattern: str = "*") -> list[str]:
     """For each ``X-adam`` / ``X-sgd`` (and ``X-softmax`` / ``X-sigmoid``) pair: both runs at equal loss (the
     slower run's final row against the faster run's first row reaching that loss), side by side."""
     out = []
@@ -129,6 +130,8 @@ def equal_loss_lines(experiments: Path, runs: Path) -> list[str]:
         for other in sorted(experiments.glob(f"*{other_suffix}.yaml")):
             ref = experiments / (other.stem.removesuffix(other_suffix) + ref_suffix + ".yaml")
             ra, ro = runs / ref.stem, runs / other.stem
+            if not fnmatch.fnmatch(other.stem, pattern) or not fnmatch.fnmatch(ref.stem, pattern):
+                continue
             if not (ref.is_file() and (ra / "final.json").is_file() and (ro / "final.json").is_file()):
                 continue
             a, b = equal_loss(_rows(ra), _rows(ro))
@@ -137,12 +140,12 @@ def equal_loss_lines(experiments: Path, runs: Path) -> list[str]:
     return out
 
 
-def dynamics_lines(experiments: Path, runs: Path, points: int = 5) -> list[str]:
+def dynamics_lines(experiments: Path, runs: Path, points: int = 5, pattern: str = "*") -> list[str]:
     """Per experiment, a few evenly spaced rows: max-over-heads attention on the first token, value and residual
     ratios, per layer (``a / b`` = layer 0 / layer 1)."""
     out = ["| experiment | step | eval loss | Sink_0 (proxy) | max BOS attn per layer | BOS value / median "
            "| BOS resid / median | BOS resid absolute |", "|---|---|---|---|---|---|---|---|"]
-    for path in training_experiments(experiments):
+    for path in training_experiments(experiments, pattern):
         run = runs / path.stem
         if not (run / "final.json").is_file():
             continue
@@ -157,11 +160,11 @@ def dynamics_lines(experiments: Path, runs: Path, points: int = 5) -> list[str]:
     return out if len(out) > 2 else []
 
 
-def text_sink_lines(experiments: Path, runs: Path, every: int = 500) -> list[str]:
+def text_sink_lines(experiments: Path, runs: Path, every: int = 500, pattern: str = "*") -> list[str]:
     """For text-task runs: eval loss, Sink_0 (proxy) and the largest per-head attention on the first token
     (proxy) at every ``every`` steps."""
     out = []
-    for path in training_experiments(experiments):
+    for path in training_experiments(experiments, pattern):
         run = runs / path.stem
         if not (run / "final.json").is_file() or _cfg(run)["data"]["task"] != "text":
             continue
@@ -174,13 +177,13 @@ def text_sink_lines(experiments: Path, runs: Path, every: int = 500) -> list[str
     return ["", *out] if out else []
 
 
-def run_missing(experiments: Path, runs: Path, *, skip_long: bool = False) -> None:
+def run_missing(experiments: Path, runs: Path, *, skip_long: bool = False, pattern: str = "*") -> None:
     """Train every experiment without ``final.json`` (resuming any checkpoint), one after the other;
     ``skip_long`` leaves out those expected to take 5 minutes or more (``train.minutes``)."""
     from sinkscope.training.config import load_config
     from sinkscope.training.loop import train
 
-    for path in training_experiments(experiments):
+    for path in training_experiments(experiments, pattern):
         out = runs / path.stem
         if (out / "final.json").is_file():
             continue
@@ -201,14 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", action="store_true", help="train the experiments that have no final.json first")
     p.add_argument("--skip-long", action="store_true",
                    help=f"with --run: leave out experiments expected to take {LONG_MINUTES:g} minutes or more")
+    p.add_argument("--only", default="*", metavar="GLOB",
+                   help="only the experiments whose name matches this pattern, e.g. 'bb-peak-*'")
     p.add_argument("--out", type=Path, help="also write the table to this file")
     args = p.parse_args(argv)
     try:
         if not args.experiments.is_dir():
             raise SinkscopeError(f"experiments folder not found: {args.experiments}")
         if args.run:
-            run_missing(args.experiments, args.runs, skip_long=args.skip_long)
-        table = results_table(args.experiments, args.runs)
+            run_missing(args.experiments, args.runs, skip_long=args.skip_long, pattern=args.only)
+        table = results_table(args.experiments, args.runs, args.only)
     except SinkscopeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

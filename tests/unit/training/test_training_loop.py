@@ -239,3 +239,5 @@ def test_comparison_figures_from_finished_runs(tiny_cfg: RunConfig, tmp_path: Pa
     written = write_figures(tmp_path / "runs", tmp_path / "img")
     assert written == [tmp_path / "img" / "training-peak.png"]  # figures without any finished run are skipped
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table_main([str(exp), str(tmp_path / "runs"), "--only", "qu*"]) == 0
+    assert "slow" not in capsys.readouterr().out
