@@ -229,6 +229,8 @@ def test_results_table_marks_and_skips_long_experiments(corpus: Path, tmp_path: 
     assert "skipping slow (long: ~12 min)" in captured.err
     assert "| slow (long, ~12 min) | (not run) |" in captured.out and "| quick | softmax |" in captured.out
     assert not (tmp_path / "runs" / "slow").exists()
+    assert table_main([str(exp), str(tmp_path / "runs"), "--only", "qu*"]) == 0
+    assert "slow" not in capsys.readouterr().out
 
 
 def test_comparison_figures_from_finished_runs(tiny_cfg: RunConfig, tmp_path: Path) -> None:
@@ -239,5 +241,3 @@ def test_comparison_figures_from_finished_runs(tiny_cfg: RunConfig, tmp_path: Pa
     written = write_figures(tmp_path / "runs", tmp_path / "img")
     assert written == [tmp_path / "img" / "training-peak.png"]  # figures without any finished run are skipped
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert table_main([str(exp), str(tmp_path / "runs"), "--only", "qu*"]) == 0
-    assert "slow" not in capsys.readouterr().out
