@@ -262,9 +262,9 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
             step_nll = float(nll_sum.detach())
             done = step + 1
             if not math.isfinite(step_nll):  # stop before a non-finite state is evaluated or checkpointed
+                kept = f"the last checkpoint, step {last_ckpt}, is kept" if ckpt_path.is_file() else "no checkpoint"
                 raise DivergedError(f"training diverged: the training loss is {step_nll} at step {done} "
-                                    f"(optim.lr={cfg.optim.lr:g}); lower optim.lr (the last checkpoint, step "
-                                    f"{last_ckpt}, is kept)")
+                                    f"(optim.lr={cfg.optim.lr:g}); lower optim.lr ({kept})")
             window[0] += step_nll
             window[1] += float(local.loss_mask.sum())
             if deadline is not None:
