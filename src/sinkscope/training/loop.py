@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sinkscope.errors import InputError, SinkscopeError
+from sinkscope.io import _clean as finite_json  # NaN/inf -> None, so what is written stays strict JSON
 from sinkscope.models.tinygpt import TinyGPT
 from sinkscope.tasks.batch import LMBatch
 from sinkscope.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_atomic
@@ -120,17 +121,6 @@ def check_output_dir(out: Path) -> None:
         raise InputError(f"cannot create output directory {out}: {e.strerror or e}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"output directory {out} is not writable")
-
-
-def finite_json(obj: Any) -> Any:
-    """``obj`` with every NaN/infinite float replaced by None, so the JSON written is valid JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
 
 
 def _log(ctx: DistContext, message: str) -> None:
