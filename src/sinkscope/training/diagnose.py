@@ -10,8 +10,10 @@ Two read-outs of a finished ``sinkscope train`` run (its ``checkpoint.pt``) on t
   position and at the median other position: the block input, the attention output, the MLP output and the
   sum. It shows which part makes the first token's residual norm stand out (for ReLU attention with
   ``1 / (t + 1)``, position 0's single attention term is never divided).
+- :func:`attention_targets`: where one layer's queries of each class put their (row-normalised) attention:
+  the sink slot, the first token, themselves, the previous token, everything else.
 
-``python -m sinkscope.training.diagnose scores RUN [--layer L]`` / ``... parts RUN [--layer L]`` prints JSON.
+``python -m sinkscope.training.diagnose scores|parts|targets RUN [--layer L]`` prints JSON.
 """
 
 from __future__ import annotations
@@ -142,17 +144,51 @@ def residual_parts(model: TinyGPT, batch: Any, layer: int) -> dict[str, Any]:
     return {"kind": model.cfg.attention, "layer": layer, "parts": parts}
 
 
+@torch.no_grad()
+def attention_targets(model: TinyGPT, batch: Any, layer: int) -> dict[str, Any]:
+    """Mean share of the attention of ``layer``'s queries (positions >= 1) of each class on the sink slot, the
+    first token, the query itself, the previous token and the rest (Gu et al.'s row-normalised proxy, so the
+    shares sum to one, or to zero for a ReLU row that attends nowhere), averaged over heads."""
+    from sinkscope.models.attention import row_normalised
+    from sinkscope.training.metrics import capture_tinygpt
+
+    _check_layer(model, layer)
+    with capture_tinygpt(model) as cap:
+        model(batch.idx)
+    w, slot = row_normalised(cap.weights[layer], cap.slots[layer] if cap.slots else None)  # (B, H, T, T)
+    B, H, T, _ = w.shape
+    t = torch.arange(T)
+    first = w[..., 0]
+    own = w[..., t, t]
+    prev = torch.zeros_like(own)
+    prev[..., 2:] = w[..., t[2:], t[2:] - 1]  # the previous token, when it is not the first one
+    own[..., 0] = 0.0  # query 0's own key is the first token
+    slot_share = slot if slot is not None else torch.zeros_like(own)
+    rest = (w.sum(-1) - first - own - prev).clamp_min(0)
+    out: dict[str, Any] = {"kind": model.cfg.attention, "layer": layer, "classes": {}}
+    for cls, queries in batch.classes.items():
+        sel = queries.clone()
+        sel[:, 0] = False
+        m = sel[:, None, :].expand(B, H, T)
+        out["classes"][cls] = {name: round(float(x[m].mean()), 4) for name, x in
+                               (("slot", slot_share), ("first", first), ("self", own), ("previous", prev),
+                                ("rest", rest))}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sinkscope.training.diagnose", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("scores", "parts"), help="scores: score_budget; parts: residual_parts")
+    p.add_argument("what", choices=("scores", "parts", "targets"),
+                   help="scores: score_budget; parts: residual_parts; targets: attention_targets")
     p.add_argument("runs", nargs="+", type=Path, help="run directories of `sinkscope train`")
     p.add_argument("--layer", type=int, default=None, help="layer (default: 1 for scores, 0 for parts)")
     args = p.parse_args(argv)
-    layer = args.layer if args.layer is not None else (1 if args.what == "scores" else 0)
+    layer = args.layer if args.layer is not None else (0 if args.what == "parts" else 1)
+    fns = {"scores": score_budget, "parts": residual_parts, "targets": attention_targets}
     try:
         for run in args.runs:
             model, _cfg, batch = _load(run)
-            result = score_budget(model, batch, layer) if args.what == "scores" else residual_parts(model, batch, layer)
+            result = fns[args.what](model, batch, layer)
             print(json.dumps({"run": str(run), **result}))
     except SinkscopeError as e:
         print(f"error: {e}", file=sys.stderr)

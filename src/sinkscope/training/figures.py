@@ -60,9 +60,10 @@ FIGURES: dict[str, Figure] = {
         (("BOS residual norm after layer 0", _layer("bos_residual_abs", 0)),
          ("BOS / median residual norm, layer 0", _layer("bos_residual_norm", 0)),
          ("BOS / median residual norm, layer 1", _layer("bos_residual_norm", 1)),
-         ("attention on BOS, layer 1", _layer("bos_attention", 1)),
+         ("attention on BOS, layer 1 (proxy)", _layer("bos_attention_proxy", 1)),
          ("eval loss", lambda r: r["loss"])),
-        log_y=("eval loss",)),
+        log_y=("BOS residual norm after layer 0", "BOS / median residual norm, layer 0",
+               "BOS / median residual norm, layer 1", "eval loss")),
     "training-slots": Figure(
         ("bb-noslot-softmax", "bb-noslot-kbias", "bb-noslot-softmax1", "bb-noslot-sinktoken"),
         (("Sink_0 (first token)", lambda r: r["sink_ratio"]),

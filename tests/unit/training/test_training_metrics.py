@@ -89,3 +89,19 @@ def test_residual_parts_output_ratio_is_the_metrics_ratio(corpus: Path) -> None:
     row = measure_model(model, batch)
     assert parts["output"]["ratio"] == pytest.approx(row["bos_residual_norm"][0], abs=2e-3)
     assert parts["output"]["first"] == pytest.approx(row["bos_residual_abs"][0], abs=2e-3)
+
+
+@pytest.mark.parametrize("kw", [{"attention": "softmax"}, {"attn_bias": "k"}, {"attention": "relu"}])
+def test_attention_targets_shares_sum_to_one(corpus: Path, kw: dict) -> None:
+    from sinkscope.training.diagnose import attention_targets
+
+    task = BigramBackcopy.from_file(corpus, n_chars=20, n_triggers=2)
+    model = TinyGPT(TinyGPTConfig(vocab_size=task.vocab_size, block_size=16, n_layers=2, d_model=16, n_heads=2,
+                                  **kw)).eval()
+    out = attention_targets(model, task.batch(0, 0, 8, 16), layer=1)
+    for shares in out["classes"].values():
+        if kw.get("attention") == "relu":  # a ReLU row can be all zero: it then attends nowhere
+            assert 0 < sum(shares.values()) <= 1 + 2e-3
+        else:
+            assert sum(shares.values()) == pytest.approx(1.0, abs=2e-3)  # rows of the proxy sum to one
+        assert (shares["slot"] > 0) == (kw.get("attn_bias") == "k")
