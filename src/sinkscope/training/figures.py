@@ -65,7 +65,8 @@ FIGURES: dict[str, Figure] = {
         log_y=("BOS residual norm after layer 0", "BOS / median residual norm, layer 0",
                "BOS / median residual norm, layer 1", "eval loss")),
     "training-slots": Figure(
-        ("bb-noslot-softmax", "bb-noslot-kbias", "bb-noslot-softmax1", "bb-noslot-sinktoken"),
+        ("bb-noslot-softmax", "bb-noslot-kbias", "bb-noslot-softmax1", "bb-noslot-sinktoken",
+         "bb-noslot-sinktoken-long"),
         (("Sink_0 (first token)", lambda r: r["sink_ratio"]),
          ("Sink_slot", lambda r: r.get("sink_ratio_slot")),
          ("slot attention, layer 1", _layer("slot_attention", 1)),
@@ -100,17 +101,18 @@ def plot_figure(fig_spec: Figure, runs: dict[str, list[Row]], title: str = ""):
     n = len(fig_spec.panels)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2))
     for ax, (panel_title, get) in zip(axes, fig_spec.panels):
-        for name, rows in runs.items():
+        for i, (name, rows) in enumerate(runs.items()):  # one colour per run in every panel
             pts = [(r[fig_spec.x], get(r)) for r in rows]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
-                ax.plot(*zip(*pts), label=name, lw=1.2)
+                ax.plot(*zip(*pts), label=name, lw=1.2, color=f"C{i}")
         ax.set_title(panel_title, fontsize=9)
         ax.set_xlabel(fig_spec.x, fontsize=8)
         ax.tick_params(labelsize=7)
         if panel_title in fig_spec.log_y:
             ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=f"C{i}", label=name) for i, name in enumerate(runs)]
+    axes[0].legend(handles=handles, fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
