@@ -85,7 +85,7 @@ FIGURES: dict[str, Figure] = {
         (("eval loss (nats/byte)", lambda r: r["loss"]),
          ("Sink_0 (proxy)", lambda r: r["sink_ratio_proxy"]),
          ("largest head alpha_0 (proxy)", _max_head("bos_attention_proxy")),
-         ("BOS / median value norm, last layer", lambda r: r["bos_value_norm"][-1]))),
+         ("BOS / median value norm, layer 1", _layer("bos_value_norm", 1)))),
 }
 
 
