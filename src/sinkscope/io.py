@@ -84,20 +84,20 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         raise
 
 
-def _clean(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
     """JSON has no NaN/inf: write them as null."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 
 def write_json_atomic(path: str | Path, obj: Any, *, indent: int = 2) -> None:
     """``obj`` as JSON (NaN and infinities written as null), atomically."""
-    write_atomic(path, json.dumps(_clean(obj), indent=indent))
+    write_atomic(path, json.dumps(finite_json(obj), indent=indent))
 
 
 def write_csv_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -17,12 +17,16 @@ def command(
 ) -> None:
     """Train a small transformer (Bigram-Backcopy or text) and write config.yaml, metrics.jsonl, final.json, plots.
 
+    Rerunning the same command resumes from the last checkpoint (it says from which step); Ctrl-C exits with
+    status 130. `train.max_minutes=M` stops cleanly after M minutes (evaluated, checkpointed, final.json written).
     Runs unchanged under `torchrun --nproc_per_node N -m sinkscope.cli train ...` (DDP: gloo on CPU, nccl on GPU).
     """
     from sinkscope.training.config import load_config
     from sinkscope.training.loop import train
 
     cfg = load_config(config, list(overrides or []))
+    # Ctrl-C: the last checkpoint (every train.ckpt_every steps, atomic) is intact; the CLI's entry point says
+    # "interrupted; resume with the same command" and exits 130
     result = train(cfg, out, resume=not fresh, progress=sys.stderr.isatty(), argv=["sinkscope", "train", *sys.argv[2:]])
     if result is not None:
         f = result.final

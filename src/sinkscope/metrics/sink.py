@@ -107,13 +107,17 @@ def sink_ratio(alpha: np.ndarray | Tensor, eps: float = DEFAULT_EPS) -> float:
     return float(s.float().mean()) if isinstance(s, Tensor) else float(s.mean())
 
 
-def first_norm_ratio(norms: Tensor) -> float:
-    """First position's norm over the other positions' median, pooled over rows: ``norms (B, T)`` -> scalar.
+def first_and_median_norm(norms: Tensor) -> tuple[float, float]:
+    """The first position's norm and the other positions' median, pooled over rows: ``norms (B, T)`` ->
+    ``(mean over rows of norms[b, 0], the (lower) median over rows and positions t >= 1)``."""
+    return float(norms[:, 0].mean()), float(norms[:, 1:].median())
 
-    Numerator: mean over rows of ``norms[b, 0]``; denominator: the (lower) median over rows and positions
-    ``t >= 1``.
-    """
-    return float(norms[:, 0].mean() / norms[:, 1:].median().clamp_min(1e-12))
+
+def first_norm_ratio(norms: Tensor) -> float:
+    """First position's norm over the other positions' median (`first_and_median_norm`), pooled over rows:
+    ``norms (B, T)`` -> scalar."""
+    first, median = first_and_median_norm(norms)
+    return first / max(median, 1e-12)
 
 
 def norm_ratio(x: Tensor) -> float:

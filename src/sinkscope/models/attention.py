@@ -15,7 +15,7 @@ True
 >>> ATTENTION_FNS["softmx"]
 Traceback (most recent call last):
 ...
-KeyError: "Unknown attention kind 'softmx'. Did you mean: softmax, softmax1? Known: elu1, elu1_norm, relu, sigmoid, sigmoid_norm, softmax, softmax1"
+KeyError: "Unknown attention kind 'softmx'. Did you mean: softmax, softmax1? Known: elu1, elu1_norm, relu, relu_flat, sigmoid, sigmoid_norm, softmax, softmax1"
 """
 
 from __future__ import annotations
@@ -105,6 +105,14 @@ def relu_attention(q: Tensor, k: Tensor, mask: Tensor, logit_bias: Tensor | None
     """Guo et al.'s ReLU attention: ``relu(q.k / sqrt(D)) / n_visible(t)`` (no row normalisation)."""
     w = F.relu(scaled_logits(q, k, logit_bias)) * mask
     return w / mask.sum(-1, keepdim=True).clamp_min(1)
+
+
+@register("relu_flat", normalised=False)
+def relu_flat_attention(q: Tensor, k: Tensor, mask: Tensor, logit_bias: Tensor | None = None) -> Tensor:
+    """ReLU attention with one divisor for every row, ``relu(q.k / sqrt(D)) / K`` (``K`` keys in the sequence):
+    a control for ``relu``, whose ``1 / n_visible(t)`` leaves position 0's single term undivided."""
+    w = F.relu(scaled_logits(q, k, logit_bias)) * mask
+    return w / mask.shape[-1]
 
 
 def _elu1_scores(q: Tensor, k: Tensor, mask: Tensor) -> Tensor:

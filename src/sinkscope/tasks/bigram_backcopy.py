@@ -7,6 +7,8 @@ characters. The ``n_triggers`` most frequent characters are triggers. A sequence
 drawn from the marginal distribution without the triggers, then bigram steps, except that right after a
 trigger the next token copies the token before the trigger (``x[t+1] = x[t-1]``). Two triggers never follow
 each other and BOS is never copied. Sequences are generated online from a generator seeded by the step.
+Without BOS (``bos=False``; Gu et al. train without one) the sequence starts directly with the first character
+at position 0; the vocabulary keeps the (then unused) BOS id.
 
 The loss is next-token cross-entropy on every position; ``copy`` (after a trigger) and ``bigram`` (the rest)
 are logged separately, and the oracle's NLL (bigram entropy; 0 on copies) gives the excess risk.
@@ -49,8 +51,10 @@ class BigramBackcopy:
         is_trigger: ``(n_chars + 1,)`` bool, True for the trigger ids (BOS is not a trigger).
     """
 
-    def __init__(self, chars: list[str], transition: Tensor, first_dist: Tensor, n_triggers: int) -> None:
+    def __init__(self, chars: list[str], transition: Tensor, first_dist: Tensor, n_triggers: int, *,
+                 bos: bool = True) -> None:
         self.chars = chars
+        self.bos = bos
         self.transition = transition
         self.first_dist = first_dist
         self.n_triggers = n_triggers
@@ -66,7 +70,7 @@ class BigramBackcopy:
         self._log_first = torch.log(first_dist.clamp_min(1e-30))
 
     @classmethod
-    def from_text(cls, text: str, n_chars: int = 65, n_triggers: int = 3) -> BigramBackcopy:
+    def from_text(cls, text: str, n_chars: int = 65, n_triggers: int = 3, *, bos: bool = True) -> BigramBackcopy:
         """Build the task from a corpus's character statistics (the ``n_chars`` most frequent characters)."""
         counts = Counter(text)
         if len(counts) < n_chars:
@@ -83,30 +87,35 @@ class BigramBackcopy:
         marginal = torch.bincount(ids[ids >= 0], minlength=n_chars).double()
         marginal[:n_triggers] = 0.0
         first = (marginal / marginal.sum()).float()
-        return cls(chars, transition, first, n_triggers)
+        return cls(chars, transition, first, n_triggers, bos=bos)
 
     @classmethod
-    def from_file(cls, path: str | Path, n_chars: int = 65, n_triggers: int = 3) -> BigramBackcopy:
+    def from_file(cls, path: str | Path, n_chars: int = 65, n_triggers: int = 3, *, bos: bool = True) -> BigramBackcopy:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"data file not found: {path}")
-        return cls.from_text(clean_wikitext(path.read_text(encoding="utf-8", errors="replace")), n_chars, n_triggers)
+        text = clean_wikitext(path.read_text(encoding="utf-8", errors="replace"))
+        return cls.from_text(text, n_chars, n_triggers, bos=bos)
 
     def sample(self, generator: torch.Generator, batch_size: int, length: int) -> Tensor:
-        """``(batch_size, length)`` token ids starting with BOS (inverse-CDF sampling, fully vectorised per step)."""
+        """``(batch_size, length)`` token ids starting with BOS, or with the first character when ``bos`` is off
+        (inverse-CDF sampling, fully vectorised per step)."""
         u = torch.rand(batch_size, length, generator=generator, dtype=torch.float64)
         x = torch.empty(batch_size, length, dtype=torch.long)
+        first = int(self.bos)  # position of the first character
         x[:, 0] = self.bos_id
-        if length > 1:
-            x[:, 1] = torch.searchsorted(self._first_cdf, u[:, 1:2].contiguous()).squeeze(1).clamp_max(len(self.chars) - 1)
-        for t in range(1, length - 1):
+        last = len(self.chars) - 1
+        if length > first:
+            x[:, first] = torch.searchsorted(self._first_cdf, u[:, first:first + 1].contiguous()).squeeze(1).clamp_max(last)
+        for t in range(first, length - 1):
             cur = x[:, t]
-            nxt = torch.searchsorted(self._cdf[cur], u[:, t + 1: t + 2].contiguous()).squeeze(1).clamp_max(len(self.chars) - 1)
-            x[:, t + 1] = torch.where(self.is_trigger[cur], x[:, t - 1], nxt)
+            nxt = torch.searchsorted(self._cdf[cur], u[:, t + 1: t + 2].contiguous()).squeeze(1).clamp_max(last)
+            # the first character is never a trigger, so x[t - 1] is only read for t > first
+            x[:, t + 1] = torch.where(self.is_trigger[cur], x[:, max(t - 1, 0)], nxt)
         return x
 
     def batch(self, seed: int, step: int, batch_size: int, seq_len: int, stream: int = 0) -> LMBatch:
-        """The batch of ``step``: inputs ``(B, seq_len)`` (BOS first), next-token targets, loss on all positions.
+        """The batch of ``step``: inputs ``(B, seq_len)`` (BOS first if any), next-token targets, loss on all positions.
 
         Classes (queries): ``trigger`` (the input token is a trigger: the head should copy) and
         ``non_trigger`` (any other non-BOS position). Parts (loss): ``copy`` and ``bigram``.
@@ -116,7 +125,8 @@ class BigramBackcopy:
         trig = self.is_trigger[idx]  # (B, T)
         not_bos = idx != self.bos_id
         oracle = -self._log_t[idx.clamp_max(len(self.chars) - 1), targets.clamp_max(len(self.chars) - 1)]
-        oracle[:, 0] = -self._log_first[targets[:, 0]]
+        if self.bos:
+            oracle[:, 0] = -self._log_first[targets[:, 0]]
         oracle = torch.where(trig, torch.zeros_like(oracle), oracle)
         return LMBatch(
             idx=idx, targets=targets, loss_mask=torch.ones_like(idx, dtype=torch.bool),
@@ -125,5 +135,5 @@ class BigramBackcopy:
         )
 
     def describe(self) -> dict[str, object]:
-        return {"vocab_size": self.vocab_size, "bos_id": self.bos_id,
+        return {"vocab_size": self.vocab_size, "bos_id": self.bos_id, "bos": self.bos,
                 "triggers": [self.chars[i] for i in range(self.n_triggers)]}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,15 +44,20 @@ class DataConfig:
         task: bigram_backcopy | text.
         seq_len: tokens the model sees per sequence, BOS included when there is one.
         batch_size: global batch (split over DDP ranks); ``eval_batch_size``: sequences per evaluation.
-        corpus: text file (bigram statistics for BB; training text for text LM). Relative paths are resolved
-            against the working directory. null: the shipped WikiText-2 validation text (`sinkscope.corpora`).
+        corpus: BB: a text file whose character bigrams define the task. Text LM: a text file, a directory
+            (every text file under it, recursively), a glob (``src/**/*.py``) or ``python-stdlib`` (the running
+            Python's standard library, ``**/*.py``); several files are deduplicated by content and held out
+            whole files at a time (:mod:`sinkscope.tasks.text_lm`). Relative paths are resolved against the
+            working directory. null: the shipped WikiText-2 validation text (`sinkscope.corpora`).
         n_chars, n_triggers: BB alphabet size (most frequent characters) and number of trigger characters.
         tokenizer: text LM tokenizer, ``bytes`` (vocab 257, BOS 256) or ``smollm2`` (embedded SmolLM2's).
-        bos: text LM chunks start with a BOS token (BB always has one).
+        bos: sequences start with a BOS token. Text LM: chunks with/without BOS. BB: without BOS the first
+            character is drawn from the first-character distribution at position 0 (Gu et al. train without
+            BOS; no token is then a free sink slot).
         fixed_token_pos / fixed_token_id: put a fixed token at this position (Gu et al.'s data switch).
         random_token_pos: put a uniformly random token at this position.
         prefix_len: prefix LM: the first ``prefix_len`` positions attend bidirectionally and carry no loss.
-        eval_split: share of the text file held out for evaluation.
+        eval_split: share of the text held out for evaluation (the end of one file; whole files of several).
     """
 
     task: str = "bigram_backcopy"
@@ -108,11 +114,24 @@ class OptimConfig:
             raise ConfigError(f"optim.schedule: unknown schedule {self.schedule!r} (choose from constant, cosine)")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or (self.grad_clip is not None and self.grad_clip <= 0):
+            raise ConfigError("optim.weight_decay must be >= 0 and optim.grad_clip > 0 (or null)")
+        if not all(0 <= b < 1 for b in self.betas) or not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.betas and optim.momentum must be in [0, 1), got {list(self.betas)}, "
+                              f"{self.momentum}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Loop settings: steps, seeds, evaluation/checkpoint cadence, metric thresholds, device."""
+    """Loop settings: steps, seeds, evaluation/checkpoint cadence, metric thresholds, device.
+
+    Attributes:
+        max_minutes: stop after this many wall-clock minutes of this session even if ``steps`` is not reached;
+            the run then evaluates, checkpoints and writes ``final.json`` at the step it got to (``stopped``:
+            ``max_minutes``). Rerunning the same command resumes from there. null: no limit.
+        minutes: the expected wall time of the whole run on one CPU core (informational: the results table
+            marks runs of 5 minutes or more as long and ``--skip-long`` leaves them out).
+    """
 
     steps: int = 1000
     seed: int = 0
@@ -123,11 +142,18 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     plots: bool = True
+    max_minutes: float | None = None
+    minutes: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_minutes", "minutes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0 or null, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"train.threads must be >= 1 or null, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -187,14 +213,19 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # PyYAML reads "1e-3" as a string
+                number = float(value)  # PyYAML reads "1e-3" as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # YAML's .nan/.inf, or "nan"/"inf" typed on the command line
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

@@ -1,8 +1,12 @@
 """The training loop: ``train(cfg, out) -> RunResult``, resumable, deterministic on CPU, DDP-ready.
 
-Output directory: ``config.yaml`` (resolved config + argv), ``metrics.jsonl`` (one row per evaluation step,
-see :mod:`sinkscope.training.metrics`), ``checkpoint.pt`` (every ``train.ckpt_every`` steps, atomic),
+Output directory: ``config.yaml`` (resolved config + argv), ``task.json`` (what the task was built from, e.g.
+the held-out files of a text corpus), ``metrics.jsonl`` (one row per evaluation step, see
+:mod:`sinkscope.training.metrics`), ``checkpoint.pt`` (every ``train.ckpt_every`` steps, atomic),
 ``final.json`` (the last row plus wall time and throughput) and ``dynamics.png``.
+
+A non-finite training loss stops the run with :class:`DivergedError` (nothing non-finite is written, the last
+checkpoint is kept); ``train.max_minutes`` ends a run early at a clean step (evaluated, checkpointed, resumable).
 
 Batches are a pure function of (seed, step) and the model has no dropout, so a run killed and resumed from
 its checkpoint logs exactly the losses of an uninterrupted run.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sinkscope.errors import InputError, SinkscopeError
+from sinkscope.io import finite_json  # NaN/inf -> None, so what is written stays strict JSON
 from sinkscope.models.tinygpt import TinyGPT
 from sinkscope.tasks.batch import LMBatch
 from sinkscope.io import save_figure_atomic, write_atomic
@@ -30,6 +37,10 @@ from sinkscope.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save
 from sinkscope.training.config import ConfigError, DataConfig, RunConfig
 from sinkscope.training.ddp import DistContext, all_reduce_sum, barrier, init_distributed, shutdown
 from sinkscope.training.metrics import measure_model
+
+
+class DivergedError(SinkscopeError):
+    """The training loss became NaN or infinite (usually a learning rate far too large)."""
 
 
 @dataclass
@@ -52,7 +63,7 @@ def build_task(data: DataConfig):
         from sinkscope.corpora import corpus_path
 
         corpus = data.corpus if data.corpus is not None else corpus_path()
-        return BigramBackcopy.from_file(corpus, data.n_chars, data.n_triggers)
+        return BigramBackcopy.from_file(corpus, data.n_chars, data.n_triggers, bos=data.bos)
     from sinkscope.tasks.text_lm import TextLM
 
     return TextLM.from_file(data.corpus, data.tokenizer, bos=data.bos, eval_split=data.eval_split,
@@ -89,11 +100,32 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _eval_batch(task: Any, cfg: RunConfig) -> LMBatch:
+def evaluation_batch(task: Any, cfg: RunConfig) -> LMBatch:
+    """The fixed evaluation batch of a run: held-out rows of ``task`` seeded by ``train.seed``."""
     d = cfg.data
     if hasattr(task, "eval_batch"):
         return task.eval_batch(cfg.train.seed, d.eval_batch_size, d.seq_len)
     return task.batch(cfg.train.seed, 0, d.eval_batch_size, d.seq_len, stream=1)
+
+
+
+
+def check_output_dir(out: Path) -> None:
+    """Create ``out`` (and parents) or raise a one-line :class:`InputError` before any work is done: ``out`` is
+    an existing file, cannot be created, or is not writable."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output directory {out} is an existing file; give a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output directory {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"output directory {out} is not writable")
+
+
+def _log(ctx: DistContext, message: str) -> None:
+    if ctx.is_main:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _read_rows(path: Path, upto: int) -> list[dict[str, Any]]:
@@ -114,11 +146,13 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = True, progress: boo
         stop_after: stop right after this step as if killed (no final outputs; for resume tests).
         argv: the command line to record in ``config.yaml``.
     Returns:
-        The :class:`RunResult` on rank 0 when the run finished, else None.
+        The :class:`RunResult` on rank 0 when the run finished (or stopped at ``train.max_minutes``), else None.
     Raises:
-        ConfigError / InputError / CheckpointError: one-line user errors.
+        ConfigError / InputError / CheckpointError: one-line user errors (``out`` is checked first).
+        DivergedError: the training loss became non-finite.
     """
     t_start = time.perf_counter()
+    check_output_dir(Path(out))
     ctx: DistContext = init_distributed(cfg.train.device)
     try:
         return _train(cfg, Path(out), ctx, resume, progress, stop_after, argv, t_start)
@@ -130,12 +164,14 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
            argv: list[str] | None, t_start: float) -> RunResult | None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on GPUs (CPU runs stay exact fp32)
+        torch.backends.cudnn.allow_tf32 = True
     task = build_task(cfg.data)
     cfg = resolve_config(cfg, task)
     tc, d = cfg.train, cfg.data
     if d.batch_size % ctx.world_size:
         raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the {ctx.world_size} processes")
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path, ckpt_path = out / "metrics.jsonl", out / CHECKPOINT_NAME
 
     torch.manual_seed(tc.seed)
@@ -152,15 +188,18 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
         prior_s = float(state.get("elapsed_s", 0.0))
         torch.set_rng_state(state["rng"])
         rows = _read_rows(metrics_path, start)
+        _log(ctx, f"resuming {out} from step {start} of {tc.steps} ({ckpt_path.name})")
     barrier(ctx)
     if ctx.is_main:
         header = f"# argv: {json.dumps(argv if argv is not None else sys.argv)}\n"
         write_atomic(out / "config.yaml", header + cfg.to_yaml())
         write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        if hasattr(task, "describe"):
+            write_atomic(out / "task.json", json.dumps(task.describe(), indent=1))
     net: nn.Module = model
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    eval_batch = _eval_batch(task, cfg).to(ctx.device)
+    eval_batch = evaluation_batch(task, cfg).to(ctx.device)
     local_b = d.batch_size // ctx.world_size
     lo, hi = ctx.rank * local_b, (ctx.rank + 1) * local_b
 
@@ -170,7 +209,11 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
             row = {"step": step, "lr": lr_at(max(step - 1, 0), cfg), "train_loss": s / n if n else None,
                    "tokens": step * d.batch_size * d.seq_len}
             row.update(measure_model(model, eval_batch, eps=tc.eps, dormant_threshold=tc.dormant_threshold))
+            if not math.isfinite(row["loss"]):
+                raise DivergedError(f"training diverged: the evaluation loss is {row['loss']} at step {step} "
+                                    f"(optim.lr={cfg.optim.lr:g}); lower optim.lr")
             row["wall_s"] = round(prior_s + time.perf_counter() - t_start, 3)
+            row = finite_json(row)
             rows.append(row)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -184,6 +227,8 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
                        TextColumn("{task.fields[info]}"), transient=True)
         bar_task = bar.add_task("train", total=tc.steps, completed=start, info="")
         bar.start()
+    deadline = None if tc.max_minutes is None else t_start + 60 * tc.max_minutes
+    stopped, done, last_ckpt = None, start, start
     try:
         if start == 0:
             evaluate(0)
@@ -204,14 +249,24 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            window[0] += float(nll_sum.detach())
-            window[1] += float(local.loss_mask.sum())
+            step_nll = float(nll_sum.detach())
             done = step + 1
-            if done % tc.eval_every == 0 or done == tc.steps:
+            if not math.isfinite(step_nll):  # stop before a non-finite state is evaluated or checkpointed
+                kept = f"the last checkpoint, step {last_ckpt}, is kept" if ckpt_path.is_file() else "no checkpoint"
+                raise DivergedError(f"training diverged: the training loss is {step_nll} at step {done} "
+                                    f"(optim.lr={cfg.optim.lr:g}); lower optim.lr ({kept})")
+            window[0] += step_nll
+            window[1] += float(local.loss_mask.sum())
+            if deadline is not None:
+                late = [float(time.perf_counter() >= deadline)]
+                stopped = "max_minutes" if all_reduce_sum(late, ctx)[0] > 0 else None  # every rank agrees
+            last = done == tc.steps or stopped is not None
+            if done % tc.eval_every == 0 or last:
                 evaluate(done)
                 if bar is not None:
                     bar.update(bar_task, info=f"loss {rows[-1]['loss']:.3f} sink {rows[-1]['sink_ratio']:.2f}")
-            if done % tc.ckpt_every == 0 or done == tc.steps:
+            if done % tc.ckpt_every == 0 or last:
+                last_ckpt = done
                 if ctx.is_main:
                     save_checkpoint(ckpt_path, {
                         "step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -223,6 +278,10 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
                 bar.update(bar_task, completed=done)
             if stop_after is not None and done >= stop_after:
                 return None
+            if stopped is not None:
+                _log(ctx, f"stopped at step {done} of {tc.steps} after train.max_minutes={tc.max_minutes:g}; "
+                          "rerun the same command to continue")
+                break
     finally:
         if bar is not None:
             bar.stop()
@@ -230,12 +289,13 @@ def _train(cfg: RunConfig, out: Path, ctx: DistContext, resume: bool, progress: 
         return None
     wall = prior_s + time.perf_counter() - t_start
     loop_s = time.perf_counter() - t_loop
-    steps_run = tc.steps - start
+    steps_run = done - start
     final = {**rows[-1], "wall_time_s": round(wall, 3), "session_wall_s": round(wall - prior_s, 3),
+             "steps_planned": tc.steps, **({"stopped": stopped} if stopped else {}),
              "steps_this_session": steps_run,
              "train_tokens_per_s": round(steps_run * d.batch_size * d.seq_len / loop_s, 1) if steps_run else None,
              "world_size": ctx.world_size, "device": str(ctx.device), "params": model.num_params()}
-    write_atomic(out / "final.json", json.dumps(final, indent=1))
+    write_atomic(out / "final.json", json.dumps(finite_json(final), indent=1, allow_nan=False))
     if tc.plots:
         from sinkscope.training.plots import plot_dynamics
 

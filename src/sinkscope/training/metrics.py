@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sinkscope.collectors.tinygpt import Captured, capture_tinygpt
-from sinkscope.metrics.sink import column_alpha, first_norm_ratio, row_normalised
+from sinkscope.metrics.sink import column_alpha, first_and_median_norm, first_norm_ratio, row_normalised
 from sinkscope.metrics.sink import norm_ratio as norm_ratio
 from sinkscope.metrics.sink import sink_ratio as sink_ratio
 from sinkscope.models.tinygpt import TinyGPT, attention_mask
@@ -78,13 +78,17 @@ def sink_keys(m: Measured) -> dict:
 
 def norm_keys(m: Measured) -> dict:
     """Per layer, the first token's value norm (heads concatenated) and residual norm over the median other
-    token's, pooled over the batch (`first_norm_ratio`)."""
+    token's, pooled over the batch (`first_norm_ratio`); and the two residual norms themselves
+    (``bos_residual_abs``, ``median_residual_abs``: Guo et al. plot the absolute norm)."""
     p = m.profile
     value = torch.from_numpy(np.sqrt((p.value_norm.astype(np.float64) ** 2).sum(2)))  # (N, L, T)
     resid = torch.from_numpy(p.residual_norm)  # (N, L, T)
     L = resid.shape[1]
+    first_median = [first_and_median_norm(resid[:, l]) for l in range(L)]
     return {"bos_value_norm": [round(first_norm_ratio(value[:, l]), 4) for l in range(L)],
-            "bos_residual_norm": [round(first_norm_ratio(resid[:, l]), 4) for l in range(L)]}
+            "bos_residual_norm": [round(first_norm_ratio(resid[:, l]), 4) for l in range(L)],
+            "bos_residual_abs": [round(f, 4) for f, _ in first_median],
+            "median_residual_abs": [round(med, 4) for _, med in first_median]}
 
 
 def head_labels(m: Measured) -> dict:

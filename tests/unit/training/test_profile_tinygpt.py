@@ -216,7 +216,7 @@ def test_scan_outputs_and_unavailable_fields(tmp_path: Path) -> None:
 def test_trained_run_directory_profiles_like_its_final_row(corpus: Path, tmp_path: Path) -> None:
     from sinkscope.training.run import load_trained
     from sinkscope.training.config import config_from_dict
-    from sinkscope.training.loop import _eval_batch, build_task, train
+    from sinkscope.training.loop import evaluation_batch, build_task, train
 
     from .conftest import tiny_dict
 
@@ -225,7 +225,7 @@ def test_trained_run_directory_profiles_like_its_final_row(corpus: Path, tmp_pat
     train(cfg, tmp_path / "run", progress=False)
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     model, run_cfg = load_trained(tmp_path / "run")
-    prof = profile_sinks(model, _eval_batch(build_task(run_cfg.data), run_cfg).idx.tolist())
+    prof = profile_sinks(model, evaluation_batch(build_task(run_cfg.data), run_cfg).idx.tolist())
     assert final["step"] == 10 and prof.model["attention"] == "sigmoid"
     assert prof.sink_ratio(0) == final["sink_ratio"] and prof.sink_ratio(0, proxy=True) == final["sink_ratio_proxy"]
     np.testing.assert_allclose(prof.alpha_mean(0, proxy=True), final["bos_attention_proxy"], atol=6e-5)

@@ -121,3 +121,124 @@ def test_results_table_runs_missing_and_skips_other_yaml(corpus: Path, tmp_path:
     table = (tmp_path / "t.md").read_text()
     assert "| tiny-adam | softmax | adamw" in table and "| tiny-sgd | softmax | sgd" in table
     assert "other" not in table and (tmp_path / "runs" / "tiny-sgd" / "final.json").is_file()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.lr=nan", "optim.lr: expected a finite number"),
+    ("optim.lr=inf", "optim.lr: expected a finite number"),
+    ("optim.weight_decay=.nan", "optim.weight_decay: expected a finite number"),
+    ("optim.betas=[0.9, .inf]", "optim.betas: expected a finite number"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas and optim.momentum must be in [0, 1)"),
+    ("train.max_minutes=0", "train.max_minutes must be > 0"),
+])
+def test_non_finite_and_out_of_range_numbers(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             override: str, needle: str) -> None:
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_dict(corpus)))
+    assert cli_main(["train", str(cfg), "--out", str(tmp_path / "o"), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err
+    assert not (tmp_path / "o").exists()  # refused before anything was created
+
+
+def test_diverging_loss_stops_with_one_line(corpus: Path, tmp_path: Path) -> None:
+    from sinkscope.training.loop import DivergedError
+
+    cfg = config_from_dict(tiny_dict(corpus, optim={"lr": 1e30, "grad_clip": None}))
+    with pytest.raises(DivergedError, match=r"training diverged: the training loss is (nan|inf) at step \d+ "
+                                            r"\(optim.lr=1e\+30\); lower optim.lr") as e:
+        train(cfg, tmp_path / "o", progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o" / "final.json").exists()
+    for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines():  # strict JSON: no NaN / Infinity
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-finite {c} written"))
+
+
+def test_out_is_checked_before_any_work(corpus: Path, tmp_path: Path) -> None:
+    from sinkscope.errors import InputError
+
+    bad_data = config_from_dict(tiny_dict(corpus, data={"corpus": str(tmp_path / "missing.txt")}))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is an existing file"):  # not 'data file not found': out comes first
+        train(bad_data, tmp_path / "file", progress=False)
+    with pytest.raises(InputError, match="cannot create output directory"):
+        train(bad_data, tmp_path / "file" / "sub", progress=False)
+
+
+def test_resume_says_from_which_step(tiny_cfg: RunConfig, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train(tiny_cfg, tmp_path / "o", progress=False, stop_after=7)
+    assert "resuming" not in capsys.readouterr().err
+    train(tiny_cfg, tmp_path / "o", progress=False)
+    assert f"resuming {tmp_path / 'o'} from step 5 of 12" in capsys.readouterr().err
+
+
+def test_max_minutes_stops_cleanly_and_resumes(tiny_cfg: RunConfig, corpus: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    full = train(tiny_cfg, tmp_path / "full", progress=False)
+    short = config_from_dict(tiny_dict(corpus, train={"max_minutes": 1e-9}))
+    res = train(short, tmp_path / "o", progress=False)
+    assert res.final["step"] == 1 and res.final["stopped"] == "max_minutes" and res.final["steps_planned"] == 12
+    assert "stopped at step 1 of 12" in capsys.readouterr().err
+    assert [r["step"] for r in res.rows] == [0, 1]  # evaluated where it stopped
+    again = train(tiny_cfg, tmp_path / "o", progress=False)  # same command without the limit continues
+    assert again.final["step"] == 12 and "stopped" not in again.final
+    assert again.final["loss"] == pytest.approx(full.final["loss"], abs=1e-6)  # same weights as an uninterrupted run
+
+
+def test_ctrl_c_exits_130_with_resume_hint(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    import sinkscope.training.loop as loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_dict(corpus)))
+    assert cli_main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted; resume with the same command") and "\n" not in err
+
+
+def test_equal_loss_matches_the_slower_runs_final_row() -> None:
+    from sinkscope.training.table import equal_loss
+
+    fast = [{"step": s, "loss": v} for s, v in [(0, 4.0), (100, 2.0), (200, 1.0), (300, 0.9)]]
+    slow = [{"step": s, "loss": v} for s, v in [(0, 4.0), (100, 3.0), (200, 1.5)]]
+    assert equal_loss(fast, slow) == (fast[2], slow[2])  # fast's first row at <= 1.5, against slow's final row
+    assert equal_loss(slow, fast) == (slow[2], fast[2])
+    late = [{"step": 0, "loss": 3.0}, {"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    assert equal_loss(late, slow) == (late[1], slow[2])  # the first row at or below the other's final loss
+
+
+def test_results_table_marks_and_skips_long_experiments(corpus: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from sinkscope.training.table import main as table_main
+
+    exp = tmp_path / "experiments"
+    exp.mkdir()
+    (exp / "quick.yaml").write_text(yaml.safe_dump(tiny_dict(corpus, train={"steps": 2, "eval_every": 1})))
+    (exp / "slow.yaml").write_text(yaml.safe_dump(tiny_dict(corpus, train={"steps": 2, "minutes": 12})))
+    assert table_main([str(exp), str(tmp_path / "runs"), "--run", "--skip-long"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping slow (long: ~12 min)" in captured.err
+    assert "| slow (long, ~12 min) | (not run) |" in captured.out and "| quick | softmax |" in captured.out
+    assert not (tmp_path / "runs" / "slow").exists()
+    assert table_main([str(exp), str(tmp_path / "runs"), "--only", "qu*"]) == 0
+    assert "slow" not in capsys.readouterr().out
+
+
+def test_comparison_figures_from_finished_runs(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    from sinkscope.training.figures import FIGURES, write_figures
+
+    name = FIGURES["training-peak"].runs[0]
+    train(tiny_cfg, tmp_path / "runs" / name, progress=False)
+    written = write_figures(tmp_path / "runs", tmp_path / "img")
+    assert written == [tmp_path / "img" / "training-peak.png"]  # figures without any finished run are skipped
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -46,3 +46,66 @@ def test_text_switches(corpus: Path) -> None:
     ev = TextLM.from_text(text, random_token_pos=2).eval_batch(0, 8, 16)
     assert ev.classes["text"].any() and ev.classes["random"].any()
     assert not (ev.loss_mask & ev.classes["random"]).any()
+
+
+def test_bigram_backcopy_without_bos(corpus: Path) -> None:
+    task = BigramBackcopy.from_file(corpus, n_chars=20, n_triggers=3, bos=False)
+    b = task.batch(seed=2, step=0, batch_size=64, seq_len=40)
+    x = torch.cat([b.idx, b.targets[:, -1:]], 1)
+    assert (x != task.bos_id).all() and task.vocab_size == 21  # no BOS anywhere; the id stays reserved
+    assert not task.is_trigger[x[:, 0]].any()  # position 0 is a first character, never a trigger
+    first = torch.bincount(x[:, 0], minlength=20).float()
+    assert first[task.first_dist == 0].sum() == 0  # drawn from the first-character distribution
+    trig = task.is_trigger[x]
+    after = trig[:, 1:-1]
+    assert (x[:, 2:][after] == x[:, :-2][after]).all()  # the copy rule holds from position 1 on
+    assert b.classes["non_trigger"][:, 0].all()  # position 0 is an ordinary (non-trigger) query
+    assert torch.isfinite(b.oracle_nll).all() and (b.oracle_nll[:, 0] > 0).all()  # its target is a bigram step
+    assert task.describe()["bos"] is False
+
+
+def _write_tree(root: Path) -> None:
+    (root / "pkg" / "sub").mkdir(parents=True)
+    for i in range(30):
+        (root / "pkg" / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    (root / "pkg" / "sub" / "copy.py").write_text((root / "pkg" / "m00.py").read_text())  # duplicate content
+    (root / "pkg" / "sub" / "blob.bin").write_bytes(b"\x00\x01\x02" * 10)  # not text
+    (root / "pkg" / "empty.py").write_text("")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.py").write_text("hidden = 1\n")
+
+
+def test_text_corpus_from_directory_and_glob(tmp_path: Path) -> None:
+    _write_tree(tmp_path)
+    task = TextLM.from_file(tmp_path, eval_split=0.2)
+    info = task.describe()
+    assert info["candidate_files"] == 33 and info["files"] == 30  # hidden folder ignored
+    assert info["duplicates_dropped"] == 1 and info["skipped_empty_or_binary"] == 2
+    held = info["eval_files"]
+    assert 1 <= len(held) < 30 and info["train_files"] + len(held) == 30
+    texts = {f"pkg/m{i:02d}.py": (tmp_path / "pkg" / f"m{i:02d}.py").read_bytes() for i in range(30)}
+    eval_bytes, train_bytes = bytes(task.eval_ids.tolist()), bytes(task.train_ids.tolist())
+    for rel, data in texts.items():  # whole files on one side only
+        assert (data in eval_bytes) == (rel in held) and (data in train_bytes) == (rel not in held)
+    assert len(task.train_ids) == info["train_bytes"] and task.eval_batch(0, 4, 16).idx.shape == (4, 16)
+    # the split is decided per path relative to the root, so a glob from the same root holds out the same files
+    again = TextLM.from_file(str(tmp_path / "**" / "*.py"), eval_split=0.2).describe()
+    assert again["eval_files"] == held and again["root"] == str(tmp_path.resolve())
+
+
+def test_text_corpus_errors(tmp_path: Path) -> None:
+    import pytest
+
+    from sinkscope.errors import InputError
+    from sinkscope.tasks.text_lm import corpus_files
+
+    with pytest.raises(InputError, match="matches no files"):
+        TextLM.from_file(str(tmp_path / "*.txt"))
+    (tmp_path / "one.txt").write_text("only one file here\n")
+    with pytest.raises(InputError, match="1 distinct text file"):
+        TextLM.from_file(str(tmp_path / "*.txt"))
+    with pytest.raises(InputError, match="data file not found"):
+        TextLM.from_file(tmp_path / "nope.txt")
+    root, files = corpus_files("python-stdlib")  # the running Python's standard library, without site-packages
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts for f in files) and (root / "os.py") in files
