@@ -28,12 +28,18 @@ from sinkscope.interventions.ablate import Component
 from sinkscope.models.adapters import get_adapter
 from sinkscope.repetition.activations import NeuronStats, few_logits, output_projection
 from sinkscope.repetition.generate import greedy_continue
-from sinkscope.repetition.sink_effects import search_effects
+from sinkscope.repetition.sink_effects import LINEAR_TOL, search_effects
 from sinkscope.capture import forward_hooks
 from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
 
-#: Candidates ablated exactly by default (the rest are ranked by their attribution estimate).
-DEFAULT_EXACT = 64
+#: Pruned search: candidates of linear layers ablated exactly, those with the largest attribution estimate (beyond
+#: every candidate of a nonlinear layer); with no more candidates than this the search is exhaustive.
+DEFAULT_EXACT = 32
+
+#: What each ``progress`` stage of `localise_sink_circuit` does (``stats``: the caller's `neuron_stats`).
+CIRCUIT_STAGES = {"stats": "ordinary ranges", "baseline": "unablated pass", "attribution": "attribution (grad x act)",
+                  "linearity": "linearity check, layer groups", "ablate": "ablating candidates",
+                  "generate": "generating runs", "runs": "reading runs"}
 
 
 @dataclass
@@ -131,7 +137,8 @@ def localise_sink_circuit(
     model: nn.Module, tokenizer: Any, text_seqs: Sequence[Sequence[int]], stats: NeuronStats, *,
     run_words: Sequence[str] = (), run_length: int = 512, form: str = "instruct", mode: str = "zero",
     ratio: float = 1.5, floor: float = 1.0, per_layer: int = 8, heads: bool = True, max_new_tokens: int = 24,
-    last_positions: int = 16, batch_size: int = 8, exact: int | None = DEFAULT_EXACT, max_rows: int = 96,
+    last_positions: int = 16, batch_size: int = 8, exact: int | None = DEFAULT_EXACT,
+    linear_tol: float = LINEAR_TOL, max_rows: int = 96,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> SinkCircuit:
     """Find, rank and characterise the components that create token 0's sink.
@@ -143,13 +150,14 @@ def localise_sink_circuit(
             (empty: skip the run measurements).
         mode: ``zero`` or ``mean`` ablation at position 0 (mean: the neuron's ordinary median / the head's mean
             output over the other positions).
-        exact: when there are more candidates than this, only the ``exact`` with the largest attribution
-            estimate (activation x gradient, `attribution_effects`) are ablated exactly; the others keep their
-            estimate (``exact=False``, effects NaN) and rank after every exactly measured one. None: every
-            candidate is ablated (exhaustive).
+        exact: when there are more candidates than this, the search is pruned (`search_effects`): exact
+            ablation of every candidate in a layer whose group ablation is not predicted by the attribution
+            estimates (activation x gradient) to within ``linear_tol``, and of the ``exact`` others with the
+            largest estimate; the rest keep their estimate (``exact=False``, effects NaN) and rank after every
+            exactly measured one. None: every candidate is ablated (exhaustive).
         max_rows: batch rows per ablation forward (ablated variants x text sequences).
-        progress: ``progress(stage, done, total)``; stages ``baseline``, ``attribution``, ``ablate`` (done =
-            candidates ablated), ``generate`` (run prompts continued), ``runs``.
+        progress: ``progress(stage, done, total)``; stages ``baseline``, ``attribution``, ``linearity`` (done =
+            layer groups), ``ablate`` (done = candidates ablated), ``generate`` (run prompts continued), ``runs``.
 
     Returns:
         A `SinkCircuit` whose components are sorted by decreasing causal effect (exact ones first).
@@ -176,8 +184,8 @@ def localise_sink_circuit(
         hmean = _head_means(model, ids)
         for c in cands:
             means[c] = float(stats.other_median[c.layer][c.index]) if c.kind == "neuron" else hmean[c.layer][c.index]
-    found = search_effects(model, ids, cands, exact=exact, mode=mode, means=means or None, max_rows=max_rows,
-                           progress=report)
+    found = search_effects(model, ids, cands, exact=exact, linear_tol=linear_tol, mode=mode, means=means or None,
+                           max_rows=max_rows, progress=report)
     effects = []
     for c in cands:
         if c.kind == "neuron":
@@ -192,7 +200,9 @@ def localise_sink_circuit(
     runs = _fire_on_runs(model, tokenizer, effects, run_words, run_length, form, max_new_tokens, last_positions,
                          batch_size, report) if run_words else []
     search = {"search": "exhaustive" if len(found.exact) == len(cands) else "pruned by attribution",
-              "exact": exact, "candidates": len(cands), "ablated_exactly": len(found.exact)}
+              "exact": exact, "linear_tol": linear_tol, "candidates": len(cands),
+              "ablated_exactly": len(found.exact),
+              "nonlinear_groups": [f"L{g['layer']} {g['kind']}s" for g in found.groups if not g["linear"]]}
     return SinkCircuit(model_info(model, a), effects,
                        {"log_residual_ratio": found.base.residual, "alpha0": found.base.attention}, runs,
                        {"mode": mode, "ratio": ratio, "floor": floor, "per_layer": per_layer, "heads": heads,

@@ -9,15 +9,16 @@ queries). A component ablated at position 0 of layer ``l`` leaves every layer be
   runs several ablated variants in one forward along the batch axis (`ablate_rows`); it returns what
   `reference_effects` (one full forward per component, the original algorithm) returns, up to float rounding.
 * `attribution_effects` estimates every candidate's change of both measures from one forward and two backward
-  passes (activation x gradient at position 0: ``(fill - a) . d measure / d a``), to choose which candidates get
-  an exact ablation when there are many.
+  passes (activation x gradient at position 0: ``(fill - a) . d measure / d a``).
+* `search_effects` ablates every candidate, or (pruned) those of layers where a joint ablation shows the estimates
+  cannot be trusted plus the best-estimated others.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -173,29 +174,31 @@ def _same(x: float, y: float, rtol: float = 1e-4, atol: float = 1e-6) -> bool:
 
 
 @torch.no_grad()
-def ablation_effects(model: nn.Module, base: SinkBaseline, components: Sequence[Component], *, mode: str = "zero",
-                     means: dict[Component, Any] | None = None, max_rows: int = 96,
-                     progress: Progress | None = None) -> dict[Component, tuple[float, float]]:
-    """(residual, attention) of the measure with each component ablated alone at position 0 (model in eager).
+def variant_effects(model: nn.Module, base: SinkBaseline, variants: Sequence[Sequence[Component]], *,
+                    mode: str = "zero", means: dict[Component, Any] | None = None, max_rows: int = 96,
+                    progress: Progress | None = None) -> list[tuple[float, float]]:
+    """(residual, attention) of the measure with each variant's components ablated together at position 0.
 
-    Components are grouped by layer; each group runs from its layer's cached input, ``max_rows // B`` ablated
-    variants per forward. The first cut forward carries one unablated variant as a control: if it does not
-    reproduce the baseline (a model whose forward does not survive the cut), every forward runs the whole
-    model instead. ``progress(done, total)`` counts components.
+    Variants are grouped by their first layer; each group runs from that layer's cached input,
+    ``max_rows // B`` variants per forward. The first cut forward carries one unablated variant as a control:
+    if it does not reproduce the baseline (a model whose forward does not survive the cut), every forward runs
+    the whole model instead. Model in eager attention. ``progress(done, total)`` counts variants.
     """
     a = get_adapter(model)
     B = base.ids.shape[0]
     per_forward = max(1, max_rows // B)
-    by_layer: dict[int, list[Component]] = {}
-    for c in components:
-        by_layer.setdefault(c.layer, []).append(c)
-    out: dict[Component, tuple[float, float]] = {}
-    truncate, checked = True, False
+    by_layer: dict[int, list[int]] = {}
+    for i, v in enumerate(variants):
+        if not v:
+            raise ValueError("an ablated variant needs at least one component")
+        by_layer.setdefault(min(c.layer for c in v), []).append(i)
+    out: list[tuple[float, float]] = [(float("nan"), float("nan"))] * len(variants)
+    truncate, checked, done = True, False, 0
     for layer in sorted(by_layer):
-        comps = by_layer[layer]
-        for s in range(0, len(comps), per_forward):
-            chunk = comps[s:s + per_forward]
-            groups: list[list[Component]] = [[c] for c in chunk]
+        rows = by_layer[layer]
+        for s in range(0, len(rows), per_forward):
+            chunk = rows[s:s + per_forward]
+            groups: list[Sequence[Component]] = [variants[i] for i in chunk]
             start = layer if truncate else 0
             control = start > 0 and not checked
             got = _variants_forward(model, a, base, start, groups + [[]] * control, mode, means)
@@ -208,11 +211,22 @@ def ablation_effects(model: nn.Module, base: SinkBaseline, components: Sequence[
                     got = _variants_forward(model, a, base, 0, groups, mode, means)
             if got is None:
                 raise RuntimeError("the model's hidden states / attentions do not match its layers")
-            for c, r, t in zip(chunk, got[0].tolist(), got[1].tolist()):
-                out[c] = (r, t)
+            for i, r, t in zip(chunk, got[0].tolist(), got[1].tolist()):
+                out[i] = (r, t)
+            done += len(chunk)
             if progress is not None:
-                progress(len(out), len(components))
+                progress(done, len(variants))
     return out
+
+
+def ablation_effects(model: nn.Module, base: SinkBaseline, components: Sequence[Component], *, mode: str = "zero",
+                     means: dict[Component, Any] | None = None, max_rows: int = 96,
+                     progress: Progress | None = None) -> dict[Component, tuple[float, float]]:
+    """(residual, attention) of the measure with each component ablated alone at position 0 (`variant_effects`
+    with one component per variant; model in eager attention)."""
+    got = variant_effects(model, base, [[c] for c in components], mode=mode, means=means, max_rows=max_rows,
+                          progress=progress)
+    return dict(zip(components, got))
 
 
 @torch.no_grad()
@@ -283,6 +297,11 @@ def attribution_effects(model: nn.Module, base: SinkBaseline, components: Sequen
     return est
 
 
+#: Linearity check of the pruned search: a layer's candidates of one kind are "linear" when ablating them together
+#: moves each measure by the sum of their attribution estimates to within this share of the baseline.
+LINEAR_TOL = 0.01
+
+
 @dataclass
 class EffectSearch:
     """What `search_effects` measured.
@@ -291,11 +310,15 @@ class EffectSearch:
         base: the unablated pass.
         exact: (residual, attention) with each exactly ablated component.
         estimates: attribution estimates of every candidate (empty when all were ablated exactly).
+        groups: the linearity check, one entry per layer and kind: ``layer``, ``kind``, ``size``, ``joint``
+            (shares removed by ablating the group together, residual and attention), ``estimated`` (sum of the
+            members' estimated shares), ``linear``.
     """
 
     base: SinkBaseline
     exact: dict[Component, tuple[float, float]]
-    estimates: dict[Component, tuple[float, float]]
+    estimates: dict[Component, tuple[float, float]] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)
 
     def shares(self, values: tuple[float, float]) -> tuple[float, float]:
         """(share of the residual peak removed, share of the attention on token 0 removed)."""
@@ -305,31 +328,66 @@ class EffectSearch:
 
 
 def search_effects(model: nn.Module, ids: Tensor, components: Sequence[Component], *, exact: int | None,
-                   mode: str = "zero", means: dict[Component, Any] | None = None, max_rows: int = 96,
-                   progress: Callable[[str, int, int], None] | None = None) -> EffectSearch:
-    """Ablate every component at position 0 (``exact`` None or >= their number), else only the ``exact`` ones
-    whose attribution estimate removes the largest share of the sink (max of the two measures).
+                   linear_tol: float = LINEAR_TOL, mode: str = "zero", means: dict[Component, Any] | None = None,
+                   max_rows: int = 96, progress: Callable[[str, int, int], None] | None = None) -> EffectSearch:
+    """Ablate the candidates at position 0: all of them (``exact`` None, or at least their number), else a
+    pruned search that ablates exactly:
 
-    ``progress(stage, done, total)``: stages ``baseline``, ``attribution``, ``ablate``.
+    1. every candidate of a *nonlinear* group. Groups are a layer's candidates of one kind; each group is ablated
+       together once and is nonlinear when that joint change of either measure differs from the sum of its
+       members' attribution estimates by more than ``linear_tol`` (share of the baseline). Gradients cannot see
+       threshold effects (a component whose removal matters only once it is (nearly) complete, as for some
+       early heads of SmolLM2); the joint ablation does.
+    2. the ``exact`` other candidates with the largest estimated effect (max of the two shares).
+
+    The rest keep their estimate. ``progress(stage, done, total)``: stages ``baseline``, ``attribution``,
+    ``linearity`` (groups), ``ablate`` (components).
     """
 
     def report(stage: str, done: int, total: int) -> None:
         if progress is not None:
             progress(stage, done, total)
 
-    chosen, estimates = list(components), {}
+    cands = list(components)
     with eager_attention(model):
         report("baseline", 0, 1)
-        base = sink_baseline(model, ids)
+        found = EffectSearch(sink_baseline(model, ids), {})
         report("baseline", 1, 1)
-        result = EffectSearch(base, {}, {})
-        if exact is not None and len(chosen) > exact:
+        chosen = cands
+        if exact is not None and len(cands) > exact:
             report("attribution", 0, 1)
-            estimates = attribution_effects(model, base, chosen, mode=mode, means=means)
+            found.estimates = attribution_effects(model, found.base, cands, mode=mode, means=means)
             report("attribution", 1, 1)
-            keep = set(sorted(chosen, key=lambda c: -max(result.shares(estimates[c])))[:exact])
-            chosen = [c for c in chosen if c in keep]
-        result.estimates = estimates
-        result.exact = ablation_effects(model, base, chosen, mode=mode, means=means, max_rows=max_rows,
-                                        progress=lambda d, t: report("ablate", d, t))
-    return result
+            chosen = _prune(model, found, cands, exact, linear_tol, mode, means, max_rows, report)
+        todo = [c for c in chosen if c not in found.exact]
+        found.exact.update(ablation_effects(model, found.base, todo, mode=mode, means=means, max_rows=max_rows,
+                                            progress=lambda d, t: report("ablate", d, t)))
+    return found
+
+
+def _prune(model: nn.Module, found: EffectSearch, cands: list[Component], exact: int, linear_tol: float, mode: str,
+           means: dict[Component, Any] | None, max_rows: int, report: Callable[[str, int, int], None]
+           ) -> list[Component]:
+    """The linearity check (fills ``found.groups``, and ``found.exact`` for one-member groups); returns the
+    candidates to ablate exactly."""
+    groups: dict[tuple[int, str], list[Component]] = {}
+    for c in cands:
+        groups.setdefault((c.layer, c.kind), []).append(c)
+    keys = sorted(groups)
+    joint = variant_effects(model, found.base, [groups[k] for k in keys], mode=mode, means=means,
+                            max_rows=max_rows, progress=lambda d, t: report("linearity", d, t))
+    nonlinear: set[Component] = set()
+    for (layer, kind), values in zip(keys, joint):
+        members = groups[(layer, kind)]
+        js = found.shares(values)
+        est = [sum(found.shares(found.estimates[c])[i] for c in members) for i in (0, 1)]
+        linear = all(abs(j - e) <= linear_tol for j, e in zip(js, est))
+        found.groups.append({"layer": layer, "kind": kind, "size": len(members), "joint": list(js),
+                             "estimated": est, "linear": linear})
+        if len(members) == 1:
+            found.exact[members[0]] = values  # its joint ablation is its own
+        if not linear:
+            nonlinear.update(members)
+    rest = sorted((c for c in cands if c not in nonlinear), key=lambda c: -max(found.shares(found.estimates[c])))
+    keep = nonlinear | set(rest[:exact]) | set(found.exact)
+    return [c for c in cands if c in keep]
