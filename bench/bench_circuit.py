@@ -1,7 +1,8 @@
 """Benchmark: `repeat circuit`'s search, the original algorithm against the fast one, phase by phase, in one run.
 
-    python bench/bench_circuit.py [--model smollm2-135m] [--threads 2] [--layers 0,3,6,...|all] [--words 2]
-                                  [--n 512] [--exact 64] [--no-exhaustive] [--out FILE.json]
+    python bench/bench_circuit.py [--model smollm2-135m] [--threads 2] [--layers every3|all|0,3,6] [--words 2]
+                                  [--n 512] [--exact 32] [--no-exhaustive] [--out FILE.json]
+    python bench/bench_circuit.py --compare runs/exhaustive/circuit.json runs/fast/circuit.json
 
 Both sides run in the same process on the same inputs (the command's defaults: built-in paragraphs, 8 x 32 text
 tokens for the ablations, zero ablation at token 0, the default candidates). Phases:
@@ -16,8 +17,8 @@ tokens for the ablations, zero ablation at token 0, the default candidates). Pha
 By default the ablation phase covers the candidates of every third layer (``--layers all``: every layer, the
 command's full search; on a loaded 2-core machine the original side then takes half an hour) and the runs phase
 2 words: both sides are measured, nothing is extrapolated. Wall and CPU (process) seconds are printed with the
-machine's load average; the ranking columns compare the two sides' effects. Prints a JSON object and a markdown
-table.
+machine's load average; the ranking line compares the two sides' effects. Prints a JSON object and a markdown
+table. ``--compare`` compares two finished `repeat circuit` runs instead (top-10, Spearman, effect differences).
 """
 
 from __future__ import annotations
@@ -93,6 +94,38 @@ def ranking(ref: dict[Component, float], fast: dict[Component, float], k: int = 
             "top": [c.name for c in r[:k]], "fast_top": [c.name for c in f[:k]]}
 
 
+def compare_files(exhaustive: str, fast: str, k: int = 10) -> int:
+    """Print the ranking comparison of two circuit.json files (exact components only on the fast side)."""
+    def load(path: str) -> tuple[dict[Component, float], dict[str, Any]]:
+        d = json.loads(open(path).read())
+        eff = {Component(c["layer"], c["kind"], c["index"]): float(c["effect"]) for c in d["components"]
+               if c.get("exact", True)}
+        return eff, d["settings"]
+
+    ref, _ = load(exhaustive)
+    got, settings = load(fast)
+    r = ranking(ref, got, k)
+    order = [[(c["layer"], c["kind"], c["index"]) for c in json.loads(open(f).read())["components"]]
+             for f in (exhaustive, fast)]
+    pos = {c: i for i, c in enumerate(order[1])}
+    r["spearman_all"] = float(np.corrcoef(np.arange(len(order[0])), [pos[c] for c in order[0]])[0, 1])
+    r["same_prefix"] = next((i for i, (x, y) in enumerate(zip(*order)) if x != y), len(order[0]))
+    print(json.dumps({"exhaustive": exhaustive, "fast": fast, "fast_settings": settings, **r}, indent=1))
+    print(f"top-{k} overlap {r['overlap']}/{k}, same order {r['same_order']}; the first {r['same_prefix']} ranks "
+          f"identical; Spearman over the {len(got)} "
+          f"components ablated in both {r['spearman_exact']:.4f}, over all {len(order[0])} in the order each file "
+          f"ranks them {r['spearman_all']:.4f}; max |effect difference| {r['max_abs_diff']:.2e}")
+    print("| rank | exhaustive | fast |\n|---|---|---|")
+    for i, (a, b) in enumerate(zip(r["top"], r["fast_top"])):
+        print(f"| {i + 1} | {a} ({ref[_parse(a)]:.3f}) | {b} ({got[_parse(b)]:.3f}) |")
+    return 0
+
+
+def _parse(name: str) -> Component:
+    layer, rest = name[1:].split(".")
+    return Component(int(layer), "neuron" if rest[0] == "N" else "head", int(rest[1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -100,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default="every3", help="'every3' (default), 'all', or a comma list")
     p.add_argument("--words", type=int, default=2, help="run words (the command uses 8)")
     p.add_argument("--n", type=int, default=512)
-    p.add_argument("--exact", type=int, default=64)
+    p.add_argument("--exact", type=int, default=32)
     p.add_argument("--no-exhaustive", action="store_true", help="skip the original side's ablations")
     p.add_argument("--out", default=None)
+    p.add_argument("--compare", nargs=2, metavar=("EXHAUSTIVE.json", "FAST.json"),
+                   help="only compare the rankings of two `repeat circuit` outputs (circuit.json) and stop")
     args = p.parse_args(argv)
+    if args.compare:
+        return compare_files(*args.compare)
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     a = get_adapter(model)
@@ -127,7 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     cands = [Component(l, "neuron", j) for l, j, _ in first_token_neurons(model, stats_f) if l in layers]
     cands += [Component(l, "head", h) for l in a.attention_layers if l in layers for h in range(a.n_heads)]
     ids = torch.tensor(text_chunks(tok, text, n=8, length=32, offset=10))
-    found, *t_f = timed(lambda: search_effects(model, ids, cands, exact=args.exact))
+    stages: dict[str, list[float]] = {}  # stage -> [wall s, CPU s] spent in it (fast side)
+    clock = {"stage": None, "w": 0.0, "c": 0.0}
+
+    def on_stage(stage: str, done: int, total: int) -> None:
+        w, c = time.perf_counter(), time.process_time()
+        if clock["stage"] is not None:
+            acc = stages.setdefault(clock["stage"], [0.0, 0.0])
+            acc[0] += w - clock["w"]
+            acc[1] += c - clock["c"]
+        clock.update(stage=stage, w=w, c=c)
+
+    found, *t_f = timed(lambda: search_effects(model, ids, cands, exact=args.exact, progress=on_stage))
+    on_stage("", 0, 0)
     fast = {c: max(found.shares(v)) for c, v in found.exact.items()}
     rank = None
     if not args.no_exhaustive:
@@ -152,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                                           ("original_wall_s", "original_cpu_s", "fast_wall_s", "fast_cpu_s")},
                      "load": os.getloadavg()[0]})
     result = {"model": args.model, "threads": args.threads, "layers": layers, "exact": args.exact,
+              "fast_ablation_stages": stages, "nonlinear_groups": [f"L{g['layer']} {g['kind']}s" for g in found.groups
+                                                                   if not g["linear"]],
               "identical_neuron_stats": same_stats, "ranking": rank, "rows": rows,
               "uptime_load": os.getloadavg()}
     print(json.dumps(result, indent=1, default=str))
@@ -165,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = (lambda o, f: "-" if o is None else f"{o / f:.1f}x")
         print(f"| {r['phase']} | {fmt(ow)} | {fmt(oc)} | {r['fast_wall_s']:.1f} | {r['fast_cpu_s']:.1f} | "
               f"{ratio(ow, r['fast_wall_s'])} | {ratio(oc, r['fast_cpu_s'])} |")
+    print("fast ablation stages (wall s / CPU s): " + ", ".join(f"{k} {v[0]:.1f} / {v[1]:.1f}"
+                                                             for k, v in stages.items()))
     if rank:
         print(f"\nranking: top-{rank['top_k']} overlap {rank['overlap']}/{rank['top_k']}, same order "
               f"{rank['same_order']}, Spearman over exactly ablated {rank['spearman_exact']:.4f}, "
