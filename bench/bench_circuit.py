@@ -1,10 +1,10 @@
 """Benchmark: `repeat circuit`'s search, the original algorithm against the fast one, phase by phase, in one run.
 
-    python bench/bench_circuit.py [--model smollm2-135m] [--threads 2] [--layers every3|all|0,3,6] [--words 2]
+    python bench/bench_circuit.py [--model smollm2-135m] [--threads 1] [--layers every3|all|0,3,6] [--words 2]
                                   [--n 512] [--exact 32] [--no-exhaustive] [--out FILE.json]
     python bench/bench_circuit.py --compare runs/exhaustive/circuit.json runs/fast/circuit.json
 
-Both sides run in the same process on the same inputs (the command's defaults: built-in paragraphs, 8 x 32 text
+Both sides run in the same process on the same inputs (the command's defaults: the default corpus, 8 x 32 text
 tokens for the ablations, zero ablation at token 0, the default candidates). Phases:
 
 * ``ordinary ranges``: `neuron_stats` on the calibration text; original = ``torch.quantile`` and full LM-head
@@ -129,7 +129,8 @@ def _parse(name: str) -> Component:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a busy shared machine two threads ran 4x slower)")
     p.add_argument("--layers", default="every3", help="'every3' (default), 'all', or a comma list")
     p.add_argument("--words", type=int, default=2, help="run words (the command uses 8)")
     p.add_argument("--n", type=int, default=512)
