@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,11 @@ from sinkscope.repetition import activations
 from sinkscope.repetition.circuit import _run_captures, first_token_neurons
 from sinkscope.repetition.corpus import calibration_sequences, read_corpus, text_chunks
 from sinkscope.repetition.generate import greedy_continue, left_pad
-from sinkscope.repetition.sink_effects import eager_attention, reference_effects, search_effects
+from sinkscope.repetition.sink_effects import (
+    eager_attention,
+    reference_effects,
+    search_effects,
+)
 from sinkscope.tasks.repeated_tokens import PATCH_WORDS, build_prompt
 
 
@@ -97,7 +102,7 @@ def ranking(ref: dict[Component, float], fast: dict[Component, float], k: int = 
 def compare_files(exhaustive: str, fast: str, k: int = 10) -> int:
     """Print the ranking comparison of two circuit.json files (exact components only on the fast side)."""
     def load(path: str) -> tuple[dict[Component, float], dict[str, Any]]:
-        d = json.loads(open(path).read())
+        d = json.loads(Path(path).read_text())
         eff = {Component(c["layer"], c["kind"], c["index"]): float(c["effect"]) for c in d["components"]
                if c.get("exact", True)}
         return eff, d["settings"]
@@ -105,7 +110,7 @@ def compare_files(exhaustive: str, fast: str, k: int = 10) -> int:
     ref, _ = load(exhaustive)
     got, settings = load(fast)
     r = ranking(ref, got, k)
-    order = [[(c["layer"], c["kind"], c["index"]) for c in json.loads(open(f).read())["components"]]
+    order = [[(c["layer"], c["kind"], c["index"]) for c in json.loads(Path(f).read_text())["components"]]
              for f in (exhaustive, fast)]
     pos = {c: i for i, c in enumerate(order[1])}
     r["spearman_all"] = float(np.corrcoef(np.arange(len(order[0])), [pos[c] for c in order[0]])[0, 1])

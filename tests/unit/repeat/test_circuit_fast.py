@@ -14,7 +14,11 @@ from sinkscope.interventions.ablate import Component, ablate, ablate_rows
 from sinkscope.models.adapters import get_adapter
 from sinkscope.models.tiny import tiny_model
 from sinkscope.repetition import sink_effects as se
-from sinkscope.repetition.activations import neuron_stats, output_projection, quantile_dim0
+from sinkscope.repetition.activations import (
+    neuron_stats,
+    output_projection,
+    quantile_dim0,
+)
 from sinkscope.repetition.circuit import _run_captures, localise_sink_circuit
 from sinkscope.tasks.repeated_tokens import build_prompt
 
@@ -88,12 +92,10 @@ def test_ablate_rows_is_ablate_per_block(tiny_llama):
         with ablate(tiny_llama, comps, positions="rest"):
             alone = tiny_llama(input_ids=ids).logits
         torch.testing.assert_close(batched[2 * g:2 * g + 2], alone, rtol=1e-5, atol=1e-6)
-    with pytest.raises(InputError, match="batch of 2 rows"):
-        with ablate_rows(tiny_llama, groups, rows=2):
-            tiny_llama(input_ids=ids)
-    with pytest.raises(InputError, match="positions"):
-        with ablate_rows(tiny_llama, groups, rows=2, positions="middle"):
-            pass
+    with pytest.raises(InputError, match="batch of 2 rows"), ablate_rows(tiny_llama, groups, rows=2):
+        tiny_llama(input_ids=ids)
+    with pytest.raises(InputError, match="positions"), ablate_rows(tiny_llama, groups, rows=2, positions="middle"):
+        pass
 
 
 def test_attribution_is_the_first_order_change(tiny_llama):
@@ -138,7 +140,7 @@ def test_pruned_search_keeps_the_exhaustive_top_k(tiny_tok):
     g = torch.Generator().manual_seed(1)
     text = torch.randint(4, 99, (4, 16), generator=g).tolist()
     stats = neuron_stats(model, text)
-    kw = dict(ratio=0.0, floor=0.0, per_layer=6)
+    kw = {"ratio": 0.0, "floor": 0.0, "per_layer": 6}
     full = localise_sink_circuit(model, tiny_tok, text, stats, exact=None, **kw)
     n = len(full.components)
     assert n == 2 * 4 + 2 * 6 and full.settings["search"] == "exhaustive"
@@ -211,9 +213,9 @@ def test_run_activations_come_from_the_prefill(tiny_llama, tiny_tok):
     outs, got = _run_captures(tiny_llama, prompts, [0, 1], 4, 3, 2, lambda *_: None)
     assert len(outs) == len(got) == 3
     for p, g in zip(prompts, got):
-        seen = {}
-        hooks = [a.mlp_down_module(1).register_forward_pre_hook(lambda m, args: seen.__setitem__("n", args[0]))]
-        hooks.append(output_projection(a, 0).register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0])))
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [a.mlp_down_module(1).register_forward_pre_hook(lambda m, args, s=seen: s.__setitem__("n", args[0])),
+                 output_projection(a, 0).register_forward_pre_hook(lambda m, args, s=seen: s.__setitem__("h", args[0]))]
         tiny_llama(input_ids=torch.tensor([p]))
         for h in hooks:
             h.remove()
