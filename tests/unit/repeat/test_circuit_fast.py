@@ -4,6 +4,7 @@ per component; attribution pruning keeps the exhaustive top-k; run activations c
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 
 import pytest
@@ -229,3 +230,21 @@ def test_quantile_dim0_is_torch_quantile():
         x = torch.randn(n, 7, generator=g)
         for q in (0.0, 0.25, 0.5, 0.9, 0.999, 1.0):
             assert torch.equal(quantile_dim0(x, q), torch.quantile(x, q, dim=0)), (n, q)
+
+
+def test_cli_circuit_says_how_it_searched(tiny_dir, tmp_path, capsys):
+    from sinkscope.cli.__main__ import main
+
+    args = ["repeat", "circuit", "--model", str(tiny_dir), "--words", "cat", "--n", "6", "--max-new-tokens", "2",
+            "--per-layer", "3"]
+    assert main([*args, "--out", str(tmp_path / "pruned"), "--exact", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "search: pruned by attribution" in out and "circuit: ablating candidates" in err  # phase lines (no tty)
+    settings = json.loads((tmp_path / "pruned" / "circuit.json").read_text())["settings"]
+    assert settings["search"] == "pruned by attribution" and settings["exact"] == 2
+    assert main([*args, "--out", str(tmp_path / "all"), "--exhaustive"]) == 0
+    assert "search: exhaustive" in capsys.readouterr().out
+    d = json.loads((tmp_path / "all" / "circuit.json").read_text())
+    assert d["settings"]["ablated_exactly"] == d["settings"]["candidates"] == len(d["components"])
+    assert main([*args, "--out", str(tmp_path / "bad"), "--exact", "0"]) == 2
+    assert "--exact" in capsys.readouterr().err
