@@ -129,21 +129,37 @@ def scan(
 
 # ------------------------------------------------------------------------------------------------------------------
 def _run_circuit(m: Any, tok: Any, out: Path, corpus: Optional[Path], run_words: list[str], n: int, mode: str,
-                 heads: bool, per_layer: int, max_new_tokens: int, batch_size: int) -> tuple[Any, Any]:
+                 heads: bool, per_layer: int, max_new_tokens: int, batch_size: int, *,
+                 exact: Optional[int] = None, exhaustive: bool = False) -> tuple[Any, Any]:
     from sinkscope.repetition.activations import neuron_stats, save_neuron_stats
-    from sinkscope.repetition.circuit import localise_sink_circuit
+    from sinkscope.repetition.circuit import CIRCUIT_STAGES, DEFAULT_EXACT, localise_sink_circuit
     from sinkscope.repetition.corpus import calibration_sequences, text_chunks
     from sinkscope.viz.repetition import circuit_effects
 
     text = _corpus_text(corpus)
     out.mkdir(parents=True, exist_ok=True)
-    stats = neuron_stats(m, calibration_sequences(tok, text), batch_size=batch_size)
-    save_neuron_stats(stats, str(out / "neuron_stats.pt"))
-    seqs = text_chunks(tok, text, n=8, length=32, offset=10)
-    with _progress("circuit", 1) as tick:
+    tty = sys.stderr.isatty()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[left]}"),
+                  TimeElapsedColumn(), console=console, disable=not tty) as bar:
+        task = bar.add_task("circuit", total=1, left="")
+        stage_now = [""]
+
+        def tick(stage: str, done: int, total: int) -> None:
+            label = CIRCUIT_STAGES.get(stage, stage)
+            if stage != stage_now[0]:
+                stage_now[0] = stage
+                if not tty:
+                    console.print(f"circuit: {label} ({total})")
+            bar.update(task, description=f"circuit: {label}", completed=done, total=total, left=f"{total - done} left")
+
+        tick("stats", 0, 1)
+        stats = neuron_stats(m, calibration_sequences(tok, text), batch_size=batch_size)
+        save_neuron_stats(stats, str(out / "neuron_stats.pt"))
+        tick("stats", 1, 1)
+        seqs = text_chunks(tok, text, n=8, length=32, offset=10)
         circ = localise_sink_circuit(m, tok, seqs, stats, run_words=run_words, run_length=n, mode=mode, heads=heads,
                                      per_layer=per_layer, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     progress=lambda stage, d, t: tick(d, t))
+                                     exact=None if exhaustive else (exact or DEFAULT_EXACT), progress=tick)
     d = circ.to_json()
     d["settings"]["corpus"] = str(corpus) if corpus else "shipped WikiText-2"
     _write_json(out / "circuit.json", d)
@@ -164,19 +180,36 @@ def circuit(
     per_layer: int = typer.Option(8, "--per-layer", help="first-token neuron candidates per layer"),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
     batch_size: int = typer.Option(8, "--batch-size"),
+    exact: Optional[int] = typer.Option(None, "--exact", help="pruned search: candidates of linear layers ablated "
+                                                              "exactly, by attribution estimate (default 32)"),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="ablate every candidate exactly (no attribution "
+                                                                "pruning)"),
 ) -> None:
     """Find the heads and neurons that create token 0's sink (ablation at token 0, ranked by effect) and which of
-    them fire on long repeated runs and before divergence. Writes circuit.json/csv, circuit.png."""
+    them fire on long repeated runs and before divergence. With more candidates than --exact, only the candidates
+    of layers whose joint ablation the attribution estimates miss, plus the --exact best-estimated others, are
+    ablated (settings.search says so); --exhaustive ablates all. Writes circuit.json/csv, circuit.png."""
     from sinkscope.tasks.repeated_tokens import PATCH_WORDS
 
+    if exact is not None and exact < 1:
+        raise InputError(f"--exact must be a positive number of candidates, got {exact}")
     m, tok = _load(model)
     ws = _words(tok, None, words, None, list(PATCH_WORDS[:8]))
-    circ, _ = _run_circuit(m, tok, out, corpus, ws, n, mode, heads, per_layer, max_new_tokens, batch_size)
+    t0 = time.perf_counter()
+    circ, _ = _run_circuit(m, tok, out, corpus, ws, n, mode, heads, per_layer, max_new_tokens, batch_size,
+                           exact=exact, exhaustive=exhaustive)
+    st = circ.settings
+    print(f"search: {st['search']} ({st['ablated_exactly']} of {st['candidates']} candidates ablated exactly"
+          + (f"; nonlinear layer groups: {', '.join(st['nonlinear_groups']) or 'none'}" if st["search"] != "exhaustive"
+             else "") + f"), {time.perf_counter() - t0:.0f} s")
     print(f"{'rank':>4} {'component':>10} {'effect':>7} {'resid':>7} {'attn':>7} {'fire_run':>8} {'fire_div':>8}")
     for i, c in enumerate(circ.components[:15]):
         name = f"L{c.layer}.{'N' if c.kind == 'neuron' else 'H'}{c.index}"
-        print(f"{i + 1:>4} {name:>10} {c.effect:7.3f} {c.effect_residual:7.3f} {c.effect_attention:7.3f} "
-              f"{c.fire_run:8.2f} {c.fire_diverged:8.2f}")
+        if c.exact:
+            print(f"{i + 1:>4} {name:>10} {c.effect:7.3f} {c.effect_residual:7.3f} {c.effect_attention:7.3f} "
+                  f"{c.fire_run:8.2f} {c.fire_diverged:8.2f}")
+        else:
+            print(f"{i + 1:>4} {name:>10} ~{c.estimate:6.3f} (attribution estimate, not ablated)")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@
    first token is at least ``ratio`` times their largest activation at any other position of ordinary text,
    ranked by ``|a_0| * ||W_down[:, j]||``, top ``per_layer`` per layer) and every attention head.
 2. Causal effect: ablate each candidate at position 0 (zero or mean) on short ordinary text and measure (eager
-   attention, exact on these short inputs) how much of token 0's residual peak (mean over layers of log(||x_0|| / median ||x_t||)) and of the
-   attention it receives (mean alpha_0 over layers and heads) disappears.
+   attention, exact on these short inputs) how much of token 0's residual peak (mean over layers of
+   log(||x_0|| / median ||x_t||)) and of the attention it receives (mean alpha_0 over layers and heads) disappears
+   (`sink_effects`: batched variants, each run from its layer's cached input). With more candidates than
+   ``exact``, only those with the largest attribution estimate (activation x gradient) are ablated.
 3. Firing on runs: share of the last positions of long instructed runs at which each neuron exceeds its ordinary
    range (heads: output norm above the ordinary range), separately for runs whose continuation diverged and
    runs that kept repeating.
@@ -13,8 +15,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,12 +24,22 @@ import torch
 from torch import nn
 
 from sinkscope.errors import InputError
-from sinkscope.interventions.ablate import Component, ablate
-from sinkscope.models.adapters import get_adapter, pad_token_id
-from sinkscope.repetition.activations import NeuronStats
-from sinkscope.repetition.generate import greedy_continue, left_pad
+from sinkscope.interventions.ablate import Component
+from sinkscope.models.adapters import get_adapter
+from sinkscope.repetition.activations import NeuronStats, few_logits
+from sinkscope.repetition.generate import greedy_continue
+from sinkscope.repetition.sink_effects import LINEAR_TOL, search_effects
 from sinkscope.capture import forward_hooks
 from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
+
+#: Pruned search: candidates of linear layers ablated exactly, those with the largest attribution estimate (beyond
+#: every candidate of a nonlinear layer); with no more candidates than this the search is exhaustive.
+DEFAULT_EXACT = 32
+
+#: What each ``progress`` stage of `localise_sink_circuit` does (``stats``: the caller's `neuron_stats`).
+CIRCUIT_STAGES = {"stats": "ordinary ranges", "baseline": "unablated pass", "attribution": "attribution (grad x act)",
+                  "linearity": "linearity check, layer groups", "ablate": "ablating candidates",
+                  "generate": "generating runs", "runs": "reading runs"}
 
 
 @dataclass
@@ -46,6 +57,8 @@ class ComponentEffect:
     fire_run: float = float("nan")  # share of run positions above the text range (all runs)
     fire_diverged: float = float("nan")  # ... on runs whose continuation diverged
     fire_repeating: float = float("nan")  # ... on runs that kept repeating
+    estimate: float = float("nan")  # attribution estimate of ``effect`` (when candidates were pruned)
+    exact: bool = True  # False: not ablated (pruned by its estimate); the effects are NaN
 
     @property
     def component(self) -> Component:
@@ -103,29 +116,8 @@ def first_token_neurons(model: nn.Module, stats: NeuronStats, *, ratio: float = 
 
 
 @torch.no_grad()
-def _sink_measure(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
-    """(mean over layers of log(||x_l[0]|| / median_t ||x_l[t]||), mean over layers, heads and queries of the
-    attention on key 0). ``ids``: (B, T) unpadded; the model must be in eager attention (short inputs only)."""
-    out = model(input_ids=ids, output_attentions=True, output_hidden_states=True, use_cache=False)
-    hs = torch.stack([h.float().norm(dim=-1) for h in out.hidden_states[1:]])  # (L, B, T)
-    ratio = hs[..., 0] / hs[..., 1:].median(dim=-1).values  # (L, B)
-    att = torch.stack([a[..., 0].float().mean() for a in out.attentions if a is not None])
-    return float(ratio.clamp_min(1e-6).log().mean()), float(att.mean())
-
-
-@contextlib.contextmanager
-def _eager(model: nn.Module) -> Iterator[None]:
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
-@torch.no_grad()
-def _head_stats(model: nn.Module, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(L, H) mean ||head output|| at token 0 and max at other positions, on equal-length sequences."""
+def _head_stats(model: nn.Module, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(L, H) mean ||head output|| at token 0 and max at other positions, on equal-length sequences ``ids``."""
     a = get_adapter(model)
     L, H = a.n_layers, a.n_heads
     first, other = np.zeros((L, H)), np.zeros((L, H))
@@ -136,7 +128,7 @@ def _head_stats(model: nn.Module, seqs: Sequence[Sequence[int]]) -> tuple[np.nda
         other[l] = n[:, 1:].amax(dim=(0, 1)).cpu().numpy()
 
     with forward_hooks([(a.output_projection(l), (lambda x, l=l: grab(l, x)), True) for l in a.attention_layers]):
-        model(input_ids=torch.tensor([list(s) for s in seqs]), use_cache=False)
+        model(input_ids=ids, use_cache=False, **few_logits(model))
     return first, other
 
 
@@ -145,7 +137,9 @@ def localise_sink_circuit(
     model: nn.Module, tokenizer: Any, text_seqs: Sequence[Sequence[int]], stats: NeuronStats, *,
     run_words: Sequence[str] = (), run_length: int = 512, form: str = "instruct", mode: str = "zero",
     ratio: float = 1.5, floor: float = 1.0, per_layer: int = 8, heads: bool = True, max_new_tokens: int = 24,
-    last_positions: int = 16, batch_size: int = 8, progress: Callable[[str, int, int], None] | None = None,
+    last_positions: int = 16, batch_size: int = 8, exact: int | None = DEFAULT_EXACT,
+    linear_tol: float = LINEAR_TOL, max_rows: int = 96,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> SinkCircuit:
     """Find, rank and characterise the components that create token 0's sink.
 
@@ -156,54 +150,69 @@ def localise_sink_circuit(
             (empty: skip the run measurements).
         mode: ``zero`` or ``mean`` ablation at position 0 (mean: the neuron's ordinary median / the head's mean
             output over the other positions).
-        progress: ``progress(stage, done, total)``.
+        exact: when there are more candidates than this, the search is pruned (`search_effects`): exact
+            ablation of every candidate in a layer whose group ablation is not predicted by the attribution
+            estimates (activation x gradient) to within ``linear_tol``, and of the ``exact`` others with the
+            largest estimate; the rest keep their estimate (``exact=False``, effects NaN) and rank after every
+            exactly measured one. None: every candidate is ablated (exhaustive).
+        max_rows: batch rows per ablation forward (ablated variants x text sequences).
+        progress: ``progress(stage, done, total)``; stages ``baseline``, ``attribution``, ``linearity`` (done =
+            layer groups), ``ablate`` (done = candidates ablated), ``generate`` (run prompts continued), ``runs``.
 
     Returns:
-        A `SinkCircuit` whose components are sorted by decreasing causal effect.
+        A `SinkCircuit` whose components are sorted by decreasing causal effect (exact ones first).
     """
     if len({len(s) for s in text_seqs}) != 1:
         raise InputError("circuit localisation needs equal-length text sequences")
+    if exact is not None and exact < 1:
+        raise InputError(f"exact must be a positive number of candidates (or None: all), got {exact}")
     a = get_adapter(model)
     from sinkscope.profile import model_info
 
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
     ids = torch.tensor([list(s) for s in text_seqs], device=ids_device(model))
-    with _eager(model):
-        base_res, base_att = _sink_measure(model, ids)
     neurons = first_token_neurons(model, stats, ratio=ratio, floor=floor, per_layer=per_layer)
     cands = [Component(l, "neuron", j) for l, j, _ in neurons]
     if heads:
         cands += [Component(l, "head", h) for l in a.attention_layers for h in range(a.n_heads)]
-    hfirst, hother = _head_stats(model, text_seqs)
+    hfirst, hother = _head_stats(model, ids)
     means: dict[Component, Any] = {}
     if mode == "mean":
-        hmean = _head_means(model, text_seqs)
+        hmean = _head_means(model, ids)
         for c in cands:
             means[c] = float(stats.other_median[c.layer][c.index]) if c.kind == "neuron" else hmean[c.layer][c.index]
+    found = search_effects(model, ids, cands, exact=exact, linear_tol=linear_tol, mode=mode, means=means or None,
+                           max_rows=max_rows, progress=report)
     effects = []
-    for i, c in enumerate(cands):
-        with ablate(model, [c], positions="first", mode=mode, means=means or None), _eager(model):
-            res, att = _sink_measure(model, ids)
-        er = (base_res - res) / max(abs(base_res), 1e-9)
-        ea = (base_att - att) / max(abs(base_att), 1e-9)
+    for c in cands:
         if c.kind == "neuron":
             fa, tr = float(stats.first[c.layer][c.index]), float(stats.other_max[c.layer][c.index])
         else:
             fa, tr = float(hfirst[c.layer, c.index]), float(hother[c.layer, c.index])
-        effects.append(ComponentEffect(c.layer, c.kind, c.index, max(er, ea), er, ea, fa, tr))
-        if progress is not None:
-            progress("ablate", i + 1, len(cands))
-    effects.sort(key=lambda e: -e.effect)
+        est = max(found.shares(found.estimates[c])) if c in found.estimates else float("nan")
+        er, ea = found.shares(found.exact[c]) if c in found.exact else (float("nan"), float("nan"))
+        effects.append(ComponentEffect(c.layer, c.kind, c.index, max(er, ea), er, ea, fa, tr, estimate=est,
+                                       exact=c in found.exact))
+    effects.sort(key=lambda e: (not e.exact, -(e.effect if e.exact else e.estimate)))
     runs = _fire_on_runs(model, tokenizer, effects, run_words, run_length, form, max_new_tokens, last_positions,
-                         batch_size, progress) if run_words else []
-    return SinkCircuit(model_info(model, a), effects, {"log_residual_ratio": base_res, "alpha0": base_att}, runs,
+                         batch_size, report) if run_words else []
+    search = {"search": "exhaustive" if len(found.exact) == len(cands) else "pruned by attribution",
+              "exact": exact, "linear_tol": linear_tol, "candidates": len(cands),
+              "ablated_exactly": len(found.exact),
+              "nonlinear_groups": [f"L{g['layer']} {g['kind']}s" for g in found.groups if not g["linear"]]}
+    return SinkCircuit(model_info(model, a), effects,
+                       {"log_residual_ratio": found.base.residual, "alpha0": found.base.attention}, runs,
                        {"mode": mode, "ratio": ratio, "floor": floor, "per_layer": per_layer, "heads": heads,
                         "run_words": list(run_words), "run_length": run_length, "form": form,
                         "last_positions": last_positions, "text_samples": len(text_seqs),
-                        "text_length": len(text_seqs[0])})
+                        "text_length": len(text_seqs[0]), **search})
 
 
 @torch.no_grad()
-def _head_means(model: nn.Module, seqs: Sequence[Sequence[int]]) -> dict[int, list[torch.Tensor]]:
+def _head_means(model: nn.Module, ids: torch.Tensor) -> dict[int, list[torch.Tensor]]:
     a = get_adapter(model)
     out: dict[int, list[torch.Tensor]] = {}
 
@@ -212,41 +221,77 @@ def _head_means(model: nn.Module, seqs: Sequence[Sequence[int]]) -> dict[int, li
         out[l] = list(x)
 
     with forward_hooks([(a.output_projection(l), (lambda x, l=l: grab(l, x)), True) for l in a.attention_layers]):
-        model(input_ids=torch.tensor([list(s) for s in seqs]), use_cache=False)
+        model(input_ids=ids, use_cache=False, **few_logits(model))
     return out
+
+
+def _run_captures(model: nn.Module, prompts: Sequence[Sequence[int]], layers: Sequence[int], last: int,
+                  max_new_tokens: int, batch_size: int, report: Callable[[str, int, int], None]
+                  ) -> tuple[list[list[int]], list[dict[tuple[str, int], torch.Tensor]]]:
+    """Greedy continuations of ``prompts`` and, from the same generation's prefill pass, the last ``last``
+    prompt positions of the MLP activations of ``layers`` and of every attention layer's head outputs.
+
+    Returns (continuations, per prompt {("n", layer): (last, F), ("h", layer): (last, H*D)}).
+    """
+    a = get_adapter(model)
+    calls: list[dict[Any, torch.Tensor]] = []
+
+    def keep(key: Any, x: torch.Tensor) -> None:
+        if key == "ids":
+            if x.shape[1] > 1:  # a prefill; decoding steps feed one token
+                calls.append({"ids": x.detach().cpu()})
+        elif calls and x.shape[1] == calls[-1]["ids"].shape[1]:
+            calls[-1][key] = x[:, -last:].detach().float().cpu()
+
+    hooks = [(model.get_input_embeddings(), (lambda x: keep("ids", x)), True)]
+    hooks += [(a.mlp_down_module(l), (lambda x, l=l: keep(("n", l), x)), True) for l in layers]
+    hooks += [(a.output_projection(l), (lambda x, l=l: keep(("h", l), x)), True) for l in a.attention_layers]
+    done = [0]
+
+    def on_batch(rows: int) -> None:
+        done[0] += rows
+        report("generate", done[0], len(prompts))
+
+    report("generate", 0, len(prompts))
+    with forward_hooks(hooks):
+        outs = greedy_continue(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               on_batch=on_batch)
+    found: list[dict[tuple[str, int], torch.Tensor]] = []
+    used: set[tuple[int, int]] = set()
+    for p in prompts:  # find each prompt's row among the prefill batches (greedy_continue reorders them)
+        tail = torch.tensor(list(p))
+        hit = next(((i, r) for i, call in enumerate(calls) for r in range(call["ids"].shape[0])
+                    if (i, r) not in used and call["ids"].shape[1] >= len(p)
+                    and torch.equal(call["ids"][r, -len(p):], tail)), None)
+        if hit is None:
+            raise RuntimeError("a run prompt's prefill pass was not seen during generation")
+        used.add(hit)
+        found.append({k: v[hit[1]] for k, v in calls[hit[0]].items() if k != "ids"})
+    return outs, found
 
 
 def _fire_on_runs(model: nn.Module, tokenizer: Any, effects: list[ComponentEffect], words: Sequence[str],
                   n: int, form: str, max_new_tokens: int, last: int, batch_size: int,
-                  progress: Callable[[str, int, int], None] | None) -> list[dict[str, Any]]:
-    """Fill ``fire_*`` of every component from the last ``last`` run positions of each word's prompt."""
+                  report: Callable[[str, int, int], None]) -> list[dict[str, Any]]:
+    """Fill ``fire_*`` of every component from the last ``last`` run positions of each word's prompt (read from
+    the generation's own prefill pass: no second forward over the runs)."""
     a = get_adapter(model)
     prompts = [build_prompt(tokenizer, w, n, form, max_positions=a.max_positions, reserve=max_new_tokens)
                for w in words]
-    outs = greedy_continue(model, [p.ids for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size)
-    verdicts = [detect_divergence(tokenizer, p.word, o) for p, o in zip(prompts, outs)]
     neuron_layers = sorted({e.layer for e in effects if e.kind == "neuron"})
+    outs, got = _run_captures(model, [p.ids for p in prompts], neuron_layers, last, max_new_tokens, batch_size,
+                              report)
+    verdicts = [detect_divergence(tokenizer, p.word, o) for p, o in zip(prompts, outs)]
     fires: dict[tuple[int, str, int], list[float]] = {}
-    pad = pad_token_id(model)
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        ids, mask = left_pad([p.ids for p in chunk], pad, ids_device(model))
-        got: dict[tuple[str, int], torch.Tensor] = {}
-        hooks = [(a.mlp_down_module(l), (lambda x, l=l: got.__setitem__(("n", l), x[:, -last:].detach().float())),
-                  True) for l in neuron_layers]
-        hooks += [(a.output_projection(l), (lambda x, l=l: got.__setitem__(("h", l), x[:, -last:].detach().float())),
-                   True) for l in a.attention_layers]
-        with forward_hooks(hooks):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    for i, g in enumerate(got):
         for e in effects:
             if e.kind == "neuron":
-                v = got[("n", e.layer)][..., e.index].abs()  # (B, last)
+                v = g[("n", e.layer)][:, e.index].abs()  # (last,)
             else:
-                x = got[("h", e.layer)]
-                v = x.reshape(x.shape[0], x.shape[1], a.n_heads, -1)[:, :, e.index].norm(dim=-1)
-            fires.setdefault((e.layer, e.kind, e.index), []).extend((v > e.text_range).float().mean(1).tolist())
-        if progress is not None:
-            progress("runs", min(s + batch_size, len(prompts)), len(prompts))
+                x = g[("h", e.layer)]
+                v = x.reshape(x.shape[0], a.n_heads, -1)[:, e.index].norm(dim=-1)
+            fires.setdefault((e.layer, e.kind, e.index), []).append(float((v > e.text_range).float().mean()))
+        report("runs", i + 1, len(got))
     div = np.array([v.diverged for v in verdicts])
     for e in effects:
         f = np.array(fires[(e.layer, e.kind, e.index)])
