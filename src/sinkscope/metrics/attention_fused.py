@@ -1,21 +1,25 @@
-"""Fused attention kernels for the profiler: the output with each query's log-sum-exp, and the softmax's column sums.
+"""Fused attention for the profiler: the output with each query's log-sum-exp, then the softmax's column sums.
 
-Two calls of the backend's fused attention kernel per layer, each about the cost of one SDPA forward, no (T, T)
-matrix in memory:
+Two passes per layer, neither holding a (T, T) matrix:
 
 1. ``attention_lse``: output ``o`` and ``lse_q = log sum_k exp(s_qk)`` (``s_qk = scaling * q.k`` over the keys
-   query q sees). CPU: ``aten._scaled_dot_product_flash_attention_for_cpu``; CUDA: the memory-efficient kernel
-   with ``compute_log_sumexp=True`` (it takes fp32, unlike flash).
-2. ``softmax_column_sums``: ``colsum_k = sum_q w_q exp(s_qk - lse_q)`` over the real queries (``w_q`` in {0, 1})
-   that see key k, from a second call with the roles swapped: keys act as queries and queries as keys, with one
-   extra head dimension that holds 1 on the key side and ``-lse_q`` on the query side (``-1e30`` for a query with
-   ``w_q = 0``, so it adds exactly 0), queries pre-scaled and the kernel's scale 1, so the swapped call's scores
-   are ``s_qk - lse_q`` and its log-sum-exp is ``log colsum_k``. Plain causal attention reverses the sequence so
-   that "query q >= key k" becomes the kernel's ordinary causal mask. A sliding window runs both calls in blocks
-   of rows against the band of columns they can see, with one additive band mask shared by all blocks.
+   query q sees) from the backend's fused kernel, the one SDPA itself runs. CPU:
+   ``aten._scaled_dot_product_flash_attention_for_cpu``; CUDA: the memory-efficient kernel with
+   ``compute_log_sumexp=True`` (it takes fp32, unlike flash).
+2. ``softmax_column_sums``: ``colsum_k = sum_q w_q exp(s_qk - lse_q)`` over the counted queries (``w_q`` in {0, 1})
+   that see key k. Both ways append one dimension that holds ``-lse_q`` on the query side and 1 on the key side
+   (``-1e30`` for a query with ``w_q = 0``, so it adds exactly 0), queries pre-scaled, so one matrix product
+   gives ``s_qk - lse_q`` directly:
+   - ``"blocked"`` (default): per block of 64 queries and one kv head, that product, ``exp`` in place and the
+     weighted sum over the block's queries (a matrix-vector product), accumulated in fp64 across blocks;
+   - ``"swapped"``: one fused-kernel call with the roles swapped (keys as queries, queries as keys, scale 1,
+     head dim padded to a multiple of 8), whose log-sum-exp is ``log colsum_k``; plain causal attention reverses
+     the sequence so that "query q >= key k" becomes the kernel's causal mask. It pays the kernel's value product
+     for nothing: on CPU it costs about as much as the first pass, the blocked way about 0.65x.
+   A sliding window runs in blocks of rows against the band of columns they can see, with one additive band
+   mask shared by all blocks.
 
-The kernels accumulate in fp32: on SmolLM2-sized heads the column sums agree with an fp64 reference to a relative
-~1e-6 at 8k tokens (the second call's one-block row sums are exactly what a fused kernel computes).
+Both ways agree with an fp64 reference to a relative ~5e-7 at 8k tokens (SmolLM2-sized heads).
 
 Shapes: B batch, H query heads, Hkv key/value heads (GQA, H = G * Hkv, query head h uses kv head h // G),
 T positions (queries and keys are the same T positions), D head dim. Inputs must already be fp32.
@@ -142,7 +146,7 @@ def attention_lse(query: Tensor, key: Tensor, value: Tensor, scaling: float, win
 
 
 def softmax_column_sums(query: Tensor, key: Tensor, lse: Tensor, scaling: float, *, query_weight: Tensor,
-                        window: int | None = None, head_bytes: int = 16 * 2**20) -> Tensor:
+                        window: int | None = None, how: str = "blocked", head_bytes: int = 16 * 2**20) -> Tensor:
     """``colsum[b, h, k] = sum_q w[b, q] exp(scaling * q.k - lse[b, h, q])`` over the queries that see key k.
 
     Args:
@@ -153,20 +157,81 @@ def softmax_column_sums(query: Tensor, key: Tensor, lse: Tensor, scaling: float,
         scaling: multiplier of q.k.
         query_weight: (B, T) bool, the queries that count (real ones).
         window: as in `attention_lse`.
+        how: ``"blocked"`` (default): per block of queries, one matrix product gives ``s_qk - lse_q`` (the extra
+            dimension), ``exp`` in place, and a weighted sum over the block's queries, accumulated in fp64; no
+            value product, so it costs about 0.65x the first call on CPU (1 thread, SmolLM2 heads, 2k-8k tokens).
+            ``"swapped"``: one call of the fused kernel with queries and keys swapped (see the module docstring),
+            about 1.0-1.3x the first call (its value product is wasted).
         head_bytes: memory budget of the swapped call's inputs and output; heads are processed in groups within it.
 
     Returns:
         (B, H, T) float64 column sums (0 for a key no counted query sees).
 
     Raises:
-        FusedUnavailable: no fused kernel on this device, or it refused the input.
+        FusedUnavailable: the swapped call found no fused kernel on this device, or it refused the input.
     """
+    neg_lse = (-lse).masked_fill(~query_weight[:, None, :], EXCLUDED)  # (B, H, T)
+    if how == "blocked":
+        return _column_sums_blocked(query, key, neg_lse, scaling, query_weight, window)
+    if how == "swapped":
+        return _column_sums_swapped(query, key, neg_lse, scaling, window, head_bytes)
+    raise ValueError(f"unknown column-sum method {how!r}")
+
+
+def _blocks(device: torch.device, B: int, Hkv: int, G: int, T: int) -> tuple[int, int]:
+    """(kv heads, query rows) per block of the blocked column sums. CPU: one kv head's G query heads and 64 rows,
+    a few MB of scores that stay in cache (measured best among 32/64/128 rows x 1/3 kv heads, SmolLM2, 512-8k
+    tokens); elsewhere every head and up to 256 MiB of scores, to launch few kernels."""
+    if device.type == "cpu":
+        return 1, 64
+    return Hkv, max(64, min(T, 2**26 // max(1, B * Hkv * G * T)))
+
+
+def _column_sums_blocked(query: Tensor, key: Tensor, neg_lse: Tensor, scaling: float, query_weight: Tensor,
+                         window: int | None) -> Tensor:
+    B, H, T, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    qx = query.new_empty(B, H, T, D + 1)  # queries: [scaling * q, -lse_q]
+    torch.mul(query, scaling, out=qx[..., :D])
+    qx[..., D] = neg_lse
+    kxt = query.new_empty(B, Hkv, D + 1, T)  # keys, transposed: [k, 1]
+    kxt[:, :, :D] = key.transpose(-1, -2)
+    kxt[:, :, D] = 1.0
+    w = query_weight.to(query.dtype)[:, None, None, None, :]  # (B, 1, 1, 1, T)
+    colsum = torch.zeros(B, H, T, dtype=torch.float64, device=query.device)
+    hk, C = _blocks(query.device, B, Hkv, G, T)
+    width = C if window is None or window >= T else C + window - 1
+    bias = (query.new_full((C, C), float("-inf")).triu_(1) if width == C
+            else _band_bias(C, window, query)[0, 0])  # (C, width)
+    buf = query.new_empty(B * hk * G * C * (T if width == C else min(T, width)))
+    for g0 in range(0, Hkv, hk):
+        g1 = min(Hkv, g0 + hk)
+        for q0 in range(0, T, C):
+            q1 = min(T, q0 + C)
+            lo = 0 if width == C else max(0, q0 - window + 1)  # first key any query of the block sees
+            n, m = q1 - q0, q1 - lo
+            s = buf[: B * (g1 - g0) * G * n * m].view(B, g1 - g0, G, n, m)
+            torch.matmul(qx[:, g0 * G : g1 * G, q0:q1].view(B, g1 - g0, G, n, D + 1), kxt[:, g0:g1, None, :, lo:q1],
+                         out=s)  # (B, hk, G, n, m) = s_qk - lse_q
+            if width == C:
+                s[..., q0 - lo :] += bias[:n, :n]  # the block's own diagonal: keys after the query
+            else:
+                c0 = lo - (q0 - window + 1)  # type: ignore[operator]
+                s += bias[:n, c0 : c0 + m]
+            s.exp_()
+            part = torch.matmul(w[..., q0:q1], s)  # (B, hk, G, 1, m): sum over the block's counted queries
+            colsum[:, g0 * G : g1 * G, lo:q1] += part.view(B, (g1 - g0) * G, m)
+    return colsum
+
+
+def _column_sums_swapped(query: Tensor, key: Tensor, neg_lse: Tensor, scaling: float, window: int | None,
+                         head_bytes: int) -> Tensor:
     kernel = kernel_for(query.device)
     B, H, T, D = query.shape
     G = H // key.shape[1]
     Dp = -(-(D + 1) // 8) * 8  # the extra dimension, padded to a multiple of 8
     reverse = window is None or window >= T
-    neg_lse = (-lse).masked_fill(~query_weight[:, None, :], EXCLUDED)  # (B, H, T)
     colsum = torch.empty(B, H, T, dtype=torch.float64, device=query.device)
     per_head = 4 * B * T * Dp * query.element_size()  # kx, qx, a reversed copy, the kernel's output
     step = max(1, min(H, head_bytes // max(1, per_head)))

@@ -244,14 +244,17 @@ def _fused(query: Tensor, key: Tensor, value: Tensor, *, scaling: float, query_v
     count = suffix if window is None else suffix - torch.nn.functional.pad(suffix[:, window:], (0, window))
 
     # cosines: sum over the visible keys of cos(q, k) = q . (sum of the visible unit keys) / |q|, a prefix sum
+    inv_q = 1.0 / qf.norm(dim=-1).clamp_min(1e-30)  # (B, H, T)
     k_unit = kf / kf.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # (B, Hkv, T, D)
-    prefix = k_unit.to(f64).cumsum(2)
-    if window is not None:
-        prefix = prefix - torch.nn.functional.pad(prefix[:, :, :-window], (0, 0, window, 0))
-    q_unit = (qf / qf.norm(dim=-1, keepdim=True).clamp_min(1e-30)).view(B, Hkv, G, T, D)
-    c_sum = (q_unit * prefix.float()[:, :, None]).sum(-1).reshape(B, H, T)
+    if window is None:  # (CPU cumsum accumulates fp32 in fp64; CUDA's scan adds ~log2(T) roundings)
+        seen = k_unit.cumsum(2)
+    else:  # a difference of prefix sums: in fp64, or the cancellation would cost ~T / window roundings
+        prefix = k_unit.to(f64).cumsum(2)
+        seen = (prefix - torch.nn.functional.pad(prefix[:, :, :-window], (0, 0, window, 0))).float()
+    q5 = qf.view(B, Hkv, G, T, D)
+    c_sum = torch.linalg.vecdot(q5, seen[:, :, None]).reshape(B, H, T) * inv_q
     k_first = k_unit[torch.arange(B, device=device), :, first]  # (B, Hkv, D)
-    c_first = (q_unit * k_first[:, :, None, None, :]).sum(-1).reshape(B, H, T)
+    c_first = torch.matmul(q5, k_first[:, :, None, :, None]).reshape(B, H, T) * inv_q
     pos = torch.arange(T, device=device)
     n_vis = pos + 1 if window is None else (pos + 1).clamp_max(window)  # (T,)
     since_first = pos[None, :] - first[:, None]  # (B, T)

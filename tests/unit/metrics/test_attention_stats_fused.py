@@ -266,3 +266,21 @@ def test_fused_on_cuda_equals_chunked() -> None:
         assert fused.method == "fused" and fused.colsum.device.type == "cuda"
         _assert_close(_means(fused), _means(chunked), what=f"cuda {padded} {window} {sinks}")
         assert ((out_f - out_c).abs() * valid.to(dev)[:, :, None, None]).max() < TOL
+
+
+@pytest.mark.parametrize("window", [None, 9, 70])
+def test_blocked_and_swapped_column_sums_agree(window) -> None:
+    """Both ways of summing the columns, against fp64, with padding, GQA and more rows than one block."""
+    q, k, v, valid, _ = _inputs(2, 6, 2, 150, 16, True, window)
+    _, lse = attention_fused.attention_lse(q, k, v, 0.25, window)
+    G = 3
+    s = (q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2)) * 0.25 - lse.double()[..., None]
+    pos = torch.arange(150)
+    d = pos[:, None] - pos[None, :]
+    vis = (d >= 0) if window is None else (d >= 0) & (d < window)
+    ref = (s.masked_fill(~vis, float("-inf")).exp() * valid[:, None, :, None]).sum(2)  # (B, H, T)
+    for how in ("blocked", "swapped"):
+        got = attention_fused.softmax_column_sums(q, k, lse, 0.25, query_weight=valid, window=window, how=how,
+                                                  head_bytes=150 * 24 * 4 * 4)  # two heads per swapped call
+        assert got.dtype == torch.float64
+        assert ((got - ref).abs() / ref.clamp_min(1e-3)).max() < 1e-5, how
