@@ -5,9 +5,10 @@ Two measurements, each printed as a markdown table with the ratio to the bare fo
 1. **One process, alternating** (the timing that counts): the model is loaded once; for each length T the bare
    forward, the profile with the fused statistics (the default) and the profile with the chunked reference
    statistics run in turn, ``--repeats`` times (the order reversed every other round), and the best time of each
-   is kept. On CPU the fused profile's time is split into its parts: the first fused call (output and
-   log-sum-exp, the same kernel as SDPA's), the swapped call (column sums), the rest of the statistics, and
-   everything outside the attention function (the model itself plus the profiler's hooks).
+   is kept. On CPU the fused profile's time is split into its parts: the first pass (the fused kernel that gives
+   the output and each query's log-sum-exp, the same kernel as SDPA's), the column sums, the rest of the
+   statistics (cosines, counts, norms), the profiler's forward hooks (residual norms, massive activations, MLP
+   neurons), and the rest (the model itself outside attention, the profiler's bookkeeping).
 2. **One fresh process per figure** (the memory measurement, and the old way of timing): each (method, T) runs in
    a new process that loads the model and samples its resident memory every few ms; "peak MB" is the peak
    above the loaded model. Children run with MALLOC_MMAP_THRESHOLD_=65536 so that freed large tensors go back
@@ -76,10 +77,10 @@ def _stats_users() -> tuple[Any, list[Any]]:
 class _PassTimer:
     """Adds up the wall time of the statistics' parts while installed (CPU only: calls are synchronous)."""
 
-    PARTS = {"attention_lse": "fused_call_s", "softmax_column_sums": "swapped_call_s"}
+    PARTS = {"attention_lse": "first_pass_s", "softmax_column_sums": "column_sums_s"}
 
     def __init__(self) -> None:
-        self.totals = dict.fromkeys(["stats_s", *self.PARTS.values()], 0.0)
+        self.totals = dict.fromkeys(["stats_s", *self.PARTS.values(), "hooks_s"], 0.0)
 
     def wrap(self, fn: Any, key: str) -> Any:
         @functools.wraps(fn)
@@ -106,6 +107,17 @@ def _profile_patches(method: str, timer: _PassTimer | None) -> Iterator[None]:
         for name, key in timer.PARTS.items():
             saved.append((attention_stats, name, getattr(attention_stats, name)))
             setattr(attention_stats, name, timer.wrap(getattr(attention_stats, name), key))
+    if timer is not None:  # the profiler's forward hooks (residual norms, massive activations, MLP neurons)
+        from sinkscope import capture
+
+        def timed_hooks(hooks: list[tuple[Any, Any, bool]]) -> Any:
+            return capture.forward_hooks([(mod, timer.wrap(fn, "hooks_s"), pre) for mod, fn, pre in hooks])
+
+        for name, m in list(sys.modules.items()):
+            if name.startswith("sinkscope.") and m is not capture and getattr(m, "forward_hooks", None) is \
+                    capture.forward_hooks:
+                saved.append((m, "forward_hooks", capture.forward_hooks))
+                m.forward_hooks = timed_hooks
     for m in users:
         m.attention_with_stats = stats
     try:
@@ -136,6 +148,7 @@ def _in_process(args: argparse.Namespace) -> list[dict[str, Any]]:
         best: dict[str, float] = {}
         parts: dict[str, dict[str, float]] = {}
         peak: dict[str, float] = {}
+        profiles: dict[str, Any] = {}
 
         def run(what: str) -> None:
             if cuda:
@@ -150,7 +163,7 @@ def _in_process(args: argparse.Namespace) -> list[dict[str, Any]]:
                 else:
                     timer = None if cuda else _PassTimer()
                     with _profile_patches(what, timer):
-                        profile_sinks(model, batch)
+                        profiles[what] = profile_sinks(model, batch)
             _sync(args.device)
             wall = time.perf_counter() - t0
             if what not in best or wall < best[what]:
@@ -172,16 +185,32 @@ def _in_process(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         if parts:
             p = parts["fused"]
-            row["fused_parts"] = {**p, "other_stats_s": p["stats_s"] - p["fused_call_s"] - p["swapped_call_s"],
-                                  "outside_stats_s": best["fused"] - p["stats_s"]}
+            row["fused_parts"] = {**p, "other_stats_s": p["stats_s"] - p["first_pass_s"] - p["column_sums_s"],
+                                  "rest_s": best["fused"] - p["stats_s"] - p["hooks_s"]}
             row["chunked_stats_s"] = parts["chunked"]["stats_s"]
+        row["fused_vs_chunked_max_abs"] = _differences(profiles["fused"], profiles["chunked"])
         if cuda:
             row["peak_mb"] = peak
         rows.append(row)
         print(f"T={T}: bare {row['bare_s']:.2f} s, fused {row['fused_s']:.2f} s ({row['fused_ratio']:.2f}x), "
-              f"chunked {row['chunked_s']:.2f} s ({row['chunked_ratio']:.2f}x), load {load_before[0]:.2f}",
+              f"chunked {row['chunked_s']:.2f} s ({row['chunked_ratio']:.2f}x), load {load_before[0]:.2f}; "
+              f"fused vs chunked max |diff| {row['fused_vs_chunked_max_abs']}",
               flush=True)
     return rows
+
+
+def _differences(a: Any, b: Any) -> dict[str, float]:
+    """Largest difference of each statistic between two profiles of the same input: absolute for the
+    probabilities and cosines, relative for the norms (which carry the model's scale)."""
+    import numpy as np
+
+    out = {}
+    for name in ("alpha", "cos_first", "cos_other", "sink_mass", "out_norm", "value_norm"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x is not None and y is not None:
+            d = np.abs(x - y)
+            out[name] = float(np.nanmax(d / np.abs(y)) if name.endswith("norm") else np.nanmax(d))
+    return out
 
 
 def _child(method: str, T: int, args: argparse.Namespace) -> None:
@@ -265,14 +294,14 @@ def in_process_table(rows: list[dict[str, Any]]) -> str:
 
 
 def parts_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| T | bare s | fused profile s | 1st fused call s | swapped call s | other statistics s | "
-             "outside the statistics s | chunked statistics s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| T | bare s | fused profile s | 1st pass s | column sums s | other statistics s | hooks s | "
+             "rest s | chunked statistics s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r.get("fused_parts")
         if p:
-            lines.append(f"| {r['T']} | {_fmt(r['bare_s'])} | {_fmt(r['fused_s'])} | {_fmt(p['fused_call_s'])} | "
-                         f"{_fmt(p['swapped_call_s'])} | {_fmt(p['other_stats_s'])} | {_fmt(p['outside_stats_s'])} | "
-                         f"{_fmt(r['chunked_stats_s'])} |")
+            lines.append(f"| {r['T']} | {_fmt(r['bare_s'])} | {_fmt(r['fused_s'])} | {_fmt(p['first_pass_s'])} | "
+                         f"{_fmt(p['column_sums_s'])} | {_fmt(p['other_stats_s'])} | {_fmt(p['hooks_s'])} | "
+                         f"{_fmt(p['rest_s'])} | {_fmt(r['chunked_stats_s'])} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

@@ -179,9 +179,9 @@ def softmax_column_sums(query: Tensor, key: Tensor, lse: Tensor, scaling: float,
 
 
 def _blocks(device: torch.device, B: int, Hkv: int, G: int, T: int) -> tuple[int, int]:
-    """(kv heads, query rows) per block of the blocked column sums. CPU: one kv head's G query heads and 64 rows,
-    a few MB of scores that stay in cache (measured best among 32/64/128 rows x 1/3 kv heads, SmolLM2, 512-8k
-    tokens); elsewhere every head and up to 256 MiB of scores, to launch few kernels."""
+    """(kv heads, query rows) per block of the blocked column sums. CPU: one kv head's G query heads and 64 rows
+    (scores of a few MiB that stay in cache; measured best among 32/64/128 rows x 1/3 kv heads on SmolLM2's heads
+    at 512-8k tokens, 1 thread); elsewhere every head and up to 256 MiB of scores, to launch few kernels."""
     if device.type == "cpu":
         return 1, 64
     return Hkv, max(64, min(T, 2**26 // max(1, B * Hkv * G * T)))
