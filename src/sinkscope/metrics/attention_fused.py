@@ -179,11 +179,12 @@ def softmax_column_sums(query: Tensor, key: Tensor, lse: Tensor, scaling: float,
 
 
 def _blocks(device: torch.device, B: int, Hkv: int, G: int, T: int) -> tuple[int, int]:
-    """(kv heads, query rows) per block of the blocked column sums. CPU: one kv head's G query heads and 64 rows
-    (scores of a few MiB that stay in cache; measured best among 32/64/128 rows x 1/3 kv heads on SmolLM2's heads
-    at 512-8k tokens, 1 thread); elsewhere every head and up to 256 MiB of scores, to launch few kernels."""
+    """(kv heads, query rows) per block of the blocked column sums. CPU: 64 rows, and as many kv heads as keep a
+    block's scores within 2.5 MiB (cache), at least one: measured best among 32-256 rows x 1 or 3 kv heads on
+    SmolLM2's heads at 512-4k tokens (1 thread). Elsewhere every head and up to 256 MiB of scores, to launch few
+    kernels."""
     if device.type == "cpu":
-        return 1, 64
+        return max(1, min(Hkv, (5 * 2**19) // max(1, B * G * 64 * T * 4))), 64
     return Hkv, max(64, min(T, 2**26 // max(1, B * Hkv * G * T)))
 
 
@@ -192,37 +193,40 @@ def _column_sums_blocked(query: Tensor, key: Tensor, neg_lse: Tensor, scaling: f
     B, H, T, D = query.shape
     Hkv = key.shape[1]
     G = H // Hkv
-    qx = query.new_empty(B, H, T, D + 1)  # queries: [scaling * q, -lse_q]
-    torch.mul(query, scaling, out=qx[..., :D])
-    qx[..., D] = neg_lse
+    # queries [scaling * q, -lse_q] laid out (B, Hkv, T, G, D + 1): a block of rows of one kv head's G query
+    # heads is one contiguous (rows * G, D + 1) matrix, so each block is a single matrix product
+    qx = query.new_empty(B, Hkv, T, G, D + 1)
+    torch.mul(query.view(B, Hkv, G, T, D).transpose(2, 3), scaling, out=qx[..., :D])
+    qx[..., D] = neg_lse.view(B, Hkv, G, T).transpose(2, 3)
     kxt = query.new_empty(B, Hkv, D + 1, T)  # keys, transposed: [k, 1]
     kxt[:, :, :D] = key.transpose(-1, -2)
     kxt[:, :, D] = 1.0
-    w = query_weight.to(query.dtype)[:, None, None, None, :]  # (B, 1, 1, 1, T)
-    colsum = torch.zeros(B, H, T, dtype=torch.float64, device=query.device)
+    w = query_weight.to(query.dtype)[:, None, None, :]  # (B, 1, 1, T)
+    colsum = torch.zeros(B, Hkv, G, T, dtype=torch.float64, device=query.device)
     hk, C = _blocks(query.device, B, Hkv, G, T)
-    width = C if window is None or window >= T else C + window - 1
-    bias = (query.new_full((C, C), float("-inf")).triu_(1) if width == C
-            else _band_bias(C, window, query)[0, 0])  # (C, width)
-    buf = query.new_empty(B * hk * G * C * (T if width == C else min(T, width)))
+    banded = window is not None and window < T
+    width = C + window - 1 if banded else C  # type: ignore[operator]
+    bias = _band_bias(C, window, query)[0, 0] if banded else query.new_full((C, C), float("-inf")).triu_(1)
+    buf = query.new_empty(B * hk * C * G * (min(T, width) if banded else T))
     for g0 in range(0, Hkv, hk):
         g1 = min(Hkv, g0 + hk)
         for q0 in range(0, T, C):
             q1 = min(T, q0 + C)
-            lo = 0 if width == C else max(0, q0 - window + 1)  # first key any query of the block sees
+            lo = max(0, q0 - window + 1) if banded else 0  # type: ignore[operator]  # first key the block sees
             n, m = q1 - q0, q1 - lo
-            s = buf[: B * (g1 - g0) * G * n * m].view(B, g1 - g0, G, n, m)
-            torch.matmul(qx[:, g0 * G : g1 * G, q0:q1].view(B, g1 - g0, G, n, D + 1), kxt[:, g0:g1, None, :, lo:q1],
-                         out=s)  # (B, hk, G, n, m) = s_qk - lse_q
-            if width == C:
-                s[..., q0 - lo :] += bias[:n, :n]  # the block's own diagonal: keys after the query
-            else:
+            s = buf[: B * (g1 - g0) * n * G * m].view(B, g1 - g0, n * G, m)
+            torch.matmul(qx[:, g0:g1, q0:q1].reshape(B, g1 - g0, n * G, D + 1), kxt[:, g0:g1, :, lo:q1],
+                         out=s)  # rows (query, head): s_qk - lse_q
+            rows = s.view(B, g1 - g0, n, G, m)
+            if banded:
                 c0 = lo - (q0 - window + 1)  # type: ignore[operator]
-                s += bias[:n, c0 : c0 + m]
+                rows += bias[:n, None, c0 : c0 + m]
+            else:
+                rows[..., q0:] += bias[:n, None, :n]  # the block's own diagonal: keys after the query
             s.exp_()
-            part = torch.matmul(w[..., q0:q1], s)  # (B, hk, G, 1, m): sum over the block's counted queries
-            colsum[:, g0 * G : g1 * G, lo:q1] += part.view(B, (g1 - g0) * G, m)
-    return colsum
+            part = torch.matmul(w[..., q0:q1], s.view(B, g1 - g0, n, G * m))  # (B, hk, 1, G * m)
+            colsum[:, g0:g1, :, lo:q1] += part.view(B, g1 - g0, G, m)
+    return colsum.view(B, H, T)
 
 
 def _column_sums_swapped(query: Tensor, key: Tensor, neg_lse: Tensor, scaling: float, window: int | None,

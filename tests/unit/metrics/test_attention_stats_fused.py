@@ -268,9 +268,12 @@ def test_fused_on_cuda_equals_chunked() -> None:
         assert ((out_f - out_c).abs() * valid.to(dev)[:, :, None, None]).max() < TOL
 
 
+@pytest.mark.parametrize("blocks", [None, (1, 16)], ids=["default-blocks", "one-kv-head-x-16"])
 @pytest.mark.parametrize("window", [None, 9, 70])
-def test_blocked_and_swapped_column_sums_agree(window) -> None:
+def test_blocked_and_swapped_column_sums_agree(window, blocks, monkeypatch) -> None:
     """Both ways of summing the columns, against fp64, with padding, GQA and more rows than one block."""
+    if blocks is not None:
+        monkeypatch.setattr(attention_fused, "_blocks", lambda *args: blocks)
     q, k, v, valid, _ = _inputs(2, 6, 2, 150, 16, True, window)
     _, lse = attention_fused.attention_lse(q, k, v, 0.25, window)
     G = 3
