@@ -196,7 +196,7 @@ def _column_sums_blocked(query: Tensor, key: Tensor, neg_lse: Tensor, scaling: f
     # queries [scaling * q, -lse_q] laid out (B, Hkv, T, G, D + 1): a block of rows of one kv head's G query
     # heads is one contiguous (rows * G, D + 1) matrix, so each block is a single matrix product
     qx = query.new_empty(B, Hkv, T, G, D + 1)
-    torch.mul(query.view(B, Hkv, G, T, D).transpose(2, 3), scaling, out=qx[..., :D])
+    torch.mul(query.reshape(B, Hkv, G, T, D).transpose(2, 3), scaling, out=qx[..., :D])
     qx[..., D] = neg_lse.view(B, Hkv, G, T).transpose(2, 3)
     kxt = query.new_empty(B, Hkv, D + 1, T)  # keys, transposed: [k, 1]
     kxt[:, :, :D] = key.transpose(-1, -2)

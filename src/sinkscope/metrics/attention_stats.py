@@ -6,11 +6,13 @@ plus per-head query/key alignment and output norms, without ever holding the (B,
 
 Two methods give the same numbers (to ~1e-6 in fp32):
 
-- ``"fused"`` (the default): two fused attention-kernel calls per layer (`sinkscope.metrics.attention_fused`),
-  the output with each query's log-sum-exp, then the column sums from a swapped call; the cosine statistics
+- ``"fused"`` (the default): two passes per layer (`sinkscope.metrics.attention_fused`): the backend's fused
+  attention kernel (the one SDPA runs) gives the output and each query's log-sum-exp, then blocked matrix
+  products give the column sums ``sum_q exp(s_qk - lse_q)`` without a value product; the cosine statistics come
   from prefix sums of unit keys, the visibility counts in closed form. Used for plain causal attention and
   sliding windows, with or without learned sinks, when the mask is None or, on every real query's row, allows
-  exactly the causal (windowed) keys (right padding: real queries never see a padded key).
+  exactly the causal (windowed) keys (right padding: real queries never see a padded key). Each mask object is
+  checked once (transformers passes the same one to every layer of a forward).
 - ``"chunked"``: the reference. Scores materialised in query chunks of ``chunk_bytes``. The fused method falls
   back to it for soft-capped scores (Gemma-2), any other mask (left padding, additive biases, per-head masks),
   fewer queries than keys, devices without a fused kernel (only CPU and CUDA have one), and any input the fused
@@ -124,7 +126,8 @@ def attention_with_stats(
             in ``query``'s dtype. With the fused method, a padding query (``query_valid`` False) gets plain causal
             (windowed) attention over every earlier key, padded ones included, whatever ``mask`` says: under
             right padding nothing at a real position depends on it.
-        chunk_bytes: budget for one chunk of fp32 scores (chunked), or for the swapped call's inputs (fused).
+        chunk_bytes: budget for one chunk of fp32 scores (the chunked method; the fused one sizes its blocks
+            for the cache).
         method: ``"fused"`` (where it applies, else chunked: see the module docstring) or ``"chunked"``.
 
     Returns:
@@ -251,7 +254,7 @@ def _fused(query: Tensor, key: Tensor, value: Tensor, *, scaling: float, query_v
     else:  # a difference of prefix sums: in fp64, or the cancellation would cost ~T / window roundings
         prefix = k_unit.to(f64).cumsum(2)
         seen = (prefix - torch.nn.functional.pad(prefix[:, :, :-window], (0, 0, window, 0))).float()
-    q5 = qf.view(B, Hkv, G, T, D)
+    q5 = qf.reshape(B, Hkv, G, T, D)  # a view for the layouts models pass
     c_sum = torch.linalg.vecdot(q5, seen[:, :, None]).reshape(B, H, T) * inv_q
     k_first = k_unit[torch.arange(B, device=device), :, first]  # (B, Hkv, D)
     c_first = torch.matmul(q5, k_first[:, :, None, :, None]).reshape(B, H, T) * inv_q
