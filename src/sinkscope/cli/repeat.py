@@ -16,6 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sinkscope.errors import InputError
 from sinkscope.models.load import DEFAULT_MODEL
 
+#: defaults of the de-duplication (the design chosen on dev words and the dev harm set: docs/repetition.md)
+DEDUP_KEEP = 1
+DEDUP_QUERIES = "all"
+
 app = typer.Typer(help="The repeated-token phenomenon: detect divergence, find the sink circuit, attack, patch.",
                   no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -23,10 +27,22 @@ console = Console(stderr=True)
 
 @contextmanager
 def _progress(label: str, total: int) -> Iterator[Any]:
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                  disable=not sys.stderr.isatty()) as p:
+    """A progress bar on a terminal; plain lines (``label [done/total] what, elapsed``) when stderr is a file, so
+    background runs show progress in their log. Yields ``tick(done, total=None, what=None)``."""
+    tty = sys.stderr.isatty()
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not tty) as p:
         task = p.add_task(label, total=total)
-        yield lambda done, tot=None: p.update(task, completed=done, total=tot or total)
+
+        def tick(done: int, tot: int | None = None, what: str | None = None) -> None:
+            p.update(task, completed=done, total=tot or total,
+                     description=f"{label}: {what}" if what else label)
+            if not tty and what:
+                print(f"{label} [{done}/{tot or total}] {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                      flush=True)
+
+        yield tick
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -54,8 +70,16 @@ def _words(tokenizer: Any, words_file: Optional[Path], words: Optional[str], n_w
            default: list[str]) -> list[str]:
     from sinkscope.tasks.repeated_tokens import read_words, run_token_id
 
-    ws = read_words(words_file) if words_file else ([w.strip() for w in words.split(",") if w.strip()] if words
-                                                     else list(default))
+    if words_file is not None:
+        ws = read_words(words_file)
+    elif words is not None:
+        ws = [w.strip() for w in words.split(",") if w.strip()]
+        if not ws:
+            raise InputError("--words: give at least one word (comma-separated)")
+    else:
+        ws = list(default)
+    if not ws:
+        raise InputError("no words to use")
     if n_words is not None:
         if n_words < 1:
             raise InputError(f"--n-words must be a positive integer, got {n_words}")
@@ -71,10 +95,25 @@ def _lengths(spec: str) -> list[int]:
     return parse_lengths(spec)
 
 
-def _load(model: str):
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _load(model: str, device: str = "cpu", dtype: str = "float32"):
+    import torch
+
     from sinkscope.models.load import load_model
 
-    return load_model(model)
+    if dtype not in _DTYPES:
+        raise InputError(f"unknown --dtype {dtype!r}; choose {', '.join(_DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    return load_model(model, dtype=getattr(torch, dtype), device=device)
+
+
+def _default_corpus() -> Path:
+    from sinkscope.corpora import corpus_path
+
+    return corpus_path()
 
 
 def _corpus_text(corpus: Optional[Path]) -> str:
@@ -99,23 +138,29 @@ def scan(
     forms: str = typer.Option("instruct", "--forms", help="comma list: bare, instruct, garak1, garak3, garak40, "
                                                           "garak-word1"),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int = typer.Option(8, "--batch-size", help="rows per generate call (prompts of equal length)"),
     sinkness_words: int = typer.Option(2, "--sinkness-words", help="first K words also get the layer-by-layer "
                                                                    "sinkness pass (-1: all)"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
 ) -> None:
     """Greedy continuations of words x lengths x prompt forms: divergence verdicts, what was emitted instead, and the
     sinkness of the repeated tokens per layer. Writes cells.jsonl/cells.csv, summary.json/csv and plots."""
+    from sinkscope.io import check_output_dir
     from sinkscope.repetition.scan import ScanPlan, scan_repetition, summarise
     from sinkscope.tasks.repeated_tokens import default_words
     from sinkscope.viz.repetition import divergence_vs_length, similarity_vs_position
 
-    m, tok = _load(model)
+    out = check_output_dir(out)
+    ns, form_list = _lengths(lengths), _forms(forms)
+    m, tok = _load(model, device, dtype)
     ws = _words(tok, words_file, words, n_words, default_words(tok))
-    plan = ScanPlan(ws, _lengths(lengths), [f.strip() for f in forms.split(",") if f.strip()], max_new_tokens,
-                    batch_size, None if sinkness_words < 0 else ws[:sinkness_words])
+    plan = ScanPlan(ws, ns, form_list, max_new_tokens, batch_size, None if sinkness_words < 0 else ws[:sinkness_words])
     t0 = time.perf_counter()
     with _progress("scan", len(ws) * len(plan.lengths) * len(plan.forms)) as tick:
-        cells = scan_repetition(m, tok, plan, out, on_cells=tick)
+        state = {"what": None}
+        cells = scan_repetition(m, tok, plan, out, on_cells=lambda d, t: tick(d, t, state["what"]),
+                                on_batch=lambda what: state.__setitem__("what", what))
     summary = summarise(cells)
     _write_csv(out / "cells.csv", cells)
     _write_csv(out / "summary.csv", summary)
@@ -191,9 +236,15 @@ def patch(
     method: str = typer.Option("direction", "--method", help="direction (gated clamp of the first-token direction "
                                                              "+ attention de-duplication) | dedup (only the "
                                                              "de-duplication) | neurons (conditional clamp of "
-                                                             "circuit neurons)"),
+                                                             "circuit neurons) | yona (the paper's patch: the sink "
+                                                             "layer's sink neurons, every position but the first)"),
     dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="direction: also count repeated keys once in "
                                                                 "attention"),
+    dedup_keep: int = typer.Option(DEDUP_KEEP, "--dedup-keep", help="direction/dedup: repeated keys keep the "
+                                                                    "weight of this many keys (1: counted once)"),
+    dedup_queries: str = typer.Option(DEDUP_QUERIES, "--dedup-queries", help="direction/dedup: gated (only "
+                                                                             "queries inside a repetition "
+                                                                             "discount it) | all"),
     circuit_dir: Optional[Path] = typer.Option(None, "--circuit", help="neurons: output of `repeat circuit` "
                                                                        "(else run it)"),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for the ordinary ranges"),
@@ -217,17 +268,39 @@ def patch(
     from sinkscope.interventions.patch import build_patch, save_patch
     from sinkscope.tasks.repeated_tokens import PATCH_WORDS
 
-    if method not in ("direction", "dedup", "neurons"):
-        raise InputError(f"unknown --method {method!r}; choose direction, dedup or neurons")
+    if method not in ("direction", "dedup", "neurons", "yona"):
+        raise InputError(f"unknown --method {method!r}; choose direction, dedup, neurons or yona")
+    dedup_opts = {"dedup_keep": dedup_keep, "dedup_queries": dedup_queries}
     if method == "dedup":
+        import dataclasses
+
         from sinkscope.repetition.direction import dedup_patch
 
         _load(model)  # fails early on a bad model spec
-        p = dedup_patch(base_model=_model_spec(model), window=window, min_cos=min_cos)
+        p = dataclasses.replace(dedup_patch(base_model=_model_spec(model), window=window, min_cos=min_cos),
+                                **dedup_opts)
         save_patch(p, save)
         print(f"saved patch ({p.describe()}) to {save}")
         return
     m, tok = _load(model)
+    if method == "yona":
+        from sinkscope.repetition.corpus import calibration_sequences
+        from sinkscope.repetition.yona import yona_patch
+
+        ws = _words(tok, None, words, None, list(PATCH_WORDS))
+        p, report = yona_patch(m, tok, calibration_sequences(tok, _corpus_text(corpus)), ws,
+                               base_model=_model_spec(model), batch_size=batch_size)
+        save_patch(p, save)
+        _write_json(save / "yona_report.json", report)
+        sl = report["sink_layer"]
+        print(f"saved patch ({p.describe()}) to {save}")
+        print(f"  sink layer {sl['layer']} (first {sl['half']} layers: MLP output norm at a one-token input > "
+              f"{sl['threshold']:.1f}); m_l = {[round(x, 1) for x in sl['mlp_norm']]}")
+        for n in report["neurons"]:
+            print(f"  L{sl['layer']}.N{n['index']}: score {n['score']:.1f}, |a| at token 0 {n['first_activation']:.1f},"
+                  f" ablation removes {n['peak_drop']:.1%} of the first token's norm peak"
+                  f"{' (kept)' if n['kept'] else ''}")
+        return
     if method == "direction":
         from sinkscope.repetition.corpus import calibration_sequences
         from sinkscope.repetition.direction import build_direction_patch
@@ -237,6 +310,10 @@ def patch(
             p, report = build_direction_patch(m, tok, calibration_sequences(tok, _corpus_text(corpus)), ws,
                                               base_model=_model_spec(model), n=n or 1024, layer=layer, window=window,
                                               min_cos=min_cos, attention_dedup=dedup, batch_size=batch_size)
+            if dedup:
+                import dataclasses
+
+                p = dataclasses.replace(p, **dedup_opts)
             tick(1)
         save_patch(p, save)
         _write_json(save / "direction_report.json", report.__dict__)
@@ -266,58 +343,146 @@ def patch(
 
 
 # ------------------------------------------------------------------------------------------------------------------
+def _variant_names(dirs: list[Path]) -> list[str]:
+    """One name per patch directory (its folder name; numbered when two share a name)."""
+    from sinkscope.repetition.protocol import NO_PATCH
+
+    names: list[str] = []
+    for d in dirs:
+        base = d.resolve().name or "patch"
+        name, k = base, 2
+        while name in names or name == NO_PATCH:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _forms(spec: str) -> list[str]:
+    from sinkscope.repetition.protocol import PROTOCOL_FORMS
+    from sinkscope.tasks.repeated_tokens import check_form
+
+    if spec.strip() == "protocol":
+        return list(PROTOCOL_FORMS)
+    forms = [f.strip() for f in spec.split(",") if f.strip()]
+    if not forms:
+        raise InputError("--forms: give at least one prompt form (or 'protocol')")
+    for f in forms:
+        check_form(f)
+    return forms
+
+
+def _harm_sets(spec: str) -> dict[str, Any]:
+    from sinkscope.repetition.harm import load_harm_set
+
+    names = [h.strip() for h in spec.split(",") if h.strip()]
+    if names == ["none"]:
+        return {}
+    if not names:
+        raise InputError("--harm-sets: give dev, eval, a directory, or none")
+    return {Path(n).name if n not in ("dev", "eval") else n: load_harm_set(n) for n in names}
+
+
 @app.command("evaluate")
 def evaluate(
-    patch_dir: Path = typer.Option(..., "--patch", help="a directory saved by `repeat patch`"),
-    out: Path = typer.Option(..., "--out", "-o"),
-    words_file: Optional[Path] = typer.Option(None, "--words-file"),
-    words: Optional[str] = typer.Option(None, "--words", help="default: built-in words not used to build patches"),
-    n_words: Optional[int] = typer.Option(30, "--n-words"),
-    lengths: str = typer.Option("512,1024", "--lengths"),
-    form: str = typer.Option("instruct", "--form"),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for KL / perplexity"),
-    max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    patch_dirs: list[Path] = typer.Option(..., "--patch", help="a directory saved by `repeat patch` (repeat the "
+                                                                "option to compare several patches)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (re-running resumes finished cells)"),
+    word_set: str = typer.Option("eval", "--word-set", help="eval (words no design choice has seen) | dev"),
+    words_file: Optional[Path] = typer.Option(None, "--words-file", help="one word per line (instead of a set)"),
+    words: Optional[str] = typer.Option(None, "--words", help="comma-separated words (instead of a set)"),
+    n_words: Optional[int] = typer.Option(None, "--n-words", help="use only the first K words"),
+    forms: str = typer.Option("instruct", "--forms", help="comma list of prompt forms, or 'protocol' (instruct, "
+                                                          "the garak forms, bare, repeat-colon)"),
+    lengths: str = typer.Option("1024", "--lengths", help="repetition lengths; the protocol: 256,512,1024,2048"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="answer length (the protocol: >= 128)"),
+    harm_sets: str = typer.Option("eval", "--harm-sets", help="natural-repetition documents: eval, dev, both "
+                                                              "(dev,eval), a directory, or none"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for KL / perplexity (default: the "
+                                                                 "shipped WikiText-2 validation text)"),
+    text: bool = typer.Option(True, "--text/--no-text", help="measure KL / perplexity on text and harm sets"),
+    divergence: bool = typer.Option(True, "--divergence/--no-divergence", help="run the divergence grid"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    batch_size: int = typer.Option(8, "--batch-size", help="rows per generate call (prompts of equal length)"),
 ) -> None:
-    """Divergence before/after on held-out words, KL(original || patched) and perplexity change on ordinary text,
-    token 0's sink ratio. Writes evaluation.json/csv and a plot."""
+    """Divergence with and without each patch (words x forms x N, greedy answers judged whole: repeats, stopped,
+    diverged), and what each patch does to text: KL / perplexity / Sink_0 on WikiText and, per family, on the
+    natural-repetition documents (gate openings, KL inside and after the repeated stretch, NLL after it, top-1
+    agreement). Writes cells.jsonl (resumable), summary.csv, harm_<set>.csv, evaluation.json."""
     from sinkscope.interventions.patch import read_patch
-    from sinkscope.repetition.corpus import heldout_sequences
-    from sinkscope.repetition.evaluate import evaluate_patch
-    from sinkscope.tasks.repeated_tokens import heldout_words
-    from sinkscope.viz.repetition import patch_rates
+    from sinkscope.io import check_output_dir
+    from sinkscope.repetition.protocol import NO_PATCH, EvalPlan, run_protocol, summarise_cells
+    from sinkscope.repetition.words import word_set as named_words
 
-    p = read_patch(patch_dir)
-    m, tok = _load(p.base_model)
-    ws = _words(tok, words_file, words, n_words, heldout_words(tok))
-    ns = _lengths(lengths)
-    seqs = heldout_sequences(tok, _corpus_text(corpus))
-    with _progress("evaluate", 2 * len(ws) * len(ns)) as tick:
-        done = {"n": 0}
+    out = check_output_dir(out)
+    if not patch_dirs:
+        raise InputError("--patch: give at least one patch directory")
+    patches = [read_patch(d) for d in patch_dirs]
+    bases = {p.base_model for p in patches}
+    if len(bases) > 1:
+        raise InputError(f"the patches were built on different base models: {', '.join(sorted(bases))}")
+    names = _variant_names(list(patch_dirs))
+    form_list, ns = _forms(forms), _lengths(lengths)
+    hsets = _harm_sets(harm_sets) if text else {}
+    text_src = _corpus_text(corpus if corpus is not None else _default_corpus())
+    m, tok = _load(patches[0].base_model, device, dtype)
+    if words is not None or words_file is not None:
+        ws = _words(tok, words_file, words, n_words, [])
+    else:
+        ws = named_words(word_set, tok)
+        if n_words is not None:
+            ws = _words(tok, None, ",".join(ws), n_words, [])
+    plan = EvalPlan(ws, form_list, ns, [NO_PATCH, *names], max_new_tokens, batch_size)
+    from sinkscope.models.adapters import get_adapter
 
-        def on_batch(k: int) -> None:
-            done["n"] += k
-            tick(done["n"])
+    plan.validate(tok, get_adapter(m).max_positions)
+    by_name: dict[str, Any] = {NO_PATCH: None, **dict(zip(names, patches))}
+    result: dict[str, Any] = {"settings": {"patches": {n: str(d) for n, d in zip(names, patch_dirs)},
+                                           "describe": {n: p.describe() for n, p in zip(names, patches)},
+                                           "base_model": patches[0].base_model, "words": ws,
+                                           "word_set": None if (words or words_file) else word_set,
+                                           "forms": form_list, "lengths": ns, "max_new_tokens": max_new_tokens,
+                                           "protocol": max_new_tokens >= 128, "device": device, "dtype": dtype,
+                                           "batch_size": batch_size,
+                                           "corpus": str(corpus) if corpus else "shipped wikitext2-valid"}}
+    t0 = time.perf_counter()
+    if divergence:
+        print(f"divergence: {plan.n_cells} answers ({len(ws)} words x {len(form_list)} forms x {len(ns)} lengths x "
+              f"{len(plan.variants)} variants), {max_new_tokens} new tokens, up to {batch_size} equal-length rows "
+              "per batch", flush=True)
+        with _progress("evaluate", plan.n_cells) as tick:
+            cells = run_protocol(m, tok, plan, by_name, out, on_progress=lambda d, t, what: tick(d, t, what))
+        summary = summarise_cells(cells)
+        _write_csv(out / "cells.csv", cells)
+        _write_csv(out / "summary.csv", summary)
+        result["summary"] = summary
+        for r in summary:
+            extra = (f", unpatched {r['rate_unpatched']:.0%}, relative reduction {r['relative_reduction']:.0%}"
+                     if "relative_reduction" in r else "")
+            print(f"{r['variant']:>16} {r['form']:>12} N={r['n']:>5}: diverged {r['diverged']:>3}/{r['words']} "
+                  f"({r['rate']:.0%}), stopped {r['stopped']}, repeats {r['repeats']}, loops {r['loops']}{extra}")
+    if text:
+        from sinkscope.repetition.corpus import heldout_sequences
+        from sinkscope.repetition.evaluate import side_effects
 
-        ev = evaluate_patch(m, tok, p, ws, ns, seqs, form=form, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, on_batch=on_batch)
-    d = ev.to_json()
-    d["settings"].update({"patch": str(patch_dir), "corpus": str(corpus) if corpus else "built-in paragraphs"})
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "evaluation.json", d)
-    _write_csv(out / "evaluation.csv", ev.verdicts)
-    _save_fig(out / "patch_rates.png", patch_rates(ev.rates))
-    for r in ev.rates:
-        print(f"N={r['n']:>5}: diverged {r['rate_before']:.0%} -> {r['rate_after']:.0%} "
-              f"(relative reduction {r['relative_reduction']:.0%}) on {r['words']} words")
-        if "first_like_words" in r:
-            print(f"         runs gone first-like: {r['first_like_words']} words, diverged "
-                  f"{r['first_like_diverged_before']} -> {r['first_like_diverged_after']}; other runs: diverged "
-                  f"{r['other_diverged_before']} -> {r['other_diverged_after']}")
-    t = ev.text
-    print(f"text: KL {t.kl:.2e} nats/token (max {t.kl_max:.2e}), perplexity {t.ppl_original:.3f} -> "
-          f"{t.ppl_patched:.3f} ({t.ppl_change:+.3%}), activations clamped {t.clamped}")
-    print(f"Sink_0 (eps 0.3): {ev.sink_ratio_before:.3f} -> {ev.sink_ratio_after:.3f}")
+        seqs = heldout_sequences(tok, text_src)
+        result["side_effects"] = side_effects(m, tok, dict(zip(names, patches)), seqs, hsets, batch_size=batch_size)
+        for name in names:
+            se = result["side_effects"][name]
+            t = se["text"]
+            print(f"{name}: WikiText KL {t['kl']:.2e} nats/token (max {t['kl_max']:.2e}), perplexity "
+                  f"{t['ppl_original']:.3f} -> {t['ppl_patched']:.3f} ({t['ppl_change']:+.3%}); Sink_0 "
+                  f"{se['sink_ratio_before']:.3f} -> {se['sink_ratio_after']:.3f}")
+            for hs, h in se["harm"].items():
+                _write_csv(out / f"harm_{hs}_{name}.csv", h["families"])
+                _write_csv(out / f"harm_{hs}_{name}_documents.csv", h["documents"])
+                for r in h["families"]:
+                    print(f"  harm {hs:>4} {r['family']:>9}: gate opened {r['gate_opened']}/{r['documents']}, KL "
+                          f"inside {r['kl_inside']:.4f} after {r['kl_after']:.4f} all {r['kl_all']:.4f}, NLL after "
+                          f"{r['nll_after_original']:.3f} -> {r['nll_after_patched']:.3f}, perplexity "
+                          f"{r['ppl_change']:+.2%}, top-1 after {r['top1_after']:.3f}")
+    result["elapsed_s"] = time.perf_counter() - t0
+    _write_json(out / "evaluation.json", result)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ No module's ``forward`` is replaced.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from sinkscope.models.adapters import get_adapter
 
 MANIFEST_KIND = "repeat_patch"
 MANIFEST_VERSION = 2  # version 1 (neuron rules only) still loads
+#: which queries discount the flagged keys (`SinkPatch.dedup_queries`)
+DEDUP_QUERIES = ("all", "gated")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,12 @@ class SinkPatch:
         gate: if set, every rule acts only where the `RepetitionGate` is open.
         attention_dedup: keys where the gate is open (the inside of a repetition) share one key's attention:
             for a query that sees ``c`` of them, their logits are lowered by ``log(c)`` in every layer and head.
+        dedup_keep: the flagged keys a query sees keep the weight of this many keys: their logits are lowered by
+            ``log(c / dedup_keep)`` only once ``c > dedup_keep`` (0 or 1: counted as one key). With the gate's
+            window, a run of up to ``window + dedup_keep`` copies is left exactly alone.
+        dedup_queries: ``all`` (every later query discounts the flagged keys, also after the repetition ended) or
+            ``gated`` (only queries where the gate is open themselves, i.e. inside a repetition: text after a
+            repetition attends to it normally).
     """
 
     rules: list[NeuronRule]
@@ -116,10 +125,16 @@ class SinkPatch:
     directions: list[DirectionRule] = field(default_factory=list)
     gate: RepetitionGate | None = None
     attention_dedup: bool = False
+    dedup_keep: int = 1
+    dedup_queries: str = "all"
 
     def __post_init__(self) -> None:
         if self.attention_dedup and self.gate is None:
             raise InputError("attention_dedup needs a repetition gate (it acts on the keys inside repetitions)")
+        if self.dedup_keep < 0:
+            raise InputError(f"dedup_keep must be >= 0, got {self.dedup_keep}")
+        if self.dedup_queries not in DEDUP_QUERIES:
+            raise InputError(f"dedup_queries must be one of {', '.join(DEDUP_QUERIES)}, got {self.dedup_queries!r}")
 
     @property
     def n_neurons(self) -> int:
@@ -139,7 +154,9 @@ class SinkPatch:
         if self.rules:
             parts.append(f"{self.n_neurons} neurons in layer(s) {[r.layer for r in self.rules]}")
         if self.attention_dedup:
-            parts.append("attention to repeated keys counted once")
+            keep = "once" if self.dedup_keep <= 1 else f"as {self.dedup_keep} keys"
+            who = "" if self.dedup_queries == "all" else " by queries inside repetitions"
+            parts.append(f"attention to repeated keys counted {keep}{who}")
         gate = (f", only inside repetitions (window {self.gate.window}, mean cosine >= {self.gate.min_cos})"
                 if self.gate else "")
         return " + ".join(parts) + gate
@@ -149,7 +166,7 @@ class SinkPatch:
                 "protect_first": self.protect_first, "rules": [asdict(r) for r in self.rules],
                 "directions": [asdict(r) for r in self.directions],
                 "gate": asdict(self.gate) if self.gate else None, "attention_dedup": self.attention_dedup,
-                "meta": self.meta}
+                "dedup_keep": self.dedup_keep, "dedup_queries": self.dedup_queries, "meta": self.meta}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SinkPatch:
@@ -162,7 +179,8 @@ class SinkPatch:
         g = d.get("gate")
         gate = RepetitionGate(int(g["window"]), float(g["min_cos"])) if g else None
         return cls(rules, str(d.get("base_model", "")), bool(d.get("protect_first", True)), dict(d.get("meta", {})),
-                   dirs, gate, bool(d.get("attention_dedup", False)))
+                   dirs, gate, bool(d.get("attention_dedup", False)), int(d.get("dedup_keep", 1)),
+                   str(d.get("dedup_queries", "all")))
 
 
 def relative_positions(n_query: int, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -210,14 +228,16 @@ def repetition_gate(embedding: Tensor, ids: Tensor, real: Tensor, tail_ids: Tens
     return (n >= W - 0.5) & real.bool() & (mean_cos >= gate.min_cos)
 
 
-def dedup_mask(flags: Tensor, mask2d: Tensor | None, n_query: int, dtype: torch.dtype) -> Tensor:
+def dedup_mask(flags: Tensor, mask2d: Tensor | None, n_query: int, dtype: torch.dtype, *, keep: int = 1,
+               queries: Tensor | None = None) -> Tensor:
     """Additive attention mask (B, 1, Q, K) for the last ``n_query`` of ``K`` positions: causal and padding
-    masking, plus ``-log(c)`` on flagged keys, where ``c`` is how many flagged keys the query sees (so together
-    they weigh like one key with their mean logit).
+    masking, plus ``-log(c / keep)`` on flagged keys when ``c > keep``, where ``c`` is how many flagged keys the
+    query sees (so together they weigh like ``keep`` keys with their mean logit; ``keep`` <= 1: like one key).
 
     Args:
         flags: (B, K) bool, keys inside a repetition.
         mask2d: (B, K) 1 = real token, or None (all real).
+        queries: (B, Q) bool, the queries that discount (None: all of them).
     """
     B, K = flags.shape
     q_pos = torch.arange(K - n_query, K, device=flags.device)
@@ -225,8 +245,18 @@ def dedup_mask(flags: Tensor, mask2d: Tensor | None, n_query: int, dtype: torch.
     visible = visible[None].expand(B, -1, -1)
     if mask2d is not None:
         visible = visible & mask2d[:, None, :].bool()
+        # a padded query sees no key: let it see itself, so that its (unused) output does not depend on whether
+        # the sequence is processed whole or step by step
+        empty = ~visible.any(-1)  # (B, Q)
+        if bool(empty.any()):
+            own = torch.zeros_like(visible)
+            own[:, torch.arange(n_query, device=flags.device), q_pos] = True
+            visible = visible | (own & empty[..., None])
     seen = (flags.long().cumsum(dim=1))[:, q_pos]  # (B, Q): flagged keys up to each query
-    bias = -torch.log(seen.clamp_min(1).to(torch.float32))[..., None] * flags[:, None, :]  # (B, Q, K)
+    scale = (seen.to(torch.float32) / max(keep, 1)).clamp_min(1.0)
+    if queries is not None:
+        scale = torch.where(queries.to(scale.device), scale, torch.ones_like(scale))
+    bias = -torch.log(scale)[..., None] * flags[:, None, :]  # (B, Q, K)
     out = torch.where(visible, bias, torch.full_like(bias, torch.finfo(dtype).min))
     return out.to(dtype)[:, None]
 
@@ -315,9 +345,13 @@ class PatchHandle:
             if past == 0 or self._flags is None or self._flags.shape != (B, past):
                 self._flags = torch.zeros(B, past, dtype=torch.bool, device=device)
             self._flags = torch.cat([self._flags, self._gate], dim=1)
-            if self.enabled and bool(self._flags.any()):
+            gated_q = self.patch.dedup_queries == "gated"
+            active = bool(self._gate.any()) if gated_q else bool(self._flags.any())
+            if self.enabled and active:
                 kwargs = dict(kwargs)
-                kwargs["attention_mask"] = dedup_mask(self._flags, mask, n_query, self.model.dtype)
+                kwargs["attention_mask"] = dedup_mask(self._flags, mask, n_query, self.model.dtype,
+                                                      keep=self.patch.dedup_keep,
+                                                      queries=self._gate if gated_q else None)
                 return args, kwargs
         return None
 
@@ -400,8 +434,7 @@ def save_patch(patch: SinkPatch, directory: str | Path, *, base_model: str | Non
         base = str(Path(base).expanduser().resolve())
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    manifest = SinkPatch(patch.rules, base, patch.protect_first, patch.meta, patch.directions, patch.gate,
-                         patch.attention_dedup).to_json()
+    manifest = dataclasses.replace(patch, base_model=base).to_json()
     tmp = d / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(d / MANIFEST_NAME)
