@@ -54,7 +54,9 @@ def _write_json(path: Path, obj: Any) -> None:
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     from sinkscope.io import write_csv_atomic
 
-    write_csv_atomic(path, [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows])
+    flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows]
+    keys = list(dict.fromkeys(k for r in flat for k in r))  # rows may differ in their columns
+    write_csv_atomic(path, [{k: r.get(k, "") for k in keys} for r in flat])
 
 
 def _save_fig(path: Path, fig: Any) -> None:
@@ -387,6 +389,9 @@ def evaluate(
     patch_dirs: list[Path] = typer.Option(..., "--patch", help="a directory saved by `repeat patch` (repeat the "
                                                                 "option to compare several patches)"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (re-running resumes finished cells)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="load the base model from here instead of "
+                                                                    "the spec in the manifest (same weights, "
+                                                                    "another location, e.g. a .gguf on a GPU box)"),
     word_set: str = typer.Option("eval", "--word-set", help="eval (words no design choice has seen) | dev"),
     words_file: Optional[Path] = typer.Option(None, "--words-file", help="one word per line (instead of a set)"),
     words: Optional[str] = typer.Option(None, "--words", help="comma-separated words (instead of a set)"),
@@ -425,7 +430,7 @@ def evaluate(
     form_list, ns = _forms(forms), _lengths(lengths)
     hsets = _harm_sets(harm_sets) if text else {}
     text_src = _corpus_text(corpus if corpus is not None else _default_corpus())
-    m, tok = _load(patches[0].base_model, device, dtype)
+    m, tok = _load(model or patches[0].base_model, device, dtype)
     if words is not None or words_file is not None:
         ws = _words(tok, words_file, words, n_words, [])
     else:
@@ -439,7 +444,7 @@ def evaluate(
     by_name: dict[str, Any] = {NO_PATCH: None, **dict(zip(names, patches))}
     result: dict[str, Any] = {"settings": {"patches": {n: str(d) for n, d in zip(names, patch_dirs)},
                                            "describe": {n: p.describe() for n, p in zip(names, patches)},
-                                           "base_model": patches[0].base_model, "words": ws,
+                                           "base_model": patches[0].base_model, "model": model, "words": ws,
                                            "word_set": None if (words or words_file) else word_set,
                                            "forms": form_list, "lengths": ns, "max_new_tokens": max_new_tokens,
                                            "protocol": max_new_tokens >= 128, "device": device, "dtype": dtype,
