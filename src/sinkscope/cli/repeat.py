@@ -19,6 +19,7 @@ from sinkscope.models.load import DEFAULT_MODEL
 #: defaults of the de-duplication (the design chosen on dev words and the dev harm set: docs/repetition.md)
 DEDUP_KEEP = 1
 DEDUP_QUERIES = "all"
+DEDUP_REACH = 0
 
 app = typer.Typer(help="The repeated-token phenomenon: detect divergence, find the sink circuit, attack, patch.",
                   no_args_is_help=True, add_completion=False)
@@ -247,6 +248,9 @@ def patch(
     dedup_queries: str = typer.Option(DEDUP_QUERIES, "--dedup-queries", help="direction/dedup: gated (only "
                                                                              "queries inside a repetition "
                                                                              "discount it) | all"),
+    dedup_reach: int = typer.Option(DEDUP_REACH, "--dedup-reach", help="direction/dedup with gated queries: "
+                                                                       "queries this many tokens after a "
+                                                                       "repetition still discount it"),
     circuit_dir: Optional[Path] = typer.Option(None, "--circuit", help="neurons: output of `repeat circuit` "
                                                                        "(else run it)"),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for the ordinary ranges"),
@@ -272,7 +276,7 @@ def patch(
 
     if method not in ("direction", "dedup", "neurons", "yona"):
         raise InputError(f"unknown --method {method!r}; choose direction, dedup, neurons or yona")
-    dedup_opts = {"dedup_keep": dedup_keep, "dedup_queries": dedup_queries}
+    dedup_opts = {"dedup_keep": dedup_keep, "dedup_queries": dedup_queries, "dedup_reach": dedup_reach}
     if method == "dedup":
         import dataclasses
 

@@ -114,8 +114,10 @@ class SinkPatch:
             ``log(c / dedup_keep)`` only once ``c > dedup_keep`` (0 or 1: counted as one key). With the gate's
             window, a run of up to ``window + dedup_keep`` copies is left exactly alone.
         dedup_queries: ``all`` (every later query discounts the flagged keys, also after the repetition ended) or
-            ``gated`` (only queries where the gate is open themselves, i.e. inside a repetition: text after a
-            repetition attends to it normally).
+            ``gated`` (only queries where the gate is open themselves, i.e. inside a repetition, and the
+            ``dedup_reach`` positions after the last one: text further after a repetition attends to it normally).
+        dedup_reach: with ``gated``, queries up to this many positions after the last open gate still discount
+            (0: only queries inside the repetition).
     """
 
     rules: list[NeuronRule]
@@ -127,10 +129,13 @@ class SinkPatch:
     attention_dedup: bool = False
     dedup_keep: int = 1
     dedup_queries: str = "all"
+    dedup_reach: int = 0
 
     def __post_init__(self) -> None:
         if self.attention_dedup and self.gate is None:
             raise InputError("attention_dedup needs a repetition gate (it acts on the keys inside repetitions)")
+        if self.dedup_reach < 0:
+            raise InputError(f"dedup_reach must be >= 0, got {self.dedup_reach}")
         if self.dedup_keep < 0:
             raise InputError(f"dedup_keep must be >= 0, got {self.dedup_keep}")
         if self.dedup_queries not in DEDUP_QUERIES:
@@ -155,7 +160,8 @@ class SinkPatch:
             parts.append(f"{self.n_neurons} neurons in layer(s) {[r.layer for r in self.rules]}")
         if self.attention_dedup:
             keep = "once" if self.dedup_keep <= 1 else f"as {self.dedup_keep} keys"
-            who = "" if self.dedup_queries == "all" else " by queries inside repetitions"
+            who = "" if self.dedup_queries == "all" else " by queries inside repetitions" + (
+                f" and {self.dedup_reach} tokens after" if self.dedup_reach else "")
             parts.append(f"attention to repeated keys counted {keep}{who}")
         gate = (f", only inside repetitions (window {self.gate.window}, mean cosine >= {self.gate.min_cos})"
                 if self.gate else "")
@@ -166,7 +172,8 @@ class SinkPatch:
                 "protect_first": self.protect_first, "rules": [asdict(r) for r in self.rules],
                 "directions": [asdict(r) for r in self.directions],
                 "gate": asdict(self.gate) if self.gate else None, "attention_dedup": self.attention_dedup,
-                "dedup_keep": self.dedup_keep, "dedup_queries": self.dedup_queries, "meta": self.meta}
+                "dedup_keep": self.dedup_keep, "dedup_queries": self.dedup_queries, "dedup_reach": self.dedup_reach,
+                "meta": self.meta}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SinkPatch:
@@ -180,7 +187,7 @@ class SinkPatch:
         gate = RepetitionGate(int(g["window"]), float(g["min_cos"])) if g else None
         return cls(rules, str(d.get("base_model", "")), bool(d.get("protect_first", True)), dict(d.get("meta", {})),
                    dirs, gate, bool(d.get("attention_dedup", False)), int(d.get("dedup_keep", 1)),
-                   str(d.get("dedup_queries", "all")))
+                   str(d.get("dedup_queries", "all")), int(d.get("dedup_reach", 0)))
 
 
 def relative_positions(n_query: int, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -277,6 +284,7 @@ class PatchHandle:
         self._handles: list[Any] = []
         decoder = self._decoder()
         self._flags: Tensor | None = None  # (B, keys so far): the gate was open at that key (attention_dedup)
+        self._last_open: Tensor | None = None  # (B,): key index of the last open gate (dedup_queries="gated")
         if patch.attention_dedup:
             windows = [self.adapter.sliding_window(l) for l in range(self.adapter.n_layers)]
             if any(windows):
@@ -345,15 +353,33 @@ class PatchHandle:
             if past == 0 or self._flags is None or self._flags.shape != (B, past):
                 self._flags = torch.zeros(B, past, dtype=torch.bool, device=device)
             self._flags = torch.cat([self._flags, self._gate], dim=1)
-            gated_q = self.patch.dedup_queries == "gated"
-            active = bool(self._gate.any()) if gated_q else bool(self._flags.any())
+            queries = None
+            if self.patch.dedup_queries == "gated":
+                queries = self._discounting_queries(past)
+                active = bool(queries.any())
+            else:
+                active = bool(self._flags.any())
             if self.enabled and active:
                 kwargs = dict(kwargs)
                 kwargs["attention_mask"] = dedup_mask(self._flags, mask, n_query, self.model.dtype,
-                                                      keep=self.patch.dedup_keep,
-                                                      queries=self._gate if gated_q else None)
+                                                      keep=self.patch.dedup_keep, queries=queries)
                 return args, kwargs
         return None
+
+    def _discounting_queries(self, past: int) -> Tensor:
+        """(B, Q) bool: this call's queries that discount repeated keys under ``dedup_queries="gated"``: the gate
+        is open there, or it was open at most ``dedup_reach`` positions before (also in earlier calls)."""
+        gate = self._gate
+        B, Q = gate.shape
+        K = self._flags.shape[1]
+        idx = torch.arange(K - Q, K, device=gate.device)
+        never = torch.full((B,), -(10 ** 9), dtype=torch.long, device=gate.device)
+        if past == 0 or self._last_open is None or self._last_open.shape[0] != B:
+            self._last_open = never
+        opened = torch.where(gate, idx[None].expand(B, Q), never[:, None].expand(B, Q))
+        last = torch.maximum(torch.cummax(opened, dim=1).values, self._last_open[:, None])
+        self._last_open = last[:, -1]
+        return (idx[None] - last) <= self.patch.dedup_reach
 
     def _where(self, B: int, T: int, device: torch.device) -> Tensor | None:
         """(B, T, 1) bool: positions a rule may edit (not a first token, gate open), or None to skip this call."""

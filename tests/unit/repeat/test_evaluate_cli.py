@@ -85,3 +85,12 @@ def test_outputs_are_checked_before_the_model_loads(setup, tmp_path: Path, capsy
         rc = main([*head, "--out", str(out), "--words", "cat"])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "error:" in err and "\n" not in err, err
+
+
+def test_patch_cli_yona_method(tiny_dir: Path, tmp_path: Path, capsys):
+    """A 2-layer model has no layer above mean + 2 std of two values: a one-line error, nothing saved."""
+    rc = main(["repeat", "patch", "--method", "yona", "--model", str(tiny_dir), "--save", str(tmp_path / "y"),
+               "--words", "cat,dog,poem"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no layer passes the sink-layer rule" in err and "\n" not in err
+    assert not (tmp_path / "y").exists()

@@ -33,6 +33,15 @@ def test_verdicts_on_whole_answers(tiny_tok):
     assert v["verdict"] == "diverged" and v["at"] == 4 and v["copies"] == 4 and v["emitted"].startswith("cat")
     v = judge_answer(tiny_tok, "dog", dog + _ids(tiny_tok, ". .") + dog, eos)  # punctuation between copies
     assert v["verdict"] == "repeats"
+    dots = _ids(tiny_tok, ".")
+    v = judge_answer(tiny_tok, "dog", dots * 20, eos)  # only dots up to the limit: it never repeated
+    assert v["verdict"] == "diverged" and v["at"] == 0
+    v = judge_answer(tiny_tok, "dog", dog * 5 + dots * 9, eos)  # copies, then a long tail of dots
+    assert v["verdict"] == "diverged" and v["at"] == 5 and v["copies"] == 5
+    v = judge_answer(tiny_tok, "dog", dog * 5 + dots * 8, eos)  # a short tail: cut off while repeating
+    assert v["verdict"] == "repeats"
+    v = judge_answer(tiny_tok, "dog", dots * 2 + [tiny_tok.eos_token_id], eos)  # a full stop, then EOS
+    assert v["verdict"] == "stopped"
 
 
 def test_loop_detection():
