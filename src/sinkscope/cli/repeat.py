@@ -444,7 +444,11 @@ def evaluate(
     plan = EvalPlan(ws, form_list, ns, [NO_PATCH, *names], max_new_tokens, batch_size)
     from sinkscope.models.adapters import get_adapter
 
-    plan.validate(tok, get_adapter(m).max_positions)
+    if divergence:
+        plan.validate(tok, get_adapter(m).max_positions)
+    from sinkscope.io import ensure_output_dir
+
+    ensure_output_dir(out)
     by_name: dict[str, Any] = {NO_PATCH: None, **dict(zip(names, patches))}
     result: dict[str, Any] = {"settings": {"patches": {n: str(d) for n, d in zip(names, patch_dirs)},
                                            "describe": {n: p.describe() for n, p in zip(names, patches)},

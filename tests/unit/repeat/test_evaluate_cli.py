@@ -49,6 +49,10 @@ def test_evaluate_grid_harm_and_resume(setup, tmp_path: Path, capsys):
     assert len(lines) == 36
     assert main(args + ["--no-text"]) == 0  # resumed: nothing left to generate
     assert (out / "cells.jsonl").read_text().splitlines() == lines
+    text_only = tmp_path / "text_only"  # no divergence grid: the directory is still made
+    assert main(["repeat", "evaluate", "--patch", str(patch), "--out", str(text_only), "--no-divergence",
+                 "--harm-sets", str(harm), "--corpus", str(corpus), "--words", "cat"]) == 0
+    assert (text_only / "evaluation.json").is_file() and not (text_only / "cells.jsonl").exists()
 
 
 @pytest.mark.parametrize("args, msg", [
