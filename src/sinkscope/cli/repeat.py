@@ -16,9 +16,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sinkscope.errors import InputError
 from sinkscope.models.load import DEFAULT_MODEL
 
-#: defaults of the de-duplication (the design chosen on dev words and the dev harm set: docs/repetition.md)
+#: defaults of the de-duplication: the design chosen on DEV words and the DEV harm set by the rule in
+#: experiments/repeat_chain.design.py (docs/repetition.md): repeated keys counted once, only by queries inside the
+#: repetition (text after it attends normally)
 DEDUP_KEEP = 1
-DEDUP_QUERIES = "all"
+DEDUP_QUERIES = "gated"
 DEDUP_REACH = 0
 
 app = typer.Typer(help="The repeated-token phenomenon: detect divergence, find the sink circuit, attack, patch.",
@@ -236,11 +238,12 @@ def circuit(
 def patch(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     save: Path = typer.Option(..., "--save", help="directory for the patched model (manifest)"),
-    method: str = typer.Option("direction", "--method", help="direction (gated clamp of the first-token direction "
-                                                             "+ attention de-duplication) | dedup (only the "
-                                                             "de-duplication) | neurons (conditional clamp of "
-                                                             "circuit neurons) | yona (the paper's patch: the sink "
-                                                             "layer's sink neurons, every position but the first)"),
+    method: str = typer.Option("dedup", "--method", help="dedup (ours, default: repeated keys counted once by "
+                                                         "queries inside a repetition) | direction (adds a gated "
+                                                         "clamp of the first-token direction) | neurons "
+                                                         "(conditional clamp of circuit neurons) | yona (the "
+                                                         "paper's patch: the sink layer's sink neurons, every "
+                                                         "position but the first)"),
     dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="direction: also count repeated keys once in "
                                                                 "attention"),
     dedup_keep: int = typer.Option(DEDUP_KEEP, "--dedup-keep", help="direction/dedup: repeated keys keep the "
@@ -267,10 +270,12 @@ def patch(
 ) -> None:
     """Build the sink patch and save it; `sinkscope.load_model(DIR)` restores the base model with the patch active.
 
-    direction (default): the first-token direction of the layer where long runs stand out most, clamped back to
-    its ordinary median only inside repetitions, and the keys inside a repetition counted once in attention.
-    dedup: only the latter. neurons: the circuit's first-token neurons that fire on runs, clamped where they exceed
-    their ordinary range."""
+    dedup (default, ours): inside a repetition (the gate), the repeated keys share one key's attention, for
+    queries inside the repetition only (--dedup-queries gated): no measurement needed. direction: adds the
+    first-token direction of the layer where long runs stand out most, clamped back to its ordinary median inside
+    repetitions. neurons: the circuit's first-token neurons that fire on runs, clamped where they exceed their
+    ordinary range. yona: Yona et al.'s published patch (sink layer and neurons by their rules, every position but
+    the first)."""
     from sinkscope.interventions.patch import build_patch, save_patch
     from sinkscope.tasks.repeated_tokens import PATCH_WORDS
 
