@@ -1,7 +1,7 @@
 """The repeated-token phenomenon on the real SmolLM2, on words and documents the test does not pick by outcome:
-long instructed runs diverge, the default patch (repeated keys keep the weight of `DEDUP_KEEP` keys, for queries
-inside a repetition only) stops it, and it leaves both WikiText and ordinary documents with natural repetition
-(where its gate does open) practically unchanged; Yona et al.'s sink-layer rule finds a layer on a one-token probe.
+long instructed runs diverge, the default patch (repeated keys counted once, by queries inside a repetition only)
+stops it, and it leaves WikiText and the text after natural repetitions (where its gate does open) nearly alone,
+unlike the earlier de-duplication; Yona et al.'s sink-layer rule finds a layer and its sink neurons.
 
 Words: the first six development words outside the old patch-building words (`heldout_words()[:6]`: a fixed slice
 of `DEV_WORDS`, not chosen by outcome). Documents: the three dev harm documents with the longest single-token runs
@@ -17,7 +17,7 @@ from sinkscope.interventions.patch import apply_patch
 from sinkscope.repetition.corpus import heldout_sequences, read_corpus
 from sinkscope.repetition.direction import dedup_patch
 from sinkscope.repetition.evaluate import divergence_verdicts, text_effect
-from sinkscope.repetition.harm import harm_effect, load_harm_set, summarise_harm
+from sinkscope.repetition.harm import load_harm_set, summarise_harm
 from sinkscope.repetition.words import DEV_WORDS
 from sinkscope.tasks.repeated_tokens import heldout_words
 
@@ -45,15 +45,21 @@ def test_default_patch_stops_divergence_on_unchosen_words(smollm2):
 
 @pytest.mark.slow
 def test_default_patch_leaves_natural_repetition_and_wikitext_alone(smollm2):
+    import dataclasses
+
     from sinkscope.corpora import corpus_path
+    from sinkscope.repetition.harm import harm_effects
 
     model, tok = smollm2
     patch = _default_patch()
+    old = dataclasses.replace(patch, dedup_queries="all")  # the earlier de-duplication: every later query
     docs = [d for d in load_harm_set("dev") if d.name in ("count-dog", "song-harbour", "laugh-chat-ha")]
-    effects = harm_effect(model, tok, patch, docs)
-    assert all(e.gate_opened > 0 for e in effects)  # the harm test runs where the gate opens
-    (all_row,) = [r for r in summarise_harm(effects) if r["family"] == "all"]
-    assert all_row["kl_all"] < 0.01 and all_row["kl_after"] < 0.01 and abs(all_row["ppl_change"]) < 0.01
+    effects = harm_effects(model, tok, {"new": patch, "old": old}, docs)
+    assert all(e.gate_opened > 0 for e in effects["new"])  # the harm test runs where the gate opens
+    rows = {k: next(r for r in summarise_harm(v) if r["family"] == "all") for k, v in effects.items()}
+    # text after a natural repetition is left nearly alone now; the old de-duplication changed it a lot
+    assert rows["new"]["kl_after"] < 0.03 and rows["new"]["kl_after"] < rows["old"]["kl_after"] / 3, rows
+    assert abs(rows["new"]["ppl_change"]) < 0.01
     text = text_effect(model, patch, heldout_sequences(tok, read_corpus(corpus_path()), n_text=4, n_chat=2))
     assert text.kl < 0.01 and abs(text.ppl_change) < 0.01
 
@@ -67,5 +73,7 @@ def test_yona_sink_layer_rule_finds_a_layer(smollm2):
     sl = find_sink_layer(model, tokens)
     assert sl.layer is not None and sl.layer < sl.half and sl.mlp_norm[sl.layer] > sl.threshold
     neurons = find_sink_neurons(model, sl.layer, tokens, k=4)
-    assert neurons[0].first_activation > 100 * max(1.0, neurons[-1].first_activation / 100)
-    assert max(n.peak_drop for n in neurons) > 0.1  # zeroing a sink neuron at token 0 removes part of its peak
+    # a few neurons fire enormously at a lone token (hundreds of times the 4th), and zeroing the top one at token 0
+    # removes most of the first token's residual-norm peak
+    assert neurons[0].first_activation > 100 * neurons[-1].first_activation
+    assert neurons[0].peak_drop > 0.5
