@@ -75,8 +75,8 @@ def scan_repetition(model: nn.Module, tokenizer: Any, plan: ScanPlan, out_dir: s
                     on_batch: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run every unfinished cell of ``plan``, appending to ``out_dir/cells.jsonl``; returns all cells of the plan.
 
-    Prompts are sorted by length, so each ``generate`` call runs up to ``plan.batch_size`` rows of equal length
-    (unless a length group runs out). ``on_cells(done, total)`` reports progress (cells done include those found
+    Each ``generate`` call runs ``plan.batch_size`` prompts of equal length; the remainders of the length groups
+    are pooled into padded batches (`sinkscope.repetition.protocol.equal_length_batches`). ``on_cells(done, total)`` reports progress (cells done include those found
     from an earlier run); ``on_batch(what)`` says what the next batch holds.
     """
     a = get_adapter(model)
@@ -91,11 +91,12 @@ def scan_repetition(model: nn.Module, tokenizer: Any, plan: ScanPlan, out_dir: s
     if on_cells is not None:
         on_cells(n_done, total)
     sink_words = set(plan.words if plan.sinkness_words is None else plan.sinkness_words)
-    pending = sorted((build_prompt(tokenizer, w, n, f, max_positions=a.max_positions, reserve=plan.max_new_tokens)
-                      for f, n, w in todo), key=lambda p: (p.length, p.form, p.word))
+    from sinkscope.repetition.protocol import equal_length_batches
+
+    pending = [build_prompt(tokenizer, w, n, f, max_positions=a.max_positions, reserve=plan.max_new_tokens)
+               for f, n, w in todo]
     with open(out / CELLS_FILE, "a", encoding="utf-8") as fh:
-        for start in range(0, len(pending), plan.batch_size):
-            prompts = pending[start:start + plan.batch_size]
+        for prompts in equal_length_batches(pending, plan.batch_size):
             group = prompts
             if on_batch is not None:
                 lens = sorted({p.length for p in prompts})
