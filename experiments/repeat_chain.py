@@ -1,7 +1,11 @@
-"""Run the repeated-token chain (scan -> circuit -> patch -> evaluate -> cluster) from one YAML file."""
+"""Run the repeated-token chain (patches, their evaluation, scan, circuit, cluster attack) from one YAML file.
+
+An option key ending in ``_<digit>`` repeats the option (``patch_2: DIR`` adds a second ``--patch DIR``).
+"""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ def run(config_path: str, only: list[str] | None = None) -> int:
         if command in CORPUS_STEPS and corpus is not None:
             argv += ["--corpus", str(corpus)]
         for k, v in opts.items():
+            k = re.sub(r"_\d+$", "", k)  # patch_2: a second --patch
             argv += [f"--{k}"] if v in ("", None) else [f"--{k}", str(v).format(out=out)]
         print(f"$ sinkscope {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()

@@ -1,76 +1,79 @@
-"""The repeated-token phenomenon on the real SmolLM2: long instructed runs diverge, the circuit is found from
-measurements, and the default patch (gated first-token-direction clamp + attention de-duplication inside
-repetitions) stops the divergence while leaving ordinary text exactly alone.
+"""The repeated-token phenomenon on the real SmolLM2, on words and documents the test does not pick by outcome:
+long instructed runs diverge, the default patch (repeated keys counted once, by queries inside a repetition only)
+stops it, and it leaves WikiText and the text after natural repetitions (where its gate does open) nearly alone,
+unlike the earlier de-duplication; Yona et al.'s sink-layer rule finds a layer and its sink neurons.
 
-Word choice (docs/repetition.md, `repeat evaluate` on 24 held-out words): at N = 1024 all of these diverge at the
-first generated token unpatched; the first five have runs that go far along the first-token direction, the last
-three do not (their divergence is not sink-neuron driven, and the direction clamp alone does not stop it).
+Words: the first six development words outside the old patch-building words (`heldout_words()[:6]`: a fixed slice
+of `DEV_WORDS`, not chosen by outcome). Documents: the three dev harm documents with the longest single-token runs
+(the ones that open the gate most). Answers are 32 tokens (CI budget; the protocol's 128 are in docs/repetition.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
-import torch
 
-from sinkscope.capture import forward_hooks
-
+from sinkscope.cli.repeat import DEDUP_KEEP, DEDUP_QUERIES
 from sinkscope.interventions.patch import apply_patch
-from sinkscope.repetition.activations import neuron_stats
-from sinkscope.repetition.circuit import localise_sink_circuit
-from sinkscope.repetition.corpus import calibration_sequences, heldout_sequences, read_corpus, text_chunks
-from sinkscope.repetition.direction import build_direction_patch
+from sinkscope.repetition.corpus import heldout_sequences, read_corpus
+from sinkscope.repetition.direction import dedup_patch
 from sinkscope.repetition.evaluate import divergence_verdicts, text_effect
-from sinkscope.tasks.repeated_tokens import build_prompt
+from sinkscope.repetition.harm import load_harm_set, summarise_harm
+from sinkscope.repetition.words import DEV_WORDS
+from sinkscope.tasks.repeated_tokens import heldout_words
 
-WORDS = ["school", "child", "heart", "day", "moon", "friend", "bread", "milk"]
 
+def _default_patch():
+    import dataclasses
 
-@pytest.mark.slow
-def test_circuit_is_found_from_measurements(smollm2):
-    model, tok = smollm2
-    text = read_corpus(None)
-    stats = neuron_stats(model, calibration_sequences(tok, text, n_text=12, n_chat=6))
-    circuit = localise_sink_circuit(model, tok, text_chunks(tok, text, n=4, length=32), stats,
-                                    run_words=["book"], run_length=256, heads=False, per_layer=3,
-                                    max_new_tokens=4)
-    # the sink's biggest writers are found from measurements: ablating the top component removes a real share
-    assert circuit.components[0].effect > 0.1
+    return dataclasses.replace(dedup_patch(base_model="smollm2-135m"), dedup_keep=DEDUP_KEEP,
+                               dedup_queries=DEDUP_QUERIES)
 
 
 @pytest.mark.slow
-def test_long_runs_diverge_and_the_direction_patch_stops_most(smollm2):
+def test_default_patch_stops_divergence_on_unchosen_words(smollm2):
     model, tok = smollm2
-    text = read_corpus(None)
-    patch, report = build_direction_patch(model, tok, calibration_sequences(tok, text, n_text=12, n_chat=6),
-                                          ["book", "money"], base_model="smollm2-135m", n=1024)
-    # runs go far beyond ordinary text along an early layer's first-token direction
-    assert 1 <= report.layer <= 8 and report.scores[report.layer] > 5
-    assert patch.attention_dedup and patch.gate is not None
-    before = divergence_verdicts(model, tok, WORDS, 1024, max_new_tokens=12, batch_size=4)
-    with apply_patch(model, patch) as handle:
-        after = divergence_verdicts(model, tok, WORDS, 1024, max_new_tokens=12, batch_size=4)
-        assert handle.n_gated > 0
-    # counting the run once removes its drift along the first-token direction (the clamp then has nothing to do);
-    # the clamp alone does fire on the same run
-    rule = patch.directions[0]
-    u = torch.tensor(rule.direction)
-    ids = torch.tensor([build_prompt(tok, "day", 1024).ids])
-    proj = {}
-    with torch.no_grad(), forward_hooks([(model.model.layers[rule.layer],
-                                          lambda x: proj.__setitem__("p", float((x[0, -32:] @ u).mean())), False)]):
-        model(input_ids=ids)
-        plain = proj["p"]
-        with apply_patch(model, patch):
-            model(input_ids=ids)
-        deduped = proj["p"]
-        with apply_patch(model, dataclasses.replace(patch, attention_dedup=False)) as clamp_only:
-            model(input_ids=ids)
-    assert plain > rule.value + 5 * (rule.threshold - rule.value) and deduped < rule.threshold
-    assert clamp_only.n_clamped > 0
+    words = heldout_words(tok)[:6]
+    assert set(words) <= set(DEV_WORDS)
+    before = divergence_verdicts(model, tok, words, 1024, max_new_tokens=32, batch_size=6)
+    with apply_patch(model, _default_patch()) as h:
+        after = divergence_verdicts(model, tok, words, 1024, max_new_tokens=32, batch_size=6)
+        assert h.n_gated > 0
     n_before, n_after = sum(r["diverged"] for r in before), sum(r["diverged"] for r in after)
-    assert n_before >= 7, before
-    assert n_after <= 1, after
-    effect = text_effect(model, patch, heldout_sequences(tok, text, n_text=4, n_chat=2))
-    assert effect.clamped == 0 and effect.kl < 1e-9 and abs(effect.ppl_change) < 1e-6
+    assert n_before >= 2, before
+    assert n_after <= n_before // 5, after  # >= 80% relative reduction
+
+
+@pytest.mark.slow
+def test_default_patch_leaves_natural_repetition_and_wikitext_alone(smollm2):
+    import dataclasses
+
+    from sinkscope.corpora import corpus_path
+    from sinkscope.repetition.harm import harm_effects
+
+    model, tok = smollm2
+    patch = _default_patch()
+    old = dataclasses.replace(patch, dedup_queries="all")  # the earlier de-duplication: every later query
+    docs = [d for d in load_harm_set("dev") if d.name in ("count-dog", "song-harbour", "laugh-chat-ha")]
+    effects = harm_effects(model, tok, {"new": patch, "old": old}, docs)
+    assert all(e.gate_opened > 0 for e in effects["new"])  # the harm test runs where the gate opens
+    rows = {k: next(r for r in summarise_harm(v) if r["family"] == "all") for k, v in effects.items()}
+    # text after a natural repetition is left nearly alone now; the old de-duplication changed it a lot
+    assert rows["new"]["kl_after"] < 0.03 and rows["new"]["kl_after"] < rows["old"]["kl_after"] / 3, rows
+    assert abs(rows["new"]["ppl_change"]) < 0.01
+    text = text_effect(model, patch, heldout_sequences(tok, read_corpus(corpus_path()), n_text=4, n_chat=2))
+    assert text.kl < 0.01 and abs(text.ppl_change) < 0.01
+
+
+@pytest.mark.slow
+def test_yona_sink_layer_rule_finds_a_layer(smollm2):
+    from sinkscope.repetition.yona import find_sink_layer, find_sink_neurons, probe_tokens
+
+    model, tok = smollm2
+    tokens = probe_tokens(tok, heldout_words(tok)[:16])
+    sl = find_sink_layer(model, tokens)
+    assert sl.layer is not None and sl.layer < sl.half and sl.mlp_norm[sl.layer] > sl.threshold
+    neurons = find_sink_neurons(model, sl.layer, tokens, k=4)
+    # a few neurons fire enormously at a lone token (hundreds of times the 4th), and zeroing the top one at token 0
+    # removes most of the first token's residual-norm peak
+    assert neurons[0].first_activation > 100 * neurons[-1].first_activation
+    assert neurons[0].peak_drop > 0.5

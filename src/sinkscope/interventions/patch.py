@@ -23,6 +23,7 @@ No module's ``forward`` is replaced.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from sinkscope.models.load import PACKAGED_MODELS, ModelSource, load_model
 
 MANIFEST_KIND = "repeat_patch"
 MANIFEST_VERSION = 2  # version 1 (neuron rules only) still loads
+#: which queries discount the flagged keys (`SinkPatch.dedup_queries`)
+DEDUP_QUERIES = ("all", "gated")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,14 @@ class SinkPatch:
         gate: if set, every rule acts only where the `RepetitionGate` is open.
         attention_dedup: keys where the gate is open (the inside of a repetition) share one key's attention:
             for a query that sees ``c`` of them, their logits are lowered by ``log(c)`` in every layer and head.
+        dedup_keep: the flagged keys a query sees keep the weight of this many keys: their logits are lowered by
+            ``log(c / dedup_keep)`` only once ``c > dedup_keep`` (0 or 1: counted as one key). With the gate's
+            window, a run of up to ``window + dedup_keep`` copies is left exactly alone.
+        dedup_queries: ``all`` (every later query discounts the flagged keys, also after the repetition ended) or
+            ``gated`` (only queries where the gate is open themselves, i.e. inside a repetition, and the
+            ``dedup_reach`` positions after the last one: text further after a repetition attends to it normally).
+        dedup_reach: with ``gated``, queries up to this many positions after the last open gate still discount
+            (0: only queries inside the repetition).
     """
 
     rules: list[NeuronRule]
@@ -117,10 +128,19 @@ class SinkPatch:
     directions: list[DirectionRule] = field(default_factory=list)
     gate: RepetitionGate | None = None
     attention_dedup: bool = False
+    dedup_keep: int = 1
+    dedup_queries: str = "all"
+    dedup_reach: int = 0
 
     def __post_init__(self) -> None:
         if self.attention_dedup and self.gate is None:
             raise InputError("attention_dedup needs a repetition gate (it acts on the keys inside repetitions)")
+        if self.dedup_reach < 0:
+            raise InputError(f"dedup_reach must be >= 0, got {self.dedup_reach}")
+        if self.dedup_keep < 0:
+            raise InputError(f"dedup_keep must be >= 0, got {self.dedup_keep}")
+        if self.dedup_queries not in DEDUP_QUERIES:
+            raise InputError(f"dedup_queries must be one of {', '.join(DEDUP_QUERIES)}, got {self.dedup_queries!r}")
 
     @property
     def n_neurons(self) -> int:
@@ -140,7 +160,10 @@ class SinkPatch:
         if self.rules:
             parts.append(f"{self.n_neurons} neurons in layer(s) {[r.layer for r in self.rules]}")
         if self.attention_dedup:
-            parts.append("attention to repeated keys counted once")
+            keep = "once" if self.dedup_keep <= 1 else f"as {self.dedup_keep} keys"
+            who = "" if self.dedup_queries == "all" else " by queries inside repetitions" + (
+                f" and {self.dedup_reach} tokens after" if self.dedup_reach else "")
+            parts.append(f"attention to repeated keys counted {keep}{who}")
         gate = (f", only inside repetitions (window {self.gate.window}, mean cosine >= {self.gate.min_cos})"
                 if self.gate else "")
         return " + ".join(parts) + gate
@@ -150,6 +173,7 @@ class SinkPatch:
                 "protect_first": self.protect_first, "rules": [asdict(r) for r in self.rules],
                 "directions": [asdict(r) for r in self.directions],
                 "gate": asdict(self.gate) if self.gate else None, "attention_dedup": self.attention_dedup,
+                "dedup_keep": self.dedup_keep, "dedup_queries": self.dedup_queries, "dedup_reach": self.dedup_reach,
                 "meta": self.meta}
 
     @classmethod
@@ -163,7 +187,8 @@ class SinkPatch:
         g = d.get("gate")
         gate = RepetitionGate(int(g["window"]), float(g["min_cos"])) if g else None
         return cls(rules, str(d.get("base_model", "")), bool(d.get("protect_first", True)), dict(d.get("meta", {})),
-                   dirs, gate, bool(d.get("attention_dedup", False)))
+                   dirs, gate, bool(d.get("attention_dedup", False)), int(d.get("dedup_keep", 1)),
+                   str(d.get("dedup_queries", "all")), int(d.get("dedup_reach", 0)))
 
 
 def relative_positions(n_query: int, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -211,14 +236,16 @@ def repetition_gate(embedding: Tensor, ids: Tensor, real: Tensor, tail_ids: Tens
     return (n >= W - 0.5) & real.bool() & (mean_cos >= gate.min_cos)
 
 
-def dedup_mask(flags: Tensor, mask2d: Tensor | None, n_query: int, dtype: torch.dtype) -> Tensor:
+def dedup_mask(flags: Tensor, mask2d: Tensor | None, n_query: int, dtype: torch.dtype, *, keep: int = 1,
+               queries: Tensor | None = None) -> Tensor:
     """Additive attention mask (B, 1, Q, K) for the last ``n_query`` of ``K`` positions: causal and padding
-    masking, plus ``-log(c)`` on flagged keys, where ``c`` is how many flagged keys the query sees (so together
-    they weigh like one key with their mean logit).
+    masking, plus ``-log(c / keep)`` on flagged keys when ``c > keep``, where ``c`` is how many flagged keys the
+    query sees (so together they weigh like ``keep`` keys with their mean logit; ``keep`` <= 1: like one key).
 
     Args:
         flags: (B, K) bool, keys inside a repetition.
         mask2d: (B, K) 1 = real token, or None (all real).
+        queries: (B, Q) bool, the queries that discount (None: all of them).
     """
     B, K = flags.shape
     q_pos = torch.arange(K - n_query, K, device=flags.device)
@@ -226,8 +253,18 @@ def dedup_mask(flags: Tensor, mask2d: Tensor | None, n_query: int, dtype: torch.
     visible = visible[None].expand(B, -1, -1)
     if mask2d is not None:
         visible = visible & mask2d[:, None, :].bool()
+        # a padded query sees no key: let it see itself, so that its (unused) output does not depend on whether
+        # the sequence is processed whole or step by step
+        empty = ~visible.any(-1)  # (B, Q)
+        if bool(empty.any()):
+            own = torch.zeros_like(visible)
+            own[:, torch.arange(n_query, device=flags.device), q_pos] = True
+            visible = visible | (own & empty[..., None])
     seen = (flags.long().cumsum(dim=1))[:, q_pos]  # (B, Q): flagged keys up to each query
-    bias = -torch.log(seen.clamp_min(1).to(torch.float32))[..., None] * flags[:, None, :]  # (B, Q, K)
+    scale = (seen.to(torch.float32) / max(keep, 1)).clamp_min(1.0)
+    if queries is not None:
+        scale = torch.where(queries.to(scale.device), scale, torch.ones_like(scale))
+    bias = -torch.log(scale)[..., None] * flags[:, None, :]  # (B, Q, K)
     out = torch.where(visible, bias, torch.full_like(bias, torch.finfo(dtype).min))
     return out.to(dtype)[:, None]
 
@@ -248,6 +285,7 @@ class PatchHandle:
         self._handles: list[Any] = []
         decoder = self._decoder()
         self._flags: Tensor | None = None  # (B, keys so far): the gate was open at that key (attention_dedup)
+        self._last_open: Tensor | None = None  # (B,): key index of the last open gate (dedup_queries="gated")
         if patch.attention_dedup:
             windows = [self.adapter.sliding_window(l) for l in range(self.adapter.n_layers)]
             if any(windows):
@@ -316,11 +354,33 @@ class PatchHandle:
             if past == 0 or self._flags is None or self._flags.shape != (B, past):
                 self._flags = torch.zeros(B, past, dtype=torch.bool, device=device)
             self._flags = torch.cat([self._flags, self._gate], dim=1)
-            if self.enabled and bool(self._flags.any()):
+            queries = None
+            if self.patch.dedup_queries == "gated":
+                queries = self._discounting_queries(past)
+                active = bool(queries.any())
+            else:
+                active = bool(self._flags.any())
+            if self.enabled and active:
                 kwargs = dict(kwargs)
-                kwargs["attention_mask"] = dedup_mask(self._flags, mask, n_query, self.model.dtype)
+                kwargs["attention_mask"] = dedup_mask(self._flags, mask, n_query, self.model.dtype,
+                                                      keep=self.patch.dedup_keep, queries=queries)
                 return args, kwargs
         return None
+
+    def _discounting_queries(self, past: int) -> Tensor:
+        """(B, Q) bool: this call's queries that discount repeated keys under ``dedup_queries="gated"``: the gate
+        is open there, or it was open at most ``dedup_reach`` positions before (also in earlier calls)."""
+        gate = self._gate
+        B, Q = gate.shape
+        K = self._flags.shape[1]
+        idx = torch.arange(K - Q, K, device=gate.device)
+        never = torch.full((B,), -(10 ** 9), dtype=torch.long, device=gate.device)
+        if past == 0 or self._last_open is None or self._last_open.shape[0] != B:
+            self._last_open = never
+        opened = torch.where(gate, idx[None].expand(B, Q), never[:, None].expand(B, Q))
+        last = torch.maximum(torch.cummax(opened, dim=1).values, self._last_open[:, None])
+        self._last_open = last[:, -1]
+        return (idx[None] - last) <= self.patch.dedup_reach
 
     def _where(self, B: int, T: int, device: torch.device) -> Tensor | None:
         """(B, T, 1) bool: positions a rule may edit (not a first token, gate open), or None to skip this call."""
@@ -401,8 +461,7 @@ def save_patch(patch: SinkPatch, directory: str | Path, *, base_model: str | Non
         raise InputError("a saved patch needs the base model spec (base_model)")
     if base not in PACKAGED_MODELS and Path(base).expanduser().exists():
         base = str(Path(base).expanduser().resolve())
-    manifest = SinkPatch(patch.rules, base, patch.protect_first, patch.meta, patch.directions, patch.gate,
-                         patch.attention_dedup).to_json()
+    manifest = dataclasses.replace(patch, base_model=base).to_json()
     return write_manifest(directory, manifest)
 
 
@@ -428,6 +487,8 @@ def load_patched_model(path: str | Path, **load_kwargs: Any):
     patch = read_patch(path)
     if Path(patch.base_model).expanduser().resolve() == Path(path).expanduser().resolve():
         raise ModelLoadError(f"{path}: a patch cannot name itself as its base model")
+    if patch.meta.get("base_revision") is not None:
+        load_kwargs.setdefault("revision", patch.meta["base_revision"])  # the commit the rules were measured on
     model, tok = load_model(patch.base_model, **load_kwargs)
     apply_patch(model, patch)
     base_src = getattr(model, "sinkscope_source", None)

@@ -53,20 +53,26 @@ class PatchEvaluation:
 
 
 @torch.no_grad()
-def text_effect(model: nn.Module, patch: SinkPatch, seqs: Sequence[Sequence[int]], *, batch_size: int = 8
-                ) -> TextEffect:
-    """KL(original || patched) per token and perplexity change on ``seqs`` (left-padded batches)."""
+def text_effect(model: nn.Module, patch: SinkPatch, seqs: Sequence[Sequence[int]], *, batch_size: int = 8,
+                inert: bool = False) -> TextEffect:
+    """KL(original || patched) per token and perplexity change on ``seqs`` (left-padded batches).
+
+    ``inert``: the caller knows the patch computes exactly the original on ``seqs`` (its gate opens nowhere:
+    `sinkscope.repetition.harm.gate_closed_everywhere`); the patched forward is then not run."""
     device = next(model.parameters()).device
     pad = pad_token_id(model)
     kl_sum, kl_max, n_tok, nll_o, nll_p, clamped = 0.0, 0.0, 0, 0.0, 0.0, 0
     for s in range(0, len(seqs), batch_size):
         ids, mask = left_pad(seqs[s:s + batch_size], pad, device)
         lo = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
-        with apply_patch(model, patch) as h:
-            lp = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
-            clamped += h.n_clamped
+        if inert:
+            lp = lo
+        else:
+            with apply_patch(model, patch) as h:
+                lp = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+                clamped += h.n_clamped
         valid = mask.bool()
-        kl = (lo.exp() * (lo - lp)).sum(-1)[valid]  # (n,)
+        kl = (lo.exp() * (lo - lp)).sum(-1).clamp_min(0.0)[valid]  # (n,)
         kl_sum += float(kl.sum())
         kl_max = max(kl_max, float(kl.max()))
         n_tok += int(valid.sum())
@@ -159,3 +165,35 @@ def evaluate_patch(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
                            {"form": form, "max_new_tokens": max_new_tokens, "words": list(words), "ns": list(ns),
                             "text_samples": len(text_seqs), "patch_neurons": patch.n_neurons,
                              "patch": patch.describe(), "first_like_score": FIRST_LIKE_SCORE})
+
+
+def side_effects(model: nn.Module, tokenizer: Any, patches: dict[str, SinkPatch], text_seqs: Sequence[Sequence[int]],
+                 harm_sets: dict[str, Sequence[Any]], *, batch_size: int = 8, sink_ratio: bool = True
+                 ) -> dict[str, dict[str, Any]]:
+    """What each patch does to text: KL / perplexity on ordinary text (``text_seqs``, e.g. held-out WikiText),
+    token 0's sink ratio there, and the natural-repetition documents of every harm set (per document and per
+    family: `sinkscope.repetition.harm`). Returns ``{patch name: {"text", "sink_ratio_*", "harm": {set: ...}}}``.
+    A gated patch whose gate opens nowhere in ``text_seqs`` computes exactly the original there, so its text
+    numbers are taken without running it."""
+    from sinkscope.repetition.harm import effects_to_json, gate_closed_everywhere, harm_effects, summarise_harm
+
+    out: dict[str, dict[str, Any]] = {}
+    seqs = [list(s) for s in text_seqs]
+    before = profile_sinks(model, seqs, batch_size=batch_size).sink_ratio(0) if sink_ratio else None
+    for name, patch in patches.items():
+        inert = all(gate_closed_everywhere(model, patch, s) for s in seqs)
+        res: dict[str, Any] = {"text": asdict(text_effect(model, patch, seqs, batch_size=batch_size, inert=inert)),
+                               "text_gate_opened": not inert}
+        if sink_ratio:
+            res["sink_ratio_before"] = before
+            if inert:
+                res["sink_ratio_after"] = before
+            else:
+                with apply_patch(model, patch):
+                    res["sink_ratio_after"] = profile_sinks(model, seqs, batch_size=batch_size).sink_ratio(0)
+        res["harm"] = {}
+        out[name] = res
+    for set_name, docs in harm_sets.items():
+        for name, eff in harm_effects(model, tokenizer, patches, docs).items():
+            out[name]["harm"][set_name] = {"families": summarise_harm(eff), "documents": effects_to_json(eff)}
+    return out

@@ -71,10 +71,13 @@ def read_cells(out_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def scan_repetition(model: nn.Module, tokenizer: Any, plan: ScanPlan, out_dir: str | Path, *,
-                    on_cells: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+                    on_cells: Callable[[int, int], None] | None = None,
+                    on_batch: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run every unfinished cell of ``plan``, appending to ``out_dir/cells.jsonl``; returns all cells of the plan.
 
-    ``on_cells(done, total)`` reports progress (cells done include those found from an earlier run).
+    Each ``generate`` call runs ``plan.batch_size`` prompts of equal length; the remainders of the length groups
+    are pooled into padded batches (`sinkscope.repetition.protocol.equal_length_batches`). ``on_cells(done, total)`` reports progress (cells done include those found
+    from an earlier run); ``on_batch(what)`` says what the next batch holds.
     """
     a = get_adapter(model)
     plan.validate(tokenizer, a.max_positions)
@@ -88,11 +91,17 @@ def scan_repetition(model: nn.Module, tokenizer: Any, plan: ScanPlan, out_dir: s
     if on_cells is not None:
         on_cells(n_done, total)
     sink_words = set(plan.words if plan.sinkness_words is None else plan.sinkness_words)
+    from sinkscope.repetition.protocol import equal_length_batches
+
+    pending = [build_prompt(tokenizer, w, n, f, max_positions=a.max_positions, reserve=plan.max_new_tokens)
+               for f, n, w in todo]
     with open(out / CELLS_FILE, "a", encoding="utf-8") as fh:
-        for start in range(0, len(todo), plan.batch_size):
-            group = todo[start:start + plan.batch_size]
-            prompts = [build_prompt(tokenizer, w, n, f, max_positions=a.max_positions, reserve=plan.max_new_tokens)
-                       for f, n, w in group]
+        for prompts in equal_length_batches(pending, plan.batch_size):
+            group = prompts
+            if on_batch is not None:
+                lens = sorted({p.length for p in prompts})
+                on_batch(f"{len(prompts)} rows of {lens[0]} tokens" if len(lens) == 1
+                         else f"{len(prompts)} rows of {lens[0]}-{lens[-1]} tokens")
             outs = greedy_continue(model, [p.ids for p in prompts], max_new_tokens=plan.max_new_tokens,
                                    batch_size=plan.batch_size)
             for p, o in zip(prompts, outs):

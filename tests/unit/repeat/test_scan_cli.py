@@ -14,8 +14,11 @@ from sinkscope.repetition.scan import CELLS_FILE, ScanPlan, read_cells, scan_rep
 def test_scan_resumes(tiny_llama, tiny_tok, tmp_path: Path):
     plan = ScanPlan(["cat", "dog"], [2, 4], ["instruct", "bare"], max_new_tokens=4, batch_size=3,
                     sinkness_words=["cat"])
-    cells = scan_repetition(tiny_llama, tiny_tok, plan, tmp_path)
+    batches: list[str] = []
+    cells = scan_repetition(tiny_llama, tiny_tok, plan, tmp_path, on_batch=batches.append)
     assert len(cells) == 8 and len(read_cells(tmp_path)) == 8
+    # 4 length groups of 2 prompts (batch size 3): no full group, so the remainders are pooled in length order
+    assert batches == ["3 rows of 2-4 tokens", "3 rows of 4-14 tokens", "2 rows of 16 tokens"], batches
     cat = next(c for c in cells if c["word"] == "cat" and c["n"] == 4 and c["form"] == "bare")
     s = cat["sinkness"]
     assert len(s["cos_first"]) == 2 and len(s["alpha_run"]) == 2 and 0.0 <= cat["sink_share_max"] <= 1.0
