@@ -5,7 +5,9 @@
 The tests (`tests/unit/profile/test_profile_devices.py`) hold these to 1e-5 (fp32) and to 0.01 absolute on alpha,
 2% relative on the norms (bf16); this prints how close each device actually comes, over the tiny architectures
 of `sinkscope.models.tiny` (3 sequences of 7-12 tokens, batch 2, TF32 off). On a CUDA machine it adds CUDA fp32,
-CUDA bf16 and a model split over cuda:0 and the CPU (even layers on the GPU, odd ones on the CPU).
+CUDA bf16, a model whose odd layers are offloaded to the CPU (accelerate's default for CPU entries of a
+device map: weights in CPU memory, executed on the GPU) and one split over cuda:0 and the CPU (odd layers executed
+on the CPU).
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ def _sequences() -> list[list[int]]:
     return [torch.randint(3, 99, (n,), generator=g).tolist() for n in (12, 7, 10)]
 
 
-def _split_cuda_cpu(model):
-    from accelerate import dispatch_model
-
+def _device_map(model) -> dict[str, int | str]:
     adapter = get_adapter(model)
     layers = [f"{adapter.spec.layers}.{i}" for i in range(adapter.n_layers)]
     device_map: dict[str, int | str] = {name: (0 if i % 2 == 0 else "cpu") for i, name in enumerate(layers)}
@@ -40,7 +40,21 @@ def _split_cuda_cpu(model):
         inside = any(name == l or name.startswith(l + ".") for l in layers)
         if name and not inside and (list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))):
             device_map[name] = 0
-    return dispatch_model(model, device_map=device_map)
+    return device_map
+
+
+def _split_cuda_cpu(model):
+    """Odd layers executed on the CPU (``main_device="cpu"``), the rest on cuda:0."""
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=_device_map(model), main_device="cpu")
+
+
+def _offload_to_cpu(model):
+    """accelerate's default for CPU-mapped layers: weights kept in CPU memory, executed on cuda:0."""
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=_device_map(model))
 
 
 def _worst(got: np.ndarray, ref: np.ndarray, relative: bool) -> float:
@@ -59,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     setups: list[tuple[str, object]] = [("cpu bf16", lambda m: m.to("cpu", torch.bfloat16))]
     if torch.cuda.is_available():
         setups = [("cuda fp32", lambda m: m.to("cuda")), ("cuda bf16", lambda m: m.to("cuda", torch.bfloat16)),
-                  ("cuda:0 + cpu split fp32", _split_cuda_cpu), *setups]
+                  ("cuda:0 + cpu offload fp32", _offload_to_cpu), ("cuda:0 + cpu split fp32", _split_cuda_cpu),
+                  *setups]
     rows = []
     for name, place in setups:
         worst: dict[str, float] = {}

@@ -518,8 +518,11 @@ def evaluate(
         _write_csv(out / "summary.csv", summary)
         result["summary"] = summary
         for r in summary:
-            extra = (f", unpatched {r['rate_unpatched']:.0%}, relative reduction {r['relative_reduction']:.0%}"
-                     if "relative_reduction" in r else "")
+            extra = ""
+            if "relative_reduction" in r:
+                rel = r["relative_reduction"]
+                extra = (f", unpatched {r['rate_unpatched']:.0%}, relative reduction "
+                         f"{'n/a' if rel != rel else format(rel, '.0%')}")  # NaN: nothing diverged unpatched
             print(f"{r['variant']:>16} {r['form']:>12} N={r['n']:>5}: diverged {r['diverged']:>3}/{r['words']} "
                   f"({r['rate']:.0%}), stopped {r['stopped']}, repeats {r['repeats']}, loops {r['loops']}{extra}")
     if text:

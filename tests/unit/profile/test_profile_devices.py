@@ -75,10 +75,8 @@ def test_bf16_on_each_device_within_the_stated_tolerance(arch: str, device: str)
         assert ok, (arch, device, name, worst)
 
 
-def _split_cuda_cpu(model):
+def _device_map(model) -> dict[str, int | str]:
     """Even decoder layers (and everything outside the layers) on cuda:0, odd layers on the CPU."""
-    from accelerate import dispatch_model
-
     adapter = get_adapter(model)
     layers = [f"{adapter.spec.layers}.{i}" for i in range(adapter.n_layers)]
     device_map: dict[str, int | str] = {name: (0 if i % 2 == 0 else "cpu") for i, name in enumerate(layers)}
@@ -86,19 +84,48 @@ def _split_cuda_cpu(model):
         inside = any(name == l or name.startswith(l + ".") for l in layers)
         if name and not inside and (list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))):
             device_map[name] = 0
-    return dispatch_model(model, device_map=device_map)
+    return device_map
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
-def test_model_split_over_cuda_and_cpu_equals_cpu(arch: str) -> None:
-    """``device_map``-style placement: each statistic is computed on its layer's device, nothing mixes."""
-    ref = _reference(arch)
-    model = _split_cuda_cpu(tiny_model(arch))
-    assert {p.device.type for p in model.parameters()} == {"cuda", "cpu"}
-    got = profile_sinks(model, _sequences(), batch_size=2)
+def _split_cuda_cpu(model):
+    """The odd layers run on the CPU, the rest on cuda:0 (``main_device="cpu"``: accelerate keeps CPU-mapped
+    weights on the CPU and executes them there instead of offloading them)."""
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=_device_map(model), main_device="cpu")
+
+
+def _offload_to_cpu(model):
+    """What ``device_map="auto"`` does when the GPU is too small: CPU-mapped layers keep their weights in CPU
+    memory (``meta`` on the module) and are executed on cuda:0, the weights copied in for each call."""
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=_device_map(model))
+
+
+def _assert_equals_cpu(ref: SinkProfile, got: SinkProfile, arch: str) -> None:
     for name in FIELDS:
         r, g = getattr(ref, name), getattr(got, name)
         if r is not None:
             ok, worst = _close(g, r, FP32_TOL, FP32_TOL)
             assert ok, (arch, name, worst)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_model_split_over_cuda_and_cpu_equals_cpu(arch: str) -> None:
+    """``device_map``-style placement over two devices: each statistic is computed on its layer's device,
+    nothing mixes."""
+    ref = _reference(arch)
+    model = _split_cuda_cpu(tiny_model(arch))
+    assert {p.device.type for p in model.parameters()} == {"cuda", "cpu"}
+    _assert_equals_cpu(ref, profile_sinks(model, _sequences(), batch_size=2), arch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_model_offloaded_to_cpu_equals_cpu(arch: str) -> None:
+    ref = _reference(arch)
+    model = _offload_to_cpu(tiny_model(arch))
+    assert {p.device.type for p in model.parameters()} == {"cuda", "meta"}
+    _assert_equals_cpu(ref, profile_sinks(model, _sequences(), batch_size=2), arch)

@@ -38,6 +38,7 @@ def test_evaluate_grid_harm_and_resume(setup, tmp_path: Path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "36 answers (3 words x 3 forms x 2 lengths x 2 variants)" in printed
+    assert "nan%" not in printed  # a cell where nothing diverged unpatched has no relative reduction: "n/a"
     ev = json.loads((out / "evaluation.json").read_text())
     assert len(ev["summary"]) == 12 and ev["settings"]["protocol"] is False
     se = ev["side_effects"]["dedup"]
