@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sinkscope.models.adapters import get_adapter
+from sinkscope.models.placement import alternating_device_map
 from sinkscope.models.tiny import TINY_ARCHITECTURES, tiny_model
 from sinkscope.profile import profile_sinks
 
@@ -33,14 +33,8 @@ def _sequences() -> list[list[int]]:
 
 
 def _device_map(model) -> dict[str, int | str]:
-    adapter = get_adapter(model)
-    layers = [f"{adapter.spec.layers}.{i}" for i in range(adapter.n_layers)]
-    device_map: dict[str, int | str] = {name: (0 if i % 2 == 0 else "cpu") for i, name in enumerate(layers)}
-    for name, module in model.named_modules():
-        inside = any(name == l or name.startswith(l + ".") for l in layers)
-        if name and not inside and (list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))):
-            device_map[name] = 0
-    return device_map
+    """Even decoder layers (and everything outside the layers) on cuda:0, odd layers on the CPU."""
+    return alternating_device_map(model, 0, "cpu")
 
 
 def _split_cuda_cpu(model):

@@ -35,3 +35,22 @@ def test_load_cli_model_applies_dtype_and_refuses_local_revisions(tmp_path) -> N
         load_cli_model(d, revision="main")
     with pytest.raises(ModelLoadError, match="not found"):
         load_cli_model("./no/such/model", device="gpu")  # the spec is checked first
+
+
+#: every command that loads a pretrained model (train builds its own from a config)
+MODEL_COMMANDS = [("scan",), ("report",), ("stream", "eval"), ("stream", "generate"), ("repeat", "scan"),
+                  ("repeat", "circuit"), ("repeat", "patch"), ("repeat", "evaluate"), ("repeat", "cluster")]
+
+
+@pytest.mark.parametrize("path", MODEL_COMMANDS, ids=" ".join)
+def test_every_model_loading_command_takes_the_shared_options(path: tuple[str, ...]) -> None:
+    import typer.main
+
+    from sinkscope.cli.__main__ import app
+
+    group = typer.main.get_command(app)
+    cmd = group
+    for name in path:
+        cmd = cmd.commands[name]  # type: ignore[attr-defined]
+    flags = {opt for p in cmd.params for opt in getattr(p, "opts", [])}
+    assert {"--device", "--dtype", "--revision", "--trust-remote-code"} <= flags, (path, sorted(flags))
