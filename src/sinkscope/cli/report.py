@@ -54,20 +54,12 @@ def command(
         raise InputError(f"--samples must be between 1 and 8, got {samples}")
     if batch_size < 1:
         raise InputError(f"--batch-size must be a positive integer, got {batch_size}")
-    check_output_dir(out)
-    t0 = time.perf_counter()
-    lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
-                                   trust_remote_code=trust_remote_code)
-    load_s = time.perf_counter() - t0
-    from sinkscope.report.build import build_report
-    from sinkscope.report.sections import SECTIONS, ReportOptions
-
     extra: dict[str, object] = {}
-    if repeat_words:
+    if repeat_words is not None:
         extra["repeat_words"] = tuple(w.strip() for w in repeat_words.split(",") if w.strip())
         if not extra["repeat_words"]:
             raise InputError("--repeat-words: give at least one word")
-    if repeat_lengths:
+    if repeat_lengths is not None:
         try:
             lengths = sorted({int(x) for x in repeat_lengths.split(",") if x.strip()})
         except ValueError:
@@ -77,6 +69,14 @@ def command(
         extra["repeat_lengths"] = tuple(lengths)
     if repeat_new_tokens < 1 or circuit_neurons < 0:
         raise InputError("--repeat-new-tokens must be positive and --circuit-neurons non-negative")
+    check_output_dir(out)
+    t0 = time.perf_counter()
+    lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
+                                   trust_remote_code=trust_remote_code)
+    load_s = time.perf_counter() - t0
+    from sinkscope.report.build import build_report
+    from sinkscope.report.sections import SECTIONS, ReportOptions
+
     opts = ReportOptions(n_tokens=tokens, samples=samples, eps=eps, batch_size=batch_size, seed=seed,
                          repeat_new_tokens=repeat_new_tokens, circuit_per_layer=circuit_neurons,
                          **extra)  # type: ignore[arg-type]

@@ -76,6 +76,9 @@ def test_cli_report(model_dir, tmp_path) -> None:
     (["--samples", "9"], "between 1 and 8"),
     (["--eps", "1.5"], "--eps"),
     (["--tokens", "2"], "at least 8"),
+    (["--repeat-words", ""], "--repeat-words: give at least one word"),  # not a silent fall-back to the default
+    (["--repeat-lengths", ""], "--repeat-lengths must be positive"),
+    (["--repeat-lengths", "4,x"], "bad --repeat-lengths"),
 ])
 def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys, args, message) -> None:
     out = tmp_path / "never"
