@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sinkscope.errors import InputError
+from sinkscope.io import read_text_file
 
 #: 120 common English words, single tokens (with a leading space) for GPT-2/Llama-3/SmolLM2-style BPE tokenisers.
 DEFAULT_WORDS: tuple[str, ...] = (
@@ -61,7 +62,7 @@ def read_words(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"word file not found: {path}")
-    words = [ln.split("#", 1)[0].strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    words = [ln.split("#", 1)[0].strip() for ln in read_text_file(p, "word file").splitlines()]
     words = [w for w in words if w]
     if not words:
         raise InputError(f"word file has no words: {path}")

@@ -66,11 +66,17 @@ def test_evaluate_grid_harm_and_resume(setup, tmp_path: Path, capsys):
     (["--words", "cat", "--harm-sets", "EMPTY"], "is empty"),
     (["--words", "cat", "--harm-sets", "/nonexistent/harm"], "harm set not found"),
     (["--words", "cat", "--dtype", "float8"], "--dtype 'float8'"),
+    (["--words-file", "/nonexistent/words.txt"], "word file not found"),
+    (["--words-file", "BINARY"], "is not text"),
+    (["--words-file", "COMMENTS"], "word file has no words"),
 ])
 def test_evaluate_bad_input(setup, tmp_path: Path, capsys, args, msg):
     patch, harm, corpus = setup
     (tmp_path / "empty").mkdir()
-    args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    (tmp_path / "words.bin").write_bytes(b"cat\x00\xff\xfe")
+    (tmp_path / "words.txt").write_text("# only a comment\n\n")
+    files = {"EMPTY": tmp_path / "empty", "BINARY": tmp_path / "words.bin", "COMMENTS": tmp_path / "words.txt"}
+    args = [str(files[a]) if a in files else a for a in args]
     rc = main(["repeat", "evaluate", "--patch", str(patch), "--out", str(tmp_path / "o"), "--corpus", str(corpus),
                "--max-new-tokens", "2", *args])
     err = capsys.readouterr().err.strip()
