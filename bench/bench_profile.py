@@ -108,15 +108,17 @@ def _profile_patches(method: str, timer: _PassTimer | None) -> Iterator[None]:
             saved.append((attention_stats, name, getattr(attention_stats, name)))
             setattr(attention_stats, name, timer.wrap(getattr(attention_stats, name), key))
     if timer is not None:  # the profiler's forward hooks (residual norms, massive activations, MLP neurons)
-        from sinkscope import capture
+        from sinkscope import hooks as hooks_module
+
+        plain = hooks_module.forward_hooks
 
         def timed_hooks(hooks: list[tuple[Any, Any, bool]]) -> Any:
-            return capture.forward_hooks([(mod, timer.wrap(fn, "hooks_s"), pre) for mod, fn, pre in hooks])
+            return plain([(mod, timer.wrap(fn, "hooks_s"), pre) for mod, fn, pre in hooks])
 
+        # every module that holds the function (collectors import it from sinkscope.capture when they run)
         for name, m in list(sys.modules.items()):
-            if name.startswith("sinkscope.") and m is not capture and getattr(m, "forward_hooks", None) is \
-                    capture.forward_hooks:
-                saved.append((m, "forward_hooks", capture.forward_hooks))
+            if name.startswith("sinkscope.") and getattr(m, "forward_hooks", None) is plain:
+                saved.append((m, "forward_hooks", plain))
                 m.forward_hooks = timed_hooks
     for m in users:
         m.attention_with_stats = stats
