@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,18 +42,26 @@ def test_bad_specs_fail_with_one_line(tmp_path, monkeypatch) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_gguf_cache_is_keyed_by_hash_and_reused(tmp_path, monkeypatch) -> None:
-    """The first load dequantises into cache/gguf/<sha256>; the second reads it without dequantising."""
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch) -> tuple[Path, list]:
+    """A fake .gguf file whose dequantisation writes a tiny Llama (cache under tmp_path/cache); returns the file
+    and the list of dequantisation calls."""
     src = tmp_path / "fake.gguf"
     src.write_bytes(b"GGUF-ish bytes")
     monkeypatch.setenv("SINKSCOPE_CACHE", str(tmp_path / "cache"))
-    calls = []
+    calls: list = []
 
     def fake_dequantise(path, target):
         calls.append(path)
         save_tiny(str(target), "llama")
 
     monkeypatch.setattr(load_mod, "_dequantise_gguf", fake_dequantise)
+    return src, calls
+
+
+def test_gguf_cache_is_keyed_by_hash_and_reused(tmp_path, fake_gguf) -> None:
+    """The first load dequantises into cache/gguf/<sha256>; the second reads it without dequantising."""
+    src, calls = fake_gguf
     m1, _ = load_model(src)
     m2, _ = load_model(src)
     assert len(calls) == 1
@@ -155,17 +165,8 @@ def test_truncated_weights_in_a_directory_fail_in_one_line(tmp_path) -> None:
         load_model(d)
 
 
-def test_broken_model_cache_is_rebuilt(tmp_path, monkeypatch, capsys) -> None:
-    src = tmp_path / "fake.gguf"
-    src.write_bytes(b"GGUF-ish bytes")
-    monkeypatch.setenv("SINKSCOPE_CACHE", str(tmp_path / "cache"))
-    calls = []
-
-    def fake_dequantise(path, target):
-        calls.append(path)
-        save_tiny(str(target), "llama")
-
-    monkeypatch.setattr(load_mod, "_dequantise_gguf", fake_dequantise)
+def test_broken_model_cache_is_rebuilt(fake_gguf, capsys) -> None:
+    src, calls = fake_gguf
     load_model(src)
     target, _ = load_mod.gguf_cache_path(src)
     _truncate(target / "model.safetensors")

@@ -162,7 +162,7 @@ def read_cells(out_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     if "".join(good) != raw:
-        write_atomic(p, "".join(good).encode())
+        write_atomic(p, "".join(good))
     return rows
 
 
