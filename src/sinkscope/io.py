@@ -126,3 +126,114 @@ def figure_bytes(fig: Any, fmt: str = "png", dpi: int = 120) -> bytes:
 def save_figure_atomic(path: str | Path, fig: Any, dpi: int = 120) -> None:
     """Write a figure (format from the suffix, default PNG) atomically and close it: the one figure saver."""
     write_atomic(path, figure_bytes(fig, Path(path).suffix.lstrip(".") or "png", dpi))
+
+
+def read_jsonl(path: str | Path, *, missing_ok: bool = True) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, one a line: the one reader of cells, metrics and answers files.
+
+    A missing file is an empty list (``missing_ok``); a last line cut short by a crash (no newline, not JSON) is
+    dropped, since appends are whole lines; any other bad line raises InputError naming the file and line.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "cells.jsonl"
+    >>> append_jsonl(p, {"a": 1}); append_jsonl(p, {"a": float("nan")})
+    >>> read_jsonl(p)
+    [{'a': 1}, {'a': None}]
+    """
+    p = Path(path)
+    if not p.exists():
+        if missing_ok:
+            return []
+        raise InputError(f"file not found: {p}")
+    raw = p.read_bytes()
+    lines = raw.split(b"\n")
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if i == len(lines) - 1:  # an unterminated last line: a write cut short
+                break
+            raise InputError(f"{p} line {i + 1} is not JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{p} line {i + 1} is not a JSON object")
+        rows.append(obj)
+    return rows
+
+
+def append_jsonl(path: str | Path, *rows: dict[str, Any]) -> None:
+    """Append ``rows`` as strict JSON lines (NaN and infinities as null) in one write, flushed to disk.
+
+    A reader sees whole lines only, except after a crash mid-write, which `read_jsonl` tolerates on the last line.
+    """
+    if not rows:
+        return
+    data = "".join(json.dumps(finite_json(r), allow_nan=False) + "\n" for r in rows).encode("utf-8")
+    p = Path(path)
+    if p.exists() and p.stat().st_size:
+        with open(p, "rb") as f:  # a torn last line from a crash: start on a fresh line
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = b"\n" + data
+    with open(p, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+LOCK_NAME = ".sinkscope.lock"
+
+
+class OutputLock:
+    """An exclusive lock on an output directory, held for the life of a job: a second job on the same ``--out``
+    is refused at once (InputError) instead of writing every row twice or losing a result.
+
+    The lock is an ``fcntl.flock`` on ``DIR/.sinkscope.lock``: the kernel releases it when the process ends,
+    so a crashed job never leaves a stale lock. The directory is created (checked first) when the lock is taken.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with OutputLock(d):
+    ...     try:
+    ...         OutputLock(d).acquire()
+    ...     except InputError as e:
+    ...         print("in use by another sinkscope job" in str(e))
+    True
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        import fcntl
+
+        ensure_output_dir(self.directory)
+        path = self.directory / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise InputError(f"output directory {self.directory} is in use by another sinkscope job "
+                             f"(pid {holder}): wait for it or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

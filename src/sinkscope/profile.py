@@ -9,7 +9,6 @@ sink summaries are defined once, in `sinkscope.metrics.sink`. No T x T matrix is
 
 from __future__ import annotations
 
-import platform
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from sinkscope.metrics.attention_stats import DEFAULT_CHUNK_BYTES
 from sinkscope.metrics.sink import DEFAULT_EPS, first_vs_median, is_sink
 from sinkscope.models.adapters import ModelAdapter
 from sinkscope.models.adapters import pad_token_id as model_pad_token_id
+from sinkscope.versions import versions
 
 if TYPE_CHECKING:
     import pandas
@@ -310,16 +310,6 @@ class SinkProfile:
 def model_info(model: nn.Module, adapter: ModelAdapter | None = None) -> dict[str, Any]:
     """Architecture facts and provenance recorded with every result (from the model's collector)."""
     return collector_for(model, adapter=adapter).model_info()
-
-
-def versions() -> dict[str, str]:
-    """Versions of sinkscope, torch, transformers and Python (recorded with every result)."""
-    import transformers
-
-    import sinkscope
-
-    return {"sinkscope": sinkscope.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def _allocate(collector: Collector, N: int, T: int) -> dict[str, np.ndarray | None]:

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from sinkscope.capture import observe_attention
 from sinkscope.errors import InputError
-from sinkscope.models.adapters import ModelAdapter, get_adapter, model_device
+from sinkscope.models.adapters import ModelAdapter, get_adapter
+from sinkscope.devices import model_device
 
 #: Histogram bin edges of the cosine distributions.
 COS_BINS = np.linspace(-1.0, 1.0, 41)

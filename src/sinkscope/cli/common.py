@@ -18,8 +18,8 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 MODEL_OPTION = typer.Option(DEFAULT_MODEL, "--model", "-m",
                             help="alias, HF directory, .gguf file, saved patch directory or hub id")
-DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto (spread over the available "
-                                                     "devices with device_map='auto')")
+DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto (the accelerators this machine "
+                                                     "has, spread with device_map='auto', else the CPU)")
 DTYPE_OPTION = typer.Option("float32", "--dtype", help="float32 (default: exact metrics), bfloat16, float16 or "
                                                        "auto (the checkpoint's dtype)")
 REVISION_OPTION = typer.Option(None, "--revision", help="hub models: branch, tag or commit (the resolved commit "
@@ -29,29 +29,10 @@ TRUST_OPTION = typer.Option(False, "--trust-remote-code", help="run the model re
 
 
 def check_device(device: str) -> str:
-    """Validate ``--device`` without importing torch eagerly beyond what the check needs; returns it unchanged.
+    """Validate ``--device`` (`sinkscope.devices.parse_device`, which names the flag); returns it normalised."""
+    from sinkscope.devices import parse_device  # imports torch: only once the cheap checks passed
 
-    Raises:
-        InputError: unknown device string, or a device this machine does not have.
-    """
-    if device == "auto":
-        return device
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: no CUDA device is available here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise InputError(f"--device {device}: MPS is not available here")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"--device {device!r}: unsupported device type {dev.type!r}")
-    return device
+    return parse_device(device, param="--device")
 
 
 def check_dtype(dtype: str) -> str:
@@ -73,6 +54,8 @@ def load_cli_model(model: str, *, device: str = "cpu", dtype: str = "float32", r
     check_device(device)
     from sinkscope.plugins import load_model  # the loader that also opens saved patches and training runs
 
-    placement: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {"device": device}
+    from sinkscope.devices import placement_kwargs
+
+    placement = placement_kwargs(device)
     extra: dict[str, Any] = {"revision": revision} if revision is not None else {}
     return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, verbose=verbose, **placement, **extra)

@@ -74,7 +74,8 @@ def command(
     t_load = time.perf_counter() - t0
     from sinkscope.analyses.qk_alignment import qk_alignment
     from sinkscope.models.adapters import get_adapter, has_adapter
-    from sinkscope.profile import profile_sinks, versions
+    from sinkscope.profile import profile_sinks
+    from sinkscope.versions import versions
     from sinkscope.viz.plots import PLOTS
 
     batch = build_inputs(tokenizer, text=text, file=file, random=random, samples=samples, repeat=repeat,

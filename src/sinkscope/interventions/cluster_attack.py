@@ -24,7 +24,8 @@ from sinkscope.capture import forward_hooks
 from sinkscope.errors import InputError
 from sinkscope.inputs import pad_batch
 from sinkscope.interventions.patch import SinkPatch
-from sinkscope.models.adapters import get_adapter, model_device, pad_token_id
+from sinkscope.models.adapters import get_adapter, pad_token_id
+from sinkscope.devices import model_device
 from sinkscope.models.generate import greedy_continue
 from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
 

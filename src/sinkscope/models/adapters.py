@@ -211,12 +211,6 @@ def pad_token_id(model: nn.Module, override: int | None = None) -> int:
     return int(getattr(getattr(model, "config", None), "pad_token_id", None) or 0)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model takes its inputs: the device of its first parameter (its embedding, also under a
-    ``device_map`` that spreads layers over several devices)."""
-    return next(model.parameters()).device
-
-
 def has_adapter(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers model of an architecture in the table."""
     return getattr(getattr(model, "config", None), "model_type", None) in ARCHITECTURES

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from sinkscope.devices import model_device
 from sinkscope.inputs import pad_batch
 from sinkscope.models import adapters
 
@@ -21,7 +22,7 @@ def greedy_continue(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
     prompt (in the order given; at most ``max_new_tokens``, cut after EOS). ``on_batch(n_rows)`` is called after
     every batch.
     """
-    device = adapters.model_device(model)
+    device = model_device(model)
     pad = adapters.pad_token_id(model, pad_token_id)
     eos = eos_token_id if eos_token_id is not None else getattr(model.generation_config, "eos_token_id", None)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -304,7 +304,8 @@ def load_model(
             compared with eager attention to 1e-5). ``torch_dtype`` is accepted as its older name.
         attn_implementation: transformers attention backend (``"sdpa"``, ``"eager"``; None: the model's default).
         trust_remote_code: off by default; only set it for code you trust.
-        device: where to put the model (default CPU); not with ``device_map``.
+        device: where to put the model (default CPU): ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (the
+            accelerators this machine has, else the CPU: `sinkscope.devices`); not with ``device_map``.
         verbose: print what is loaded and how long it took.
         **from_pretrained_kwargs: passed to ``from_pretrained`` as they are, e.g. ``device_map`` (then nothing
             is moved: the model stays where accelerate placed it), ``revision`` (hub models; the resolved commit
@@ -325,6 +326,14 @@ def load_model(
         dtype = kwargs.pop("torch_dtype")
     if device is not None and kwargs.get("device_map") is not None:
         raise ModelLoadError("give device or device_map, not both (device_map places the model itself)")
+    if device is not None:
+        from sinkscope.devices import parse_device, placement_kwargs  # torch: not at import (spec checks stay cheap)
+
+        device = parse_device(device)
+        if device == "auto":  # the one meaning of auto (sinkscope.devices): the accelerators, else the CPU
+            placement = placement_kwargs(device)
+            device = placement.get("device")
+            kwargs.update({k: v for k, v in placement.items() if k != "device"})
     source = resolve_model_spec(spec)
     if kwargs.get("revision") is not None and source.kind not in ("hub", "manifest"):
         raise ModelLoadError(f"revision applies to hub models; {source.spec!r} is a local {source.kind}")

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from sinkscope.capture import forward_hooks
 from sinkscope.inputs import first_and_other, pad_batch
 from sinkscope.io import write_atomic
-from sinkscope.models.adapters import ModelAdapter, get_adapter, model_device, pad_token_id
+from sinkscope.models.adapters import ModelAdapter, get_adapter, pad_token_id
+from sinkscope.devices import model_device
 
 
 @dataclass

@@ -31,6 +31,7 @@ from sinkscope.repetition.generate import greedy_continue
 from sinkscope.repetition.sink_effects import LINEAR_TOL, search_effects
 from sinkscope.capture import forward_hooks
 from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
+from sinkscope.devices import model_device
 
 #: Pruned search: candidates of linear layers ablated exactly, those with the largest attribution estimate (beyond
 #: every candidate of a nonlinear layer); with no more candidates than this the search is exhaustive.
@@ -303,4 +304,4 @@ def _fire_on_runs(model: nn.Module, tokenizer: Any, effects: list[ComponentEffec
 
 
 def ids_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return model_device(model)

@@ -26,7 +26,8 @@ from sinkscope.capture import forward_hooks
 from sinkscope.errors import InputError
 from sinkscope.inputs import first_and_other, pad_batch
 from sinkscope.interventions.patch import DirectionRule, RepetitionGate, SinkPatch
-from sinkscope.models.adapters import get_adapter, model_device, pad_token_id
+from sinkscope.models.adapters import get_adapter, pad_token_id
+from sinkscope.devices import model_device
 from sinkscope.tasks.repeated_tokens import build_prompt
 
 

@@ -15,6 +15,7 @@ from sinkscope.models.adapters import get_adapter, pad_token_id
 from sinkscope.profile import profile_sinks
 from sinkscope.repetition.generate import greedy_continue, left_pad
 from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
+from sinkscope.devices import model_device
 
 
 @dataclass
@@ -59,7 +60,7 @@ def text_effect(model: nn.Module, patch: SinkPatch, seqs: Sequence[Sequence[int]
 
     ``inert``: the caller knows the patch computes exactly the original on ``seqs`` (its gate opens nowhere:
     `sinkscope.repetition.harm.gate_closed_everywhere`); the patched forward is then not run."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     pad = pad_token_id(model)
     kl_sum, kl_max, n_tok, nll_o, nll_p, clamped = 0.0, 0.0, 0, 0.0, 0.0, 0
     for s in range(0, len(seqs), batch_size):

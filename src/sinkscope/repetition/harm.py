@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from sinkscope.errors import InputError
 from sinkscope.interventions.patch import SinkPatch, apply_patch
+from sinkscope.devices import model_device
 
 OPEN, CLOSE = "\u27e6", "\u27e7"
 ASSISTANT_SPLIT = "=== assistant ==="
@@ -238,7 +239,7 @@ def harm_effects(model: nn.Module, tokenizer: Any, patches: dict[str, SinkPatch]
     exactly the original, see `gate_closed_everywhere`)."""
     if not docs:
         raise InputError("empty harm set: no documents to measure")
-    device = next(model.parameters()).device
+    device = model_device(model)
     out: dict[str, list[DocEffect]] = {k: [] for k in patches}
     for d in docs:
         enc = encode_doc(tokenizer, d)

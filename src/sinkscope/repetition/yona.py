@@ -29,6 +29,7 @@ from sinkscope.interventions.patch import NeuronRule, SinkPatch
 from sinkscope.models.adapters import get_adapter
 from sinkscope.repetition.activations import neuron_stats
 from sinkscope.tasks.repeated_tokens import run_token_id
+from sinkscope.devices import model_device
 
 
 @dataclass
@@ -51,7 +52,7 @@ def probe_tokens(tokenizer: Any, words: Sequence[str]) -> list[int]:
 def _first_position(model: nn.Module, tokens: Sequence[int], modules: Sequence[nn.Module], *, inputs: bool
                     ) -> list[Tensor]:
     """Each module's output (or input) at position 0 of one-token inputs, one row per token: [(P, D)]."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     got: dict[int, Tensor] = {}
     hooks = [(m, (lambda x, i=i: got.__setitem__(i, x.detach().float()[:, 0].cpu())), inputs)
              for i, m in enumerate(modules)]
@@ -131,7 +132,7 @@ def find_sink_neurons(model: nn.Module, layer: int, tokens: Sequence[int], *, k:
     w = down.weight.detach().float().norm(dim=0).cpu()  # (F,): ||W_down[:, j]||
     score = first * w
     top = score.topk(min(k, score.numel())).indices.tolist()
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = torch.tensor([[t] for t in tokens], device=device)
     peak = _residual_peak(model, ids)
     out = []

@@ -138,7 +138,7 @@ def build_report(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, secti
     ctx = ReportContext(model=model, tokenizer=tokenizer, options=opts, model_spec=model_spec, load_s=load_s)
     secs = run_sections(ctx, keys, progress)
     total = time.perf_counter() - t0 + (load_s or 0.0)
-    from sinkscope.profile import versions
+    from sinkscope.versions import versions
 
     meta = {"model": model_spec, "options": dataclasses.asdict(opts), "versions": versions(),
             "sections_run": keys, "total_s": total}

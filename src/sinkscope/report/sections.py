@@ -18,7 +18,8 @@ from torch import nn
 from sinkscope.analyses.dormant import DormancyReport, dormancy_from_profiles
 from sinkscope.domains import domain_batch
 from sinkscope.models.adapters import ModelAdapter, get_adapter
-from sinkscope.profile import SinkProfile, model_info, profile_sinks, versions
+from sinkscope.profile import SinkProfile, model_info, profile_sinks
+from sinkscope.versions import versions
 from sinkscope.registry import Registry
 from sinkscope.report import explain
 from sinkscope.viz.report import Section

@@ -18,6 +18,7 @@ from transformers import Cache
 from sinkscope.compat import cache_kwargs
 from sinkscope.errors import InputError
 from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
+from sinkscope.devices import model_device
 
 
 @torch.no_grad()
@@ -93,7 +94,7 @@ def stream_generate(model: nn.Module, prompt_ids: list[int] | torch.Tensor, *, n
     Yields:
         :class:`StreamToken` per generated token; ``kv_bytes`` stays constant once the cache is full.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).reshape(1, -1)
     if ids.shape[1] == 0:
         raise InputError("the prompt has no tokens")

@@ -43,6 +43,7 @@ from sinkscope.models.adapters import get_adapter
 from sinkscope.registry import Registry
 from sinkscope.streaming.banded import BANDED_POLICIES, banded_stream_nll, fast_mode_obstacle
 from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
+from sinkscope.devices import model_device
 
 #: Cache policies: name -> factory(model, n_sink, window) -> Cache. ``recompute`` is handled separately.
 CACHE_POLICIES: Registry[Callable[[nn.Module, int, int], Cache]] = Registry("stream policy")
@@ -191,7 +192,7 @@ def stream_nll(model: nn.Module, ids: torch.Tensor, cache: Cache, *, name: str =
     Returns:
         A :class:`PolicyResult` over positions ``1 .. min(T, max_positions) - 1``.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = ids.to(device)
     n, note = _stop_at_context(len(ids), max_positions)
     nll = torch.empty(max(n - 1, 0), device=device)
@@ -232,7 +233,7 @@ def banded_nll(model: nn.Module, ids: torch.Tensor, policy: str, n_sink: int, wi
         raise InputError(f"policy {policy!r} has no fixed mask; banded policies: {', '.join(BANDED_POLICIES)}")
     if chunk < 1:
         raise InputError(f"chunk must be >= 1, got {chunk}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = ids.to(device)
     n, note = _stop_at_context(len(ids), get_adapter(model).max_positions if policy == "dense" else None)
     band_sink, band_window = _BANDS[policy](n_sink, window)
@@ -281,7 +282,7 @@ def recompute_nll(model: nn.Module, ids: torch.Tensor, context: int, *, batch_si
     Returns:
         A :class:`PolicyResult` named ``recompute``.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = ids.to(device)
     T = len(ids)
     wanted = torch.arange(1, T) if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
@@ -404,7 +405,7 @@ def evaluate_stream(model: nn.Module, ids: torch.Tensor, *, n_sink: int = 4, win
         raise InputError(f"need --chunk >= 1 and --batch-size >= 1, got {chunk} and {batch_size}")
     check_stream(model, len(ids), n_sink, window, policies)
     with torch.no_grad():  # warm-up: page in lazily loaded weights so they do not count as a policy's memory
-        model(input_ids=ids[:2][None].to(next(model.parameters()).device), use_cache=False)
+        model(input_ids=ids[:2][None].to(model_device(model)), use_cache=False)
     results: dict[str, PolicyResult] = {}
     for name in dict.fromkeys(policies):
         on_step = on_policy(name, len(ids) - 1) if on_policy is not None else None
