@@ -166,21 +166,39 @@ def read_jsonl(path: str | Path, *, missing_ok: bool = True) -> list[dict[str, A
 def append_jsonl(path: str | Path, *rows: dict[str, Any]) -> None:
     """Append ``rows`` as strict JSON lines (NaN and infinities as null) in one write, flushed to disk.
 
-    A reader sees whole lines only, except after a crash mid-write, which `read_jsonl` tolerates on the last line.
+    A reader sees whole lines only, except after a crash mid-write, which `read_jsonl` tolerates on the last line;
+    the next append cuts that torn line off (its row was never complete) before writing.
     """
     if not rows:
         return
     data = "".join(json.dumps(finite_json(r), allow_nan=False) + "\n" for r in rows).encode("utf-8")
     p = Path(path)
     if p.exists() and p.stat().st_size:
-        with open(p, "rb") as f:  # a torn last line from a crash: start on a fresh line
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                data = b"\n" + data
+        _drop_torn_last_line(p)
     with open(p, "ab") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _drop_torn_last_line(p: Path) -> None:
+    """Truncate ``p`` after its last newline (a crash can leave a partial last line)."""
+    with open(p, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return
+        pos = size
+        while pos > 0:  # scan back in blocks for the last newline
+            start = max(0, pos - 65536)
+            f.seek(start)
+            block = f.read(pos - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)
 
 
 LOCK_NAME = ".sinkscope.lock"
