@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from sinkscope.errors import InputError
+from sinkscope.io import read_text_file
 from sinkscope.models.tinygpt import TinyGPTConfig
 
 TASK_NAMES = ("bigram_backcopy", "text")
@@ -305,10 +306,15 @@ def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"config {path}: 'base' links form a cycle")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        text = read_text_file(path, "config")  # not UTF-8 text, or blank: one line
+        d = yaml.safe_load(text)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0]
         raise ConfigError(f"config {path} is not valid YAML: {first}") from None
+    if d is None or d == {}:  # only comments: training the built-in defaults silently is never meant
+        raise ConfigError(f"config is empty: {path} (give at least one setting, e.g. train.steps)")
     if not isinstance(d, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level")
     base = d.pop("base", None)

@@ -222,7 +222,7 @@ def test_trained_run_directory_profiles_like_its_final_row(corpus: Path, tmp_pat
 
     cfg = config_from_dict(tiny_dict(corpus, model={"attention": "sigmoid", "attn_bias": "k"},
                                      train={"steps": 10, "eval_every": 5, "ckpt_every": 5}))
-    train(cfg, tmp_path / "run", progress=False)
+    train(cfg, tmp_path / "run")
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     model, run_cfg = load_trained(tmp_path / "run")
     prof = profile_sinks(model, evaluation_batch(build_task(run_cfg.data), run_cfg).idx.tolist())
