@@ -96,7 +96,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and schedule: AdamW or SGD with momentum; linear warm-up then constant or cosine lr."""
+    """Optimiser and schedule: AdamW or SGD with momentum; linear warm-up then constant or cosine lr.
+
+    Attributes:
+        decay: which parameters ``weight_decay`` applies to: ``matrices`` (weight matrices and embeddings; not
+            norms, biases or bias slots: nanoGPT's habit and this lab's default) or ``all`` (every parameter, as
+            Gu et al.'s AdamW does; their sweep of weight decay 0 .. 5 is over every parameter).
+    """
 
     name: str = "adamw"
     lr: float = 3e-4
@@ -107,8 +113,11 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "constant"
     min_lr_ratio: float = 0.1
+    decay: str = "matrices"
 
     def __post_init__(self) -> None:
+        if self.decay not in ("matrices", "all"):
+            raise ConfigError(f"optim.decay: unknown choice {self.decay!r} (choose from matrices, all)")
         if self.name not in ("adamw", "sgd"):
             raise ConfigError(f"optim.name: unknown optimiser {self.name!r} (choose from adamw, sgd)")
         if self.schedule not in ("constant", "cosine"):
@@ -132,6 +141,9 @@ class TrainConfig:
             ``max_minutes``). Rerunning the same command resumes from there. null: no limit.
         minutes: the expected wall time of the whole run on one CPU core (informational: the results table
             marks runs of 5 minutes or more as long and ``--skip-long`` leaves them out).
+        dormant_threshold: a head is ``dormant`` for a class of queries when they put more than this share of
+            their (row-normalised) attention on the first token and the sink slot: 0.89 is Guo et al.'s
+            criterion (their code, on non-trigger queries); 0.5 was this lab's default before issue 19.
     """
 
     steps: int = 1000
@@ -139,7 +151,7 @@ class TrainConfig:
     eval_every: int = 100
     ckpt_every: int = 500
     eps: float = 0.3
-    dormant_threshold: float = 0.5
+    dormant_threshold: float = 0.89
     device: str = "auto"
     threads: int | None = None
     plots: bool = True
@@ -178,8 +190,14 @@ class RunConfig:
         """The parts of the config a checkpoint's tensors depend on (everything but loop cadence/device)."""
         d = self.to_dict()
         d["train"] = {"seed": d["train"]["seed"]}
+        for section, key, default in ADDED_SINCE_FORMAT_1:  # at their defaults: checkpoints from before still match
+            if d[section].get(key) == default:
+                del d[section][key]
         return d
 
+
+#: settings added after checkpoints of format 1 were first written, with the default that equals the old behaviour
+ADDED_SINCE_FORMAT_1: tuple[tuple[str, str, Any], ...] = (("optim", "decay", "matrices"),)
 
 SECTIONS: dict[str, type] = {"model": TinyGPTConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 

@@ -110,11 +110,15 @@ def resolve_config(cfg: RunConfig, task: Any) -> RunConfig:
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum; weight decay on matrices only (not norms, biases, bias slots)."""
+    """AdamW or SGD with momentum; weight decay on matrices only (not norms, biases, bias slots) or, with
+    ``optim.decay=all``, on every parameter (Gu et al.)."""
     o = cfg.optim
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "bias" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "bias" not in n)]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if o.decay == "all":
+        groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
+    else:
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "bias" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "bias" not in n)]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)

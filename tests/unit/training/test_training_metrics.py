@@ -60,7 +60,10 @@ def _eager(model: TinyGPT, idx: torch.Tensor) -> tuple[torch.Tensor, list[dict[s
             w = F.relu(z) * causal / torch.arange(1, T + 1)[:, None]
         elif cfg.attention == "sigmoid":
             w = torch.sigmoid(z) * causal
-        layers.append({"w": w, "slot": slot, "v": v.transpose(1, 2).reshape(B, T, H * D), "resid": resid})
+        w_o = model.layers[layer].attn.proj.weight.detach()  # (d_model, H * D): head h's slice is W_O^h
+        v_out = torch.stack([v[:, h] @ w_o[:, h * D:(h + 1) * D].T for h in range(H)], 1)  # (B, H, T, d_model)
+        layers.append({"w": w, "slot": slot, "v": v.transpose(1, 2).reshape(B, T, H * D), "resid": resid,
+                       "v_out": v_out})
     return logits, layers
 
 
@@ -123,7 +126,13 @@ def test_measure_model_against_eager_attention_computed_directly(corpus: Path, k
         assert "sink_ratio_slot" not in row
     for l, lay in enumerate(layers):
         assert row["bos_value_norm"][l] == pytest.approx(_first_over_median(lay["v"].norm(dim=-1)), abs=1e-4)
-        assert row["bos_residual_norm"][l] == pytest.approx(_first_over_median(lay["resid"].norm(dim=-1)), abs=1e-4)
+        resid = lay["resid"].norm(dim=-1)  # (B, T)
+        assert row["bos_residual_norm"][l] == pytest.approx(_first_over_median(resid), abs=1e-4)
+        assert row["bos_residual_norm_mean"][l] == pytest.approx(float(resid[:, 0].mean() / resid[:, 1:].mean()),
+                                                                 abs=1e-4)  # Gu et al.: over the mean
+        for h in range(model.cfg.n_heads):  # Guo et al.'s value drain: ||W_O^h v_h||, first over median
+            want = _first_over_median(lay["v_out"][:, h].norm(dim=-1))
+            assert row["bos_value_out_norm"][l][h] == pytest.approx(want, abs=1e-4)
         for cls in batch.classes:
             mass = masses[l, cls]
             for h in range(model.cfg.n_heads):
@@ -225,3 +234,31 @@ def test_attention_targets_shares_sum_to_one(corpus: Path, kw: dict) -> None:
         assert (shares["slot"] > 0) == (kw.get("attn_bias") == "k")
     if kw.get("attention") == "relu":
         assert float(attends.mean()) < 1  # some rows do attend nowhere here: the sum is not trivially one
+
+
+def test_dormant_default_is_guos_criterion(corpus: Path) -> None:
+    """A head is dormant above 0.89 (Guo et al.'s code) by default; 0.5 remains an option."""
+    from sinkscope.training.config import TrainConfig
+
+    task = BigramBackcopy.from_file(corpus, n_chars=20, n_triggers=2)
+    model = TinyGPT(TinyGPTConfig(vocab_size=task.vocab_size, block_size=16, n_layers=1, d_model=16, n_heads=1,
+                                  positions="none"))
+    s_dir = torch.tensor([1.0, -1.0] * 8)  # shared by every token: it makes the (constant) query
+    d_dir = torch.tensor([1.0, 1.0, -1.0, -1.0] * 4)  # +d for BOS, -d for the rest: it makes the key
+    c = 0.6  # the logit of BOS exceeds every other key's: masses on BOS ~0.68 (trigger) and ~0.72 (non-trigger)
+    with torch.no_grad():
+        model.tok_emb.weight.copy_((s_dir - d_dir).expand_as(model.tok_emb.weight))
+        model.tok_emb.weight[task.bos_id] = s_dir + d_dir
+        qkv = model.layers[0].attn.qkv.weight  # (3 * 16, 16): W_q, W_k, W_v
+        qkv.zero_()
+        qkv[:16] = c * torch.ones(16, 1) * s_dir[None] / 16 * 2 ** 0.5
+        qkv[16:32] = c * torch.ones(16, 1) * d_dir[None] / 16 * 2 ** 0.5
+    batch = task.batch(0, 0, 4, 16)
+    mass = measure_model(model, batch)["head_bos_mass"]["L0H0"]
+    assert TrainConfig().dormant_threshold == 0.89
+    assert any(0.5 < m < 0.89 for m in mass.values()), mass  # a class the two criteria label differently
+    for threshold in (0.89, 0.5, None):
+        kw = {} if threshold is None else {"dormant_threshold": threshold}
+        labels = measure_model(model, batch, **kw)["heads"]["L0H0"]
+        limit = 0.89 if threshold is None else threshold
+        assert labels == {c: "dormant" if m > limit else "active" for c, m in mass.items()}
