@@ -271,3 +271,35 @@ def test_diagnose_and_profile_commands_read_a_finished_run(tiny_cfg: RunConfig, 
     assert "unknown diagnosis 'nope'; choose from scores, parts, targets" in capsys.readouterr().err
     assert cli_main(["train", "profile", str(run), "--samples", "0"]) == 2
     assert "--samples must be >= 1" in capsys.readouterr().err
+
+
+def test_weight_decay_on_matrices_or_every_parameter(corpus: Path, tmp_path: Path) -> None:
+    from sinkscope.models.tinygpt import TinyGPT
+    from sinkscope.training.loop import make_optimizer
+
+    for decay, want in (("matrices", {"tok_emb.weight", "layers.0.attn.qkv.weight"}), ("all", None)):
+        cfg = config_from_dict(tiny_dict(corpus, model={"vocab_size": 30}, optim={"decay": decay,
+                                                                                  "weight_decay": 0.1}))
+        model = TinyGPT(cfg.model)
+        opt = make_optimizer(model, cfg)
+        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+        names = {n for n, p in model.named_parameters() if id(p) in decayed}
+        if want is None:  # Gu et al.: every parameter, the norms' gains and biases included
+            assert names == {n for n, _ in model.named_parameters()}
+        else:
+            assert want <= names and not any("norm" in n for n in names)
+
+
+def test_checkpoints_from_before_a_new_setting_still_resume(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    import torch
+
+    from sinkscope.training.checkpoint import CHECKPOINT_NAME
+
+    train(tiny_cfg, tmp_path / "o", stop_after=5)
+    state = torch.load(tmp_path / "o" / CHECKPOINT_NAME, weights_only=True)
+    assert "decay" not in state["fingerprint"]["optim"]  # at its default, optim.decay is left out
+    res = train(tiny_cfg, tmp_path / "o")
+    assert res.final["step"] == 12
+    changed = config_from_dict({**tiny_cfg.to_dict(), "optim": {**tiny_cfg.to_dict()["optim"], "decay": "all"}})
+    with pytest.raises(CheckpointError, match="optim.decay: checkpoint has None, config has 'all'"):
+        train(changed, tmp_path / "o")
