@@ -13,10 +13,10 @@ from typer.core import TyperGroup
 
 
 class _TrainGroup(TyperGroup):
-    """``sinkscope train CONFIG ...`` (no subcommand name) is ``sinkscope train run CONFIG ...``."""
+    """``sinkscope train CONFIG ...`` (no subcommand name, options in any place) is ``sinkscope train run ...``."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and not args[0].startswith("-") and args[0] not in self.commands:
+        if args and args[0] not in self.commands and args[0] not in self.get_help_option_names(ctx):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 

@@ -103,6 +103,11 @@ def test_cli_trains(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     assert cli_main(["train", str(cfg), "--out", str(tmp_path / "o"), "train.steps=3", "model.attention=relu"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["step"] == 3
     assert "attention: relu" in (tmp_path / "o" / "config.yaml").read_text()
+    # `train run` is the same command; options may come first, as before the subcommands
+    assert cli_main(["train", "--fresh", str(cfg), "--out", str(tmp_path / "o"), "train.steps=2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["step"] == 2
+    assert cli_main(["train", "run", str(cfg), "--out", str(tmp_path / "o2"), "train.steps=1"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["step"] == 1
 
 
 def test_results_table_runs_missing_and_skips_other_yaml(corpus: Path, tmp_path: Path,
