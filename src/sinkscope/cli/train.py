@@ -4,6 +4,7 @@ finished runs: the results `table`, the comparison `figures`, a `diagnose` of on
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +50,9 @@ def run_command(
     # Ctrl-C: the last checkpoint (every train.ckpt_every steps, atomic) is intact; the CLI's entry point says
     # "interrupted; resume with the same command" and exits 130
     argv = ["sinkscope", "train", *sys.argv[2:]]
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (the loop reports on rank 0)
+        train(cfg, out, resume=not fresh, argv=argv)
+        return
     with ProgressReporter("train", unit="steps") as report:
         result = train(cfg, out, resume=not fresh, progress=report, log=report.message, argv=argv)
     if result is not None:
