@@ -154,7 +154,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = True, progress: Pro
         cfg: the run config.
         out: output directory (created, and locked for the run). An existing checkpoint there is resumed when
             ``resume``.
-        progress: called after every step as ``progress(step, train.steps, "loss L sink S")`` (rank 0).
+        progress: called after every step as ``progress(step, train.steps, "eval loss L, Sink_0 S")`` (the last
+            evaluation row; rank 0).
         log: receives the run's notices (resuming from a step, stopped at ``train.max_minutes``), rank 0.
         stop_after: stop right after this step as if killed (no final outputs; for resume tests).
         argv: the command line to record in ``config.yaml``.
