@@ -52,7 +52,7 @@ def our_loop(cfg, steps: int) -> float:
     from sinkscope.training.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        res = train(cfg, Path(tmp) / "run", progress=False, argv=["bench"])
+        res = train(cfg, Path(tmp) / "run", argv=["bench"])
     return float(res.final["train_tokens_per_s"])
 
 

@@ -39,7 +39,7 @@ def _root(
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("scan", "scan", "command"),
     ("repeat", "repeat", "group"),
-    ("train", "train", "command"),
+    ("train", "train", "group"),
     ("stream", "stream", "group"),
     ("report", "report", "command"),
 ]

@@ -116,13 +116,16 @@ def relu_flat_attention(q: Tensor, k: Tensor, mask: Tensor, logit_bias: Tensor |
 
 
 def _elu1_scores(q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+    """Gu et al.'s ELU+1 kernel ``phi(q).phi(k) / sqrt(D)`` with ``phi = elu + 1``, times the 0/1 mask (the same
+    ``1 / sqrt(D)`` scale as softmax logits; before issue 19 it was ``1 / D``, which only the unnormalised
+    ``elu1`` felt: a normalised row does not see a common scale)."""
     phi_q, phi_k = F.elu(q) + 1, F.elu(k) + 1  # positive feature maps
-    return (phi_q @ phi_k.transpose(-1, -2)) / q.shape[-1] * mask  # (B, H, Q, K)
+    return (phi_q @ phi_k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) * mask  # (B, H, Q, K)
 
 
 @register("elu1", normalised=False)
 def elu1_attention(q: Tensor, k: Tensor, mask: Tensor, logit_bias: Tensor | None = None) -> Tensor:
-    """ELU+1 kernel ``phi(q).phi(k) / D`` without normalisation (Gu et al.); position biases are ignored."""
+    """ELU+1 kernel ``phi(q).phi(k) / sqrt(D)`` without normalisation (Gu et al.); position biases are ignored."""
     return _elu1_scores(q, k, mask)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from sinkscope.errors import InputError
+from sinkscope.io import read_text_file
 from sinkscope.tasks.batch import LMBatch, step_generator
 
 
@@ -91,10 +92,8 @@ class BigramBackcopy:
 
     @classmethod
     def from_file(cls, path: str | Path, n_chars: int = 65, n_triggers: int = 3, *, bos: bool = True) -> BigramBackcopy:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"data file not found: {path}")
-        text = clean_wikitext(path.read_text(encoding="utf-8", errors="replace"))
+        text = read_text_file(path, "data file")  # a binary or blank file: one-line InputError
+        text = clean_wikitext(text.replace("\r\n", "\n").replace("\r", "\n"))  # universal newlines, as before
         return cls.from_text(text, n_chars, n_triggers, bos=bos)
 
     def sample(self, generator: torch.Generator, batch_size: int, length: int) -> Tensor:

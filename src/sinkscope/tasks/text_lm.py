@@ -32,6 +32,7 @@ from torch import Tensor
 
 from sinkscope.corpora import corpus_path
 from sinkscope.errors import InputError
+from sinkscope.io import read_text_file
 from sinkscope.tasks.batch import LMBatch, step_generator
 
 
@@ -156,7 +157,8 @@ class TextLM:
             path = corpus_path()
         spec = str(path)
         if Path(spec).is_file():
-            task = cls.from_text(Path(spec).read_text(encoding="utf-8", errors="replace"), tokenizer, **kwargs)
+            text = read_text_file(spec, "data file")  # a binary or blank file: one-line InputError
+            task = cls.from_text(text.replace("\r\n", "\n").replace("\r", "\n"), tokenizer, **kwargs)
             task.info = {"corpus": spec, "files": 1, "eval_split": kwargs.get("eval_split", 0.05),
                          "train_tokens": len(task.train_ids), "eval_tokens": len(task.eval_ids)}
             return task

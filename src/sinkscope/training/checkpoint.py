@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import io
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,21 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None
 
 
+def _first_words(e: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's message, shortened at a word boundary to at most ``limit`` characters."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(" .,;:") + " ..."
+
+
+def _weights_only_reason(text: str) -> str:
+    """The short reason in torch's weights-only error (e.g. ``Unsupported operand 111``), or ''."""
+    found = re.search(r"^(Unsupported [^\n]*)$", text, re.MULTILINE)
+    return found.group(1).strip() if found else ""
+
+
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Load a checkpoint and check it belongs to a run with this config ``fingerprint``.
 
@@ -56,9 +73,17 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = re.search(r"\bGLOBAL (\S+)", text)
+        if found:  # torch's weights-only unpickler refused a global: the file pickles Python objects (code)
+            raise CheckpointError(f"checkpoint {path} holds pickled Python objects ({found.group(1)}), which are "
+                                  "refused: only tensors and plain containers are read (weights_only=True); "
+                                  "it was not written by sinkscope train") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable (not a torch checkpoint of tensors"
+                              f"{': ' + _weights_only_reason(text) if _weights_only_reason(text) else ''})") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({msg[:120]})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({_first_words(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a sinkscope training checkpoint (format {FORMAT_VERSION})")
     diff = _first_difference(state.get("fingerprint"), fingerprint)

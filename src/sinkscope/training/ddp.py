@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sinkscope.devices import single_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -32,13 +34,14 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; otherwise the named device."""
-    if pref == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if pref == "cuda":
+def rank_device(device: str, local_rank: int = 0) -> torch.device:
+    """This rank's device: `sinkscope.devices.single_device` (``auto``: CUDA when available, else the CPU;
+    an unknown or absent device is a one-line InputError), and under DDP a CUDA device becomes
+    ``cuda:<local_rank>`` (one GPU per process)."""
+    dev = single_device(device)
+    if dev.type == "cuda" and dev.index is None:
         return torch.device(f"cuda:{local_rank}")
-    return torch.device(pref)
+    return dev
 
 
 def init_distributed(device_pref: str = "auto") -> DistContext:
@@ -46,7 +49,7 @@ def init_distributed(device_pref: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_pref, local_rank)
+    device = rank_device(device_pref, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

@@ -13,15 +13,12 @@ Two read-outs of a finished ``sinkscope train`` run (its ``checkpoint.pt``) on t
 - :func:`attention_targets`: where one layer's queries of each class put their (row-normalised) attention:
   the sink slot, the first token, themselves, the previous token, everything else.
 
-``python -m sinkscope.training.diagnose scores|parts|targets RUN [--layer L]`` prints JSON.
+``sinkscope train diagnose scores|parts|targets RUN... [--layer L]`` prints one JSON line per run (`diagnose_run`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sinkscope.errors import InputError, SinkscopeError
+from sinkscope.errors import InputError
 from sinkscope.models.tinygpt import TinyGPT, rope
 
 #: raw score of a logit per attention kind, before any row normalisation (kinds whose weights are a function
@@ -40,13 +37,15 @@ RAW_SCORES = {
 }
 
 
-def _load(run: str | Path):
-    from sinkscope.models.tinygpt_adapter import load_trained
-    from sinkscope.training.loop import evaluation_batch, build_task, resolve_config
+def run_inputs(run: str | Path) -> tuple[TinyGPT, Any, Any]:
+    """A finished run's model (eval mode), resolved config and held-out evaluation batch (as training used)."""
+    from sinkscope.training.loop import build_task, evaluation_batch, resolve_config
+    from sinkscope.training.run import load_trained
 
     model, cfg = load_trained(run)
     task = build_task(cfg.data)
-    return model, resolve_config(cfg, task), evaluation_batch(task, resolve_config(cfg, task))
+    cfg = resolve_config(cfg, task)
+    return model, cfg, evaluation_batch(task, cfg)
 
 
 def _check_layer(model: TinyGPT, layer: int) -> None:
@@ -176,25 +175,17 @@ def attention_targets(model: TinyGPT, batch: Any, layer: int) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sinkscope.training.diagnose", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("scores", "parts", "targets"),
-                   help="scores: score_budget; parts: residual_parts; targets: attention_targets")
-    p.add_argument("runs", nargs="+", type=Path, help="run directories of `sinkscope train`")
-    p.add_argument("--layer", type=int, default=None, help="layer (default: 1 for scores, 0 for parts)")
-    args = p.parse_args(argv)
-    layer = args.layer if args.layer is not None else (0 if args.what == "parts" else 1)
-    fns = {"scores": score_budget, "parts": residual_parts, "targets": attention_targets}
-    try:
-        for run in args.runs:
-            model, _cfg, batch = _load(run)
-            result = fns[args.what](model, batch, layer)
-            print(json.dumps({"run": str(run), **result}))
-    except SinkscopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+#: the diagnoses of ``sinkscope train diagnose WHAT``: name -> (function, default layer)
+DIAGNOSES = {"scores": (score_budget, 1), "parts": (residual_parts, 0), "targets": (attention_targets, 1)}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def diagnose_run(what: str, run: str | Path, layer: int | None = None) -> dict[str, Any]:
+    """One diagnosis (``scores``: `score_budget`, ``parts``: `residual_parts`, ``targets``:
+    `attention_targets`) of a finished run on its own held-out batch; ``layer`` None: the diagnosis's default
+    (1 for scores and targets, 0 for parts). Returns ``{"run": ..., **result}``."""
+    if what not in DIAGNOSES:
+        raise InputError(f"unknown diagnosis {what!r}; choose from {', '.join(DIAGNOSES)}")
+    fn, default_layer = DIAGNOSES[what]
+    model, _cfg, batch = run_inputs(run)
+    return {"run": str(run), **fn(model, batch, default_layer if layer is None else layer)}

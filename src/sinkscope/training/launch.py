@@ -25,7 +25,7 @@ def _worker(rank: int, world_size: int, port: int, cfg_dict: dict[str, Any], out
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(threads)
-    train(config_from_dict(cfg_dict), Path(out), progress=False)
+    train(config_from_dict(cfg_dict), Path(out))
 
 
 def run_local_processes(cfg_dict: dict[str, Any], out: str | Path, world_size: int = 2, threads: int = 1) -> None:

@@ -29,6 +29,10 @@ from sinkscope.profile import SinkProfile, profile_sinks
 from sinkscope.tasks.batch import LMBatch
 
 
+#: Guo et al.'s dormant criterion (their code): the head's non-trigger queries put > 0.89 of their attention on BOS
+DORMANT_THRESHOLD = 0.89
+
+
 @dataclass
 class Measured:
     """What one evaluation measured: the batch, the model's logits and capture points, its profile, settings."""
@@ -77,23 +81,43 @@ def sink_keys(m: Measured) -> dict:
 
 
 def norm_keys(m: Measured) -> dict:
-    """Per layer, the first token's value norm (heads concatenated) and residual norm over the median other
-    token's, pooled over the batch (`first_norm_ratio`); and the two residual norms themselves
-    (``bos_residual_abs``, ``median_residual_abs``: Guo et al. plot the absolute norm)."""
+    """Per layer, pooled over the batch (`first_norm_ratio`):
+
+    - ``bos_value_norm``: the first token's raw value norm ``||v||`` (heads concatenated) over the median other
+      token's;
+    - ``bos_value_out_norm``: per head, Guo et al.'s value drain ``||W_O^h v_h||`` (the head's value after its
+      slice of the output projection, what the head adds to the residual stream per unit of attention) of the
+      first token over the median other token's;
+    - ``bos_residual_norm``: the first token's residual norm over the median other token's (as Sink_0 papers
+      plot it); ``bos_residual_norm_mean``: over the mean other token's (Gu et al.'s ratio);
+    - ``bos_residual_abs``, ``median_residual_abs``: the two residual norms themselves (Guo et al. plot the
+      absolute norm).
+    """
     p = m.profile
     value = torch.from_numpy(np.sqrt((p.value_norm.astype(np.float64) ** 2).sum(2)))  # (N, L, T)
     resid = torch.from_numpy(p.residual_norm)  # (N, L, T)
     L = resid.shape[1]
     first_median = [first_and_median_norm(resid[:, l]) for l in range(L)]
+    H, D = m.model.cfg.n_heads, m.model.cfg.d_head
+    value_out = []
+    for layer, v in enumerate(m.captured.values):  # v: (B, H, T, D), real keys only
+        w_o = m.model.layers[layer].attn.proj.weight.detach().view(-1, H, D)  # (d_model, H, D)
+        out = torch.einsum("bhtd,mhd->bhtm", v.float(), w_o.float()).norm(dim=-1)  # (B, H, T)
+        value_out.append([round(first_norm_ratio(out[:, h]), 4) for h in range(H)])
     return {"bos_value_norm": [round(first_norm_ratio(value[:, l]), 4) for l in range(L)],
+            "bos_value_out_norm": value_out,
             "bos_residual_norm": [round(first_norm_ratio(resid[:, l]), 4) for l in range(L)],
+            "bos_residual_norm_mean": [round(float(resid[:, l, 0].mean() / resid[:, l, 1:].mean().clamp_min(1e-12)), 4)
+                                       for l in range(L)],
             "bos_residual_abs": [round(f, 4) for f, _ in first_median],
             "median_residual_abs": [round(med, 4) for _, med in first_median]}
 
 
 def head_labels(m: Measured) -> dict:
     """Per head and input class: the proxy attention the class's queries put on token 0 (plus the sink slot,
-    where a dormant head parks its attention), ``head_bos_mass``, and ``dormant`` above the threshold."""
+    where a dormant head parks its attention), ``head_bos_mass``, and ``dormant`` above the threshold
+    (``train.dormant_threshold``, default 0.89: Guo et al.'s code calls a head dormant when its non-trigger
+    queries put more than 0.89 of their attention on BOS; 0.5, this lab's earlier default, is an option)."""
     cfg, b, cap = m.model.cfg, m.batch, m.captured
     visible = attention_mask(b.idx.shape[1], window=cfg.window, prefix_len=b.prefix_len, device=b.idx.device)
     heads: dict[str, dict[str, str]] = {}
@@ -118,7 +142,8 @@ ROW_PARTS: list[Callable[[Measured], dict]] = [loss_keys, sink_keys, norm_keys, 
 
 
 @torch.no_grad()
-def measure_model(model: nn.Module, batch: LMBatch, *, eps: float = 0.3, dormant_threshold: float = 0.5) -> dict:
+def measure_model(model: nn.Module, batch: LMBatch, *, eps: float = 0.3,
+                  dormant_threshold: float = DORMANT_THRESHOLD) -> dict:
     """One evaluation row (see module docstring). ``model`` is a :class:`TinyGPT` (unwrapped)."""
     if not isinstance(model, TinyGPT):
         raise TypeError(f"measure_model takes a TinyGPT, got {type(model).__name__}")

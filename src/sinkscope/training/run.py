@@ -88,49 +88,35 @@ def run_tokenizer(cfg: RunConfig) -> Any:
 
 def load_run_model(path: str | Path, **kwargs: Any) -> tuple[TinyGPT, Any]:
     """Loader of the ``tinygpt_run`` artefact: ``(model, tokenizer)``. Of `load_model`'s keyword arguments it
-    applies ``device`` and ``dtype`` / ``torch_dtype`` (a torch dtype or its name; ``"auto"``: fp32) and ignores
-    the Hugging Face-only ones."""
-    import torch
+    applies ``device`` (`sinkscope.devices.single_device`: ``auto`` is CUDA when available, else the CPU) and
+    ``dtype`` / ``torch_dtype`` (`sinkscope.devices.parse_dtype`; ``"auto"``: the checkpoint's dtype, float32)
+    and ignores the Hugging Face-only ones."""
+    from sinkscope.devices import parse_dtype, single_device
 
     model, cfg = load_trained(path)
-    dtype = kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.float32
-    if isinstance(dtype, str):
-        dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(dtype, torch.dtype):
-            raise InputError(f"unknown dtype {kwargs.get('dtype') or kwargs.get('torch_dtype')!r}", param="dtype")
-    model.to(device=kwargs.get("device") or "cpu", dtype=dtype)
+    dtype = parse_dtype(kwargs.get("dtype") or kwargs.get("torch_dtype"))
+    if dtype == "auto":  # the checkpoint's dtype: training writes float32
+        dtype = next(iter(model.state_dict().values())).dtype
+    model.to(device=single_device(kwargs.get("device") or "cpu"), dtype=dtype)
     return model, run_tokenizer(cfg)
 
 
 register_artefact("tinygpt_run", load_run_model, detect=is_run_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sinkscope.training.run RUN_DIR... [--samples N]``: profile trained runs on held-out
-    task sequences and print Sink_0 from the weights used and from the proxy, Sink_* and the per-layer ratios."""
-    import argparse
+def profile_run(run_dir: str | Path, samples: int = 32) -> dict[str, Any]:
+    """`sinkscope.profile.profile_sinks` of a trained run on ``samples`` task sequences (seed 1234, step 0):
+    the profile's ``summary()`` plus the run's ``attention`` and ``attn_bias`` (``sinkscope train profile``).
 
+    Raises:
+        InputError: not a run directory, ``samples`` < 1; CheckpointError: an unreadable or foreign checkpoint.
+    """
     from sinkscope.profile import profile_sinks
     from sinkscope.training.loop import build_task
 
-    ap = argparse.ArgumentParser(prog="python -m sinkscope.training.run", description=main.__doc__)
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--samples", type=int, default=32, help="held-out sequences per run (seed 1234, step 0)")
-    args = ap.parse_args(argv)
-    for run in args.runs:
-        model, cfg = load_trained(run)
-        batch = build_task(cfg.data).batch(1234, 0, args.samples, cfg.data.seq_len)
-        s = profile_sinks(model, batch.idx.tolist()).summary()
-        r3 = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
-        slot = "" if "sink_ratio_slot" not in s else (
-            f" Sink_* {s['sink_ratio_slot']:.3f} (proxy {s['sink_ratio_slot_proxy']:.3f}),"
-            f" slot mass by layer {r3(s['learned_sink_mass_by_layer'])};")
-        print(f"{run}: {cfg.model.attention}, attn_bias {cfg.model.attn_bias}: Sink_0 {s['sink_ratio']:.3f}"
-              f" (proxy {s['sink_ratio_proxy']:.3f}); alpha_0 by layer {r3(s['attention_on_first_by_layer'])}"
-              f" (proxy {r3(s['attention_on_first_by_layer_proxy'])});{slot} value ratio"
-              f" {r3(s['value_ratio_first_by_layer'])}, residual ratio {r3(s['residual_ratio_first_by_layer'])}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    if samples < 1:
+        raise InputError(f"samples must be >= 1, got {samples}", param="samples")
+    model, cfg = load_trained(run_dir)
+    batch = build_task(cfg.data).batch(1234, 0, samples, cfg.data.seq_len)
+    summary = profile_sinks(model, batch.idx.tolist()).summary()
+    return {"run": str(run_dir), "attention": cfg.model.attention, "attn_bias": cfg.model.attn_bias, **summary}

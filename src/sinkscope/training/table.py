@@ -1,22 +1,24 @@
-"""Results table of the training experiments: ``python -m sinkscope.training.table experiments/ runs/ [--run]``.
+"""Results table of the training experiments: ``sinkscope train table experiments/ runs/ [--run]``.
 
-For every ``experiments/NAME.yaml`` it reads ``runs/NAME/final.json`` (``--run`` first trains the runs that have
-none, one after the other; ``--skip-long`` leaves out those whose ``train.minutes`` is 5 or more) and prints a
-Markdown table of the final metrics (long experiments are marked), then, for each ``X-adam`` / ``X-sgd`` and
+For every ``experiments/NAME.yaml`` it reads ``runs/NAME/final.json`` (`missing_runs` lists the runs that have
+none, which ``--run`` trains first, one after the other; ``--skip-long`` leaves out those whose
+``train.minutes`` is 5 or more) and makes a Markdown table of the final metrics (long experiments are marked), then, for each ``X-adam`` / ``X-sgd`` and
 ``X-softmax`` / ``X-sigmoid`` pair, both runs at equal loss, a few rows of every run's dynamics (absolute residual
 norms where logged), and for text runs Sink_0 every 500 steps.
 """
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sinkscope.errors import SinkscopeError
+import yaml
+
+from sinkscope.errors import InputError
+from sinkscope.io import read_jsonl, read_text_file, write_atomic
 
 
 def _fmt_layers(values: list[Any]) -> str:
@@ -53,9 +55,7 @@ def _name(path: Path) -> str:
 
 
 def _cfg(run: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load((run / "config.yaml").read_text())
+    return yaml.safe_load(read_text_file(run / "config.yaml", "run config"))
 
 
 def training_experiments(experiments: Path, pattern: str = "*") -> list[Path]:
@@ -74,8 +74,29 @@ def training_experiments(experiments: Path, pattern: str = "*") -> list[Path]:
     return out
 
 
-def results_table(experiments: Path, runs: Path, pattern: str = "*") -> str:
-    """Markdown table of every experiment's final row (missing runs are listed as not run)."""
+@dataclass(frozen=True)
+class ResultsTable:
+    """The results of a folder of experiments as Markdown: the final-row table, the equal-loss pairs, the
+    dynamics rows and the text runs' sink trend (see the module docstring)."""
+
+    markdown: str
+
+    def save(self, path: str | Path) -> Path:
+        """Write the Markdown to the file ``path`` (atomically; its folder must exist). Returns ``path``."""
+        write_atomic(path, self.markdown)
+        return Path(path)
+
+
+def results_table(experiments: Path, runs: Path, pattern: str = "*") -> ResultsTable:
+    """Markdown table of every experiment's final row (missing runs are listed as not run), then the other
+    sections (`ResultsTable`).
+
+    Raises:
+        InputError: ``experiments`` is not a folder.
+    """
+    experiments, runs = Path(experiments), Path(runs)
+    if not experiments.is_dir():
+        raise InputError(f"experiments folder not found: {experiments}")
     header = ("| experiment | attention | optim | steps | eval loss | excess | Sink_0 | Sink_0 proxy | Sink_slot "
               "| BOS attn (per layer) | BOS value / median | BOS resid / median | dormant heads | wall s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -98,11 +119,11 @@ def results_table(experiments: Path, runs: Path, pattern: str = "*") -> str:
             f"| {f['wall_time_s']:.0f} |")
     lines += ["", *equal_loss_lines(experiments, runs, pattern), *dynamics_lines(experiments, runs, pattern=pattern),
               *text_sink_lines(experiments, runs, pattern=pattern)]
-    return "\n".join(lines).rstrip() + "\n"
+    return ResultsTable("\n".join(lines).rstrip() + "\n")
 
 
 def _rows(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return read_jsonl(run / "metrics.jsonl")
 
 
 def _describe(label: str, r: dict[str, Any]) -> str:
@@ -177,51 +198,38 @@ def text_sink_lines(experiments: Path, runs: Path, every: int = 500, pattern: st
     return ["", *out] if out else []
 
 
-def run_missing(experiments: Path, runs: Path, *, skip_long: bool = False, pattern: str = "*") -> None:
-    """Train every experiment without ``final.json`` (resuming any checkpoint), one after the other;
-    ``skip_long`` leaves out those expected to take 5 minutes or more (``train.minutes``)."""
-    from sinkscope.training.config import load_config
-    from sinkscope.training.loop import train
+@dataclass(frozen=True)
+class MissingRun:
+    """An experiment without ``final.json``: its YAML, its run directory, its expected minutes (or None) and
+    whether ``skip_long`` leaves it out."""
 
+    config: Path
+    out: Path
+    minutes: float | None
+    skipped: bool
+
+    @property
+    def name(self) -> str:
+        return self.config.stem
+
+
+def missing_runs(experiments: Path, runs: Path, *, skip_long: bool = False, pattern: str = "*") -> list[MissingRun]:
+    """Every experiment of ``experiments`` (matching ``pattern``) whose ``runs/NAME/final.json`` is missing, in
+    name order; with ``skip_long`` those expected to take 5 minutes or more (``train.minutes``) are marked
+    ``skipped``. ``sinkscope train table --run`` trains the others one after the other (resuming any
+    checkpoint) with `sinkscope.training.loop.train`.
+
+    Raises:
+        InputError: ``experiments`` is not a folder.
+    """
+    experiments, runs = Path(experiments), Path(runs)
+    if not experiments.is_dir():
+        raise InputError(f"experiments folder not found: {experiments}")
+    out = []
     for path in training_experiments(experiments, pattern):
-        out = runs / path.stem
-        if (out / "final.json").is_file():
+        if (runs / path.stem / "final.json").is_file():
             continue
         minutes = expected_minutes(path)
-        if skip_long and minutes is not None and minutes >= LONG_MINUTES:
-            print(f"skipping {path.stem} (long: ~{minutes:g} min)", file=sys.stderr, flush=True)
-            continue
-        print(f"training {path.stem}" + (f" (~{minutes:g} min on one core)" if minutes else "") + " ...",
-              file=sys.stderr, flush=True)
-        train(load_config(path), out, progress=sys.stderr.isatty(),
-              argv=["sinkscope", "train", str(path), "--out", str(out)])
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sinkscope.training.table", description=__doc__.splitlines()[0])
-    p.add_argument("experiments", type=Path, help="folder of experiment YAMLs")
-    p.add_argument("runs", type=Path, help="folder of run directories (runs/NAME per experiments/NAME.yaml)")
-    p.add_argument("--run", action="store_true", help="train the experiments that have no final.json first")
-    p.add_argument("--skip-long", action="store_true",
-                   help=f"with --run: leave out experiments expected to take {LONG_MINUTES:g} minutes or more")
-    p.add_argument("--only", default="*", metavar="GLOB",
-                   help="only the experiments whose name matches this pattern, e.g. 'bb-peak-*'")
-    p.add_argument("--out", type=Path, help="also write the table to this file")
-    args = p.parse_args(argv)
-    try:
-        if not args.experiments.is_dir():
-            raise SinkscopeError(f"experiments folder not found: {args.experiments}")
-        if args.run:
-            run_missing(args.experiments, args.runs, skip_long=args.skip_long, pattern=args.only)
-        table = results_table(args.experiments, args.runs, args.only)
-    except SinkscopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(table, end="")
-    if args.out:
-        args.out.write_text(table)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        out.append(MissingRun(path, runs / path.stem, minutes,
+                              skip_long and minutes is not None and minutes >= LONG_MINUTES))
+    return out

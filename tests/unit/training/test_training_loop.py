@@ -23,7 +23,7 @@ def _losses(out: Path) -> list[dict]:
 
 
 def test_run_outputs_and_exact_resume(tiny_cfg: RunConfig, tmp_path: Path) -> None:
-    full = train(tiny_cfg, tmp_path / "full", progress=False)
+    full = train(tiny_cfg, tmp_path / "full")
     assert full is not None
     rows = _losses(tmp_path / "full")
     assert [r["step"] for r in rows] == [0, 3, 6, 9, 12]
@@ -39,8 +39,8 @@ def test_run_outputs_and_exact_resume(tiny_cfg: RunConfig, tmp_path: Path) -> No
     assert "attention: softmax" in (tmp_path / "full" / "config.yaml").read_text()
 
     # killed after step 8 (last checkpoint at 5), then resumed: identical log
-    assert train(tiny_cfg, tmp_path / "cut", progress=False, stop_after=8) is None
-    train(tiny_cfg, tmp_path / "cut", progress=False)
+    assert train(tiny_cfg, tmp_path / "cut", stop_after=8) is None
+    train(tiny_cfg, tmp_path / "cut")
     assert _losses(tmp_path / "cut") == rows
 
 
@@ -48,7 +48,7 @@ def test_ddp_two_cpu_processes_match_single(corpus: Path, tmp_path: Path) -> Non
     from sinkscope.training.launch import run_local_processes
 
     d = tiny_dict(corpus, train={"steps": 4, "eval_every": 2, "ckpt_every": 4})
-    single = train(config_from_dict(d), tmp_path / "single", progress=False)
+    single = train(config_from_dict(d), tmp_path / "single")
     run_local_processes(d, tmp_path / "ddp", world_size=2)
     ddp = json.loads((tmp_path / "ddp" / "final.json").read_text())
     assert ddp["world_size"] == 2
@@ -60,13 +60,13 @@ def test_ddp_two_cpu_processes_match_single(corpus: Path, tmp_path: Path) -> Non
 
 def test_checkpoint_corrupt_and_mismatched(tiny_cfg: RunConfig, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(tiny_cfg, out, progress=False, stop_after=5)
+    train(tiny_cfg, out, stop_after=5)
     other = config_from_dict(tiny_dict(corpus, model={"d_model": 64}))
     with pytest.raises(CheckpointError, match=r"model.d_model: checkpoint has 32, config has 64"):
-        train(other, out, progress=False)
+        train(other, out)
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
-        train(tiny_cfg, out, progress=False)
+        train(tiny_cfg, out)
 
 
 def test_optimisers_and_schedule(corpus: Path, tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_optimisers_and_schedule(corpus: Path, tmp_path: Path) -> None:
                                                     "schedule": "cosine"}))
     assert lr_at(0, cfg) == pytest.approx(0.025) and lr_at(3, cfg) == pytest.approx(0.1)
     assert lr_at(11, cfg) < lr_at(5, cfg)
-    res = train(cfg, tmp_path / "sgd", progress=False)
+    res = train(cfg, tmp_path / "sgd")
     assert res.rows[-1]["loss"] < res.rows[0]["loss"]
 
 
@@ -103,13 +103,16 @@ def test_cli_trains(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     assert cli_main(["train", str(cfg), "--out", str(tmp_path / "o"), "train.steps=3", "model.attention=relu"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["step"] == 3
     assert "attention: relu" in (tmp_path / "o" / "config.yaml").read_text()
+    # `train run` is the same command; options may come first, as before the subcommands
+    assert cli_main(["train", "--fresh", str(cfg), "--out", str(tmp_path / "o"), "train.steps=2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["step"] == 2
+    assert cli_main(["train", "run", str(cfg), "--out", str(tmp_path / "o2"), "train.steps=1"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["step"] == 1
 
 
 def test_results_table_runs_missing_and_skips_other_yaml(corpus: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     import yaml
-
-    from sinkscope.training.table import main as table_main
 
     exp = tmp_path / "experiments"
     exp.mkdir()
@@ -117,7 +120,7 @@ def test_results_table_runs_missing_and_skips_other_yaml(corpus: Path, tmp_path:
     (exp / "tiny-sgd.yaml").write_text(yaml.safe_dump(tiny_dict(corpus, train={"steps": 4, "eval_every": 2},
                                                                 optim={"name": "sgd", "lr": 0.05})))
     (exp / "other.yaml").write_text("words: [poem]\n")  # not a training config: skipped
-    assert table_main([str(exp), str(tmp_path / "runs"), "--run", "--out", str(tmp_path / "t.md")]) == 0
+    assert cli_main(["train", "table", str(exp), str(tmp_path / "runs"), "--run", "--out", str(tmp_path / "t.md")]) == 0
     table = (tmp_path / "t.md").read_text()
     assert "| tiny-adam | softmax | adamw" in table and "| tiny-sgd | softmax | sgd" in table
     assert "other" not in table and (tmp_path / "runs" / "tiny-sgd" / "final.json").is_file()
@@ -149,7 +152,7 @@ def test_diverging_loss_stops_with_one_line(corpus: Path, tmp_path: Path) -> Non
     cfg = config_from_dict(tiny_dict(corpus, optim={"lr": 1e30, "grad_clip": None}))
     with pytest.raises(DivergedError, match=r"training diverged: the training loss is (nan|inf) at step \d+ "
                                             r"\(optim.lr=1e\+30\); lower optim.lr") as e:
-        train(cfg, tmp_path / "o", progress=False)
+        train(cfg, tmp_path / "o")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "o" / "final.json").exists()
     for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines():  # strict JSON: no NaN / Infinity
@@ -161,28 +164,31 @@ def test_out_is_checked_before_any_work(corpus: Path, tmp_path: Path) -> None:
 
     bad_data = config_from_dict(tiny_dict(corpus, data={"corpus": str(tmp_path / "missing.txt")}))
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InputError, match="is an existing file"):  # not 'data file not found': out comes first
-        train(bad_data, tmp_path / "file", progress=False)
-    with pytest.raises(InputError, match="cannot create output directory"):
-        train(bad_data, tmp_path / "file" / "sub", progress=False)
+    with pytest.raises(InputError, match="exists and is not a directory"):  # not 'data file not found': out first
+        train(bad_data, tmp_path / "file")
+    with pytest.raises(InputError, match="is not writable"):
+        train(bad_data, tmp_path / "file" / "sub")
 
 
 def test_resume_says_from_which_step(tiny_cfg: RunConfig, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    train(tiny_cfg, tmp_path / "o", progress=False, stop_after=7)
-    assert "resuming" not in capsys.readouterr().err
-    train(tiny_cfg, tmp_path / "o", progress=False)
-    assert f"resuming {tmp_path / 'o'} from step 5 of 12" in capsys.readouterr().err
+    said: list[str] = []
+    train(tiny_cfg, tmp_path / "o", stop_after=7, log=said.append)
+    assert said == []
+    train(tiny_cfg, tmp_path / "o", log=said.append)
+    assert said == [f"resuming {tmp_path / 'o'} from step 5 of 12 (checkpoint.pt)"]
+    assert capsys.readouterr().err == ""  # the library prints nothing itself
 
 
 def test_max_minutes_stops_cleanly_and_resumes(tiny_cfg: RunConfig, corpus: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
-    full = train(tiny_cfg, tmp_path / "full", progress=False)
+    full = train(tiny_cfg, tmp_path / "full")
     short = config_from_dict(tiny_dict(corpus, train={"max_minutes": 1e-9}))
-    res = train(short, tmp_path / "o", progress=False)
+    said: list[str] = []
+    res = train(short, tmp_path / "o", log=said.append)
     assert res.final["step"] == 1 and res.final["stopped"] == "max_minutes" and res.final["steps_planned"] == 12
-    assert "stopped at step 1 of 12" in capsys.readouterr().err
+    assert "stopped at step 1 of 12" in said[0]
     assert [r["step"] for r in res.rows] == [0, 1]  # evaluated where it stopped
-    again = train(tiny_cfg, tmp_path / "o", progress=False)  # same command without the limit continues
+    again = train(tiny_cfg, tmp_path / "o")  # same command without the limit continues
     assert again.final["step"] == 12 and "stopped" not in again.final
     assert again.final["loss"] == pytest.approx(full.final["loss"], abs=1e-6)  # same weights as an uninterrupted run
 
@@ -219,26 +225,86 @@ def test_results_table_marks_and_skips_long_experiments(corpus: Path, tmp_path: 
                                                         capsys: pytest.CaptureFixture) -> None:
     import yaml
 
-    from sinkscope.training.table import main as table_main
-
     exp = tmp_path / "experiments"
     exp.mkdir()
     (exp / "quick.yaml").write_text(yaml.safe_dump(tiny_dict(corpus, train={"steps": 2, "eval_every": 1})))
     (exp / "slow.yaml").write_text(yaml.safe_dump(tiny_dict(corpus, train={"steps": 2, "minutes": 12})))
-    assert table_main([str(exp), str(tmp_path / "runs"), "--run", "--skip-long"]) == 0
+    assert cli_main(["train", "table", str(exp), str(tmp_path / "runs"), "--run", "--skip-long"]) == 0
     captured = capsys.readouterr()
     assert "skipping slow (long: ~12 min)" in captured.err
     assert "| slow (long, ~12 min) | (not run) |" in captured.out and "| quick | softmax |" in captured.out
     assert not (tmp_path / "runs" / "slow").exists()
-    assert table_main([str(exp), str(tmp_path / "runs"), "--only", "qu*"]) == 0
+    assert cli_main(["train", "table", str(exp), str(tmp_path / "runs"), "--only", "qu*"]) == 0
     assert "slow" not in capsys.readouterr().out
 
 
-def test_comparison_figures_from_finished_runs(tiny_cfg: RunConfig, tmp_path: Path) -> None:
-    from sinkscope.training.figures import FIGURES, write_figures
+def test_comparison_figures_from_finished_runs(tiny_cfg: RunConfig, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    from sinkscope.training.figures import read_figure_specs
 
-    name = FIGURES["training-peak"].runs[0]
-    train(tiny_cfg, tmp_path / "runs" / name, progress=False)
-    written = write_figures(tmp_path / "runs", tmp_path / "img")
-    assert written == [tmp_path / "img" / "training-peak.png"]  # figures without any finished run are skipped
-    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figures = Path(__file__).resolve().parents[3] / "experiments" / "figures.yaml"
+    specs = read_figure_specs(figures)
+    name = specs["training-peak"].runs[0]
+    train(tiny_cfg, tmp_path / "runs" / name)
+    capsys.readouterr()
+    assert cli_main(["train", "figures", str(tmp_path / "runs"), str(tmp_path / "img"), "--figures", str(figures)]) == 0
+    out, err = capsys.readouterr()
+    written = tmp_path / "img" / "training-peak.png"
+    assert out.split() == [str(written)]  # figures without any finished run are skipped, and said so
+    assert "training-slots: no runs yet, skipped" in err
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli_main(["train", "figures", str(tmp_path / "runs"), str(tmp_path / "img"), "--figures", str(figures),
+                     "--only", "training-nope"]) == 2
+    assert "unknown figure(s) training-nope" in capsys.readouterr().err
+
+
+def test_diagnose_and_profile_commands_read_a_finished_run(tiny_cfg: RunConfig, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from sinkscope.training.diagnose import residual_parts, run_inputs
+
+    run = tmp_path / "run"
+    train(tiny_cfg, run)
+    capsys.readouterr()
+    assert cli_main(["train", "diagnose", "parts", str(run)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    model, _cfg, batch = run_inputs(run)
+    assert got == {"run": str(run), **residual_parts(model, batch, 0)}  # the default layer of parts is 0
+    assert cli_main(["train", "profile", str(run), "--samples", "4"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{run}: softmax, attn_bias none: Sink_0 ") and "residual ratio [" in line
+    assert cli_main(["train", "diagnose", "nope", str(run)]) == 2
+    assert "unknown diagnosis 'nope'; choose from scores, parts, targets" in capsys.readouterr().err
+    assert cli_main(["train", "profile", str(run), "--samples", "0"]) == 2
+    assert "--samples must be >= 1" in capsys.readouterr().err
+
+
+def test_weight_decay_on_matrices_or_every_parameter(corpus: Path, tmp_path: Path) -> None:
+    from sinkscope.models.tinygpt import TinyGPT
+    from sinkscope.training.loop import make_optimizer
+
+    for decay, want in (("matrices", {"tok_emb.weight", "layers.0.attn.qkv.weight"}), ("all", None)):
+        cfg = config_from_dict(tiny_dict(corpus, model={"vocab_size": 30}, optim={"decay": decay,
+                                                                                  "weight_decay": 0.1}))
+        model = TinyGPT(cfg.model)
+        opt = make_optimizer(model, cfg)
+        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+        names = {n for n, p in model.named_parameters() if id(p) in decayed}
+        if want is None:  # Gu et al.: every parameter, the norms' gains and biases included
+            assert names == {n for n, _ in model.named_parameters()}
+        else:
+            assert want <= names and not any("norm" in n for n in names)
+
+
+def test_checkpoints_from_before_a_new_setting_still_resume(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    import torch
+
+    from sinkscope.training.checkpoint import CHECKPOINT_NAME
+
+    train(tiny_cfg, tmp_path / "o", stop_after=5)
+    state = torch.load(tmp_path / "o" / CHECKPOINT_NAME, weights_only=True)
+    assert "decay" not in state["fingerprint"]["optim"]  # at its default, optim.decay is left out
+    res = train(tiny_cfg, tmp_path / "o")
+    assert res.final["step"] == 12
+    changed = config_from_dict({**tiny_cfg.to_dict(), "optim": {**tiny_cfg.to_dict()["optim"], "decay": "all"}})
+    with pytest.raises(CheckpointError, match="optim.decay: checkpoint has None, config has 'all'"):
+        train(changed, tmp_path / "o")
