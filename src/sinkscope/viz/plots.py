@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from sinkscope.metrics.sink import is_sink  # noqa: E402
-from sinkscope.profile import SinkProfile  # noqa: E402
+from sinkscope.metrics.sink import is_sink
+
+if TYPE_CHECKING:  # the figures read a profile; the profile's module imports them (SinkProfile.save)
+    from sinkscope.profile import SinkProfile
 
 
 def _title(profile: SinkProfile, what: str) -> str:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from sinkscope.analyses.dormant import DormancyReport  # noqa: E402
-from sinkscope.profile import SinkProfile  # noqa: E402
+if TYPE_CHECKING:  # data in, Figure out: the measuring modules sit above this package
+    from sinkscope.analyses.dormant import DormancyReport
+    from sinkscope.profile import SinkProfile
 
 
 def sinks_by_kind(profiles: Mapping[str, SinkProfile], n_positions: int = 8) -> Figure:

@@ -9,7 +9,7 @@ import pytest
 
 from sinkscope.cli.__main__ import main
 from sinkscope.errors import InputError
-from sinkscope.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+from sinkscope.models.random_hf import save_tiny, tiny_model, tiny_tokenizer
 from sinkscope.report.build import build_report, parse_sections
 from sinkscope.report.sections import ReportOptions
 
@@ -29,7 +29,7 @@ def test_report_files_and_a_failing_section_beside_working_ones(tmp_path) -> Non
     seen: dict[str, tuple[int, int]] = {}
     res = build_report(tiny_model("llama"), tiny_tokenizer(), tmp_path / "r", options=opts,
                        sections=["model", "sinks", "drains", "dormant"], model_spec="tiny-llama",
-                       progress=lambda k, d, t: seen.__setitem__(k, (d, t)))
+                       progress=lambda d, t, k: seen.__setitem__(k, (d, t)))
     assert res.failed == ["sinks", "drains"]
     page = res.index.read_text()
     for key in ("model", "sinks", "drains", "dormant"):
@@ -106,7 +106,7 @@ def test_patch_effect_with_the_repetition_library(monkeypatch) -> None:
     import sinkscope.repetition.direction as direction
     from sinkscope.report.repetition import _patch_effect
     from sinkscope.report.sections import ReportContext
-    from sinkscope.viz.report import Section
+    from sinkscope.report.html import Section
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     text = [[5 + (i * 7 + j) % 90 for j in range(12)] for i in range(3)]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sinkscope.cli.__main__ import main
-from sinkscope.models.tiny import save_tiny
+from sinkscope.models.random_hf import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,10 @@ def test_default_file_is_the_shipped_corpus_and_modes_are_printed(model_dir, tmp
 @pytest.mark.parametrize("args, message", [
     (["--tokens", "1000"], "has 300 tokens, fewer than --tokens 1000"),
     (["--tokens", "9"], "never evicts"),
-    (["--sinks", "-1"], "--sinks >= 0"),
-    (["--window", "0"], "--window >= 1"),
+    (["--sinks", "-1"], "--sinks must be >= 0"),
+    (["--window", "0"], "--window must be >= 1"),
     (["--window", "200", "--tokens", "250"], "exceed the model's context (128)"),
-    (["--chunk", "0"], "--chunk >= 1"),
+    (["--chunk", "0"], "--chunk must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--policies", "sink"], "unknown --policies"),
     (["--file", "EMPTY"], "--file is empty"),
