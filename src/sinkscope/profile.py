@@ -450,7 +450,7 @@ def profile_sinks(
     def tick() -> None:
         steps["done"] += 1
         if progress is not None:
-            progress(steps["done"], steps["total"], "layers")
+            progress(steps["done"], steps["total"], "")
 
     collector.tick = tick
     t0 = time.perf_counter()
