@@ -91,8 +91,13 @@ def eval_command(
                                            "mode": opts.mode, "chunk": chunk, "threads": torch.get_num_threads(),
                                            "argv": sys.argv[1:]})
         written = result.save(out_dir)
-    summary = result.to_json()
-    table = Table(title=f"{len(ids)} tokens, {sinks} sinks + {window} window")
+    _print_summary(result.to_json(), chunk=chunk, token_by_token=token_by_token)
+    print(f"wrote {out_dir}/{', '.join(p.name for p in written)}", file=sys.stderr)
+
+
+def _print_summary(summary: dict, *, chunk: int, token_by_token: bool) -> None:
+    """The policies' table on standard output; how each policy ran, and its notes, on standard error."""
+    table = Table(title=f"{summary['tokens']} tokens, {summary['n_sink']} sinks + {summary['window']} window")
     for col in ("policy", "mode", "ppl", "ppl after eviction", "tokens", "tok/s", "peak KV MiB", "RSS delta MiB"):
         table.add_column(col, justify="left" if col in ("policy", "mode") else "right")
     for name, p in summary["policies"].items():
@@ -109,7 +114,6 @@ def eval_command(
     for n, p in summary["policies"].items():
         if p.get("note"):
             console.print(f"{n}: {p['note']}")
-    console.print(f"wrote {out_dir}/{', '.join(p.name for p in written)}")
 
 
 def _num(x: float, fmt: str) -> str:

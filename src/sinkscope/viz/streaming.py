@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
-if TYPE_CHECKING:  # the result's module imports this one (StreamEval.save)
-    from sinkscope.streaming.ppl import StreamEval
+
+class PolicyResult(Protocol):
+    """What the figure reads of one policy's `sinkscope.streaming.ppl.PolicyResult`."""
+
+    positions: torch.Tensor  # (N,) predicted positions
+    nll: torch.Tensor  # (N,) nats
+
+    @property
+    def ppl(self) -> float: ...
+
+
+class StreamEval(Protocol):
+    """What the figure reads of a `sinkscope.streaming.ppl.StreamEval` (whose ``save`` draws it)."""
+
+    n_tokens: int
+    n_sink: int
+    window: int
+
+    @property
+    def policies(self) -> Mapping[str, PolicyResult]: ...
 
 
 def log_ppl_figure(result: StreamEval, smooth: int = 64) -> Figure:
