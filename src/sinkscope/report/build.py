@@ -68,6 +68,7 @@ def run_sections(ctx: ReportContext, keys: Sequence[str], progress: ProgressCall
         cb = ((lambda d, t, _w="", k=key: progress(d, t, k)) if progress is not None
               else (lambda d, t, _w="": None))
         t0 = time.perf_counter()
+        cb(0, None)  # the section starts now (its rate and time left count from here)
         try:
             fn(ctx, sec, cb)
         except Exception as e:  # noqa: BLE001 - a failing section is reported on the page

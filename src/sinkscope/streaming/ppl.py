@@ -470,6 +470,8 @@ def evaluate_stream(model: nn.Module, ids: torch.Tensor, *, n_sink: int = 4, win
     results: dict[str, PolicyResult] = {}
     for name in opts.policies:
         on_step = (lambda done, n=name: progress(done, len(ids) - 1, n)) if progress is not None else None
+        if on_step is not None:
+            on_step(0)  # the policy starts now (its rate and time left count from here)
         results[name] = run_policy(model, ids, name, n_sink, window, batch_size=batch_size, mode=mode, chunk=chunk,
                                    on_step=on_step)
     return StreamEval(results, len(ids), n_sink, window, dict(meta or {}), time.perf_counter() - t0)

@@ -79,7 +79,9 @@ def test_known_sink_ratio_on_a_model_whose_first_layer_attends_uniformly(tmp_pat
         np.testing.assert_allclose(prof["alpha_0"][0], [expected_alpha0] * 4, atol=1e-6)
         assert prof["sink_ratio_first_by_layer"][0] == layer0_sinks / 4
         assert prof["sink_ratio"] == pytest.approx((layer0_sinks + int((eager[1, :, 0] > eps).sum())) / 8)
-        assert f"Sink_0^{eps} = {prof['sink_ratio']:.3f}" in capsys.readouterr().out
+        captured = capsys.readouterr()
+        assert f"Sink_0^{eps} = {prof['sink_ratio']:.3f}" in captured.out
+        assert "profiling: 2/2 layers, 100%" in captured.err  # progress as plain lines when not on a terminal
 
 
 @pytest.mark.parametrize("args, message", [

@@ -27,6 +27,8 @@ def test_default_file_is_the_shipped_corpus_and_modes_are_printed(model_dir, tmp
         "dense": "fast", "sinks": "token", "sinks_plain": "fast"}
     captured = capsys.readouterr()
     assert "exact blocks of 16" in captured.err and "sinks token" in captured.err
+    for policy in ("dense", "sinks", "sinks_plain"):  # a log (not a terminal) gets plain progress lines
+        assert f"{policy}: 49/49 tokens, 100%" in captured.err and f"{policy}: 0/49 tokens, 0%" in captured.err
     assert main(["stream", "eval", "--model", model_dir, "--tokens", "50", "--sinks", "2", "--window", "8",
                  "--policies", "sinks_plain", "--token-by-token", "--out", str(tmp_path / "tok")]) == 0
     tok = json.loads((tmp_path / "tok" / "summary.json").read_text())["policies"]["sinks_plain"]
