@@ -107,7 +107,7 @@ class ReportContext:
             cb = (lambda d, _t, _w="", s=i * per: progress(s + d, total)) if progress is not None else None
             self.profiles[kind] = profile_sinks(self.model, batch, eps=o.eps, batch_size=o.batch_size, progress=cb,
                                                 adapter=self.adapter)
-        if progress is not None:
+        if progress is not None and not todo:  # all cached: done at once (otherwise the last layer said so)
             progress(total, total)
         return {k: self.profiles[k] for k in kinds}
 
