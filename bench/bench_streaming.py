@@ -71,7 +71,7 @@ def _build_model(spec: str):
             f"d_model {config.hidden_size})"
         return AutoModelForCausalLM.from_config(config), desc
     if spec == "tiny":
-        from sinkscope.models.tiny import tiny_model
+        from sinkscope.models.random_hf import tiny_model
 
         return tiny_model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                           num_hidden_layers=2, intermediate_size=256, vocab_size=512,

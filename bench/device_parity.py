@@ -4,7 +4,7 @@
 
 The tests (`tests/unit/profile/test_profile_devices.py`) hold these to 1e-5 (fp32) and to 0.01 absolute on alpha,
 2% relative on the norms (bf16); this prints how close each device actually comes, over the tiny architectures
-of `sinkscope.models.tiny` (3 sequences of 7-12 tokens, batch 2, TF32 off). On a CUDA machine it adds CUDA fp32,
+of `sinkscope.models.random_hf` (3 sequences of 7-12 tokens, batch 2, TF32 off). On a CUDA machine it adds CUDA fp32,
 CUDA bf16, a model whose odd layers are offloaded to the CPU (accelerate's default for CPU entries of a
 device map: weights in CPU memory, executed on the GPU) and one split over cuda:0 and the CPU (odd layers executed
 on the CPU).
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sinkscope.models.placement import alternating_device_map
-from sinkscope.models.tiny import TINY_ARCHITECTURES, tiny_model
+from sinkscope.models.random_hf import TINY_ARCHITECTURES, tiny_model
 from sinkscope.profile import profile_sinks
 
 FIELDS = ("alpha", "value_norm", "residual_norm", "cos_first", "cos_other", "out_norm", "sink_mass", "gate_mean")

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from sinkscope.models.tiny import TINY_ARCHITECTURES, tiny_model
+from sinkscope.models.random_hf import TINY_ARCHITECTURES, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def smollm2():
 
 
 def _chromium_missing() -> bool:
-    from sinkscope.viz.browser import BrowserUnavailable, find_chromium
+    from sinkscope.report.browser import BrowserUnavailable, find_chromium
 
     try:
         find_chromium()

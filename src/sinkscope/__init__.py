@@ -13,7 +13,7 @@ from sinkscope.versions import __version__ as __version__
 
 #: public name -> "module:attribute"
 _EXPORTS: dict[str, str] = {
-    "load_model": "sinkscope.plugins:load_model",
+    "load_model": "sinkscope.models.load:load_model",
     "get_adapter": "sinkscope.models.adapters:get_adapter",
     "supported_architectures": "sinkscope.models.adapters:supported_architectures",
     "TokenBatch": "sinkscope.inputs:TokenBatch",
@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # what the lazy exports resolve to, for type checkers and IDE
     from sinkscope.models.load import load_tokenizer as load_tokenizer
     from sinkscope.models.tinygpt import TinyGPT as TinyGPT
     from sinkscope.models.tinygpt import TinyGPTConfig as TinyGPTConfig
-    from sinkscope.plugins import load_model as load_model
+    from sinkscope.models.load import load_model as load_model
     from sinkscope.profile import SinkProfile as SinkProfile
     from sinkscope.profile import profile_sinks as profile_sinks
     from sinkscope.repetition.direction import build_direction_patch as build_direction_patch

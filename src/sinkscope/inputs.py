@@ -132,10 +132,19 @@ def apply_bos(ids: list[int], tokenizer: Any, bos: str) -> tuple[list[int], bool
     return ids, starts
 
 
-def text_inputs(tokenizer: Any, texts: list[str], *, bos: str = "auto", max_tokens: int | None = None,
+def text_inputs(tokenizer: Any, texts: str | Sequence[str], *, bos: str = "auto", max_tokens: int | None = None,
                 kind: str = "text", meta: dict[str, Any] | None = None) -> TokenBatch:
-    """Tokenise texts (one sample each). ``max_tokens`` truncates each sample after the BOS policy."""
+    """Tokenise texts (one sample each; a single ``str`` is one sample). ``max_tokens`` truncates each sample
+    after the BOS policy.
+
+    Raises:
+        InputError: no text, a blank text, or something that is not text.
+    """
     _check_policy(bos)
+    if isinstance(texts, str):
+        texts = [texts]
+    if isinstance(texts, bytes) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise InputError(f"texts must be a str or a list of str, got {type(texts).__name__}", param="texts")
     if not texts or any(not t.strip() for t in texts):
         raise InputError("empty text: give at least one non-blank text")
     if max_tokens is not None and max_tokens < 1:
@@ -218,6 +227,63 @@ def repeat_inputs(tokenizer: Any, word: str, times: int, *, bos: str = "auto", p
     ids, has = apply_bos(pre + [tid] * times, tokenizer, bos)
     return TokenBatch([ids], "repeat", bos, has, {"word": word, "token_id": tid, "times": times,
                                                   "token": tokenizer.convert_ids_to_tokens(tid)})
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Which inputs to measure, as the CLI's input options say, checked when built (before any model loads);
+    `tokens` makes the `TokenBatch` once a tokenizer is there. Exactly one of ``text``, ``file``, ``random``,
+    ``repeat`` is given.
+
+    Attributes:
+        text: texts, one sample each.
+        file: a UTF-8 text file (cut into ``samples`` chunks of ``max_tokens`` when ``samples > 1``).
+        random: tokens per sample of uniformly random non-special tokens (``samples`` of them, ``seed``).
+        repeat: a single-token word repeated ``times`` times.
+        bos: BOS policy (`BOS_POLICIES`); max_tokens: truncate each sample to this many tokens.
+
+    Raises:
+        InputError: none or several inputs, a count below 1, an unknown BOS policy, a file that is missing, a
+            directory, empty or not text.
+    """
+
+    text: tuple[str, ...] = ()
+    file: str | None = None
+    random: int | None = None
+    repeat: str | None = None
+    times: int | None = None
+    samples: int = 1
+    bos: str = "auto"
+    max_tokens: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        given = [n for n, v in (("text", self.text), ("file", self.file), ("random", self.random),
+                                ("repeat", self.repeat)) if v not in (None, (), [])]
+        if len(given) != 1:
+            raise InputError("give exactly one input: --text, --file, --random N or --repeat WORD --times N"
+                             + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
+        _check_policy(self.bos)
+        for name in ("samples", "random", "times", "max_tokens"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InputError(f"{name} must be a positive integer, got {v!r}", param=name)
+        if self.repeat is not None and self.times is None:
+            raise InputError("--repeat WORD needs --times N")
+        if self.text and any(not t.strip() for t in self.text):
+            raise InputError("empty text: give at least one non-blank text")
+        if self.file is not None:
+            read_text_file(self.file, "--file")  # missing, a directory, empty or binary: refused now
+
+    def tokens(self, tokenizer: Any) -> TokenBatch:
+        """The `TokenBatch` these options describe, tokenised by ``tokenizer``."""
+        if self.text:
+            return text_inputs(tokenizer, list(self.text), bos=self.bos, max_tokens=self.max_tokens)
+        if self.file is not None:
+            return file_inputs(tokenizer, self.file, bos=self.bos, max_tokens=self.max_tokens, samples=self.samples)
+        if self.random is not None:
+            return random_inputs(tokenizer, self.random, self.samples, bos=self.bos, seed=self.seed)
+        return repeat_inputs(tokenizer, str(self.repeat), int(self.times or 0), bos=self.bos)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right",

@@ -19,6 +19,8 @@ def read_text_file(path: str | Path, what: str = "input file") -> str:
     """A UTF-8 text file's content; InputError if it is missing, blank or not text: NUL bytes or invalid UTF-8,
     which a binary file has (``what`` names it in the message)."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {path} is a directory, not a file")
     if not p.is_file():
         raise InputError(f"{what} not found: {path}")
     data = p.read_bytes()
@@ -34,7 +36,10 @@ def read_text_file(path: str | Path, what: str = "input file") -> str:
 
 
 def check_output_dir(path: str | Path) -> Path:
-    """Fail early (InputError) if ``path`` could not be created or written, without creating anything."""
+    """Fail early (InputError) if ``path`` could not be created or written, without creating anything; an empty
+    path is refused (it would silently mean the current directory)."""
+    if not str(path).strip():
+        raise InputError("the output directory is empty: name a directory (--out DIR)")
     p = Path(path).absolute()
     if p.exists() and not p.is_dir():
         raise InputError(f"output path {p} exists and is not a directory")

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,10 +26,12 @@ from sinkscope.collectors.base import TOP_NEURONS as TOP_NEURONS
 from sinkscope.collectors.base import Collector
 from sinkscope.errors import InputError
 from sinkscope.inputs import TokenBatch, as_token_batch, pad_batch
+from sinkscope.io import ensure_output_dir, finite_json, save_figure_atomic, write_csv_atomic, write_json_atomic
 from sinkscope.metrics.attention_stats import DEFAULT_CHUNK_BYTES
-from sinkscope.metrics.sink import DEFAULT_EPS, first_vs_median, is_sink
+from sinkscope.metrics.sink import DEFAULT_EPS, check_count, check_eps, first_vs_median, is_sink
 from sinkscope.models.adapters import ModelAdapter
 from sinkscope.models.adapters import pad_token_id as model_pad_token_id
+from sinkscope.progress import ProgressCallback
 from sinkscope.versions import versions
 
 if TYPE_CHECKING:
@@ -38,6 +41,31 @@ if TYPE_CHECKING:
 #: layers (L), ``head`` = query heads (H), ``kv`` = key/value heads (Hkv), ``key`` = key positions (T),
 #: ``top`` = `TOP_NEURONS`.
 AXES = ("attn", "layer", "head", "kv", "key", "top")
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """How `profile_sinks` measures, checked once when built (before any model loads).
+
+    Attributes:
+        eps: sink threshold of ``Sink_k^eps``, in (0, 1).
+        batch_size: samples per forward pass (right-padded; padded queries and keys are excluded), >= 1.
+        fused: (HF models) compute the attention output inside the chunked statistics pass.
+        chunk_bytes: (HF models) memory budget of one chunk of attention scores, >= 1.
+
+    Raises:
+        InputError: a value outside its range (one line naming the option).
+    """
+
+    eps: float = DEFAULT_EPS
+    batch_size: int = 8
+    fused: bool = True
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", check_eps(self.eps))
+        check_count(self.batch_size, param="batch_size", minimum=1)
+        check_count(self.chunk_bytes, param="chunk_bytes", minimum=1)
 
 
 def stat(axes: str, *, dtype: Any = np.float64, fill: float = np.nan, optional: bool = False) -> Any:
@@ -73,6 +101,9 @@ class SinkProfile:
             (tinygpt's sigmoid, relu, elu1, softmax + 1 and bias slots); ``alpha`` then holds the weights used.
         sink_mass_proxy: (N, La, H) the sink slot's share of the row-normalised proxy, or None.
         unavailable: field name -> why it holds no measurement for this model (NaN / -1 there).
+        analyses: results of analyses run on the same inputs (e.g. ``qk_alignment``), written into
+            ``profile.json`` beside the summaries.
+        versions: the packages that made the profile (`sinkscope.versions.versions`).
     """
 
     model: dict[str, Any]
@@ -97,6 +128,8 @@ class SinkProfile:
     alpha_proxy: np.ndarray | None = stat("attn,head,key", optional=True)
     sink_mass_proxy: np.ndarray | None = stat("attn,head", optional=True)
     unavailable: dict[str, str] = field(default_factory=dict)
+    analyses: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def statistics(cls) -> dict[str, dict[str, Any]]:
@@ -113,16 +146,30 @@ class SinkProfile:
             raise InputError("this profile has no row-normalised proxy (its attention rows sum to one: use alpha)")
         return self.alpha_proxy
 
+    def _eps(self, eps: float | None) -> float:
+        """The threshold to use: the profile's, or ``eps`` checked as `profile_sinks` checks it."""
+        return self.eps if eps is None else check_eps(eps)
+
+    def _position(self, k: int) -> int:
+        """A key position checked: an integer within the longest sample (InputError otherwise)."""
+        k = check_count(k, param="k")
+        if not (self.lengths > k).any():
+            raise InputError(f"no sample is longer than position {k} (the longest has {int(self.lengths.max())} "
+                             "tokens)", param="k")
+        return k
+
     def head_is_sink(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> np.ndarray:
         """(N, La, H) bool: alpha_k > eps (False where the sample is shorter than k + 1)."""
-        return is_sink(self.alpha_of(proxy)[..., k], self.eps if eps is None else eps)
+        return is_sink(self.alpha_of(proxy)[..., self._position(k)], self._eps(eps))
 
     def sink_ratio(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> float:
         """``Sink_k^eps``: share of heads whose alpha_k exceeds eps, averaged over the samples (Gu et al.);
-        ``proxy``: from the row-normalised proxy (Gu et al.'s * numbers for non-softmax attention)."""
-        valid = self.lengths > k
-        if not valid.any():
-            raise InputError(f"no sample is longer than position {k}")
+        ``proxy``: from the row-normalised proxy (Gu et al.'s * numbers for non-softmax attention).
+
+        Raises:
+            InputError: ``k`` not an integer within the samples, ``eps`` outside (0, 1).
+        """
+        valid = self.lengths > self._position(k)
         return float(self.head_is_sink(k, eps, proxy=proxy)[valid].mean())
 
     def slot_sink_ratio(self, eps: float | None = None, *, proxy: bool = False) -> float:
@@ -130,27 +177,28 @@ class SinkProfile:
         mass = self.sink_mass_proxy if proxy else self.sink_mass
         if mass is None:
             raise InputError("this model has no sink slot (learned sink, key bias, sink token or softmax + 1)")
-        return float(is_sink(mass, self.eps if eps is None else eps).mean())
+        return float(is_sink(mass, self._eps(eps)).mean())
 
     def sink_ratio_by_position(self, eps: float | None = None, *, proxy: bool = False) -> np.ndarray:
         """(T_min,) ``Sink_k^eps`` for every key position present in all samples."""
         t = int(self.lengths.min())
-        return is_sink(self.alpha_of(proxy)[..., :t], self.eps if eps is None else eps).mean(axis=(0, 1, 2))
+        return is_sink(self.alpha_of(proxy)[..., :t], self._eps(eps)).mean(axis=(0, 1, 2))
 
     def top_sinks(self, n: int = 5, eps: float | None = None) -> list[dict[str, float]]:
-        """The ``n`` key positions with the highest sink ratio (position 0 included)."""
+        """The ``n`` key positions with the highest sink ratio (position 0 included; ``n >= 0``)."""
+        n = check_count(n, param="n")
         r = self.sink_ratio_by_position(eps)
         order = np.argsort(-r, kind="stable")[:n]
         return [{"position": int(k), "sink_ratio": float(r[k])} for k in order]
 
     def head_sink_rate(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> np.ndarray:
         """(La, H) share of samples in which the head sinks on position k."""
-        valid = self.lengths > k
+        valid = self.lengths > self._position(k)
         return self.head_is_sink(k, eps, proxy=proxy)[valid].mean(axis=0)
 
     def alpha_mean(self, k: int = 0, *, proxy: bool = False) -> np.ndarray:
         """(La, H) alpha_k averaged over the samples."""
-        return np.nanmean(self.alpha_of(proxy)[self.lengths > k][..., k], axis=0)
+        return np.nanmean(self.alpha_of(proxy)[self.lengths > self._position(k)][..., k], axis=0)
 
     # ---- norms -------------------------------------------------------------------------------------------
     def residual_norm_median_other(self) -> np.ndarray:
@@ -250,10 +298,11 @@ class SinkProfile:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        """Everything as JSON-ready values: summaries plus per-head sample means."""
+        """Everything as JSON-ready values (what ``profile.json`` holds): summaries, per-head sample means, the
+        attached analyses and the package versions; a value that was not measured (NaN) is None (null)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return self._to_json()
+            return finite_json(self._to_json())
 
     def _to_json(self) -> dict[str, Any]:
         return {
@@ -269,7 +318,21 @@ class SinkProfile:
             "residual_norm_first": np.nanmean(self.residual_norm[..., 0], axis=0).tolist(),
             "residual_norm_median_other": self.residual_norm_median_other().tolist(),
             "timing_s": self.timing,
+            **self.analyses,
+            "versions": self.versions,
         }
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write ``profile.json`` (`to_json`), ``heads.csv`` (`heads_rows`) and the figures of
+        `sinkscope.viz.plots.PLOTS` into ``directory`` (created), each file atomically; returns the paths written."""
+        from sinkscope.viz.plots import PLOTS
+
+        d = ensure_output_dir(directory)
+        write_json_atomic(d / "profile.json", self.to_json())
+        write_csv_atomic(d / "heads.csv", self.heads_rows())
+        for name, plot in PLOTS.items():
+            save_figure_atomic(d / name, plot(self))
+        return [d / "profile.json", d / "heads.csv", *(d / name for name in PLOTS)]
 
     def to_pandas(self) -> pandas.DataFrame:
         """The per-sample statistics as one long-format DataFrame (needs pandas: ``pip install sinkscope[pandas]``).
@@ -337,7 +400,7 @@ def profile_sinks(
     fused: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     pad_token_id: int | None = None,
-    progress: Any = None,
+    progress: ProgressCallback | None = None,
     adapter: ModelAdapter | None = None,
     prefix_len: int = 0,
 ) -> SinkProfile:
@@ -357,8 +420,8 @@ def profile_sinks(
             from q and k.
         chunk_bytes: (HF models) memory budget of one chunk of attention scores.
         pad_token_id: id used for padding (any id works: padded positions are masked).
-        progress: optional callable ``progress(done, total)`` called after every attention layer of every
-            batch (``total = n_batches * n_attention_layers``).
+        progress: ``progress(done, total, "layers")`` after every attention layer of every batch
+            (``total = n_batches * n_attention_layers``; `sinkscope.progress`).
         adapter: the model's adapter, if the caller resolved it already (HF models).
         prefix_len: (tinygpt) prefix-LM length: the first ``prefix_len`` tokens attend bidirectionally.
 
@@ -370,10 +433,8 @@ def profile_sinks(
         InputError: inputs that are not token ids, a sample longer than the model's context or with ids outside
             its vocabulary, eps outside (0, 1), batch_size < 1.
     """
-    if not 0 < eps < 1:
-        raise InputError(f"eps must be in (0, 1), got {eps}", param="eps")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size}", param="batch_size")
+    opts = ProfileOptions(eps=eps, batch_size=batch_size, fused=fused, chunk_bytes=chunk_bytes)
+    eps, batch_size = opts.eps, opts.batch_size
     batch = as_token_batch(batch)
     collector = collector_for(model, fused=fused, chunk_bytes=chunk_bytes, adapter=adapter, prefix_len=prefix_len)
     collector.check(batch.sequences)
@@ -389,7 +450,7 @@ def profile_sinks(
     def tick() -> None:
         steps["done"] += 1
         if progress is not None:
-            progress(steps["done"], steps["total"])
+            progress(steps["done"], steps["total"], "")
 
     collector.tick = tick
     t0 = time.perf_counter()
@@ -408,7 +469,7 @@ def profile_sinks(
                     arrays[name][i, ..., n:] = np.nan  # type: ignore[index]
     elapsed = time.perf_counter() - t0
     return SinkProfile(
-        model=collector.model_info(), inputs={**batch.to_json(), "versions": versions()},
+        model=collector.model_info(), inputs=batch.to_json(), versions=versions(),
         attention_layers=list(collector.attention_layers), lengths=lengths, massive=collector.massive.summary(),
         eps=eps, timing={"forward_s": elapsed}, unavailable=dict(collector.unavailable), **arrays,
     )

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from sinkscope.cli.__main__ import main
-from sinkscope.viz.browser import load_page
+from sinkscope.report.browser import load_page
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

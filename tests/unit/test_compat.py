@@ -14,7 +14,7 @@ import transformers
 from transformers import DynamicCache
 
 from sinkscope.compat import cache_keyword, cache_kwargs, cached_length, find_cache, output_cache
-from sinkscope.models.tiny import tiny_model
+from sinkscope.models.random_hf import tiny_model
 
 
 def test_cache_keyword_reads_the_signature() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from sinkscope.errors import InputError
 from sinkscope.inputs import file_inputs, random_inputs, repeat_inputs, single_token_id, text_inputs
-from sinkscope.models.tiny import tiny_tokenizer
+from sinkscope.models.random_hf import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,25 @@ def test_non_text_files_are_refused(tmp_path, content, message) -> None:
     with pytest.raises(InputError, match=message) as e:
         read_text_file(f)
     assert "\n" not in str(e.value)
+
+
+def test_a_single_str_is_one_text_and_other_types_are_refused(tok) -> None:
+    one = text_inputs(tok, "the cat sat")
+    assert one.sequences == text_inputs(tok, ["the cat sat"]).sequences and len(one.sequences) == 1
+    with pytest.raises(InputError, match="texts must be a str or a list of str, got int"):
+        text_inputs(tok, 5)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="texts must be a str or a list of str"):
+        text_inputs(tok, ["the cat", 3])  # type: ignore[list-item]
+
+
+def test_input_spec_is_checked_before_a_tokenizer_exists(tmp_path) -> None:
+    from sinkscope.inputs import InputSpec
+
+    with pytest.raises(InputError, match="exactly one input"):
+        InputSpec()
+    with pytest.raises(InputError, match="is a directory, not a file"):
+        InputSpec(file=str(tmp_path))
+    with pytest.raises(InputError, match="--repeat WORD needs --times N"):
+        InputSpec(repeat="poem")
+    with pytest.raises(InputError, match="samples must be a positive integer"):
+        InputSpec(random=4, samples=0)

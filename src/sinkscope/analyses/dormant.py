@@ -201,7 +201,7 @@ def find_dormant_heads(
     total = sum(-(-len(b.sequences) // batch_size) for b in batches.values()) * n_layers
     start = 0
     for name, batch in batches.items():
-        report = (lambda d, _t, s=start: progress(s + d, total)) if progress is not None else None
+        report = (lambda d, _t, _w="", s=start: progress(s + d, total)) if progress is not None else None
         done[name] = profile_sinks(model, batch, batch_size=batch_size, progress=report)
         start += -(-len(batch.sequences) // batch_size) * n_layers
     return dormancy_from_profiles({name: done[name] for name, _ in items}, threshold=threshold)

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from sinkscope.capture import observe_attention
 from sinkscope.errors import InputError
-from sinkscope.models.adapters import ModelAdapter, get_adapter
 from sinkscope.devices import model_device
+from sinkscope.models.adapters import ModelAdapter, get_adapter, has_adapter
+from sinkscope.profile import SinkProfile
 
 #: Histogram bin edges of the cosine distributions.
 COS_BINS = np.linspace(-1.0, 1.0, 41)
@@ -113,3 +114,14 @@ def qk_alignment(model: nn.Module, ids: list[int], positions: list[int] | None =
         np.stack([obs.results[l][1].cpu().numpy() for l in layers]),
         np.stack([obs.results[l][2].cpu().numpy() for l in layers]),
     )
+
+
+def attach_qk_alignment(profile: SinkProfile, model: nn.Module, sequence: list[int], *, n_sinks: int = 3,
+                        adapter: ModelAdapter | None = None) -> SinkProfile:
+    """Add Gu et al.'s q-k alignment of the profile's top sinks (at most ``n_sinks``, those before the last
+    position of ``sequence``, the first sample) to ``profile.analyses["qk_alignment"]``; what `sinkscope scan`
+    writes. A profile with no such sink, or of a model without an adapter, is returned unchanged."""
+    positions = [p["position"] for p in profile.top_sinks(n_sinks) if p["position"] < len(sequence) - 1]
+    if positions and (adapter is not None or has_adapter(model)):
+        profile.analyses["qk_alignment"] = qk_alignment(model, sequence, positions, adapter=adapter).to_json()
+    return profile

@@ -58,7 +58,8 @@ _register()
 
 
 #: library parameter -> CLI flag, where the flag is not ``--`` + the parameter with dashes
-FLAGS: dict[str, str] = {"n_sink": "--sinks"}
+FLAGS: dict[str, str] = {"n_sink": "--sinks", "n_tokens": "--tokens", "prefill_chunk_size": "--prefill-chunk",
+                         "circuit_per_layer": "--circuit-neurons", "chunk_bytes": "--chunk-bytes"}
 
 
 def user_message(e: SinkscopeError) -> str:
@@ -70,8 +71,29 @@ def user_message(e: SinkscopeError) -> str:
     return msg
 
 
-INTERRUPTED = ("interrupted; resume with the same command (train, repeat scan and repeat evaluate continue where "
-               "they stopped; nothing half-written is left behind)")
+#: commands that continue where an interrupted run stopped when run again with the same --out
+RESUMABLE = ("train", "repeat scan", "repeat evaluate")
+#: commands whose documented way to stop is Ctrl-C: stopping is not an error
+STOPPED_BY_CTRL_C = ("stream generate",)
+
+
+def interrupted_message(argv: list[str] | None) -> str | None:
+    """What to say when Ctrl-C stops the command that ``argv`` names (None: nothing, it is how it stops)."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")][:2]
+    command = next((c for c in (*RESUMABLE, *STOPPED_BY_CTRL_C) if c.split() == words[:len(c.split())]), None)
+    if command in STOPPED_BY_CTRL_C:
+        return None
+    if command in RESUMABLE:
+        return (f"interrupted; resume with the same command ({command} continues where it stopped; nothing "
+                "half-written is left behind)")
+    return "interrupted; nothing half-written is left behind (run the command again to start over)"
+
+
+def _interrupted(argv: list[str] | None) -> int:
+    message = interrupted_message(argv)
+    if message is not None:
+        print(message, file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,21 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return 130
+        return _interrupted(argv)
     except Exception as e:  # click's (typer-vendored) usage errors: one line, no usage box
         if type(e).__name__ == "NoArgsIsHelpError":
             print(e.ctx.get_help())  # type: ignore[attr-defined]
             return 0
         if type(e).__name__ == "Abort":  # click turns Ctrl-C inside a command into Abort
-            print(INTERRUPTED, file=sys.stderr)
-            return 130
+            return _interrupted(argv)
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             print(f"error: {e.format_message()}", file=sys.stderr)
             return 2
         raise
     if result == 130:  # typer turns Ctrl-C inside a command (click's Abort) into this return code
-        print(INTERRUPTED, file=sys.stderr)
+        return _interrupted(argv)
     if isinstance(result, int) and result:
         return result
     return 0

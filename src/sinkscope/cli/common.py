@@ -1,20 +1,29 @@
-"""What every model-loading CLI command shares: --model, --device, --dtype, --revision, --trust-remote-code.
+"""What every model-loading CLI command shares: --model, --device, --dtype, --revision, --trust-remote-code, the
+output directory and progress shown per phase.
 
-`load_cli_model` checks the spec and the options before torch or transformers are imported, so a typo is refused
-at once, then loads through `sinkscope.load_model`. ``--device auto`` places a model across the available devices
-with accelerate's ``device_map="auto"`` (the profiler keeps each statistic on its layer's device).
+`ModelOptions` checks the spec and the options when built, before the model loads (a typo is refused at once),
+then `ModelOptions.load` loads through `sinkscope.load_model`. ``--device auto`` places a model across the
+available devices with accelerate's ``device_map="auto"`` (the profiler keeps each statistic on its layer's
+device); ``--dtype auto`` is the checkpoint's dtype (`sinkscope.devices`).
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
 
 from sinkscope.errors import InputError
+from sinkscope.io import LOCK_NAME, OutputLock, check_output_dir
 from sinkscope.models.load import DEFAULT_MODEL, resolve_model_spec
-
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+from sinkscope.progress import ProgressReporter
 
 MODEL_OPTION = typer.Option(DEFAULT_MODEL, "--model", "-m",
                             help="alias, HF directory, .gguf file, saved patch directory or hub id")
@@ -28,34 +37,96 @@ TRUST_OPTION = typer.Option(False, "--trust-remote-code", help="run the model re
                                                                "code you trust")
 
 
-def check_device(device: str) -> str:
-    """Validate ``--device`` (`sinkscope.devices.parse_device`, which names the flag); returns it normalised."""
-    from sinkscope.devices import parse_device  # imports torch: only once the cheap checks passed
+def output_dir(out: str) -> Path:
+    """``--out`` checked before any work (`sinkscope.io.check_output_dir`): an empty string is refused rather than
+    read as the current directory."""
+    return check_output_dir(out)
 
-    return parse_device(device, param="--device")
+
+@contextmanager
+def locked_output(out_dir: Path) -> Iterator[Path]:
+    """Hold `sinkscope.io.OutputLock` on ``out_dir`` for the whole job, so a second job on the same ``--out`` is
+    refused in one line; a job that fails before writing anything leaves no directory behind that it made."""
+    made = not out_dir.exists()
+    try:
+        with OutputLock(out_dir):
+            yield out_dir
+    except BaseException:
+        if made and [p.name for p in out_dir.iterdir()] == [LOCK_NAME]:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return dtype
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model options of a command, checked when built (cheap: before torch or transformers load the model).
+
+    Raises:
+        InputError / ModelLoadError: an unknown spec, device or dtype, or ``--revision`` on a local model.
+    """
+
+    model: str = DEFAULT_MODEL
+    device: str = "cpu"
+    dtype: str = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        from sinkscope.devices import parse_device, parse_dtype  # imports torch: only once the spec is known
+
+        source = resolve_model_spec(self.model)
+        parse_dtype(self.dtype, param="--dtype")
+        if self.revision is not None and source.kind not in ("hub", "manifest"):
+            raise InputError(f"--revision applies to hub models; {self.model!r} is a local {source.kind}")
+        parse_device(self.device, param="--device")
+
+    def load(self) -> tuple[Any, Any, float]:
+        """``(model, tokenizer, seconds)`` through `sinkscope.load_model`, its phases shown on standard error."""
+        from sinkscope.devices import placement_kwargs
+        from sinkscope.models.load import load_model
+
+        extra: dict[str, Any] = {"revision": self.revision} if self.revision is not None else {}
+        def phase(done: int, total: int | None, what: str) -> None:  # the slow phase (dequantising) is told
+            if total is not None and done < total:
+                print(what, file=sys.stderr, flush=True)
+
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                                      progress=phase, **placement_kwargs(self.device), **extra)
+        return model, tokenizer, time.perf_counter() - t0
+
+
+class PhaseProgress:
+    """A `sinkscope.progress.ProgressCallback` for work in named phases (report sections, stream policies): a
+    new `ProgressReporter` labelled with ``what`` whenever ``what`` changes, so each phase has its own count,
+    rate and time left. Use as a context manager."""
+
+    def __init__(self, unit: str = "", every_s: float = 10.0) -> None:
+        self.unit = unit
+        self.every_s = every_s
+        self._what: str | None = None
+        self._reporter: ProgressReporter | None = None
+
+    def __enter__(self) -> PhaseProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close(*exc)
+
+    def _close(self, *exc: object) -> None:
+        if self._reporter is not None:
+            self._reporter.__exit__(*exc)
+            self._reporter = None
+
+    def __call__(self, done: int, total: int | None = None, what: str = "") -> None:
+        if what != self._what or self._reporter is None:
+            self._close(None, None, None)
+            self._what = what
+            self._reporter = ProgressReporter(what or "working", unit=self.unit, every_s=self.every_s).__enter__()
+        self._reporter(done, total)
 
 
 def load_cli_model(model: str, *, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
-                   trust_remote_code: bool = False, verbose: bool = False) -> tuple[Any, Any]:
-    """Check the options (cheap, before heavy imports), then ``sinkscope.load_model`` with them.
-
-    Returns ``(model, tokenizer)``.
-    """
-    source = resolve_model_spec(model)
-    check_dtype(dtype)
-    if revision is not None and source.kind not in ("hub", "manifest"):
-        raise InputError(f"--revision applies to hub models; {model!r} is a local {source.kind}")
-    check_device(device)
-    from sinkscope.plugins import load_model  # the loader that also opens saved patches and training runs
-
-    from sinkscope.devices import placement_kwargs
-
-    placement = placement_kwargs(device)
-    extra: dict[str, Any] = {"revision": revision} if revision is not None else {}
-    return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, verbose=verbose, **placement, **extra)
+                   trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: `ModelOptions` checked, then loaded (for commands that build no options object)."""
+    return ModelOptions(model, device, dtype, revision, trust_remote_code).load()[:2]

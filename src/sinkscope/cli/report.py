@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from sinkscope.cli.common import DEVICE_OPTION, DTYPE_OPTION, REVISION_OPTION, TRUST_OPTION, load_cli_model
+from sinkscope.cli.common import (
+    DEVICE_OPTION, DTYPE_OPTION, REVISION_OPTION, TRUST_OPTION, ModelOptions, PhaseProgress, locked_output,
+    output_dir,
+)
 from sinkscope.errors import InputError
-from sinkscope.io import check_output_dir
-from sinkscope.models.load import DEFAULT_MODEL, resolve_model_spec
+from sinkscope.models.load import DEFAULT_MODEL
+
+
+def _words(value: Optional[str]) -> dict[str, tuple[str, ...]]:
+    if value is None:
+        return {}
+    words = tuple(w.strip() for w in value.split(",") if w.strip())
+    if not words:
+        raise InputError("--repeat-words: give at least one word")
+    return {"repeat_words": words}
+
+
+def _lengths(value: Optional[str]) -> dict[str, tuple[int, ...]]:
+    if value is None:
+        return {}
+    try:
+        lengths = tuple(sorted({int(x) for x in value.split(",") if x.strip()}))
+    except ValueError:
+        raise InputError(f"bad --repeat-lengths {value!r}: give a comma list of integers") from None
+    return {"repeat_lengths": lengths}  # empty or non-positive: refused by ReportOptions
 
 
 def command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
-    out: Path = typer.Option(..., "--out", "-o", help="output directory (index.html, report.json, *.csv)"),
+    out: str = typer.Option(..., "--out", "-o", help="output directory (index.html, report.json, *.csv)"),
     sections: Optional[str] = typer.Option(
         None, "--sections", "-s",
         help="comma-separated sections: model, sinks, drains, dormant, repetition (default: all)"),
@@ -38,67 +55,27 @@ def command(
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
     revision: Optional[str] = REVISION_OPTION,
-) -> None:
+) -> int:
     """Measure a model's attention sinks, value drains, residual peaks, massive activations, active/dormant heads
-    and repeated-token divergence on a built-in mix of inputs; write a self-contained DIR/index.html."""
-    console = Console(stderr=True)
-    resolve_model_spec(model)  # a bad model name is refused before the heavy imports below
-    from sinkscope.report.build import parse_sections
+    and repeated-token divergence on a built-in mix of inputs; write a self-contained DIR/index.html. Exits 1
+    when a section failed (the page shows why)."""
+    from sinkscope.report.build import build_report, parse_sections
+    from sinkscope.report.sections import ReportOptions
 
+    out_dir = output_dir(out)  # every option, the output first, is checked before the model loads
+    source = ModelOptions(model, device, dtype, revision, trust_remote_code)
     keys = parse_sections(sections)
-    if not 0 < eps < 1:
-        raise InputError(f"--eps must be in (0, 1), got {eps}")
-    if tokens < 8:
-        raise InputError(f"--tokens must be at least 8, got {tokens}")
-    if not 1 <= samples <= 8:
-        raise InputError(f"--samples must be between 1 and 8, got {samples}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be a positive integer, got {batch_size}")
-    extra: dict[str, object] = {}
-    if repeat_words is not None:
-        extra["repeat_words"] = tuple(w.strip() for w in repeat_words.split(",") if w.strip())
-        if not extra["repeat_words"]:
-            raise InputError("--repeat-words: give at least one word")
-    if repeat_lengths is not None:
-        try:
-            lengths = sorted({int(x) for x in repeat_lengths.split(",") if x.strip()})
-        except ValueError:
-            raise InputError(f"bad --repeat-lengths {repeat_lengths!r}: give a comma list of integers") from None
-        if not lengths or lengths[0] < 1:
-            raise InputError(f"--repeat-lengths must be positive integers, got {repeat_lengths!r}")
-        extra["repeat_lengths"] = tuple(lengths)
-    if repeat_new_tokens < 1 or circuit_neurons < 0:
-        raise InputError("--repeat-new-tokens must be positive and --circuit-neurons non-negative")
-    check_output_dir(out)
-    t0 = time.perf_counter()
-    lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
-                                   trust_remote_code=trust_remote_code)
-    load_s = time.perf_counter() - t0
-    from sinkscope.report.build import build_report
-    from sinkscope.report.sections import SECTIONS, ReportOptions
-
     opts = ReportOptions(n_tokens=tokens, samples=samples, eps=eps, batch_size=batch_size, seed=seed,
                          repeat_new_tokens=repeat_new_tokens, circuit_per_layer=circuit_neurons,
-                         **extra)  # type: ignore[arg-type]
-    with Progress(TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=console) as bar:
-        tasks: dict[str, TaskID] = {k: bar.add_task(SECTIONS[k][0], total=None, start=False) for k in keys}
-
-        def progress(key: str, done: int, total: int) -> None:
-            task = tasks[key]
-            if not bar.tasks[task].started:
-                bar.start_task(task)
-            bar.update(task, completed=done, total=total)
-
-        result = build_report(lm, tokenizer, out, sections=keys, options=opts, model_spec=model, load_s=load_s,
-                              progress=progress)
-        for sec in result.sections:  # close every bar, marking failures
-            task = tasks[sec.key]
-            total = bar.tasks[task].total or 1
-            desc = SECTIONS[sec.key][0] + (" [red](failed)[/]" if sec.error else "")
-            bar.update(task, completed=total, total=total, description=desc)
+                         **_words(repeat_words), **_lengths(repeat_lengths))  # type: ignore[arg-type]
+    with locked_output(out_dir):
+        lm, tokenizer, load_s = source.load()
+        with PhaseProgress() as progress:
+            result = build_report(lm, tokenizer, out_dir, sections=keys, options=opts, model_spec=model,
+                                  load_s=load_s, progress=progress)
     for sec in result.sections:
         if sec.error:
-            console.print(f"[red]section {sec.key} failed:[/] {sec.error}")
-    console.print(f"Wrote {result.index} ({len(result.sections) - len(result.failed)}/{len(result.sections)} "
-                  f"sections ok) in {result.total_s:.0f} s.")
+            print(f"section {sec.key} failed: {sec.error}")
+    ok = len(result.sections) - len(result.failed)
+    print(f"Wrote {result.index} ({ok}/{len(result.sections)} sections ok) in {result.total_s:.0f} s.")
+    return 1 if result.failed else 0

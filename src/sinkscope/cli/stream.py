@@ -6,34 +6,30 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sinkscope.cli.common import (
-    DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, REVISION_OPTION, TRUST_OPTION, load_cli_model,
+    DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, REVISION_OPTION, TRUST_OPTION, ModelOptions, PhaseProgress,
+    locked_output, output_dir,
 )
 from sinkscope.errors import InputError
-from sinkscope.io import ensure_output_dir, read_text_file, save_figure_atomic, write_csv_atomic, write_json_atomic
 
 app = typer.Typer(help="Streaming with attention sinks (StreamingLLM): evaluate cache policies, generate endlessly.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
-def _parse_policies(policies: Optional[str]) -> list[str]:
-    from sinkscope.streaming.ppl import ALL_POLICIES, DEFAULT_POLICIES
+def _parse_policies(policies: Optional[str]) -> tuple[str, ...]:
+    from sinkscope.streaming.ppl import DEFAULT_POLICIES
 
     if policies is None:
-        return list(DEFAULT_POLICIES)
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    bad = [p for p in names if p not in ALL_POLICIES]
-    if bad or not names:
-        raise InputError(f"unknown --policies {','.join(bad) or '(empty)'}; choose from {','.join(ALL_POLICIES)}")
-    return names
+        return DEFAULT_POLICIES
+    return tuple(p.strip() for p in policies.split(",") if p.strip())  # checked by StreamOptions
 
 
 @app.command("eval")
@@ -42,7 +38,7 @@ def eval_command(
     file: Optional[Path] = typer.Option(
         None, "--file", "-f", help="a UTF-8 text file: the stream (default: the WikiText-2 validation text shipped "
                                    "with sinkscope)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+    out: str = typer.Option(..., "--out", "-o", help="output directory"),
     sinks: int = typer.Option(4, "--sinks", help="first tokens kept by the sinks policy"),
     window: int = typer.Option(1020, "--window", help="recent tokens kept (window/recompute keep sinks+window)"),
     tokens: int = typer.Option(2048, "--tokens", "-n", help="stream length in tokens"),
@@ -63,60 +59,45 @@ def eval_command(
 ) -> None:
     """Perplexity over a long text for each cache policy, every token predicted from what the policy keeps; writes
     tokens.csv (policy, position, nll), summary.json and log_ppl.png to --out."""
-    if tokens < 2:
-        raise InputError(f"--tokens must be at least 2, got {tokens}")
-    if sinks < 0 or window < 1:
-        raise InputError(f"need --sinks >= 0 and --window >= 1, got {sinks} and {window}")
-    if tokens <= sinks + window + 1:
-        raise InputError(f"--tokens {tokens} <= --sinks + --window + 1 = {sinks + window + 1}: the cache never "
-                         "evicts, so the policies cannot differ; give more --tokens or a smaller --window")
-    if batch_size < 1 or chunk < 1:
-        raise InputError(f"need --batch-size >= 1 and --chunk >= 1, got {batch_size} and {chunk}")
+    from sinkscope.corpora import corpus_path
+    from sinkscope.inputs import InputSpec
+    from sinkscope.streaming.ppl import StreamOptions
+
+    out_dir = output_dir(out)  # every option, the output first, is checked before the model loads
+    opts = StreamOptions(n_sink=sinks, window=window, policies=_parse_policies(policies), batch_size=batch_size,
+                         mode="token" if token_by_token else "auto", chunk=chunk)
+    opts.check_length(tokens)
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
-    names = _parse_policies(policies)
-    if file is None:
-        from sinkscope.corpora import corpus_path
+    file = corpus_path() if file is None else file
+    spec = InputSpec(file=str(file), bos=bos, max_tokens=tokens)  # missing, a directory, empty or binary: now
+    source = ModelOptions(model, device, dtype, revision, trust_remote_code)
+    with locked_output(out_dir):
+        import torch
 
-        file = corpus_path()
-    read_text_file(file, "--file")  # missing, empty or binary: one line, before the model loads
-    out = ensure_output_dir(out)
+        from sinkscope.streaming.ppl import evaluate_stream
 
-    import torch
+        if threads:
+            torch.set_num_threads(threads)
+        lm, tokenizer, _ = source.load()
+        batch = spec.tokens(tokenizer)
+        ids = torch.tensor(batch.sequences[0], dtype=torch.long)
+        if len(ids) < tokens:
+            raise InputError(f"{file} has {len(ids)} tokens, fewer than --tokens {tokens}; use --tokens {len(ids)} "
+                             "or a longer file")
+        with PhaseProgress(unit="tokens") as progress:
+            result = evaluate_stream(lm, ids, **asdict(opts), progress=progress,
+                                     meta={"model": model, "file": str(file), "input": batch.to_json(),
+                                           "mode": opts.mode, "chunk": chunk, "threads": torch.get_num_threads(),
+                                           "argv": sys.argv[1:]})
+        written = result.save(out_dir)
+    _print_summary(result.to_json(), chunk=chunk, token_by_token=token_by_token)
+    print(f"wrote {out_dir}/{', '.join(p.name for p in written)}", file=sys.stderr)
 
-    from sinkscope.inputs import file_inputs
-    from sinkscope.streaming.ppl import evaluate_stream, plot_log_ppl
 
-    if threads:
-        torch.set_num_threads(threads)
-    console = Console(stderr=True)
-    lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
-                                   trust_remote_code=trust_remote_code)
-    batch = file_inputs(tokenizer, file, bos=bos, max_tokens=tokens)
-    ids = torch.tensor(batch.sequences[0], dtype=torch.long)
-    if len(ids) < tokens:
-        raise InputError(f"{file} has {len(ids)} tokens, fewer than --tokens {tokens}; use --tokens {len(ids)} "
-                         "or a longer file")
-    mode = "token" if token_by_token else "auto"
-    t0 = time.perf_counter()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        def on_policy(name: str, total: int):
-            task = bar.add_task(name, total=total)
-            return lambda done: bar.update(task, completed=done)
-
-        result = evaluate_stream(lm, ids, n_sink=sinks, window=window, policies=names, batch_size=batch_size,
-                                 mode=mode, chunk=chunk, on_policy=on_policy,
-                                 meta={"model": model, "file": str(file), "input": batch.to_json(),
-                                       "mode": mode, "chunk": chunk, "threads": torch.get_num_threads(),
-                                       "argv": sys.argv[1:]})
-    summary = result.to_json()
-    summary["total_seconds"] = time.perf_counter() - t0
-    write_csv_atomic(out / "tokens.csv", result.to_rows())
-    write_json_atomic(out / "summary.json", summary)
-    save_figure_atomic(out / "log_ppl.png", plot_log_ppl(result))
-
-    table = Table(title=f"{len(ids)} tokens, {sinks} sinks + {window} window")
+def _print_summary(summary: dict, *, chunk: int, token_by_token: bool) -> None:
+    """The policies' table on standard output; how each policy ran, and its notes, on standard error."""
+    table = Table(title=f"{summary['tokens']} tokens, {summary['n_sink']} sinks + {summary['window']} window")
     for col in ("policy", "mode", "ppl", "ppl after eviction", "tokens", "tok/s", "peak KV MiB", "RSS delta MiB"):
         table.add_column(col, justify="left" if col in ("policy", "mode") else "right")
     for name, p in summary["policies"].items():
@@ -124,6 +105,7 @@ def eval_command(
                       str(p["tokens"]), _num(p["tokens_per_s"], "{:.1f}"), f"{p['peak_mem_mb']:.2f}",
                       f"{p['peak_rss_delta_mb']:.1f}")
     Console().print(table)
+    console = Console(stderr=True)
     blocks = [n for n, p in summary["policies"].items() if p["mode"] == "fast"]
     others = [f"{n} {p['mode']}" for n, p in summary["policies"].items() if p["mode"] != "fast"]
     console.print("mode: " + "; ".join(
@@ -132,7 +114,6 @@ def eval_command(
     for n, p in summary["policies"].items():
         if p.get("note"):
             console.print(f"{n}: {p['note']}")
-    console.print(f"wrote {out}/tokens.csv, summary.json, log_ppl.png")
 
 
 def _num(x: float, fmt: str) -> str:
@@ -161,28 +142,11 @@ def generate_command(
 ) -> None:
     """Generate from a prompt with a sink + window cache at constant memory (endless unless -n is given;
     Ctrl-C stops)."""
-    from sinkscope.streaming.generate import stream_generate
+    from sinkscope.streaming.generate import GenerateOptions, encode_prompt, stream_generate
 
-    if sinks < 0 or window < 1:
-        raise InputError(f"need --sinks >= 0 and --window >= 1, got {sinks} and {window}")
-    if max_new_tokens < 0:
-        raise InputError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise InputError(f"--temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"--top-k must be >= 1, got {top_k}")
-    if prefill_chunk < 1:
-        raise InputError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
-    lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
-                                   trust_remote_code=trust_remote_code)
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    else:
-        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if not ids:
-        raise InputError("the prompt has no tokens")
+    GenerateOptions(sinks, window, max_new_tokens or None, temperature, top_k, prefill_chunk)  # before the load
+    lm, tokenizer = ModelOptions(model, device, dtype, revision, trust_remote_code).load()[:2]
+    ids = encode_prompt(tokenizer, prompt, chat=chat)
     stop = {tokenizer.eos_token_id} if stop_at_eos and tokenizer.eos_token_id is not None else None
     pending: list[int] = []  # tokens not printed yet (an incomplete UTF-8 character spans several)
     n_tokens, kv = 0, 0

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sinkscope.artefacts import read_manifest, register_artefact, write_manifest
+from sinkscope.artefacts import read_manifest, write_manifest
 from sinkscope.compat import cached_length, find_cache
 from sinkscope.errors import InputError, ModelLoadError
 from sinkscope.models.adapters import ModelAdapter, get_adapter
@@ -529,5 +529,3 @@ def build_patch(circuit: Any, stats: Any, *, base_model: str, fire_min: float = 
                         for c in chosen]}
     return SinkPatch(rules, base_model, True, meta)
 
-
-register_artefact(MANIFEST_KIND, load_patched_model)

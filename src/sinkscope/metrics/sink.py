@@ -28,10 +28,48 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sinkscope.errors import InputError
+
 ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
 
 #: Gu et al.'s default sink threshold.
 DEFAULT_EPS = 0.3
+
+
+def check_eps(eps: float, *, param: str = "eps") -> float:
+    """The one check of a sink threshold: a number strictly between 0 and 1 (NaN is refused).
+
+    >>> check_eps(0.3)
+    0.3
+    >>> check_eps(2)
+    Traceback (most recent call last):
+    ...
+    sinkscope.errors.InputError: eps must be in (0, 1), got 2
+
+    Raises:
+        InputError: anything else, naming ``param``.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0 < eps < 1:
+        raise InputError(f"{param} must be in (0, 1), got {eps!r}", param=param)
+    return float(eps)
+
+
+def check_count(n: int, *, param: str, minimum: int = 0) -> int:
+    """The one check of a position or count argument: an integer (not a bool, not a float) ``>= minimum``.
+
+    >>> check_count(3, param="k")
+    3
+    >>> check_count(0.5, param="k")
+    Traceback (most recent call last):
+    ...
+    sinkscope.errors.InputError: k must be an integer >= 0, got 0.5
+
+    Raises:
+        InputError: anything else, naming ``param``.
+    """
+    if isinstance(n, bool) or not hasattr(n, "__index__") or int(n) < minimum:
+        raise InputError(f"{param} must be an integer >= {minimum}, got {n!r}", param=param)
+    return int(n)
 
 
 def alpha_sums(weights: Tensor, visible: Tensor, queries: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -12,19 +12,22 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sinkscope.artefacts import MANIFEST_NAME as MANIFEST_NAME
-from sinkscope.artefacts import detect_artefact, manifest_kind
+from sinkscope.artefacts import detect_artefact, open_artefact
 from sinkscope.errors import ModelLoadError
+from sinkscope.progress import ProgressCallback
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -163,12 +166,32 @@ def _check_weights(path: Path, use_safetensors: bool | None) -> None:
             "(save_pretrained(..., safe_serialization=True)) or, for a file you trust, pass use_safetensors=False")
 
 
+def _check_model_type(path: Path, trust_remote_code: bool) -> None:
+    """Refuse, naming the model (not the tokenizer loaded first), a config whose ``model_type`` this transformers
+    does not know, unless the directory brings its own code (``auto_map``) and it is trusted."""
+    from transformers import CONFIG_MAPPING, __version__
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}/config.json is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}/config.json is not a JSON object")
+    model_type = config.get("model_type")
+    if trust_remote_code and config.get("auto_map"):
+        return
+    if model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(f"{path}: the model's type {model_type!r} (config.json model_type) is not an "
+                             f"architecture transformers {__version__} knows")
+
+
 def _load_directory(path: Path, dtype: Any, attn_implementation: str | None, trust_remote_code: bool,
                     **kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    _check_model_type(path, trust_remote_code)
     _check_weights(path, kwargs.get("use_safetensors"))
     kwargs.setdefault("use_safetensors", True)
     try:
@@ -181,16 +204,6 @@ def _load_directory(path: Path, dtype: Any, attn_implementation: str | None, tru
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load model directory {path}: {type(e).__name__}: {first}") from e
     return model, tokenizer
-
-
-def _load_artefact(path: Path, **kwargs: Any):
-    """Load a registered sinkscope artefact (see `sinkscope.artefacts`)."""
-    kind = detect_artefact(path)
-    if kind is None:
-        name = manifest_kind(path)
-        raise ModelLoadError(f"{path}: sinkscope artefact kind {name!r} is not registered (load it with "
-                             "sinkscope.load_model, which registers the built-in kinds)")
-    return kind.load(path, **kwargs)
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -241,22 +254,6 @@ def resolve_model_spec(spec: str | os.PathLike[str]) -> ModelSource:
     return ModelSource(s, "hub", None)
 
 
-def _resolve_dtype(dtype: Any) -> Any:
-    """``torch.dtype``, a name (``"bfloat16"``, ``"bf16"``, ``"float32"`` ...) or ``"auto"`` -> what
-    ``from_pretrained`` takes."""
-    import torch
-
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
-    value = getattr(torch, names.get(str(dtype), str(dtype)), None)
-    if not isinstance(value, torch.dtype):
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
-    return value
-
-
 def load_tokenizer(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Any:
     """Only the tokenizer of a model spec (an alias or .gguf file is dequantised into the cache once, as
     `load_model` does; a local directory or a cached hub id is read directly; no weights are loaded).
@@ -291,7 +288,7 @@ def load_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     device: Any = None,
-    verbose: bool = False,
+    progress: ProgressCallback | None = None,
     **from_pretrained_kwargs: Any,
 ):
     """Load a causal LM and its tokenizer from a spec.
@@ -306,7 +303,8 @@ def load_model(
         trust_remote_code: off by default; only set it for code you trust.
         device: where to put the model (default CPU): ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (the
             accelerators this machine has, else the CPU: `sinkscope.devices`); not with ``device_map``.
-        verbose: print what is loaded and how long it took.
+        progress: ``progress(done, total, what)`` at each phase (a GGUF file is dequantised into the cache on
+            first use, ~30 s; then the load): this module never prints.
         **from_pretrained_kwargs: passed to ``from_pretrained`` as they are, e.g. ``device_map`` (then nothing
             is moved: the model stays where accelerate placed it), ``revision`` (hub models; the resolved commit
             is recorded), ``local_files_only``, ``low_cpu_mem_usage``, ``quantization_config``. Weights come
@@ -326,9 +324,9 @@ def load_model(
         dtype = kwargs.pop("torch_dtype")
     if device is not None and kwargs.get("device_map") is not None:
         raise ModelLoadError("give device or device_map, not both (device_map places the model itself)")
-    if device is not None:
-        from sinkscope.devices import parse_device, placement_kwargs  # torch: not at import (spec checks stay cheap)
+    from sinkscope.devices import parse_device, parse_dtype, placement_kwargs  # torch: not at import
 
+    if device is not None:
         device = parse_device(device)
         if device == "auto":  # the one meaning of auto (sinkscope.devices): the accelerators, else the CPU
             placement = placement_kwargs(device)
@@ -337,24 +335,23 @@ def load_model(
     source = resolve_model_spec(spec)
     if kwargs.get("revision") is not None and source.kind not in ("hub", "manifest"):
         raise ModelLoadError(f"revision applies to hub models; {source.spec!r} is a local {source.kind}")
-    torch_dtype = _resolve_dtype(dtype)
-    if not verbose:
-        from transformers.utils import logging as hf_logging
+    torch_dtype = parse_dtype(dtype)  # "auto": the checkpoint's dtype
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # progress is the caller's (``progress``), never a bar drawn from here
     t0 = time.perf_counter()
     if source.kind in ("alias", "gguf"):
         gguf = Path(source.path)  # type: ignore[arg-type]
         target, digest = gguf_cache_path(gguf)
-        model, tokenizer = _load_gguf_cached(gguf, target, torch_dtype, attn_implementation, verbose, **kwargs)
+        model, tokenizer = _load_gguf_cached(gguf, target, torch_dtype, attn_implementation, progress, **kwargs)
         source = ModelSource(source.spec, source.kind, str(gguf), digest)
     elif source.kind == "directory":
         model, tokenizer = _load_directory(Path(source.path), torch_dtype, attn_implementation,  # type: ignore[arg-type]
                                            trust_remote_code, **kwargs)
     elif source.kind == "manifest":  # a registered artefact: its loader places the model (and may record more)
-        model, tokenizer = _load_artefact(
+        model, tokenizer = open_artefact(
             Path(source.path), dtype=torch_dtype, attn_implementation=attn_implementation,  # type: ignore[arg-type]
-            trust_remote_code=trust_remote_code, device=device, verbose=verbose, **kwargs,
+            trust_remote_code=trust_remote_code, device=device, **kwargs,
         )
         if getattr(model, "sinkscope_source", None) is None:
             model.sinkscope_source = source
@@ -368,23 +365,23 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.sinkscope_source = source
-    if verbose:
-        print(f"loaded {source.spec} in {time.perf_counter() - t0:.1f} s", flush=True)
+    if progress is not None:
+        progress(1, 1, f"loaded {source.spec} in {time.perf_counter() - t0:.1f} s")
     return model, tokenizer
 
 
-def _load_gguf_cached(gguf: Path, target: Path, dtype: Any, attn_implementation: str | None, verbose: bool,
-                      **kwargs: Any):
+def _load_gguf_cached(gguf: Path, target: Path, dtype: Any, attn_implementation: str | None,
+                      progress: ProgressCallback | None, **kwargs: Any):
     """The dequantised cache of a GGUF file: built on first use, verified on every use, rebuilt when broken."""
     if (target / "config.json").is_file():
         try:
             _check_weights(target, True)
         except ModelLoadError as e:
-            print(f"sinkscope: the model cache {target} is broken ({e}); rebuilding it", file=sys.stderr, flush=True)
+            log.warning("the model cache %s is broken (%s); rebuilding it", target, e)
             shutil.rmtree(target, ignore_errors=True)
     if not (target / "config.json").is_file():
-        if verbose:
-            print(f"dequantising {gguf.name} once into {target} (~30 s) ...", flush=True)
+        if progress is not None:
+            progress(0, 1, f"dequantising {gguf.name} once into {target} (~30 s)")
         _dequantise_gguf(gguf, target)
     return _load_directory(target, dtype, attn_implementation, False, **kwargs)
 

@@ -14,7 +14,7 @@ def alternating_device_map(model: nn.Module, even: int | str, odd: int | str) ->
     """A ``device_map``: even decoder layers on ``even``, odd ones on ``odd``, everything outside the layers that
     holds parameters or buffers (embeddings, final norm, head, rotary tables) on ``even``.
 
-    >>> from sinkscope.models.tiny import tiny_model
+    >>> from sinkscope.models.random_hf import tiny_model
     >>> m = alternating_device_map(tiny_model("llama"), 0, "cpu")
     >>> m["model.layers.0"], m["model.layers.1"], m["model.embed_tokens"]
     (0, 'cpu', 0)

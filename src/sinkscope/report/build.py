@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,11 +16,9 @@ from torch import nn
 
 from sinkscope.errors import InputError
 from sinkscope.io import ensure_output_dir, write_atomic, write_csv_atomic, write_json_atomic
+from sinkscope.progress import ProgressCallback
+from sinkscope.report.html import Section, render_page
 from sinkscope.report.sections import SECTION_ORDER, SECTIONS, ReportContext, ReportOptions
-from sinkscope.viz.report import Section, render_page
-
-#: ``progress(section_key, done, total)``.
-SectionProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -41,13 +39,15 @@ def parse_sections(spec: str | Sequence[str] | None) -> list[str]:
     """Section keys from ``"sinks,dormant"`` (or a list), in display order; None or ``all`` means all.
 
     Raises:
-        InputError: an unknown section name (with a "did you mean").
+        InputError: an unknown section name (with a "did you mean"), or none named (an empty string is not "all").
     """
     if spec is None:
         return list(SECTION_ORDER)
     items = spec.split(",") if isinstance(spec, str) else [x for s in spec for x in str(s).split(",")]
     names = [x.strip() for x in items if x.strip()]
-    if not names or names == ["all"]:
+    if not names:
+        raise InputError(f"sections: name at least one of {', '.join(SECTION_ORDER)} (or all)", param="sections")
+    if names == ["all"]:
         return list(SECTION_ORDER)
     for n in names:
         try:
@@ -57,15 +57,18 @@ def parse_sections(spec: str | Sequence[str] | None) -> list[str]:
     return [k for k in SECTION_ORDER if k in names]
 
 
-def run_sections(ctx: ReportContext, keys: Sequence[str], progress: SectionProgress | None = None) -> list[Section]:
+def run_sections(ctx: ReportContext, keys: Sequence[str], progress: ProgressCallback | None = None) -> list[Section]:
     """Run the sections in order; an exception inside one becomes its ``error`` (KeyboardInterrupt propagates).
-    The model card, when present, gets a table of every section's wall time at the end."""
+    ``progress(done, total, key)`` counts each section's own steps. The model card, when present, gets a table of
+    every section's wall time at the end."""
     out: list[Section] = []
     for key in keys:
         title, fn = SECTIONS[key]
         sec = Section(key, title)
-        cb = (lambda d, t, k=key: progress(k, d, t)) if progress is not None else (lambda d, t: None)
+        cb = ((lambda d, t, _w="", k=key: progress(d, t, k)) if progress is not None
+              else (lambda d, t, _w="": None))
         t0 = time.perf_counter()
+        cb(0, None)  # the section starts now (its rate and time left count from here)
         try:
             fn(ctx, sec, cb)
         except Exception as e:  # noqa: BLE001 - a failing section is reported on the page
@@ -117,7 +120,7 @@ def _jsonable(x: Any) -> Any:
 
 def build_report(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, sections: Sequence[str] | None = None,
                  options: ReportOptions | None = None, model_spec: str = "", load_s: float | None = None,
-                 progress: SectionProgress | None = None) -> ReportResult:
+                 progress: ProgressCallback | None = None) -> ReportResult:
     """Measure ``model`` and write the report into ``out_dir``.
 
     Args:
@@ -127,7 +130,7 @@ def build_report(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, secti
         options: measurement sizes (`ReportOptions`).
         model_spec: how the model was named (shown on the page).
         load_s: model load time to show on the model card.
-        progress: ``progress(section, done, total)`` for terminal progress bars.
+        progress: ``progress(done, total, section_key)``: each section's own steps (`sinkscope.progress`).
 
     Returns:
         A `ReportResult`; ``result.failed`` lists sections that raised (they show their error on the page).

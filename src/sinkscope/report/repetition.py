@@ -22,7 +22,7 @@ from sinkscope.repetition.circuit import localise_sink_circuit
 from sinkscope.repetition.scan import ScanPlan, scan_repetition, summarise
 from sinkscope.report import explain
 from sinkscope.tasks.repeated_tokens import run_token_id
-from sinkscope.viz.report import Section
+from sinkscope.report.html import Section
 
 #: Tokens per ordinary-text sequence used to find the circuit (4 sequences of the built-in prose).
 CIRCUIT_TEXT_TOKENS = 32

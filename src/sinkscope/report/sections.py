@@ -2,7 +2,7 @@
 (text, figures, tables, the numbers as JSON, a "what this means" box written from those numbers).
 
 Sections share one `ReportContext`, which profiles each input kind once (`SinkProfile` cache). A section gets
-``progress(done, total)`` to drive its terminal progress bar.
+``progress(done, total)`` (a `sinkscope.progress.ProgressCallback`, ``what`` optional) to show how far it is.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from torch import nn
 
 from sinkscope.analyses.dormant import DormancyReport, dormancy_from_profiles
 from sinkscope.domains import domain_batch
+from sinkscope.errors import InputError
+from sinkscope.metrics.sink import check_count, check_eps
 from sinkscope.models.adapters import ModelAdapter, get_adapter
 from sinkscope.profile import SinkProfile, model_info, profile_sinks
-from sinkscope.versions import versions
+from sinkscope.progress import ProgressCallback
 from sinkscope.registry import Registry
 from sinkscope.report import explain
-from sinkscope.viz.report import Section
+from sinkscope.report.html import Section
+from sinkscope.versions import versions
 
-Progress = Callable[[int, int], None]
+Progress = ProgressCallback
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,23 @@ class ReportOptions:
     circuit_per_layer: int = 1
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """The one check of the report's options (InputError naming the option), before any model loads."""
+        check_eps(self.eps)
+        if check_count(self.n_tokens, param="n_tokens") < 8:
+            raise InputError(f"n_tokens must be at least 8, got {self.n_tokens}", param="n_tokens")
+        if not 1 <= check_count(self.samples, param="samples") <= 8:
+            raise InputError(f"samples must be between 1 and 8, got {self.samples}", param="samples")
+        check_count(self.batch_size, param="batch_size", minimum=1)
+        check_count(self.repeat_new_tokens, param="repeat_new_tokens", minimum=1)
+        check_count(self.circuit_per_layer, param="circuit_per_layer")
+        if not self.repeat_words or any(not w.strip() for w in self.repeat_words):
+            raise InputError("repeat_words: give at least one word", param="repeat_words")
+        if not self.repeat_lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                          for n in self.repeat_lengths):
+            raise InputError(f"repeat_lengths must be positive integers, got {self.repeat_lengths!r}",
+                             param="repeat_lengths")
+
 
 @dataclass
 class ReportContext:
@@ -84,10 +104,10 @@ class ReportContext:
         total = max(1, per * len(todo))
         for i, kind in enumerate(todo):
             batch = domain_batch(self.tokenizer, kind, n_tokens=o.n_tokens, samples=o.samples, seed=o.seed)
-            cb = (lambda d, _t, s=i * per: progress(s + d, total)) if progress is not None else None
+            cb = (lambda d, _t, _w="", s=i * per: progress(s + d, total)) if progress is not None else None
             self.profiles[kind] = profile_sinks(self.model, batch, eps=o.eps, batch_size=o.batch_size, progress=cb,
                                                 adapter=self.adapter)
-        if progress is not None:
+        if progress is not None and not todo:  # all cached: done at once (otherwise the last layer said so)
             progress(total, total)
         return {k: self.profiles[k] for k in kinds}
 

@@ -355,7 +355,7 @@ class SinkWindowCache(Cache):
     Raises:
         UnsupportedArchitectureError: the model has sliding-window or linear-attention layers.
 
-    >>> from sinkscope.models.tiny import tiny_model
+    >>> from sinkscope.models.random_hf import tiny_model
     >>> m = tiny_model("llama")
     >>> cache = sink_cache(m, n_sink=2, window=4)
     >>> from sinkscope.compat import cache_kwargs

@@ -8,17 +8,71 @@ The same cache also works with ``model.generate(..., **cache_kwargs(model, cache
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import Cache
 
 from sinkscope.compat import cache_kwargs
+from sinkscope.devices import model_device
 from sinkscope.errors import InputError
 from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
-from sinkscope.devices import model_device
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How `stream_generate` decodes, checked once when built (before any model loads).
+
+    Attributes:
+        n_sink: first tokens kept (>= 0); window: most recent tokens kept (>= 1).
+        max_new_tokens: stop after this many tokens (>= 0); None: never stop.
+        temperature: 0 for greedy decoding, else a finite sampling temperature > 0.
+        top_k: sample among the ``top_k`` most likely tokens (>= 1), or None for all.
+        prefill_chunk_size: prompt tokens per forward (>= 1).
+
+    Raises:
+        InputError: a value outside its range (NaN or infinite temperatures included), naming the option.
+    """
+
+    n_sink: int = 4
+    window: int = 1020
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    top_k: int | None = None
+    prefill_chunk_size: int = 512
+
+    def __post_init__(self) -> None:
+        checks = [("n_sink", self.n_sink, 0), ("window", self.window, 1), ("max_new_tokens", self.max_new_tokens, 0),
+                  ("top_k", self.top_k, 1), ("prefill_chunk_size", self.prefill_chunk_size, 1)]
+        for name, value, minimum in checks:
+            if value is not None and value < minimum:
+                raise InputError(f"{name} must be >= {minimum}, got {value}", param=name)
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}",
+                             param="temperature")
+
+
+def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool = False) -> list[int]:
+    """The prompt's token ids, as text (special tokens added) or wrapped in the tokenizer's chat template.
+
+    Raises:
+        InputError: an empty prompt, or ``chat`` with a tokenizer that has no chat template.
+    """
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("this tokenizer has no chat template: drop --chat to use the prompt as plain text")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    else:
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not ids:
+        raise InputError("the prompt has no tokens")
+    return ids
 
 
 @torch.no_grad()
@@ -94,12 +148,11 @@ def stream_generate(model: nn.Module, prompt_ids: list[int] | torch.Tensor, *, n
     Yields:
         :class:`StreamToken` per generated token; ``kv_bytes`` stays constant once the cache is full.
     """
+    GenerateOptions(n_sink, window, max_new_tokens, temperature, top_k, prefill_chunk_size)  # checked once, here
     device = model_device(model)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).reshape(1, -1)
     if ids.shape[1] == 0:
         raise InputError("the prompt has no tokens")
-    if max_new_tokens is not None and max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     cache = cache if cache is not None else sink_cache(model, n_sink, window, reassign=reassign)
     generator = torch.Generator().manual_seed(seed)
     logits = prefill(model, ids, cache, prefill_chunk_size)[0]  # (V,)

@@ -31,6 +31,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,12 +39,14 @@ from torch import nn
 from transformers import Cache, DynamicCache
 
 from sinkscope.compat import cache_kwargs
+from sinkscope.devices import model_device
 from sinkscope.errors import InputError
+from sinkscope.io import ensure_output_dir, save_figure_atomic, write_csv_atomic, write_json_atomic
 from sinkscope.models.adapters import get_adapter
+from sinkscope.progress import ProgressCallback
 from sinkscope.registry import Registry
 from sinkscope.streaming.banded import BANDED_POLICIES, banded_stream_nll, fast_mode_obstacle
 from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
-from sinkscope.devices import model_device
 
 #: Cache policies: name -> factory(model, n_sink, window) -> Cache. ``recompute`` is handled separately.
 CACHE_POLICIES: Registry[Callable[[nn.Module, int, int], Cache]] = Registry("stream policy")
@@ -60,6 +63,58 @@ MODES: tuple[str, ...] = ("auto", "token")
 #: (n_sink, window) of each banded policy's attention mask, from the run's (n_sink, window); window None: causal
 _BANDS: dict[str, Callable[[int, int], tuple[int, int | None]]] = {
     "dense": lambda s, w: (0, None), "window": lambda s, w: (0, s + w), "sinks_plain": lambda s, w: (s, w)}
+
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How `evaluate_stream` runs, checked once when built (before any model loads).
+
+    Attributes:
+        n_sink: first tokens kept by ``sinks`` (>= 0); window: recent tokens kept (>= 1).
+        policies: names from `ALL_POLICIES` (each once, in the order given).
+        batch_size: windows per forward for ``recompute`` (>= 1).
+        mode: ``auto`` (exact blocks for the fixed-mask policies) or ``token`` (one token per forward).
+        chunk: queries per forward in the block mode (>= 1).
+
+    Raises:
+        InputError: a value outside its range, an unknown policy or mode (one line naming the option).
+    """
+
+    n_sink: int = 4
+    window: int = 1020
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    batch_size: int = 16
+    mode: str = "auto"
+    chunk: int = 512
+
+    def __post_init__(self) -> None:
+        if self.n_sink < 0:
+            raise InputError(f"n_sink must be >= 0, got {self.n_sink}", param="n_sink")
+        if self.window < 1:
+            raise InputError(f"window must be >= 1, got {self.window}", param="window")
+        policies = tuple(dict.fromkeys(self.policies))
+        unknown = [p for p in policies if p not in ALL_POLICIES]
+        if unknown or not policies:
+            raise InputError(f"unknown policies {','.join(unknown) or '(none given)'}; choose from "
+                             f"{','.join(ALL_POLICIES)}", param="policies")
+        object.__setattr__(self, "policies", policies)
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.chunk < 1:
+            raise InputError(f"chunk must be >= 1, got {self.chunk}", param="chunk")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}", param="batch_size")
+
+    def check_length(self, n_tokens: int) -> None:
+        """Refuse a stream the cache never evicts from (the policies could not differ), or under 2 tokens."""
+        if n_tokens < 2:
+            raise InputError(f"tokens must be at least 2, got {n_tokens}", param="n_tokens")
+        if n_tokens <= self.n_sink + self.window + 1:
+            raise InputError(f"tokens {n_tokens} <= n_sink + window + 1 = {self.n_sink + self.window + 1}: the "
+                             "cache never evicts, so the policies cannot differ; give more tokens or a smaller "
+                             "window", param="n_tokens")
+
 
 _MB = float(1 << 20)
 _SAMPLE_EVERY = 16  # token-by-token runs sample memory every this many steps (and at the last)
@@ -149,6 +204,7 @@ class StreamEval:
     n_sink: int
     window: int
     meta: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         evict_from = self.n_sink + self.window + 1
@@ -160,7 +216,19 @@ class StreamEval:
             "memory_measure": {"peak_mem_mb": "peak MiB of key/value tensors held by the policy (all layers)",
                                "peak_rss_delta_mb": "process RSS high-water mark above its value at policy start"},
             **self.meta,
+            **({"total_seconds": self.seconds} if self.seconds is not None else {}),
         }
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write ``tokens.csv`` (`to_rows`), ``summary.json`` (`to_json`) and ``log_ppl.png`` into ``directory``
+        (created), each file atomically; returns the paths written."""
+        from sinkscope.viz.streaming import log_ppl_figure
+
+        d = ensure_output_dir(directory)
+        write_csv_atomic(d / "tokens.csv", self.to_rows())
+        write_json_atomic(d / "summary.json", self.to_json())
+        save_figure_atomic(d / "log_ppl.png", log_ppl_figure(self))
+        return [d / "tokens.csv", d / "summary.json", d / "log_ppl.png"]
 
     def to_rows(self) -> list[dict[str, Any]]:
         """One row per (policy, predicted token): ``policy, position, nll``."""
@@ -372,7 +440,7 @@ def check_stream(model: nn.Module, n_tokens: int, n_sink: int, window: int, poli
 
 def evaluate_stream(model: nn.Module, ids: torch.Tensor, *, n_sink: int = 4, window: int = 1020,
                     policies: Sequence[str] = DEFAULT_POLICIES, batch_size: int = 16, mode: str = "auto",
-                    chunk: int = 512, on_policy: Callable[[str, int], Callable[[int], None] | None] | None = None,
+                    chunk: int = 512, progress: ProgressCallback | None = None,
                     meta: dict[str, Any] | None = None) -> StreamEval:
     """Token-by-token perplexity of one long stream under each policy (StreamingLLM Fig. 3 / Table 1 arms).
 
@@ -385,59 +453,25 @@ def evaluate_stream(model: nn.Module, ids: torch.Tensor, *, n_sink: int = 4, win
         batch_size: windows per forward for ``recompute``.
         mode: ``auto`` (exact blocks for the fixed-mask policies) or ``token`` (one token per forward).
         chunk: queries per forward in the block mode.
-        on_policy: ``on_policy(name, total_steps)`` may return an ``on_step`` progress callback.
+        progress: ``progress(done, total, policy)``: tokens scored by the policy running now, of ``T - 1``.
         meta: extra fields for ``summary.json`` (model, file, ...).
 
     Raises:
         InputError: unknown policy or mode, bad sizes, a stream shorter than 2 tokens, or a run
             :func:`check_stream` refuses.
     """
+    t0 = time.perf_counter()
     if ids.dim() != 1 or len(ids) < 2:
         raise InputError("the stream needs at least 2 tokens")
-    if n_sink < 0 or window < 1:
-        raise InputError(f"need --sinks >= 0 and --window >= 1, got {n_sink} and {window}")
-    unknown = [p for p in policies if p not in ALL_POLICIES]
-    if unknown or not policies:
-        raise InputError(f"unknown policies {unknown}; choose from {', '.join(ALL_POLICIES)}")
-    if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if chunk < 1 or batch_size < 1:
-        raise InputError(f"need --chunk >= 1 and --batch-size >= 1, got {chunk} and {batch_size}")
-    check_stream(model, len(ids), n_sink, window, policies)
+    opts = StreamOptions(n_sink, window, tuple(policies), batch_size, mode, chunk)
+    check_stream(model, len(ids), n_sink, window, opts.policies)
     with torch.no_grad():  # warm-up: page in lazily loaded weights so they do not count as a policy's memory
         model(input_ids=ids[:2][None].to(model_device(model)), use_cache=False)
     results: dict[str, PolicyResult] = {}
-    for name in dict.fromkeys(policies):
-        on_step = on_policy(name, len(ids) - 1) if on_policy is not None else None
+    for name in opts.policies:
+        on_step = (lambda done, n=name: progress(done, len(ids) - 1, n)) if progress is not None else None
+        if on_step is not None:
+            on_step(0)  # the policy starts now (its rate and time left count from here)
         results[name] = run_policy(model, ids, name, n_sink, window, batch_size=batch_size, mode=mode, chunk=chunk,
                                    on_step=on_step)
-    return StreamEval(results, len(ids), n_sink, window, dict(meta or {}))
-
-
-def plot_log_ppl(result: StreamEval, smooth: int = 64) -> Any:
-    """Figure: log-perplexity vs position for each policy (left: running mean over ``smooth`` tokens;
-    right: cumulative mean NLL). A dotted line marks where eviction starts. Data in, Figure out, no I/O."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for name, r in result.policies.items():
-        if not len(r.nll):
-            continue
-        x = r.positions.numpy()
-        y = r.nll.double()
-        k = max(1, min(smooth, len(y)))
-        run = torch.nn.functional.avg_pool1d(y[None, None], k, stride=1)[0, 0].numpy()
-        ax1.plot(x[k - 1:], run, label=f"{name} (ppl {r.ppl:.1f})", lw=1.2)
-        ax2.plot(x, (y.cumsum(0) / torch.arange(1, len(y) + 1)).numpy(), label=name, lw=1.2)
-    for ax in (ax1, ax2):
-        ax.axvline(result.n_sink + result.window + 1, color="grey", ls=":", lw=1)
-        ax.set_xlabel("position in stream (tokens)")
-        ax.grid(alpha=0.3)
-    ax1.set_ylabel(f"log-perplexity (mean NLL over last {smooth} tokens, nats)")
-    ax2.set_ylabel("cumulative log-perplexity (nats)")
-    ax1.legend(fontsize=8)
-    fig.suptitle(f"streaming: {result.n_sink} sinks + {result.window} window, {result.n_tokens} tokens")
-    return fig
+    return StreamEval(results, len(ids), n_sink, window, dict(meta or {}), time.perf_counter() - t0)

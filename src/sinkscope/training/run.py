@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sinkscope.artefacts import register_artefact
 from sinkscope.errors import InputError
 from sinkscope.models.tinygpt import TinyGPT
 from sinkscope.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -100,8 +99,6 @@ def load_run_model(path: str | Path, **kwargs: Any) -> tuple[TinyGPT, Any]:
     model.to(device=single_device(kwargs.get("device") or "cpu"), dtype=dtype)
     return model, run_tokenizer(cfg)
 
-
-register_artefact("tinygpt_run", load_run_model, detect=is_run_dir)
 
 
 def profile_run(run_dir: str | Path, samples: int = 32) -> dict[str, Any]:

@@ -1,16 +1,42 @@
-"""Figures of a `SinkProfile`: each function takes data and returns a matplotlib Figure (no file I/O)."""
+"""Figures of a `sinkscope.profile.SinkProfile`: each function takes data and returns a matplotlib Figure (no file I/O)."""
 
 from __future__ import annotations
 
-import matplotlib
+from typing import Any, Protocol
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from sinkscope.metrics.sink import is_sink  # noqa: E402
-from sinkscope.profile import SinkProfile  # noqa: E402
+from sinkscope.metrics.sink import is_sink
+
+
+class SinkProfile(Protocol):
+    """What these figures read of a `sinkscope.profile.SinkProfile` (whose ``save`` draws them: the figures sit
+    below the profile and name only what they use)."""
+
+    model: dict[str, Any]
+    inputs: dict[str, Any]
+    attention_layers: list[int]
+    lengths: np.ndarray
+    residual_norm: np.ndarray
+    sink_mass: np.ndarray | None
+    eps: float
+    massive: list[dict[str, Any]]
+
+    def alpha_mean(self, k: int = 0, *, proxy: bool = False) -> np.ndarray: ...
+
+    def head_is_sink(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> np.ndarray: ...
+
+    def sink_ratio(self, k: int = 0, eps: float | None = None, *, proxy: bool = False) -> float: ...
+
+    def sink_ratio_by_position(self, eps: float | None = None, *, proxy: bool = False) -> np.ndarray: ...
+
+    def residual_norm_median_other(self) -> np.ndarray: ...
+
+    def residual_ratio(self) -> np.ndarray: ...
+
+    def value_ratio(self) -> np.ndarray: ...
 
 
 def _title(profile: SinkProfile, what: str) -> str:

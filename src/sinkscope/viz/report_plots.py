@@ -5,15 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+from typing import Any, Protocol
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from sinkscope.analyses.dormant import DormancyReport  # noqa: E402
-from sinkscope.profile import SinkProfile  # noqa: E402
+from sinkscope.viz.plots import SinkProfile
+
+
+class DormancyReport(Protocol):
+    """What the dormancy figure reads of a `sinkscope.analyses.dormant.DormancyReport` (data in, Figure out: the
+    measuring modules sit above this package)."""
+
+    domains: list[str]
+    alpha0: np.ndarray  # (D, La, H) mean alpha_0 per domain
+
+    def dependence(self) -> np.ndarray: ...  # (La, H) range of alpha_0 over the domains
 
 
 def sinks_by_kind(profiles: Mapping[str, SinkProfile], n_positions: int = 8) -> Figure:
@@ -97,13 +105,8 @@ def massive_by_layer(profile: SinkProfile) -> Figure:
             last = m["top"][0]["dim"]
             ax.annotate(f"d{last}", (m["layer"], m["top"][0]["value"]), fontsize=7, xytext=(2, 4),
                         textcoords="offset points")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("|activation|")
-    ax.set_title("massive activations in the residual stream (labels: hidden dimension)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "layer", "|activation|",
+                   "massive activations in the residual stream (labels: hidden dimension)")
 
 
 def dormancy_heatmaps(report: DormancyReport) -> Figure:
@@ -141,9 +144,14 @@ def divergence_vs_length(lengths: Sequence[int], rate: Sequence[float],
         ax.plot(xs, [patched[x] for x in xs], "s--", ms=9, label="with the sink-circuit patch")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("repetitions of the word")
-    ax.set_ylabel("divergence rate")
-    ax.set_title("repeated-token divergence", fontsize=9)
+    return _finish(fig, ax, "repetitions of the word", "divergence rate", "repeated-token divergence")
+
+
+def _finish(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str) -> Figure:
+    """The line plots' labels, small title, grid and legend, laid out."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

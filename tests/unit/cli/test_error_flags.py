@@ -9,7 +9,7 @@ import sinkscope
 from sinkscope.cli.__main__ import main
 from sinkscope.errors import InputError
 from sinkscope.inputs import text_inputs
-from sinkscope.models.tiny import save_tiny, tiny_tokenizer
+from sinkscope.models.random_hf import save_tiny, tiny_tokenizer
 
 
 def test_library_names_the_parameter() -> None:

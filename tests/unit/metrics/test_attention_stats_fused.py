@@ -12,7 +12,7 @@ from sinkscope.inputs import TokenBatch
 from sinkscope.metrics import attention_fused
 from sinkscope.metrics.attention_stats import LayerAttentionStats, attention_with_stats
 from sinkscope.models.adapters import get_adapter
-from sinkscope.models.tiny import TINY_ARCHITECTURES, tiny_model
+from sinkscope.models.random_hf import TINY_ARCHITECTURES, tiny_model
 from sinkscope.profile import profile_sinks
 
 #: fp32 inputs: every per-query mean within this of the reference (the parity tolerance of the profiler).

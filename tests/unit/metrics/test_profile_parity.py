@@ -111,7 +111,7 @@ def test_residual_and_value_norms_match_reference(tiny) -> None:
 
 @torch.no_grad()
 def test_query_key_cosine_matches_manual() -> None:
-    from sinkscope.models.tiny import tiny_model
+    from sinkscope.models.random_hf import tiny_model
 
     model = tiny_model("llama")
     seq = list(range(5, 17))
@@ -136,7 +136,7 @@ def test_query_key_cosine_matches_manual() -> None:
 
 @torch.no_grad()
 def test_output_gate_is_reported() -> None:
-    from sinkscope.models.tiny import TINY_ARCHITECTURES, tiny_model
+    from sinkscope.models.random_hf import TINY_ARCHITECTURES, tiny_model
 
     if "qwen3_next" not in TINY_ARCHITECTURES:
         pytest.skip("this transformers has no gated-attention architecture")

@@ -8,7 +8,7 @@ import torch
 
 from sinkscope.errors import InputError
 from sinkscope.analyses.qk_alignment import qk_alignment
-from sinkscope.models.tiny import tiny_model
+from sinkscope.models.random_hf import tiny_model
 from sinkscope.profile import profile_sinks
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sinkscope.models.placement import alternating_device_map
-from sinkscope.models.tiny import TINY_ARCHITECTURES, tiny_model
+from sinkscope.models.random_hf import TINY_ARCHITECTURES, tiny_model
 from sinkscope.profile import SinkProfile, profile_sinks
 
 FP32_TOL = 1e-5

@@ -11,7 +11,7 @@ import torch
 
 from sinkscope.errors import InputError
 from sinkscope.inputs import pad_batch
-from sinkscope.models.tiny import tiny_model, tiny_tokenizer
+from sinkscope.models.random_hf import tiny_model, tiny_tokenizer
 from sinkscope.profile import SinkProfile, profile_sinks
 
 SEQS = [[1, 5, 6, 7, 8, 9], [1, 10, 11]]
@@ -99,3 +99,35 @@ def test_bf16_model_profiles_close_to_fp32(llama, reference: SinkProfile) -> Non
         assert np.array_equal(np.isnan(got), np.isnan(want)), name
         np.testing.assert_allclose(got, want, rtol=0.05, atol=0.03, err_msg=name)
     assert prof.sink_ratio(0) == reference.sink_ratio(0)
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda p: p.sink_ratio(0.5), "k must be an integer >= 0, got 0.5"),
+    (lambda p: p.sink_ratio(-1), "k must be an integer >= 0, got -1"),
+    (lambda p: p.sink_ratio(6), "no sample is longer than position 6"),
+    (lambda p: p.sink_ratio(0, eps=2), "eps must be in (0, 1), got 2"),
+    (lambda p: p.sink_ratio(0, eps=-1), "eps must be in (0, 1), got -1"),
+    (lambda p: p.sink_ratio_by_position(eps=float("nan")), "eps must be in (0, 1), got nan"),
+    (lambda p: p.top_sinks(n=-3), "n must be an integer >= 0, got -3"),
+    (lambda p: p.head_sink_rate(1.0), "k must be an integer >= 0"),
+])
+def test_profile_methods_check_their_arguments_as_profile_sinks_does(reference: SinkProfile, call, needle) -> None:
+    with pytest.raises(InputError) as e:
+        call(reference)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_profile_methods_take_what_profile_sinks_takes(reference: SinkProfile) -> None:
+    assert reference.sink_ratio(5) == reference.sink_ratio(np.int64(5))  # numpy integers are positions too
+    assert reference.top_sinks(0) == []
+    with pytest.raises(InputError, match="eps must be in"):
+        profile_sinks(tiny_model("llama"), SEQS, eps=1.0)  # the same check, from the same home
+
+
+def test_to_json_of_a_one_token_input_is_strict_json(llama) -> None:
+    import json
+
+    got = profile_sinks(llama, [[5]]).to_json()
+    text = json.dumps(got, allow_nan=False)  # raises on a NaN left in
+    assert got["residual_peak"] is None and got["residual_ratio_first_by_layer"] == [None, None]
+    assert json.loads(text)["sink_ratio"] == 1.0  # one token attends only to itself: alpha_0 = 1 in every head

@@ -33,7 +33,7 @@ def tiny_tok():
 
 @pytest.fixture()
 def tiny_llama():
-    from sinkscope.models.tiny import tiny_model
+    from sinkscope.models.random_hf import tiny_model
 
     return tiny_model("llama", attn_implementation="sdpa")
 

@@ -13,7 +13,7 @@ import torch
 from sinkscope.errors import InputError
 from sinkscope.interventions.ablate import Component, ablate, ablate_rows
 from sinkscope.models.adapters import get_adapter
-from sinkscope.models.tiny import tiny_model
+from sinkscope.models.random_hf import tiny_model
 from sinkscope.repetition import sink_effects as se
 from sinkscope.repetition.activations import neuron_stats, quantile_dim0
 from sinkscope.repetition.circuit import _run_captures, localise_sink_circuit

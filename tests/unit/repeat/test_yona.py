@@ -34,7 +34,7 @@ def test_sink_layer_rule_against_plain_computation(tiny_llama):
 
 @pytest.fixture()
 def deep_llama():
-    from sinkscope.models.tiny import tiny_model
+    from sinkscope.models.random_hf import tiny_model
 
     return tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=12)
 

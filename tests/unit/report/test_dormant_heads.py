@@ -10,7 +10,7 @@ from sinkscope.analyses.dormant import DormancyReport, find_dormant_heads
 from sinkscope.capture import attention_probs_eager
 from sinkscope.errors import InputError
 from sinkscope.inputs import TokenBatch
-from sinkscope.models.tiny import tiny_model, tiny_tokenizer
+from sinkscope.models.random_hf import tiny_model, tiny_tokenizer
 
 
 def test_golden_classification_and_ranking() -> None:

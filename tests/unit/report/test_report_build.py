@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from sinkscope.cli.__main__ import main
 from sinkscope.errors import InputError
-from sinkscope.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+from sinkscope.domains import domain_batch
+from sinkscope.models.random_hf import save_tiny, tiny_model, tiny_tokenizer
+from sinkscope.profile import profile_sinks
 from sinkscope.report.build import build_report, parse_sections
 from sinkscope.report.sections import ReportOptions
 
@@ -29,7 +32,7 @@ def test_report_files_and_a_failing_section_beside_working_ones(tmp_path) -> Non
     seen: dict[str, tuple[int, int]] = {}
     res = build_report(tiny_model("llama"), tiny_tokenizer(), tmp_path / "r", options=opts,
                        sections=["model", "sinks", "drains", "dormant"], model_spec="tiny-llama",
-                       progress=lambda k, d, t: seen.__setitem__(k, (d, t)))
+                       progress=lambda d, t, k: seen.__setitem__(k, (d, t)))
     assert res.failed == ["sinks", "drains"]
     page = res.index.read_text()
     for key in ("model", "sinks", "drains", "dormant"):
@@ -45,15 +48,28 @@ def test_report_files_and_a_failing_section_beside_working_ones(tmp_path) -> Non
     assert seen["dormant"][0] == seen["dormant"][1] and seen["model"] == (1, 1)
 
 
-def test_all_profile_sections_ok_and_meaning_written(tmp_path) -> None:
-    res = build_report(tiny_model("llama"), tiny_tokenizer(), tmp_path, options=SMALL,
-                       sections=["sinks", "drains"])
+def test_all_profile_sections_ok_and_their_numbers_are_the_profiles(tmp_path) -> None:
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    res = build_report(model, tok, tmp_path, options=SMALL, sections=["sinks", "drains"])
     assert res.failed == []
     doc = json.loads((tmp_path / "report.json").read_text())
     assert doc["sections"]["sinks"]["meaning"][0].startswith("Token 0 is an attention sink")
     kinds = doc["sections"]["sinks"]["data"]["kinds"]
-    assert set(kinds) == {"text", "random", "repeat"} and all(0 <= v["sink0"] <= 1 for v in kinds.values())
-    assert (tmp_path / "sinks_by_input.csv").is_file() and (tmp_path / "norms_by_layer.csv").is_file()
+    assert set(kinds) == {"text", "random", "repeat"}
+    rows = {r["input"]: r for r in csv.DictReader((tmp_path / "sinks_by_input.csv").open())}
+    for kind in kinds:  # each number is the one profile_sinks gives on the same built-in inputs
+        batch = domain_batch(tok, kind, n_tokens=SMALL.n_tokens, samples=SMALL.samples, seed=SMALL.seed)
+        prof = profile_sinks(model, batch, eps=SMALL.eps, batch_size=SMALL.batch_size)
+        assert kinds[kind]["sink0"] == prof.sink_ratio(0)
+        assert kinds[kind]["top_sinks"] == prof.top_sinks(6)
+        assert float(rows[kind]["Sink_0"]) == pytest.approx(prof.sink_ratio(0), abs=1e-12)
+        if kind == "text":  # the drains section reads the first kind's profile
+            text_prof = prof
+    norms = list(csv.DictReader((tmp_path / "norms_by_layer.csv").open()))
+    assert [int(r["layer"]) for r in norms] == [0, 1]
+    np.testing.assert_allclose([float(r["residual ratio"]) for r in norms], text_prof.residual_ratio(), rtol=1e-12)
+    np.testing.assert_allclose([float(r["value ratio"]) for r in norms],
+                               np.nanmean(text_prof.value_ratio(), axis=1), rtol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +111,11 @@ def test_repetition_section_on_a_tiny_model(tmp_path) -> None:
     assert res.failed == [], res.sections[0].details
     data = res.sections[0].data
     assert data["words"] == ["poem", "book"] and data["lengths"] == [4, 8]  # multi-token words are skipped
-    assert set(data["rates"]) == {4, 8} and all(0 <= r <= 1 for r in data["rates"].values())
     rows = list(csv.DictReader((tmp_path / "repetition_cells.csv").open()))
     assert len(rows) == 4 and {r["word"] for r in rows} == {"poem", "book"}
+    for n in (4, 8):  # each rate is the share of that length's answers judged diverged, as the cells say
+        cells = [r for r in rows if int(r["n"]) == n]
+        assert data["rates"][n] == sum(r["diverged"] == "True" for r in cells) / len(cells)
     assert "no first-token neuron found" in data["circuit_note"]  # a random tiny model has no sink circuit
     assert 'id="repetition" class="report-section ok"' in res.index.read_text()
 
@@ -106,7 +124,7 @@ def test_patch_effect_with_the_repetition_library(monkeypatch) -> None:
     import sinkscope.repetition.direction as direction
     from sinkscope.report.repetition import _patch_effect
     from sinkscope.report.sections import ReportContext
-    from sinkscope.viz.report import Section
+    from sinkscope.report.html import Section
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     text = [[5 + (i * 7 + j) % 90 for j in range(12)] for i in range(3)]

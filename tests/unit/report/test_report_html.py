@@ -7,7 +7,7 @@ import re
 
 import matplotlib.pyplot as plt
 
-from sinkscope.viz.report import Section, format_value, render_page, table_html
+from sinkscope.report.html import Section, format_value, render_page, table_html
 
 
 def test_table_escapes_and_carries_sort_keys() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sinkscope.errors import InputError
-from sinkscope.models.tiny import tiny_model
+from sinkscope.models.random_hf import tiny_model
 from sinkscope.streaming.banded import band_mask, cached_positions, fast_mode_obstacle
 from sinkscope.streaming.ppl import banded_nll, evaluate_stream, run_policy
 

@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicLayer
 
 from sinkscope.compat import cache_kwargs
 from sinkscope.errors import InputError, UnsupportedArchitectureError
-from sinkscope.models.tiny import tiny_model
+from sinkscope.models.random_hf import tiny_model
 from sinkscope.streaming.cache import RotaryShift, SinkWindowCache, kv_cache_bytes, sink_cache
 
 ATOL = 1e-5

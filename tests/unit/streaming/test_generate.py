@@ -8,7 +8,7 @@ import pytest
 from transformers import DynamicCache
 
 from sinkscope.errors import InputError
-from sinkscope.models.tiny import tiny_model
+from sinkscope.models.random_hf import tiny_model
 from sinkscope.streaming.generate import stream_generate
 
 

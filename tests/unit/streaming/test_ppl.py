@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from sinkscope.errors import InputError
-from sinkscope.models.tiny import tiny_model
+from sinkscope.models.random_hf import tiny_model
 from sinkscope.streaming.cache import sink_cache
-from sinkscope.streaming.ppl import evaluate_stream, plot_log_ppl, recompute_nll, stream_nll
+from sinkscope.streaming.ppl import evaluate_stream, recompute_nll, stream_nll
+from sinkscope.viz.streaming import log_ppl_figure
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_summary_rows_and_plot(model) -> None:
     assert js["policies"]["dense"]["peak_mem_mb"] == pytest.approx(js["policies"]["sinks"]["peak_mem_mb"] * 39 / 11)
     rows = res.to_rows()
     assert len(rows) == 5 * 39 and set(rows[0]) == {"policy", "position", "nll"}
-    fig = plot_log_ppl(res, smooth=8)
+    fig = log_ppl_figure(res, smooth=8)
     assert len(fig.axes[0].lines) == 5 + 1  # one line per policy + the eviction marker
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sinkscope.cli.__main__ import main
-from sinkscope.models.tiny import save_tiny
+from sinkscope.models.random_hf import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,8 @@ def test_default_file_is_the_shipped_corpus_and_modes_are_printed(model_dir, tmp
         "dense": "fast", "sinks": "token", "sinks_plain": "fast"}
     captured = capsys.readouterr()
     assert "exact blocks of 16" in captured.err and "sinks token" in captured.err
+    for policy in ("dense", "sinks", "sinks_plain"):  # a log (not a terminal) gets plain progress lines
+        assert f"{policy}: 49/49 tokens, 100%" in captured.err and f"{policy}: 0/49 tokens, 0%" in captured.err
     assert main(["stream", "eval", "--model", model_dir, "--tokens", "50", "--sinks", "2", "--window", "8",
                  "--policies", "sinks_plain", "--token-by-token", "--out", str(tmp_path / "tok")]) == 0
     tok = json.loads((tmp_path / "tok" / "summary.json").read_text())["policies"]["sinks_plain"]
@@ -36,10 +38,10 @@ def test_default_file_is_the_shipped_corpus_and_modes_are_printed(model_dir, tmp
 @pytest.mark.parametrize("args, message", [
     (["--tokens", "1000"], "has 300 tokens, fewer than --tokens 1000"),
     (["--tokens", "9"], "never evicts"),
-    (["--sinks", "-1"], "--sinks >= 0"),
-    (["--window", "0"], "--window >= 1"),
+    (["--sinks", "-1"], "--sinks must be >= 0"),
+    (["--window", "0"], "--window must be >= 1"),
     (["--window", "200", "--tokens", "250"], "exceed the model's context (128)"),
-    (["--chunk", "0"], "--chunk >= 1"),
+    (["--chunk", "0"], "--chunk must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--policies", "sink"], "unknown --policies"),
     (["--file", "EMPTY"], "--file is empty"),

@@ -57,7 +57,7 @@ def test_checkpoint_with_a_pickled_object_is_refused_before_it_runs(run_dir: Pat
 
 
 def test_scan_profiles_a_run_directory(run_dir: Path, tmp_path: Path) -> None:
-    from sinkscope.plugins import load_model
+    from sinkscope.models.load import load_model
     from sinkscope.profile import profile_sinks
 
     out = tmp_path / "scan"

@@ -13,12 +13,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402
+from sinkscope.io import figure_bytes
 
-from sinkscope.io import figure_bytes  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def esc(x: Any) -> str:

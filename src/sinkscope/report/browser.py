@@ -1,7 +1,6 @@
 """Open an HTML page in headless Chromium (Debian's ``chromium``): the DOM after its scripts ran, its console
-messages, a screenshot. Used to check reports in the tests and to make the screenshot in the docs.
-
-Run as ``python -m sinkscope.viz.browser PAGE.html OUT.png [WIDTH HEIGHT]`` to save a screenshot.
+messages, a screenshot. Used to check reports in the tests and to make the screenshot in the docs
+(``python experiments/report_screenshot.py PAGE.html OUT.png [WIDTH HEIGHT]``).
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,17 +73,3 @@ def screenshot(page: str | Path, png: str | Path, *, width: int = 1280, height: 
     if not out.is_file():
         raise SinkscopeError(f"chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (2, 4):
-        print("usage: python -m sinkscope.viz.browser PAGE.html OUT.png [WIDTH HEIGHT]", file=sys.stderr)
-        return 2
-    size = (int(args[2]), int(args[3])) if len(args) == 4 else (1280, 2400)
-    print(screenshot(args[0], args[1], width=size[0], height=size[1]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
