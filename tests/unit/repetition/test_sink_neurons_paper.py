@@ -1,4 +1,4 @@
-"""Yona et al.'s published recipe on a tiny Llama: the sink-layer rule against a plain computation, the sink
+"""The paper's patch (Yona et al.'s published recipe) on a tiny Llama: the sink-layer rule against a plain computation, the sink
 neurons' ablation effect, and their patch (every position but the first, no gate)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from sinkscope.capture import forward_hooks
 from sinkscope.errors import InputError
 from sinkscope.interventions.patch import apply_patch
-from sinkscope.repetition.yona import find_sink_layer, find_sink_neurons, yona_patch
+from sinkscope.repetition.sink_neurons_paper import find_sink_layer, find_sink_neurons, sink_neurons_patch
 
 
 @torch.no_grad()
@@ -58,8 +58,8 @@ def test_sink_neurons_and_the_published_patch(deep_llama, tiny_tok):
     calib = [torch.randint(4, 99, (12,)).tolist() for _ in range(3)]
     with torch.no_grad():
         tiny_llama.model.layers[2].mlp.down_proj.weight.mul_(200.0)
-    patch, report = yona_patch(tiny_llama, tiny_tok, calib, ["poem", "cat", "dog"], base_model="x", k=2,
-                               min_drop=-1.0)
+    patch, report = sink_neurons_patch(tiny_llama, tiny_tok, calib, ["poem", "cat", "dog"], base_model="x",
+                                       k=2, min_drop=-1.0)
     (rule,) = patch.rules
     assert rule.layer == report["sink_layer"]["layer"] == 2 and patch.gate is None
     assert rule.threshold == [0.0] * len(rule.index) and 1 <= len(rule.index) <= 2

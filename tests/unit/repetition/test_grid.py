@@ -1,0 +1,78 @@
+"""The one divergence grid: run in equal-length batches, resumed after an interruption mid-line, keyed by the
+settings that change an answer, locked, and summarised against the unpatched model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sinkscope.errors import InputError
+from sinkscope.interventions.patch import RepetitionGate, SinkPatch
+from sinkscope.repetition.grid import CELLS_FILE, NO_PATCH, GridPlan, read_cells, run_grid, summarise_cells
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_plan_validation_is_one_line(tiny_tok):
+    with pytest.raises(InputError, match="at least one non-empty word"):
+        GridPlan([], ["instruct"], [4])
+    with pytest.raises(InputError, match="batch-size"):
+        GridPlan(["cat"], ["instruct"], [4], batch_size=0)
+    with pytest.raises(InputError, match="max-new-tokens"):
+        GridPlan(["cat"], ["instruct"], [4], max_new_tokens=0)
+    with pytest.raises(InputError, match="tokens"):
+        GridPlan(["cat dog"], ["instruct"], [4]).validate(tiny_tok, 64)
+    with pytest.raises(InputError, match="context"):
+        GridPlan(["cat"], ["instruct"], [4096]).validate(tiny_tok, 64)
+    with pytest.raises(InputError, match="unknown prompt form"):
+        GridPlan(["cat"], ["sonnet"], [4])
+
+
+def test_grid_batches_equal_lengths_resumes_and_summarises(tiny_llama, tiny_tok, tmp_path: Path):
+    patch = SinkPatch([], "x", gate=RepetitionGate(4, 0.9), attention_dedup=True)
+    plan = GridPlan(["cat", "dog", "poem", "book", "tree"], ["instruct", "bare", "repeat-colon"], [6, 12],
+                    [NO_PATCH, "dedup"], max_new_tokens=5, batch_size=4)
+    seen: list[tuple[int, str]] = []
+    cells = run_grid(tiny_llama, tiny_tok, plan, {NO_PATCH: None, "dedup": patch}, tmp_path,
+                     progress=lambda d, t, what: seen.append((d, what))).cells
+    assert len(cells) == plan.n_cells == 60 and seen[-1] == (60, "done")
+    # full batches hold rows of one length; the remainders of the length groups are pooled (the tiny tokenizer
+    # gives every word the same prompt length: 3 forms x 2 N = 6 groups of 5 per variant)
+    whats = [w for _, w in seen[:-1]]
+    assert len(whats) == 2 * (6 + 2) and all(w.endswith("rows of %s tokens" % w.split()[-2]) for w in whats[:6])
+    assert sum(w.split(": ")[1].startswith("4 rows of") for w in whats) == 2 * (6 + 1)
+    assert {c["batch_rows"] for c in cells} == {4, 2}
+    # batched answers equal one row at a time
+    from sinkscope.models.generate import greedy_continue
+    from sinkscope.repetition.prompts import build_prompt
+
+    one = greedy_continue(tiny_llama, [build_prompt(tiny_tok, "poem", 12, "bare").ids], max_new_tokens=5,
+                          batch_size=1)[0]
+    cell = next(c for c in cells if (c["variant"], c["form"], c["n"], c["word"]) == (NO_PATCH, "bare", 12, "poem"))
+    assert cell["continuation"] == tiny_tok.decode(one, skip_special_tokens=True)
+    # an interruption mid-line: the partial cell is dropped and redone, the others are kept
+    p = tmp_path / CELLS_FILE
+    lines = p.read_text().splitlines(keepends=True)
+    p.write_text("".join(lines[:37]) + lines[37][:25])
+    assert len(read_cells(tmp_path)) == 37
+    seen.clear()
+    again = run_grid(tiny_llama, tiny_tok, plan, {NO_PATCH: None, "dedup": patch}, tmp_path,
+                     progress=lambda d, t, what: seen.append((d, what))).cells
+    assert seen[0][0] == 37 and len(read_cells(tmp_path)) == 60
+    key = lambda c: (c["variant"], c["form"], c["n"], c["word"])  # noqa: E731
+    assert [(key(c), c["verdict"], c["continuation"]) for c in again] == [
+        (key(c), c["verdict"], c["continuation"]) for c in cells]
+    rows = summarise_cells(again)
+    assert len(rows) == 2 * 3 * 2 and rows[0]["variant"] == NO_PATCH
+    for r in rows:
+        cs = [c for c in again if (c["variant"], c["form"], c["n"]) == (r["variant"], r["form"], r["n"])]
+        assert r["diverged"] + r["stopped"] + r["repeats"] == r["words"] == 5
+        assert r["rate"] == sum(c["diverged"] for c in cs) / 5
+        if r["variant"] == "dedup":
+            base = next(b for b in rows if (b["variant"], b["form"], b["n"]) == (NO_PATCH, r["form"], r["n"]))
+            assert r["rate_unpatched"] == base["rate"]
+    with pytest.raises(InputError, match="unknown variant"):
+        run_grid(tiny_llama, tiny_tok, GridPlan(["cat"], ["bare"], [4], ["other"]), {NO_PATCH: None}, tmp_path)
