@@ -129,14 +129,15 @@ def load_neuron_stats(path: str | Path) -> NeuronStats:
         InputError: missing file, pickled objects, not a tensor file, or not neuron statistics.
     """
     import pickle
+    import zipfile
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"neuron statistics not found: {p}")
     try:
         d = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(p):  # a torch.save archive whose pickle names other objects
             raise InputError(f"{p} holds pickled objects other than tensors, which are refused (only a file "
                              "written by `repeat circuit` is read)") from None
         raise InputError(f"{p} is not a tensor file written by `repeat circuit`") from None

@@ -15,8 +15,8 @@ Which words are for development and which for evaluation (issue 13's protocol).
   for a later re-test); the other 62 are `EVAL_WORDS`.
   Nothing may be tuned on them: evaluate a design once it is frozen.
 
-`tests/unit/repetition/test_words.py` checks the sets are disjoint, that every evaluation word is one token for the
-tiny test tokenizer's rules, and (slow tier) for SmolLM2's tokenizer.
+`tests/unit/repetition/test_words.py` checks that the three sets are disjoint and follow the rule above, and (slow
+tier) that every evaluation and spare word is one SmolLM2 token.
 """
 
 from __future__ import annotations

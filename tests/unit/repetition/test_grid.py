@@ -76,3 +76,36 @@ def test_grid_batches_equal_lengths_resumes_and_summarises(tiny_llama, tiny_tok,
             assert r["rate_unpatched"] == base["rate"]
     with pytest.raises(InputError, match="unknown variant"):
         run_grid(tiny_llama, tiny_tok, GridPlan(["cat"], ["bare"], [4], ["other"]), {NO_PATCH: None}, tmp_path)
+
+
+def test_answers_are_keyed_by_the_settings_that_change_them(tiny_llama, tiny_tok, tmp_path: Path):
+    """Another answer length or another patch under the same variant name is refused in one line; the old
+    answers stay; an older directory of another judge (no plan.json, cells without a verdict) is refused."""
+    import json
+
+    from sinkscope.repetition.grid import PLAN_FILE, answer_settings
+
+    a = SinkPatch([], "x", gate=RepetitionGate(4, 0.9), attention_dedup=True)
+    b = SinkPatch([], "x", gate=RepetitionGate(6, 0.9), attention_dedup=True)
+
+    def run(patch, new_tokens):
+        plan = GridPlan(["cat"], ["bare"], [6], [NO_PATCH, "p"], max_new_tokens=new_tokens, batch_size=2)
+        settings = answer_settings(model="tiny", dtype="float32", revision=None, max_new_tokens=new_tokens,
+                                   patches={NO_PATCH: None, "p": patch})
+        return run_grid(tiny_llama, tiny_tok, plan, {NO_PATCH: None, "p": patch}, tmp_path, settings=settings)
+
+    first = run(a, 3)
+    assert json.loads((tmp_path / PLAN_FILE).read_text())["settings"]["max_new_tokens"] == 3
+    before = (tmp_path / CELLS_FILE).read_text()
+    with pytest.raises(InputError, match="max_new_tokens=3, this run asks max_new_tokens=4"):
+        run(a, 4)
+    with pytest.raises(InputError, match="different patch named 'p'"):
+        run(b, 3)
+    assert (tmp_path / CELLS_FILE).read_text() == before
+    assert run(a, 3).cells == first.cells  # the same settings resume: nothing redone
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / CELLS_FILE).write_text(json.dumps({"word": "cat", "n": 6, "form": "bare", "variant": NO_PATCH,
+                                              "diverged": True}) + "\n")
+    with pytest.raises(InputError, match="older `repeat scan`"):
+        run_grid(tiny_llama, tiny_tok, GridPlan(["cat"], ["bare"], [6], max_new_tokens=3), {NO_PATCH: None}, old)

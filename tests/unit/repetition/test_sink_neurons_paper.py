@@ -8,7 +8,7 @@ import torch
 
 from sinkscope.capture import forward_hooks
 from sinkscope.errors import InputError
-from sinkscope.interventions.patch import apply_patch
+from sinkscope.interventions.patch import apply_patch, read_patch
 from sinkscope.repetition.sink_neurons_paper import find_sink_layer, find_sink_neurons, sink_neurons_patch
 
 
@@ -70,3 +70,50 @@ def test_sink_neurons_and_the_published_patch(deep_llama, tiny_tok):
         assert h.n_clamped == (ids.shape[1] - 1) * len(rule.index)  # every position but the first
     torch.testing.assert_close(pat[:, 0], base[:, 0])  # never the first token
     assert ((pat - base).abs().amax(-1)[0, 1:] > 0).all()
+
+
+def test_paper_patch_command_is_deterministic(tmp_path, tiny_tok, capsys):
+    """`repeat patch --method paper` twice on the same model, words and corpus: the same manifest, byte for byte
+    (issue 21: the documented command must reproduce a frozen patch)."""
+    from sinkscope.cli.__main__ import main
+    from sinkscope.models.tiny import tiny_model
+
+    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=12)
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.mul_(200.0)  # a sink layer for the rule to find
+    model.save_pretrained(tmp_path / "m")
+    tiny_tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "corpus.txt").write_text("the word cat a text . the poem tree book . " * 40)
+    manifests = []
+    for name in ("a", "b"):
+        assert main(["repeat", "patch", "--method", "paper", "-m", str(tmp_path / "m"), "--words", "cat,dog,poem",
+                     "--corpus", str(tmp_path / "corpus.txt"), "--save", str(tmp_path / name)]) == 0
+        manifests.append((tmp_path / name / "sinkscope_manifest.json").read_bytes())
+    assert manifests[0] == manifests[1]
+    assert "L3.N" in capsys.readouterr().out
+    patch = read_patch(tmp_path / "a")
+    assert patch.rules[0].layer == 3 and patch.meta["method"] == "paper"
+    assert main(["repeat", "patch", "--method", "yona", "-m", str(tmp_path / "m"), "--words", "cat,dog,poem",
+                 "--corpus", str(tmp_path / "corpus.txt"), "--save", str(tmp_path / "c")]) == 0  # the alias
+    assert (tmp_path / "c" / "sinkscope_manifest.json").read_bytes() == manifests[0]
+
+
+@pytest.mark.slow
+def test_frozen_paper_patch_is_reproduced(smollm2):
+    """docs/results/repeat_eval_cpu/patches/yona was built when the default corpus was a few built-in paragraphs
+    (kept beside it as calibration.txt); with that corpus the command gives its rule again."""
+    import json
+    from pathlib import Path
+
+    from sinkscope.repetition.patch_methods import PaperOptions, build_patch
+
+    frozen_dir = Path(__file__).resolve().parents[3] / "docs" / "results" / "repeat_eval_cpu" / "patches" / "yona"
+    frozen = json.loads((frozen_dir / "sinkscope_manifest.json").read_text())
+    model, tok = smollm2
+    built = build_patch("yona", PaperOptions(corpus=str(frozen_dir / "calibration.txt")), base_model="smollm2-135m",
+                        model=model, tokenizer=tok)
+    (rule,) = built.patch.rules
+    (want,) = frozen["rules"]
+    assert (rule.layer, rule.index, rule.threshold) == (want["layer"], want["index"], want["threshold"])
+    assert rule.value == pytest.approx(want["value"], rel=1e-5)  # -0.00103, -0.1586 (WikiText gives -0.00054, -0.130)
+    assert built.patch.meta["probe_words"] == frozen["meta"]["probe_words"]
