@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 from sinkscope.corpora import corpus_path
 from sinkscope.interventions.patch import RepetitionGate, SinkPatch, save_patch

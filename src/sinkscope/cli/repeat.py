@@ -167,7 +167,8 @@ def scan(
 def circuit(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     out: Path = typer.Option(..., "--out", "-o"),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text (default: the shipped WikiText-2 text)"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text (default: the shipped WikiText-2 "
+                                                                 "text)"),
     words: Optional[str] = typer.Option(None, "--words", help="run words (default: 8 of the patch-building words)"),
     n: int = typer.Option(512, "--n", help="repetitions in the runs measured for firing"),
     mode: str = typer.Option("zero", "--mode", help="zero | mean ablation at token 0"),

@@ -185,20 +185,20 @@ class SinkPatch:
         """The patch of a manifest dict; `ModelLoadError` (one line) for another kind, an unknown version, an
         unknown key, or a rule whose numbers are not finite (such a rule would silently never act)."""
         if not isinstance(d, dict) or d.get("kind") != MANIFEST_KIND:
-            raise ModelLoadError(f"not a repeat patch manifest (kind {d.get('kind') if isinstance(d, dict) else None!r})")
+            kind = d.get("kind") if isinstance(d, dict) else None
+            raise ModelLoadError(f"not a repeat patch manifest (kind {kind!r})")
         if d.get("version", 1) not in (1, MANIFEST_VERSION):
             raise ModelLoadError(f"repeat patch manifest version {d.get('version')!r} is not one this sinkscope reads "
                                  f"(1 or {MANIFEST_VERSION}): made by a newer sinkscope?")
         unknown = sorted(set(d) - MANIFEST_KEYS)
         if unknown:
             raise ModelLoadError(f"repeat patch manifest has unknown key(s) {', '.join(unknown)}")
-        for r in d.get("rules") or []:
-            if set(r) - {"layer", "index", "threshold", "value"}:
-                raise ModelLoadError(f"neuron rule has unknown key(s) {', '.join(sorted(set(r) - {'layer', 'index', 'threshold', 'value'}))}")
-        for r in d.get("directions") or []:
-            if set(r) - {"layer", "direction", "threshold", "value"}:
-                raise ModelLoadError("direction rule has unknown key(s) "
-                                     f"{', '.join(sorted(set(r) - {'layer', 'direction', 'threshold', 'value'}))}")
+        for what, keys, rs in (("neuron", {"layer", "index", "threshold", "value"}, d.get("rules") or []),
+                                ("direction", {"layer", "direction", "threshold", "value"}, d.get("directions") or [])):
+            for r in rs:
+                extra = sorted(set(r) - keys) if isinstance(r, dict) else []
+                if extra:
+                    raise ModelLoadError(f"{what} rule has unknown key(s) {', '.join(extra)}")
         rules = [NeuronRule(int(r["layer"]), [int(i) for i in r["index"]], [float(x) for x in r["threshold"]],
                             [float(x) for x in r["value"]]) for r in d["rules"]]
         dirs = [DirectionRule(int(r["layer"]), [float(x) for x in r["direction"]], float(r["threshold"]),

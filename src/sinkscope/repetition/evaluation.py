@@ -66,8 +66,9 @@ class Evaluation:
 
 
 def evaluate_patches(model: nn.Module, tokenizer: Any, patches: Mapping[str, SinkPatch], plan: GridPlan | None,
-                     out_dir: str | Path, *, options: EvaluationOptions, text: str, harm_sets: Mapping[str, Sequence[Any]],
-                     settings: dict[str, Any], answer_settings: dict[str, Any] | None = None, batch_size: int = 8,
+                     out_dir: str | Path, *, options: EvaluationOptions, text: str,
+                     harm_sets: Mapping[str, Sequence[Any]], settings: dict[str, Any],
+                     answer_settings: dict[str, Any] | None = None, batch_size: int = 8,
                      progress: ProgressCallback | None = None, lock: bool = True) -> Evaluation:
     """Run the grid of ``plan`` (variants: `NO_PATCH` and the names of ``patches``) into ``out_dir`` and measure
     each patch on the held-out sequences of ``text`` and on ``harm_sets``.

@@ -73,8 +73,8 @@ class GridPlan:
         if not self.words or any(not w or not w.strip() for w in self.words):
             raise InputError("give at least one non-empty word", param="words")
         if len(set(self.words)) != len(self.words):
-            raise InputError(f"a word is given twice: {', '.join(sorted({w for w in self.words if self.words.count(w) > 1}))}",
-                             param="words")
+            twice = sorted({w for w in self.words if self.words.count(w) > 1})
+            raise InputError(f"a word is given twice: {', '.join(twice)}", param="words")
         if not self.forms:
             raise InputError("give at least one prompt form", param="forms")
         for f in self.forms:

@@ -8,8 +8,8 @@ sink neurons, and their clamp, by the paper's rules.
   ||W_down[:, j]||`` (``a``: the input of the down projection, mean over the probe tokens), take the top ``k``,
   and keep those whose zero-ablation at the first token removes a real share of the first token's residual-norm
   peak (``min_drop``; the top-scored neuron is kept if none does).
-* **Patch** (`sink_neurons_patch`): those neurons set to their ordinary value (median over non-first positions of ordinary
-  text) at every position except each row's first real token: no gate, no threshold (a `NeuronRule` with
+* **Patch** (`sink_neurons_patch`): those neurons set to their ordinary value (median over non-first positions of
+  ordinary text) at every position except each row's first real token: no gate, no threshold (a `NeuronRule` with
   threshold 0 fires wherever the activation is not exactly 0).
 
 This is the paper's patch; sinkscope's own patch (`sinkscope.repetition.direction`) acts only inside repetitions.
@@ -145,9 +145,9 @@ def find_sink_neurons(model: nn.Module, layer: int, tokens: Sequence[int], *, k:
     return out
 
 
-def sink_neurons_patch(model: nn.Module, tokenizer: Any, calibration: Sequence[Sequence[int]], probe_words: Sequence[str],
-               *, base_model: str, k: int = 8, min_drop: float = 0.1, batch_size: int = 8
-               ) -> tuple[SinkPatch, dict[str, Any]]:
+def sink_neurons_patch(model: nn.Module, tokenizer: Any, calibration: Sequence[Sequence[int]],
+                       probe_words: Sequence[str], *, base_model: str, k: int = 8, min_drop: float = 0.1,
+                       batch_size: int = 8) -> tuple[SinkPatch, dict[str, Any]]:
     """The published patch: the sink layer's kept sink neurons set to their ordinary median (on ``calibration``
     text) at every position but the first. Returns the patch and a report (layer rule, candidates)."""
     tokens = probe_tokens(tokenizer, probe_words)

@@ -76,11 +76,4 @@ def test_loop_detection():
     assert not is_loop([4] * 60)  # the repetition itself is not a loop
     assert not is_loop(list(range(60))) and not is_loop([5, 6] * 10)  # too short to judge
     assert distinct_trigrams([1, 2, 3, 1, 2, 3]) == pytest.approx(3 / 4)
-
-
-def test_loop_detection():
-    assert is_loop([5, 6, 7] * 20) and is_loop([1, 2, 3] + [8, 9] * 30)
-    assert not is_loop([4] * 60)  # the repetition itself is not a loop
-    assert not is_loop(list(range(60))) and not is_loop([5, 6] * 10)  # too short to judge
-    assert distinct_trigrams([1, 2, 3, 1, 2, 3]) == pytest.approx(3 / 4)
     assert distinct_trigrams([1, 2]) is None

@@ -26,7 +26,8 @@ def test_scan_grid_sinkness_and_resume(tiny_llama, tiny_tok, tmp_path: Path):
     cat = next(c for c in cells if c["word"] == "cat" and c["n"] == 4 and c["form"] == "bare")
     s = run_sinkness(tiny_llama, build_prompt(tiny_tok, "cat", 4, "bare").ids,
                      build_prompt(tiny_tok, "cat", 4, "bare").run_start)
-    assert cat["sinkness"] == json.loads(json.dumps(s.to_json())) and cat["sink_share_max"] == s.summary()["sink_share_max"]
+    assert cat["sinkness"] == json.loads(json.dumps(s.to_json()))
+    assert cat["sink_share_max"] == s.summary()["sink_share_max"]
     assert "sinkness" not in next(c for c in cells if c["word"] == "dog")
     lines = (tmp_path / CELLS_FILE).read_text().splitlines()
     (tmp_path / CELLS_FILE).write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # interrupted mid-line

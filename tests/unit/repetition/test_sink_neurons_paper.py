@@ -1,5 +1,5 @@
-"""The paper's patch (Yona et al.'s published recipe) on a tiny Llama: the sink-layer rule against a plain computation, the sink
-neurons' ablation effect, and their patch (every position but the first, no gate)."""
+"""The paper's patch (Yona et al.'s published recipe) on a tiny Llama: the sink-layer rule against a plain
+computation, the sink neurons' ablation effect, and their patch (every position but the first, no gate)."""
 
 from __future__ import annotations
 
