@@ -453,25 +453,20 @@ def cluster(
     first-token direction): divergence rate compared with plain repetition and random sequences of the same
     length. Writes cluster.json and cluster.csv."""
     from sinkscope.interventions.patch import read_patch
-    from sinkscope.repetition.cluster_attack import check_attack_options, cluster_attack
+    from sinkscope.repetition.cluster_attack import ClusterAttackOptions, check_scorable, cluster_attack
     from sinkscope.repetition.words import WordChoice, heldout_words
 
-    check_attack_options(k=k, probe_clusters=probe_clusters, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    opts = ClusterAttackOptions(k=k, probe_clusters=probe_clusters, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, seed=seed)
     choice = WordChoice.from_cli(words, None, n_words)
     ns = _lengths(lengths)
     p = read_patch(patch_dir)
-    if not p.rules and not p.directions:
-        raise InputError(f"the patch in {patch_dir} has no neurons or directions to score clusters with")
-    if any(t <= 0 for r in p.rules for t in r.threshold):
-        raise InputError(f"the patch in {patch_dir} clamps its neurons at every position (threshold 0, the "
-                         "paper's patch): they have no ordinary range to score clusters against; use a patch made "
-                         "by --method neurons or direction")
+    check_scorable(p)
     _check_model_options(p.base_model, device, dtype, revision)
     with _lock(out):
         m, tok = _load(p.base_model, device, dtype, revision, trust_remote_code)
         ws = choice.resolve(tok, heldout_words(tok))
-        res = cluster_attack(m, tok, p, ws, ns, k=k, probe_clusters=probe_clusters, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, seed=seed)
+        res = cluster_attack(m, tok, p, ws, ns, opts)
         res.save(out)
     print(f"best cluster {res.best_cluster}: {res.clusters[0]['examples']} (score {res.clusters[0]['score']:.2f})")
     for r in res.rates:

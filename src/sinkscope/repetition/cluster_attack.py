@@ -37,13 +37,41 @@ from sinkscope.repetition.prompts import build_prompt
 MIN_CLUSTER = 8
 
 
-def check_attack_options(*, k: int, probe_clusters: int, probe_length: int = 64, tail: int = 16,
-                         max_new_tokens: int = 24, batch_size: int = 8) -> None:
-    """One-line InputErrors for non-positive counts (called before any model loads)."""
-    for name, v in (("k", k), ("probe_clusters", probe_clusters), ("probe_length", probe_length), ("tail", tail),
-                    ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if v < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v}", param=name)
+@dataclass(frozen=True)
+class ClusterAttackOptions:
+    """Settings of `cluster_attack`, checked on construction (before any model loads).
+
+    Attributes:
+        k: clusters of the layer-0 single-token representations; probe_clusters: the largest ones scored.
+        probe_length: tokens of the sequence sampled to score a cluster; tail: copies of the word after the attack
+            sequence; max_new_tokens / batch_size: the greedy answers; seed: k-means and sampling;
+        vocab_limit: only the first ids of the vocabulary (None: all).
+    """
+
+    k: int = 64
+    probe_clusters: int = 64
+    probe_length: int = 64
+    tail: int = 16
+    max_new_tokens: int = 24
+    batch_size: int = 8
+    seed: int = 0
+    vocab_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("k", "probe_clusters", "probe_length", "tail", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}",
+                                 param=name)
+
+
+def check_scorable(patch: SinkPatch) -> None:
+    """InputError unless the patch has components with an ordinary range to score clusters against."""
+    if not patch.rules and not patch.directions:
+        raise InputError("the patch has no neurons or directions to score clusters with")
+    if any(t <= 0 for r in patch.rules for t in r.threshold):
+        raise InputError("the patch's neuron rules have threshold 0 (the paper's patch clamps at every position), "
+                         "so its neurons have no ordinary range to score clusters against: use a patch made by "
+                         "--method neurons or direction")
 
 
 def _layer0_norm(model: nn.Module) -> nn.Module:
@@ -130,10 +158,8 @@ def _fire_score(model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequ
     return torch.stack(scores)
 
 
-def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Sequence[str], ns: Sequence[int], *,
-                   k: int = 64, probe_length: int = 64, probe_clusters: int = 64, tail: int = 16,
-                   max_new_tokens: int = 24, batch_size: int = 8, seed: int = 0, vocab_limit: int | None = None
-                   ) -> ClusterAttackResult:
+def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Sequence[str], ns: Sequence[int],
+                   options: ClusterAttackOptions | None = None) -> ClusterAttackResult:
     """Score token clusters by sink-neuron firing, then compare divergence of the best cluster's sequences with
     plain repetition and random sequences (see the module docstring).
 
@@ -142,20 +168,16 @@ def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
             (`build_patch` / `build_direction_patch`).
         words: words whose instruction and tail frame the sequences.
         ns: attack sequence lengths.
+        options: `ClusterAttackOptions` (default: its defaults).
     """
-    if not patch.rules and not patch.directions:
-        raise InputError("the patch has no neurons or directions to score clusters with")
-    if any(t <= 0 for r in patch.rules for t in r.threshold):
-        raise InputError("the patch's neuron rules have threshold 0 (the paper's patch clamps at every position), "
-                         "so its neurons have no ordinary range to score clusters against: use a patch made by "
-                         "--method neurons or direction")
-    check_attack_options(k=k, probe_clusters=probe_clusters, probe_length=probe_length, tail=tail,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size)
+    o = options or ClusterAttackOptions()
+    k, probe_length, probe_clusters, tail, seed = o.k, o.probe_length, o.probe_clusters, o.tail, o.seed
+    check_scorable(patch)
     if not words or not ns or min(ns) < 1:
         raise InputError("give at least one word and positive attack lengths")
     g = torch.Generator().manual_seed(seed)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    V = vocab_limit or model.get_input_embeddings().weight.shape[0]
+    V = o.vocab_limit or model.get_input_embeddings().weight.shape[0]
     allowed = torch.tensor([i for i in range(min(V, len(tokenizer))) if i not in special])
     reps = layer0_representations(model, allowed)
     if k > len(allowed):
@@ -193,7 +215,7 @@ def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
                 else:
                     body = [p.token_id] * n
                 prompts.append(pre + body + run)
-            outs = greedy_continue(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            outs = greedy_continue(model, prompts, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
             verdicts = [judge_answer(tokenizer, w, o) for w, o in zip(words, outs)]
             starts = [len(build_prompt(tokenizer, w, tail, "instruct").ids) - tail + 1 for w in words]
             fire = _fire_score(model, prompts, starts, patch)
@@ -203,4 +225,4 @@ def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
                      for w, v in zip(words, verdicts)]
     return ClusterAttackResult(clusters, best, rates, rows,
                                {"k": k, "probe_length": probe_length, "tail": tail, "seed": seed,
-                                "max_new_tokens": max_new_tokens, "words": list(words), "ns": list(ns)})
+                                "max_new_tokens": o.max_new_tokens, "words": list(words), "ns": list(ns)})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from sinkscope.repetition.cluster_attack import cluster_attack, cosine_kmeans, layer0_representations
+from sinkscope.repetition.cluster_attack import (
+    ClusterAttackOptions, cluster_attack, cosine_kmeans, layer0_representations,
+)
 from sinkscope.interventions.patch import NeuronRule, SinkPatch
 
 
@@ -63,8 +65,8 @@ def test_attack_finds_the_cluster_that_fires_the_circuit(tiny_llama, tiny_tok):
     pick that cluster, and its sequences must fire the neuron far above the random sequences'."""
     ordinary = _plant_circuit(tiny_llama)
     patch = SinkPatch([NeuronRule(0, [NEURON], [ordinary], [0.0])], "tiny")
-    res = cluster_attack(tiny_llama, tiny_tok, patch, ["cat", "dog"], [12], k=6, probe_length=16, tail=3,
-                         max_new_tokens=3)
+    res = cluster_attack(tiny_llama, tiny_tok, patch, ["cat", "dog"], [12],
+                         ClusterAttackOptions(k=6, probe_length=16, tail=3, max_new_tokens=3))
     allowed = torch.tensor([t for t in range(len(tiny_tok)) if t not in tiny_tok.all_special_ids])
     labels, _ = cosine_kmeans(layer0_representations(tiny_llama, allowed), 6, seed=0)  # the attack's clustering
     planted = {int(labels[allowed.tolist().index(t)]) for t in PLANTED}
@@ -84,11 +86,11 @@ def test_attack_refuses_what_it_cannot_score(tiny_llama, tiny_tok):
     with pytest.raises(InputError, match="threshold 0"):  # the paper's patch: no ordinary range to score against
         cluster_attack(tiny_llama, tiny_tok, SinkPatch([NeuronRule(0, [1], [0.0], [0.0])], "tiny"), ["cat"], [4])
     with pytest.raises(InputError, match="probe-clusters"):
-        cluster_attack(tiny_llama, tiny_tok, rule, ["cat"], [4], probe_clusters=0)
+        ClusterAttackOptions(probe_clusters=0)
     with pytest.raises(InputError, match="more clusters than"):
-        cluster_attack(tiny_llama, tiny_tok, rule, ["cat"], [4], k=100000)
+        cluster_attack(tiny_llama, tiny_tok, rule, ["cat"], [4], ClusterAttackOptions(k=100000))
     with pytest.raises(InputError, match="no cluster has"):
-        cluster_attack(tiny_llama, tiny_tok, rule, ["cat"], [4], k=90)
+        cluster_attack(tiny_llama, tiny_tok, rule, ["cat"], [4], ClusterAttackOptions(k=90))
 
 
 @torch.no_grad()
