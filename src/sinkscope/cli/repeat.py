@@ -376,7 +376,7 @@ def evaluate(
     from sinkscope.repetition.grid import NO_PATCH, GridPlan, answer_settings
     from sinkscope.repetition.words import WordChoice
 
-    opts = EvaluationOptions(text=text, divergence=divergence, corpus=str(corpus) if corpus is not None else None)
+    opts = EvaluationOptions(text=text, divergence=divergence, batch_size=batch_size)
     if not patch_dirs:
         raise InputError("--patch: give at least one patch directory", param="patch")
     patches = [read_patch(d) for d in patch_dirs]
@@ -412,9 +412,8 @@ def evaluate(
                   f"x {len(plan.variants)} variants), {max_new_tokens} new tokens, up to {batch_size} equal-length "
                   "rows per batch", flush=True)
         with ProgressReporter("evaluate", unit="cells") as progress:
-            res = evaluate_patches(m, tok, by_name, plan, out, options=opts, text=text_src, harm_sets=hsets,
-                                   settings=settings, answer_settings=grid_settings, batch_size=batch_size,
-                                   progress=progress, lock=False)
+            res = evaluate_patches(m, tok, by_name, plan, out, opts, text=text_src, harm_sets=hsets,
+                                   settings=settings, answer_settings=grid_settings, progress=progress, lock=False)
     if res.grid is not None:
         _print_summary(res.grid.summary(), variants=True)
     for name, se in (res.side_effects or {}).items():

@@ -20,17 +20,18 @@ from sinkscope.repetition.grid import NO_PATCH, GridPlan, GridResult, flat_rows,
 
 @dataclass(frozen=True)
 class EvaluationOptions:
-    """What to measure besides the grid: ``text`` (KL / perplexity / Sink_0 on the held-out ``corpus`` text and
-    the ``harm_sets`` documents), ``divergence`` (the grid). At least one of them."""
+    """What to measure besides the grid: ``text`` (KL / perplexity / Sink_0 on held-out ordinary text and the
+    harm documents), ``divergence`` (the grid), at least one of them; ``batch_size``: rows per text forward."""
 
     text: bool = True
     divergence: bool = True
-    corpus: str | None = None
-    harm_sets: tuple[str, ...] = ("eval",)
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
         if not (self.text or self.divergence):
             raise InputError("nothing to do: --no-text with --no-divergence measures nothing", param="text")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be a positive integer, got {self.batch_size}", param="batch_size")
 
 
 @dataclass
@@ -66,14 +67,15 @@ class Evaluation:
 
 
 def evaluate_patches(model: nn.Module, tokenizer: Any, patches: Mapping[str, SinkPatch], plan: GridPlan | None,
-                     out_dir: str | Path, *, options: EvaluationOptions, text: str,
+                     out_dir: str | Path, options: EvaluationOptions, *, text: str,
                      harm_sets: Mapping[str, Sequence[Any]], settings: dict[str, Any],
-                     answer_settings: dict[str, Any] | None = None, batch_size: int = 8,
-                     progress: ProgressCallback | None = None, lock: bool = True) -> Evaluation:
+                     answer_settings: dict[str, Any] | None = None, progress: ProgressCallback | None = None,
+                     lock: bool = True) -> Evaluation:
     """Run the grid of ``plan`` (variants: `NO_PATCH` and the names of ``patches``) into ``out_dir`` and measure
     each patch on the held-out sequences of ``text`` and on ``harm_sets``.
 
     Args:
+        text: ordinary text (its `heldout_sequences` are measured); harm_sets: name -> harm documents.
         settings: the record of what was asked (written to evaluation.json as ``settings``).
         answer_settings: the grid's `sinkscope.repetition.grid.answer_settings`.
         lock: hold an `OutputLock` on ``out_dir`` (False: the caller holds it).
@@ -93,7 +95,7 @@ def evaluate_patches(model: nn.Module, tokenizer: Any, patches: Mapping[str, Sin
         effects = None
         if options.text:
             effects = side_effects(model, tokenizer, dict(patches), heldout_sequences(tokenizer, text),
-                                   dict(harm_sets), batch_size=batch_size)
+                                   dict(harm_sets), batch_size=options.batch_size)
         result = Evaluation(settings, grid, effects, time.perf_counter() - t0)
         result.save(out_dir)
         return result
