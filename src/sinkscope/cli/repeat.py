@@ -136,7 +136,7 @@ def scan(
     """Greedy continuations of words x lengths x prompt forms, judged whole (repeats, stopped, diverged), and the
     sinkness of the repeated tokens per layer. Writes cells.jsonl/cells.csv, summary.json/csv and plots."""
     from sinkscope.progress import ProgressReporter
-    from sinkscope.repetition.grid import GridPlan, answer_settings, run_grid
+    from sinkscope.repetition.grid import GridPlan, answer_settings, check_grid_settings, run_grid
     from sinkscope.repetition.words import WordChoice, default_words
     from sinkscope.viz.repetition import save_scan_figures
 
@@ -145,8 +145,7 @@ def scan(
                          param="sinkness_words")
     choice = WordChoice.from_cli(words, words_file, n_words)
     form_list, ns = _forms(forms), _lengths(lengths)
-    # the plan's cheap checks (batch size, answer length, forms) before the model loads; words come after
-    GridPlan(["-"], form_list, ns, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    check_grid_settings(form_list, ns, max_new_tokens, batch_size)  # before the model loads; words need it
     _check_model_options(model, device, dtype, revision)
     with _lock(out):
         m, tok = _load(model, device, dtype, revision, trust_remote_code)
@@ -373,7 +372,7 @@ def evaluate(
     from sinkscope.progress import ProgressReporter
     from sinkscope.repetition.corpus import read_corpus
     from sinkscope.repetition.evaluation import EvaluationOptions, evaluate_patches
-    from sinkscope.repetition.grid import NO_PATCH, GridPlan, answer_settings
+    from sinkscope.repetition.grid import NO_PATCH, GridPlan, answer_settings, check_grid_settings
     from sinkscope.repetition.words import WordChoice
 
     opts = EvaluationOptions(text=text, divergence=divergence, batch_size=batch_size)
@@ -386,7 +385,7 @@ def evaluate(
     names = _variant_names(list(patch_dirs))
     choice = WordChoice.from_cli(words, words_file, n_words, None if (words or words_file) else word_set)
     form_list, ns = _forms(forms), _lengths(lengths)
-    GridPlan(["-"], form_list, ns, [NO_PATCH, *names], max_new_tokens, batch_size)  # the cheap checks, now
+    check_grid_settings(form_list, ns, max_new_tokens, batch_size)  # before the model loads
     hsets = _harm_sets(harm_sets) if text else {}
     text_src = read_corpus(corpus) if text else ""
     spec = model or patches[0].base_model

@@ -54,6 +54,20 @@ NO_PATCH = "none"
 SINKNESS_COLUMNS = ("alpha_run_max", "norm_ratio_max", "cos_first_max", "neuron_ratio_max", "sink_share_max")
 
 
+def check_grid_settings(forms: Sequence[str], lengths: Sequence[int], max_new_tokens: int, batch_size: int) -> None:
+    """One-line InputErrors for the settings of a grid that need no tokenizer (called before a model loads)."""
+    if not forms:
+        raise InputError("give at least one prompt form", param="forms")
+    for f in forms:
+        check_form(f)
+    if not lengths or min(lengths) < 1:
+        raise InputError("repetition lengths must be positive integers", param="lengths")
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}", param="max_new_tokens")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be a positive integer, got {batch_size}", param="batch_size")
+
+
 @dataclass(frozen=True)
 class GridPlan:
     """What to run: every (variant, form, n, word) cell. ``variants`` name entries of the patches mapping
@@ -75,19 +89,9 @@ class GridPlan:
         if len(set(self.words)) != len(self.words):
             twice = sorted({w for w in self.words if self.words.count(w) > 1})
             raise InputError(f"a word is given twice: {', '.join(twice)}", param="words")
-        if not self.forms:
-            raise InputError("give at least one prompt form", param="forms")
-        for f in self.forms:
-            check_form(f)
-        if not self.lengths or min(self.lengths) < 1:
-            raise InputError("repetition lengths must be positive integers", param="lengths")
+        check_grid_settings(self.forms, self.lengths, self.max_new_tokens, self.batch_size)
         if not self.variants or len(set(self.variants)) != len(self.variants):
             raise InputError("variants must be distinct and at least one")
-        if self.max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be a positive integer, got {self.max_new_tokens}",
-                             param="max_new_tokens")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be a positive integer, got {self.batch_size}", param="batch_size")
 
     @property
     def n_cells(self) -> int:
