@@ -109,3 +109,36 @@ def test_answers_are_keyed_by_the_settings_that_change_them(tiny_llama, tiny_tok
                                               "diverged": True}) + "\n")
     with pytest.raises(InputError, match="older `repeat scan`"):
         run_grid(tiny_llama, tiny_tok, GridPlan(["cat"], ["bare"], [6], max_new_tokens=3), {NO_PATCH: None}, old)
+
+
+@pytest.mark.parametrize("cells, summary", [
+    (["repeat_eval_cpu/headline/cells.jsonl"], "repeat_eval_cpu/headline/summary.csv"),
+    (["repeat_eval_cpu/paper/cells.jsonl"], "repeat_eval_cpu/paper/summary.csv"),
+    (["repeat_grid_h100/cells.jsonl.gz", "repeat_grid_h100/cells_cpu_completion.jsonl"],
+     "repeat_grid_h100/summary.csv"),
+])
+def test_summary_of_the_committed_answers_is_the_committed_summary(cells, summary):
+    """The grid's summary of the published answers (docs/results) is the published summary, row for row."""
+    import csv
+    import gzip
+    import json
+    import math
+
+    from sinkscope.repetition.grid import flat_rows
+
+    root = Path(__file__).resolve().parents[3] / "docs" / "results"
+    by_key: dict[tuple, dict] = {}
+    for name in cells:
+        p = root / name
+        text = gzip.open(p, "rt").read() if name.endswith(".gz") else p.read_text()
+        for c in (json.loads(line) for line in text.splitlines() if line.strip()):
+            by_key[(c["variant"], c["form"], c["n"], c["word"])] = c  # the CPU completion replaces nothing
+    want = list(csv.DictReader((root / summary).open()))
+    got = flat_rows(summarise_cells(list(by_key.values())))
+    assert len(got) == len(want)
+    for w, g in zip(want, got):
+        for k, v in w.items():
+            if v in ("", "nan"):
+                assert g[k] == "" or math.isnan(g[k]), (k, w, g)
+            else:
+                assert str(g[k]) == v or float(g[k]) == pytest.approx(float(v), abs=1e-12), (k, w, g)
