@@ -35,19 +35,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from sinkscope.inputs import pad_batch
 from sinkscope.interventions.ablate import Component
 from sinkscope.models.adapters import get_adapter
+from sinkscope.models.generate import greedy_continue
 from sinkscope.models.load import load_model
 from sinkscope.repetition import activations
 from sinkscope.repetition.circuit import _run_captures, first_token_neurons
 from sinkscope.repetition.corpus import calibration_sequences, read_corpus, text_chunks
-from sinkscope.repetition.generate import greedy_continue, left_pad
+from sinkscope.repetition.prompts import build_prompt
 from sinkscope.repetition.sink_effects import (
     eager_attention,
     reference_effects,
     search_effects,
 )
-from sinkscope.tasks.repeated_tokens import PATCH_WORDS, build_prompt
+from sinkscope.repetition.words import PATCH_WORDS
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -73,7 +75,7 @@ def original_runs(model: torch.nn.Module, prompts: list[list[int]], layers: list
     """Generation, then a second forward over the runs with hooks (main's `_fire_on_runs`)."""
     a = get_adapter(model)
     greedy_continue(model, prompts, max_new_tokens=24, batch_size=8)
-    ids, mask = left_pad(prompts, int(model.config.pad_token_id or 0))
+    ids, mask = pad_batch(prompts, int(model.config.pad_token_id or 0), side="left")
     got: dict[Any, torch.Tensor] = {}
     hooks = [a.mlp_down_module(l).register_forward_pre_hook(
         lambda m, args, l=l: got.__setitem__(("n", l), args[0][:, -last:].float())) for l in layers]

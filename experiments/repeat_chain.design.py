@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 from sinkscope.corpora import corpus_path
 from sinkscope.interventions.patch import RepetitionGate, SinkPatch, save_patch
@@ -36,9 +34,9 @@ from sinkscope.io import write_json_atomic
 from sinkscope.models.load import load_model
 from sinkscope.repetition.corpus import calibration_sequences, heldout_sequences, read_corpus
 from sinkscope.repetition.direction import build_direction_patch
-from sinkscope.repetition.evaluate import side_effects
 from sinkscope.repetition.harm import load_harm_set
-from sinkscope.repetition.protocol import NO_PATCH, EvalPlan, run_protocol, summarise_cells
+from sinkscope.repetition.grid import NO_PATCH, GridPlan, run_grid, summarise_cells
+from sinkscope.repetition.side_effects import side_effects
 from sinkscope.repetition.words import word_set
 
 #: candidate de-duplication settings (gate: window 32, mean cosine >= 0.8); the CPU round documented in
@@ -94,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                                          n=args.n, attention_dedup=True)
         for name, base in WITH_CLAMP.items():
             patches[name] = dataclasses.replace(clamp, meta={**clamp.meta, "candidate": name}, **CANDIDATES[base])
-    plan = EvalPlan(words, ["instruct"], [args.n], [NO_PATCH, *patches], args.max_new_tokens, args.batch_size)
+    plan = GridPlan(words, ["instruct"], [args.n], [NO_PATCH, *patches], args.max_new_tokens, args.batch_size)
     print(f"design: {plan.n_cells} answers on {len(words)} DEV words, {len(patches)} candidates", flush=True)
-    cells = run_protocol(model, tok, plan, {NO_PATCH: None, **patches}, args.out / "dev_grid",
-                         on_progress=lambda d, t, w: print(f"[{d}/{t}] {w} ({time.perf_counter() - t0:.0f} s)",
-                                                           flush=True))
+    cells = run_grid(model, tok, plan, {NO_PATCH: None, **patches}, args.out / "dev_grid",
+                     progress=lambda d, t, w="": print(f"[{d}/{t}] {w} ({time.perf_counter() - t0:.0f} s)",
+                                                       flush=True)).cells
     summary = {r["variant"]: r for r in summarise_cells(cells)}
     effects = side_effects(model, tok, patches, heldout_sequences(tok, text), {"dev": load_harm_set(args.harm)},
                            batch_size=8, sink_ratio=False)

@@ -32,7 +32,8 @@ def run(config_path: str, only: list[str] | None = None) -> int:
         argv = ["repeat", command, OUT_FLAG[command], str(out / name)]
         if command in MODEL_STEPS:
             argv += ["--model", cfg["model"]]
-        if command in CORPUS_STEPS and corpus is not None:
+        takes_corpus = command in CORPUS_STEPS and not (command == "patch" and opts.get("method", "dedup") == "dedup")
+        if takes_corpus and corpus is not None and "corpus" not in opts:  # a step's own corpus wins
             argv += ["--corpus", str(corpus)]
         for k, v in opts.items():
             k = re.sub(r"_\d+$", "", k)  # patch_2: a second --patch

@@ -36,7 +36,9 @@ _EXPORTS: dict[str, str] = {
     "build_report": "sinkscope.report.build:build_report",
     "apply_patch": "sinkscope.interventions.patch:apply_patch",
     "SinkPatch": "sinkscope.interventions.patch:SinkPatch",
-    "scan_repetition": "sinkscope.repetition.scan:scan_repetition",
+    "run_grid": "sinkscope.repetition.grid:run_grid",
+    "GridPlan": "sinkscope.repetition.grid:GridPlan",
+    "build_patch": "sinkscope.repetition.patch_methods:build_patch",
     "build_direction_patch": "sinkscope.repetition.direction:build_direction_patch",
     "load_trained_tinygpt": "sinkscope.training.run:load_trained",
     "load_tokenizer": "sinkscope.models.load:load_tokenizer",
@@ -64,7 +66,9 @@ if TYPE_CHECKING:  # what the lazy exports resolve to, for type checkers and IDE
     from sinkscope.profile import SinkProfile as SinkProfile
     from sinkscope.profile import profile_sinks as profile_sinks
     from sinkscope.repetition.direction import build_direction_patch as build_direction_patch
-    from sinkscope.repetition.scan import scan_repetition as scan_repetition
+    from sinkscope.repetition.grid import GridPlan as GridPlan
+    from sinkscope.repetition.grid import run_grid as run_grid
+    from sinkscope.repetition.patch_methods import build_patch as build_patch
     from sinkscope.report.build import build_report as build_report
     from sinkscope.streaming.cache import sink_cache as sink_cache
     from sinkscope.streaming.generate import stream_generate as stream_generate

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import pytest
 
-from sinkscope.cli.repeat import DEDUP_KEEP, DEDUP_QUERIES
-from sinkscope.interventions.patch import apply_patch
 from sinkscope.repetition.corpus import heldout_sequences, read_corpus
-from sinkscope.repetition.direction import dedup_patch
-from sinkscope.repetition.evaluate import divergence_verdicts, text_effect
+from sinkscope.repetition.grid import NO_PATCH, GridPlan, run_grid
 from sinkscope.repetition.harm import load_harm_set, summarise_harm
-from sinkscope.repetition.words import DEV_WORDS
-from sinkscope.tasks.repeated_tokens import heldout_words
+from sinkscope.repetition.patch_methods import DEDUP_KEEP, DEDUP_QUERIES, dedup_patch
+from sinkscope.repetition.side_effects import text_effect
+from sinkscope.repetition.words import DEV_WORDS, heldout_words
 
 
 def _default_patch():
@@ -30,14 +28,14 @@ def _default_patch():
 
 
 @pytest.mark.slow
-def test_default_patch_stops_divergence_on_unchosen_words(smollm2):
+def test_default_patch_stops_divergence_on_unchosen_words(smollm2, tmp_path):
     model, tok = smollm2
     words = heldout_words(tok)[:6]
     assert set(words) <= set(DEV_WORDS)
-    before = divergence_verdicts(model, tok, words, 1024, max_new_tokens=32, batch_size=6)
-    with apply_patch(model, _default_patch()) as h:
-        after = divergence_verdicts(model, tok, words, 1024, max_new_tokens=32, batch_size=6)
-        assert h.n_gated > 0
+    plan = GridPlan(words, ["instruct"], [1024], [NO_PATCH, "dedup"], max_new_tokens=32, batch_size=6)
+    cells = run_grid(model, tok, plan, {NO_PATCH: None, "dedup": _default_patch()}, tmp_path).cells
+    before = [c for c in cells if c["variant"] == NO_PATCH]
+    after = [c for c in cells if c["variant"] == "dedup"]
     n_before, n_after = sum(r["diverged"] for r in before), sum(r["diverged"] for r in after)
     assert n_before >= 2, before
     assert n_after <= n_before // 5, after  # >= 80% relative reduction
@@ -65,8 +63,8 @@ def test_default_patch_leaves_natural_repetition_and_wikitext_alone(smollm2):
 
 
 @pytest.mark.slow
-def test_yona_sink_layer_rule_finds_a_layer(smollm2):
-    from sinkscope.repetition.yona import find_sink_layer, find_sink_neurons, probe_tokens
+def test_paper_sink_layer_rule_finds_a_layer(smollm2):
+    from sinkscope.repetition.sink_neurons_paper import find_sink_layer, find_sink_neurons, probe_tokens
 
     model, tok = smollm2
     tokens = probe_tokens(tok, heldout_words(tok)[:16])

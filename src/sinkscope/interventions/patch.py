@@ -24,6 +24,7 @@ No module's ``forward`` is replaced.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ from sinkscope.models.load import PACKAGED_MODELS, ModelSource, load_model
 
 MANIFEST_KIND = "repeat_patch"
 MANIFEST_VERSION = 2  # version 1 (neuron rules only) still loads
+#: every key a manifest may hold
+MANIFEST_KEYS = frozenset({"kind", "version", "base_model", "protect_first", "rules", "directions", "gate",
+                           "attention_dedup", "dedup_keep", "dedup_queries", "dedup_reach", "meta"})
 #: which queries discount the flagged keys (`SinkPatch.dedup_queries`)
 DEDUP_QUERIES = ("all", "gated")
 
@@ -178,12 +182,34 @@ class SinkPatch:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SinkPatch:
-        if d.get("kind") != MANIFEST_KIND:
-            raise ModelLoadError(f"not a repeat patch manifest (kind {d.get('kind')!r})")
+        """The patch of a manifest dict; `ModelLoadError` (one line) for another kind, an unknown version, an
+        unknown key, or a rule whose numbers are not finite (such a rule would silently never act)."""
+        if not isinstance(d, dict) or d.get("kind") != MANIFEST_KIND:
+            kind = d.get("kind") if isinstance(d, dict) else None
+            raise ModelLoadError(f"not a repeat patch manifest (kind {kind!r})")
+        if d.get("version", 1) not in (1, MANIFEST_VERSION):
+            raise ModelLoadError(f"repeat patch manifest version {d.get('version')!r} is not one this sinkscope reads "
+                                 f"(1 or {MANIFEST_VERSION}): made by a newer sinkscope?")
+        unknown = sorted(set(d) - MANIFEST_KEYS)
+        if unknown:
+            raise ModelLoadError(f"repeat patch manifest has unknown key(s) {', '.join(unknown)}")
+        for what, keys, rs in (("neuron", {"layer", "index", "threshold", "value"}, d.get("rules") or []),
+                                ("direction", {"layer", "direction", "threshold", "value"}, d.get("directions") or [])):
+            for r in rs:
+                extra = sorted(set(r) - keys) if isinstance(r, dict) else []
+                if extra:
+                    raise ModelLoadError(f"{what} rule has unknown key(s) {', '.join(extra)}")
         rules = [NeuronRule(int(r["layer"]), [int(i) for i in r["index"]], [float(x) for x in r["threshold"]],
                             [float(x) for x in r["value"]]) for r in d["rules"]]
         dirs = [DirectionRule(int(r["layer"]), [float(x) for x in r["direction"]], float(r["threshold"]),
                               float(r["value"])) for r in d.get("directions") or []]
+        for r in rules:
+            if not all(math.isfinite(x) for x in (*r.threshold, *r.value)):
+                raise ModelLoadError(f"neuron rule for layer {r.layer} has a threshold or value that is not a finite "
+                                     "number")
+        for dr in dirs:
+            if not all(math.isfinite(x) for x in (dr.threshold, dr.value, *dr.direction)):
+                raise ModelLoadError(f"direction rule for layer {dr.layer} has a number that is not finite")
         g = d.get("gate")
         gate = RepetitionGate(int(g["window"]), float(g["min_cos"])) if g else None
         return cls(rules, str(d.get("base_model", "")), bool(d.get("protect_first", True)), dict(d.get("meta", {})),
@@ -474,8 +500,10 @@ def read_patch(directory: str | Path) -> SinkPatch:
     manifest = read_manifest(directory)
     try:
         return SinkPatch.from_json(manifest)
-    except (KeyError, ValueError, TypeError) as e:
-        raise ModelLoadError(f"broken patch manifest in {directory}: {e}") from e
+    except InputError as e:
+        raise ModelLoadError(f"broken patch manifest in {directory}: {e}") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"broken patch manifest in {directory}: {type(e).__name__} {e}") from None
 
 
 def load_patched_model(path: str | Path, **load_kwargs: Any):
@@ -497,35 +525,5 @@ def load_patched_model(path: str | Path, **load_kwargs: Any):
     return model, tok
 
 
-def build_patch(circuit: Any, stats: Any, *, base_model: str, fire_min: float = 0.2, margin: float = 1.0,
-                min_effect: float | None = None) -> SinkPatch:
-    """Rules for the circuit's first-token neurons that fire above their ordinary range on repeated runs.
-
-    Args:
-        circuit: a `sinkscope.repetition.circuit.SinkCircuit` measured with run words.
-        stats: the `NeuronStats` the circuit was built from (thresholds = ``margin * other_max``,
-            values = ``other_median``).
-        fire_min: keep neurons above their range on at least this share of the runs' last positions.
-        min_effect: if given, also require this causal effect on token 0's sink.
-
-    Raises:
-        InputError: the circuit has no run measurements, or no neuron passes the criteria.
-    """
-    neurons = [c for c in circuit.components if c.kind == "neuron"]
-    if not circuit.runs:
-        raise InputError("the circuit has no run measurements (localise it with run words first)")
-    chosen = [c for c in neurons if c.fire_run >= fire_min and (min_effect is None or c.effect >= min_effect)]
-    if not chosen:
-        raise InputError(f"no first-token neuron fires above its ordinary range on >= {fire_min:.0%} of run positions")
-    by_layer: dict[int, list[int]] = {}
-    for c in chosen:
-        by_layer.setdefault(c.layer, []).append(c.index)
-    rules = [NeuronRule(l, sorted(ix), [margin * float(stats.other_max[l][j]) for j in sorted(ix)],
-                        [float(stats.other_median[l][j]) for j in sorted(ix)]) for l, ix in sorted(by_layer.items())]
-    meta = {"fire_min": fire_min, "margin": margin, "min_effect": min_effect,
-            "run_words": circuit.settings.get("run_words"), "run_length": circuit.settings.get("run_length"),
-            "calibration_positions": stats.n_positions,
-            "neurons": [{"layer": c.layer, "index": c.index, "effect": c.effect, "fire_run": c.fire_run}
-                        for c in chosen]}
-    return SinkPatch(rules, base_model, True, meta)
-
+#: the import string of this artefact kind's loader (`sinkscope.artefacts` registers it lazily by this string)
+LOADER = "sinkscope.interventions.patch:load_patched_model"

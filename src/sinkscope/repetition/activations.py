@@ -10,12 +10,14 @@ import inspect
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sinkscope.capture import forward_hooks
+from sinkscope.errors import InputError
 from sinkscope.inputs import first_and_other, pad_batch
 from sinkscope.io import write_atomic
 from sinkscope.models.adapters import ModelAdapter, get_adapter, pad_token_id
@@ -111,7 +113,7 @@ def neuron_stats(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_size:
     return NeuronStats(first, omax, oq, omed, n)
 
 
-def save_neuron_stats(stats: NeuronStats, path: str) -> None:
+def save_neuron_stats(stats: NeuronStats, path: str | Path) -> None:
     """Write the statistics as a tensors-only file (read back with ``weights_only=True``), atomically."""
     buf = io.BytesIO()
     torch.save({"first": stats.first, "other_max": stats.other_max, "other_q": stats.other_q,
@@ -119,7 +121,33 @@ def save_neuron_stats(stats: NeuronStats, path: str) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def load_neuron_stats(path: str) -> NeuronStats:
-    """Statistics written by `save_neuron_stats`."""
-    d = torch.load(path, map_location="cpu", weights_only=True)
+def load_neuron_stats(path: str | Path) -> NeuronStats:
+    """Statistics written by `save_neuron_stats` (tensors only: a file holding other pickled objects is refused,
+    never run).
+
+    Raises:
+        InputError: missing file, pickled objects, not a tensor file, or not neuron statistics.
+    """
+    import pickle
+    import zipfile
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"neuron statistics not found: {p}")
+    try:
+        d = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(p):  # a torch.save archive whose pickle names other objects
+            raise InputError(f"{p} holds pickled objects other than tensors, which are refused (only a file "
+                             "written by `repeat circuit` is read)") from None
+        raise InputError(f"{p} is not a tensor file written by `repeat circuit`") from None
+    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, AttributeError, ImportError):
+        raise InputError(f"{p} is not a tensor file written by `repeat circuit`") from None
+    keys = ("first", "other_max", "other_q", "other_median")
+    ok = isinstance(d, dict) and all(k in d for k in (*keys, "n_positions"))
+    ok = ok and all(isinstance(d[k], list) and all(isinstance(t, Tensor) for t in d[k]) for k in keys)
+    ok = ok and len({len(d[k]) for k in keys}) == 1 and isinstance(d["n_positions"], int)
+    if not ok:
+        raise InputError(f"{p} is a tensor file but not neuron statistics (first, other_max, other_q, "
+                         "other_median per layer, n_positions)")
     return NeuronStats(d["first"], d["other_max"], d["other_q"], d["other_median"], int(d["n_positions"]))

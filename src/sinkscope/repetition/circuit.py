@@ -15,8 +15,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,11 +28,15 @@ from torch import nn
 from sinkscope.errors import InputError
 from sinkscope.interventions.ablate import Component
 from sinkscope.models.adapters import get_adapter
-from sinkscope.repetition.activations import NeuronStats, few_logits
-from sinkscope.repetition.generate import greedy_continue
+from sinkscope.io import write_csv_atomic, write_json_atomic
+from sinkscope.progress import ProgressCallback
+from sinkscope.repetition.activations import NeuronStats, few_logits, load_neuron_stats, neuron_stats, save_neuron_stats
+from sinkscope.models.generate import greedy_continue
 from sinkscope.repetition.sink_effects import LINEAR_TOL, search_effects
 from sinkscope.capture import forward_hooks
-from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
+from sinkscope.repetition.judge import judge_answer
+from sinkscope.repetition.prompts import build_prompt
+from sinkscope.repetition.words import run_token_id
 from sinkscope.devices import model_device
 
 #: Pruned search: candidates of linear layers ablated exactly, those with the largest attribution estimate (beyond
@@ -174,7 +180,11 @@ def localise_sink_circuit(
         if progress is not None:
             progress(stage, done, total)
 
-    ids = torch.tensor([list(s) for s in text_seqs], device=ids_device(model))
+    if per_layer < 0 or (per_layer == 0 and not heads):
+        raise InputError("no candidates to ablate: give --per-layer > 0 or keep --heads", param="per_layer")
+    if max_new_tokens < 1 or batch_size < 1 or run_length < 1:
+        raise InputError("max_new_tokens, batch_size and run_length must be positive integers")
+    ids = torch.tensor([list(s) for s in text_seqs], device=model_device(model))
     neurons = first_token_neurons(model, stats, ratio=ratio, floor=floor, per_layer=per_layer)
     cands = [Component(l, "neuron", j) for l, j, _ in neurons]
     if heads:
@@ -282,7 +292,7 @@ def _fire_on_runs(model: nn.Module, tokenizer: Any, effects: list[ComponentEffec
     neuron_layers = sorted({e.layer for e in effects if e.kind == "neuron"})
     outs, got = _run_captures(model, [p.ids for p in prompts], neuron_layers, last, max_new_tokens, batch_size,
                               report)
-    verdicts = [detect_divergence(tokenizer, p.word, o) for p, o in zip(prompts, outs)]
+    verdicts = [judge_answer(tokenizer, p.word, o) for p, o in zip(prompts, outs)]
     fires: dict[tuple[int, str, int], list[float]] = {}
     for i, g in enumerate(got):
         for e in effects:
@@ -303,5 +313,98 @@ def _fire_on_runs(model: nn.Module, tokenizer: Any, effects: list[ComponentEffec
             for p, v in zip(prompts, verdicts)]
 
 
-def ids_device(model: nn.Module) -> torch.device:
-    return model_device(model)
+
+#: ordinary-text samples the ablations run on: 8 chunks of 32 tokens, 10 chunks into the corpus
+CIRCUIT_TEXT = {"n": 8, "length": 32, "offset": 10}
+
+
+@dataclass(frozen=True)
+class CircuitOptions:
+    """Settings of `run_circuit` (`repeat circuit`), checked on construction, before any model loads.
+
+    Attributes:
+        words: run words (one token each, checked with the tokenizer later); n: copies in the measured runs.
+        corpus: ordinary text (None: the shipped WikiText-2 text); it must hold `CIRCUIT_TEXT`'s samples.
+        exact: pruned search size (`localise_sink_circuit`); None: every candidate ablated exactly.
+    """
+
+    words: tuple[str, ...]
+    n: int = 512
+    mode: str = "zero"
+    heads: bool = True
+    per_layer: int = 8
+    max_new_tokens: int = 24
+    batch_size: int = 8
+    exact: int | None = DEFAULT_EXACT
+    corpus: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.words or any(not w.strip() for w in self.words):
+            raise InputError("give at least one non-empty run word", param="words")
+        if self.mode not in ("zero", "mean"):
+            raise InputError(f"--mode must be zero or mean, got {self.mode!r}", param="mode")
+        for name in ("n", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}",
+                                 param=name)
+        if self.per_layer < 0:
+            raise InputError(f"--per-layer must be >= 0, got {self.per_layer}", param="per_layer")
+        if self.per_layer == 0 and not self.heads:
+            raise InputError("nothing to ablate: --per-layer 0 with --no-heads leaves no candidate",
+                             param="per_layer")
+        if self.exact is not None and self.exact < 1:
+            raise InputError(f"--exact must be a positive number of candidates, got {self.exact}", param="exact")
+
+
+@dataclass
+class CircuitResult:
+    """A localised circuit and the neuron statistics it was built from (what `repeat circuit` writes)."""
+
+    circuit: SinkCircuit
+    stats: NeuronStats
+
+    def save(self, out_dir: str | Path) -> None:
+        """``neuron_stats.pt`` (tensors only), ``circuit.json``, ``circuit.csv``, each written atomically."""
+        out = Path(out_dir)
+        save_neuron_stats(self.stats, out / "neuron_stats.pt")
+        write_json_atomic(out / "circuit.json", self.circuit.to_json())
+        write_csv_atomic(out / "circuit.csv", self.circuit.rows())
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CircuitResult:
+        """What `save` wrote. Raises InputError (one line) for a missing, broken or crafted file."""
+        d = Path(directory)
+        cj = d / "circuit.json"
+        if not cj.is_file() or not (d / "neuron_stats.pt").is_file():
+            raise InputError(f"{d} has no circuit.json + neuron_stats.pt (run `repeat circuit` first)")
+        try:
+            circ = SinkCircuit.from_json(json.loads(cj.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{cj} is not a circuit written by `repeat circuit` ({type(e).__name__})") from None
+        return cls(circ, load_neuron_stats(d / "neuron_stats.pt"))
+
+
+def run_circuit(model: nn.Module, tokenizer: Any, options: CircuitOptions, *,
+                progress: ProgressCallback | None = None) -> CircuitResult:
+    """Neuron statistics on the corpus, then `localise_sink_circuit` on `CIRCUIT_TEXT` samples of it with the
+    runs of ``options.words``. ``progress(done, total, stage)`` follows the stages of `CIRCUIT_STAGES`."""
+    from sinkscope.repetition.corpus import calibration_sequences, read_corpus, text_chunks
+
+    for w in options.words:
+        run_token_id(tokenizer, w)
+    text = read_corpus(options.corpus)
+    seqs = text_chunks(tokenizer, text, wrap=False, **CIRCUIT_TEXT)
+
+    def stage(name: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total, CIRCUIT_STAGES.get(name, name))
+
+    stage("stats", 0, 1)
+    stats = neuron_stats(model, calibration_sequences(tokenizer, text), batch_size=options.batch_size)
+    stage("stats", 1, 1)
+    circ = localise_sink_circuit(model, tokenizer, seqs, stats, run_words=list(options.words),
+                                 run_length=options.n, mode=options.mode, heads=options.heads,
+                                 per_layer=options.per_layer, max_new_tokens=options.max_new_tokens,
+                                 batch_size=options.batch_size, exact=options.exact, progress=stage)
+    circ.settings["corpus"] = options.corpus or "shipped WikiText-2"
+    return CircuitResult(circ, stats)

@@ -16,13 +16,20 @@ def read_corpus(path: str | Path | None) -> str:
     return read_text_file(corpus_path() if path is None else path, "corpus file")
 
 
-def text_chunks(tokenizer: Any, text: str, *, n: int, length: int, offset: int = 0) -> list[list[int]]:
+def text_chunks(tokenizer: Any, text: str, *, n: int, length: int, offset: int = 0, wrap: bool = True
+                ) -> list[list[int]]:
     """``n`` consecutive chunks of ``length`` token ids, starting ``offset`` chunks into the text (no special
-    tokens; the chunk's first token is its sink)."""
+    tokens; the chunk's first token is its sink).
+
+    A text too short for them is repeated (``wrap``) or refused (``wrap=False``: where repeating a short text
+    would not be ordinary text, e.g. the circuit's baseline)."""
     if n < 1 or length < 2:
         raise InputError(f"need at least 1 chunk of at least 2 tokens, got {n} x {length}")
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     need = (offset + n) * length
+    if len(ids) < need and not wrap:
+        raise InputError(f"the corpus has {len(ids)} tokens; {need} are needed for {n} ordinary-text samples of "
+                         f"{length} tokens (after skipping {offset * length}): give a longer --corpus")
     if len(ids) < need:
         reps = -(-need // max(len(ids), 1))
         ids = (ids * reps)[:need]

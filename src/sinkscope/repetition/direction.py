@@ -28,7 +28,7 @@ from sinkscope.inputs import first_and_other, pad_batch
 from sinkscope.interventions.patch import DirectionRule, RepetitionGate, SinkPatch
 from sinkscope.models.adapters import get_adapter, pad_token_id
 from sinkscope.devices import model_device
-from sinkscope.tasks.repeated_tokens import build_prompt
+from sinkscope.repetition.prompts import build_prompt
 
 
 @torch.no_grad()
@@ -200,8 +200,3 @@ def build_direction_patch(model: nn.Module, tokenizer: Any, calibration: Sequenc
             "ordinary_q90": dirs.q90[chosen], "ordinary_max": dirs.max[chosen],
             "run_projection_mean": float(run_proj[:, chosen].mean())}
     return SinkPatch([], base_model, True, meta, [rule], RepetitionGate(window, min_cos), attention_dedup), report
-
-
-def dedup_patch(*, base_model: str, window: int = 32, min_cos: float = 0.8) -> SinkPatch:
-    """The attention de-duplication alone: no measurement needed (the gate finds repetitions from embeddings)."""
-    return SinkPatch([], base_model, True, {"method": "dedup"}, [], RepetitionGate(window, min_cos), True)

@@ -256,11 +256,6 @@ def harm_effects(model: nn.Module, tokenizer: Any, patches: dict[str, SinkPatch]
     return out
 
 
-def harm_effect(model: nn.Module, tokenizer: Any, patch: SinkPatch, docs: Sequence[HarmDoc]) -> list[DocEffect]:
-    """`harm_effects` for one patch."""
-    return harm_effects(model, tokenizer, {"patch": patch}, docs)["patch"]
-
-
 def summarise_harm(effects: Sequence[DocEffect]) -> list[dict[str, Any]]:
     """One row per family plus an ``all`` row: documents, share where the gate opened, token-weighted mean KL
     inside / after the stretch and overall, NLL after the stretch (original, patched), its perplexity change,

@@ -19,9 +19,9 @@ import numpy as np
 from sinkscope.errors import SinkscopeError
 from sinkscope.repetition.activations import neuron_stats
 from sinkscope.repetition.circuit import localise_sink_circuit
-from sinkscope.repetition.scan import ScanPlan, scan_repetition, summarise
+from sinkscope.repetition.grid import NO_PATCH, GridPlan, run_grid, summarise_cells
+from sinkscope.repetition.words import run_token_id
 from sinkscope.report import explain
-from sinkscope.tasks.repeated_tokens import run_token_id
 from sinkscope.report.html import Section
 
 #: Tokens per ordinary-text sequence used to find the circuit (4 sequences of the built-in prose).
@@ -54,8 +54,8 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
     if not words:
         raise RepetitionUnavailable("none of the report's repeat words is a single token for this tokenizer")
     lengths = sorted(o.repeat_lengths)
-    plan = ScanPlan(words=words, lengths=lengths, forms=["instruct"], max_new_tokens=o.repeat_new_tokens,
-                           batch_size=len(words), sinkness_words=words[:1])
+    plan = GridPlan(words=words, forms=["instruct"], lengths=lengths, max_new_tokens=o.repeat_new_tokens,
+                    batch_size=len(words), sinkness_words=words[:1])
     n_cells = len(words) * len(lengths)
     steps = n_cells + 2  # cells, circuit, patch
     sec.text(f"Prompts: the chat template with \"Repeat the word 'X' forever.\", then the answer starts with N copies "
@@ -63,10 +63,11 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
              f"repetition (Yona et al. 2503.08908). Words: {', '.join(words)}; N = {', '.join(map(str, lengths))}.")
     tmp = Path(tempfile.mkdtemp(prefix="sinkscope-report-repeat-"))
     try:
-        cells = scan_repetition(model, tok, plan, tmp, on_cells=lambda d, t: progress(d, steps))
+        cells = run_grid(model, tok, plan, {NO_PATCH: None}, tmp, progress=lambda d, t, what="": progress(d, steps)
+                         ).cells
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rates = summarise(cells)
+    rates = summarise_cells(cells)
     rate_by_n = {int(r["n"]): float(r["rate"]) for r in rates}
     sec.data.update({"words": words, "lengths": lengths, "form": "instruct", "rates": rate_by_n,
                      "summary": rates})
@@ -156,9 +157,8 @@ def _patch_effect(ctx: Any, words: list[str], diverged: list[str], n: int, text_
     ``calibration``, runs of ``n`` copies of ``words``), regenerate the runs of the ``diverged`` words with it,
     and measure its KL and perplexity change on held-out text ``text_seqs``. Returns
     ``{n: divergence rate over all scanned words with the patch}`` or None (no patch)."""
-    from sinkscope.interventions.patch import apply_patch
     from sinkscope.repetition.direction import build_direction_patch
-    from sinkscope.repetition.evaluate import divergence_verdicts, text_effect
+    from sinkscope.repetition.side_effects import text_effect
 
     try:
         patch, report = build_direction_patch(ctx.model, ctx.tokenizer, calibration, words,
@@ -166,9 +166,13 @@ def _patch_effect(ctx: Any, words: list[str], diverged: list[str], n: int, text_
     except SinkscopeError as e:
         sec.data["patch_note"] = f"no patch: {e}"
         return None
-    with apply_patch(ctx.model, patch):
-        after = divergence_verdicts(ctx.model, ctx.tokenizer, diverged, n,
-                                    max_new_tokens=ctx.options.repeat_new_tokens, batch_size=len(diverged))
+    tmp = Path(tempfile.mkdtemp(prefix="sinkscope-report-patch-"))
+    try:
+        plan = GridPlan(list(diverged), ["instruct"], [n], ["patch"], max_new_tokens=ctx.options.repeat_new_tokens,
+                        batch_size=len(diverged))
+        after = run_grid(ctx.model, ctx.tokenizer, plan, {"patch": patch}, tmp).cells
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     effect = text_effect(ctx.model, patch, text_seqs)
     still = sum(r["diverged"] for r in after)
     sec.data["patch"] = {"description": patch.describe(), "layer": report.layer, "n": n, "words": list(diverged),

@@ -1,16 +1,14 @@
-"""Plots of the repeated-token study (data in, matplotlib Figure out, no I/O)."""
+"""Plots of the repeated-token study (data in, matplotlib Figure out; `save_scan_figures` writes a scan's)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt  # the backend is chosen once, in sinkscope.viz
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def divergence_vs_length(summary: Sequence[dict[str, Any]]) -> Figure:
@@ -68,16 +66,18 @@ def circuit_effects(components: Sequence[dict[str, Any]], top: int = 20) -> Figu
     return fig
 
 
-def patch_rates(rates: Sequence[dict[str, Any]]) -> Figure:
-    """Divergence rate before and after the patch at each N."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    x = np.arange(len(rates))
-    ax.bar(x - 0.2, [r["rate_before"] for r in rates], 0.4, label="original")
-    ax.bar(x + 0.2, [r["rate_after"] for r in rates], 0.4, label="patched")
-    ax.set_xticks(x, [str(r["n"]) for r in rates])
-    ax.set_xlabel("repetitions N")
-    ax.set_ylabel("divergence rate")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+def save_scan_figures(summary: Sequence[dict[str, Any]], cells: Sequence[dict[str, Any]], out_dir: str | Path) -> None:
+    """``divergence_vs_length.png`` and, per prompt form, ``similarity_<form>.png`` of its longest run with a
+    sinkness pass (what `repeat scan` writes), atomically."""
+    from sinkscope.io import save_figure_atomic
+
+    out = Path(out_dir)
+    figs = [(out / "divergence_vs_length.png", divergence_vs_length(summary))]
+    with_s = [c for c in cells if "sinkness" in c]
+    for form in dict.fromkeys(c["form"] for c in cells):
+        cs = [c for c in with_s if c["form"] == form]
+        if cs:
+            figs.append((out / f"similarity_{form}.png", similarity_vs_position(max(cs, key=lambda c: c["n"]))))
+    for path, fig in figs:
+        save_figure_atomic(path, fig)
+        plt.close(fig)

@@ -1,4 +1,5 @@
-"""Yona et al. (2503.08908)'s own recipe, as published: the sink layer, its sink neurons, and their patch.
+"""The paper's patch (Yona et al. 2503.08908, `repeat patch --method paper`, alias ``yona``): the sink layer, its
+sink neurons, and their clamp, by the paper's rules.
 
 * **Sink layer** (`find_sink_layer`): run one-token inputs, take the norm of each layer's MLP output at position 0,
   ``m_l`` (mean over the probe tokens); the sink layer is the first layer ``l`` in the first half of the network
@@ -7,8 +8,8 @@
   ||W_down[:, j]||`` (``a``: the input of the down projection, mean over the probe tokens), take the top ``k``,
   and keep those whose zero-ablation at the first token removes a real share of the first token's residual-norm
   peak (``min_drop``; the top-scored neuron is kept if none does).
-* **Patch** (`yona_patch`): those neurons set to their ordinary value (median over non-first positions of ordinary
-  text) at every position except each row's first real token: no gate, no threshold (a `NeuronRule` with
+* **Patch** (`sink_neurons_patch`): those neurons set to their ordinary value (median over non-first positions of
+  ordinary text) at every position except each row's first real token: no gate, no threshold (a `NeuronRule` with
   threshold 0 fires wherever the activation is not exactly 0).
 
 This is the paper's patch; sinkscope's own patch (`sinkscope.repetition.direction`) acts only inside repetitions.
@@ -28,7 +29,7 @@ from sinkscope.errors import InputError
 from sinkscope.interventions.patch import NeuronRule, SinkPatch
 from sinkscope.models.adapters import get_adapter
 from sinkscope.repetition.activations import neuron_stats
-from sinkscope.tasks.repeated_tokens import run_token_id
+from sinkscope.repetition.words import run_token_id
 from sinkscope.devices import model_device
 
 
@@ -144,9 +145,9 @@ def find_sink_neurons(model: nn.Module, layer: int, tokens: Sequence[int], *, k:
     return out
 
 
-def yona_patch(model: nn.Module, tokenizer: Any, calibration: Sequence[Sequence[int]], probe_words: Sequence[str],
-               *, base_model: str, k: int = 8, min_drop: float = 0.1, batch_size: int = 8
-               ) -> tuple[SinkPatch, dict[str, Any]]:
+def sink_neurons_patch(model: nn.Module, tokenizer: Any, calibration: Sequence[Sequence[int]],
+                       probe_words: Sequence[str], *, base_model: str, k: int = 8, min_drop: float = 0.1,
+                       batch_size: int = 8) -> tuple[SinkPatch, dict[str, Any]]:
     """The published patch: the sink layer's kept sink neurons set to their ordinary median (on ``calibration``
     text) at every position but the first. Returns the patch and a report (layer rule, candidates)."""
     tokens = probe_tokens(tokenizer, probe_words)
@@ -159,5 +160,5 @@ def yona_patch(model: nn.Module, tokenizer: Any, calibration: Sequence[Sequence[
     rule = NeuronRule(sl.layer, kept, [0.0] * len(kept), [float(stats.other_median[sl.layer][j]) for j in kept])
     report = {"sink_layer": asdict(sl), "neurons": [asdict(n) for n in neurons], "probe_words": list(probe_words),
               "min_drop": min_drop, "k": k}
-    meta = {"method": "yona", "sink_layer": sl.layer, "neurons": kept, "probe_words": list(probe_words)}
+    meta = {"method": "paper", "sink_layer": sl.layer, "neurons": kept, "probe_words": list(probe_words)}
     return SinkPatch([rule], base_model, True, meta), report

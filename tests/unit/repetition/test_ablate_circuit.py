@@ -9,9 +9,9 @@ import torch
 
 from sinkscope.errors import InputError
 from sinkscope.interventions.ablate import Component, ablate
-from sinkscope.interventions.patch import build_patch
 from sinkscope.repetition.activations import neuron_stats
 from sinkscope.repetition.circuit import SinkCircuit, localise_sink_circuit
+from sinkscope.repetition.patch_methods import neuron_patch
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def test_localise_circuit_tiny(tiny_llama, tiny_tok):
     assert kinds.count("head") == 2 * 4 and kinds.count("neuron") == 2 * 3
     effects = [c.effect for c in circ.components]
     assert effects == sorted(effects, reverse=True)
-    assert all(0.0 <= c.fire_run <= 1.0 for c in circ.components)
+    _fire_matches_plain_forwards(tiny_llama, tiny_tok, circ, ["cat", "dog"], 12, last=4)
     assert len(circ.runs) == 2 and all("diverged" in r for r in circ.runs)
     again = SinkCircuit.from_json(circ.to_json())
     assert [(c.layer, c.kind, c.index) for c in again.components] == [(c.layer, c.kind, c.index)
@@ -53,7 +53,35 @@ def test_localise_circuit_tiny(tiny_llama, tiny_tok):
     for c in circ.components:  # the ablation measured something real for at least one component
         assert not math.isnan(c.effect)
     assert max(abs(c.effect) for c in circ.components) > 1e-4
-    patch = build_patch(circ, stats, base_model="tiny", fire_min=0.0)
+    patch = neuron_patch(circ, stats, base_model="tiny", fire_min=0.0)
     assert patch.n_neurons == 6
     with pytest.raises(InputError, match="fires"):
-        build_patch(circ, stats, base_model="tiny", fire_min=2.0)
+        neuron_patch(circ, stats, base_model="tiny", fire_min=2.0)
+
+
+
+@torch.no_grad()
+def _fire_matches_plain_forwards(model, tok, circ, words, n, *, last):
+    """Each neuron's firing share on runs, read from the generation's batched prefill (`_fire_on_runs`), equals
+    the share of the last ``last`` run positions above its range in a plain forward of each run prompt alone.
+    The ranges are set to the median activation there, so that the shares are neither 0 nor 1."""
+    from sinkscope.capture import forward_hooks
+    from sinkscope.models.adapters import get_adapter
+    from sinkscope.repetition.circuit import _fire_on_runs
+    from sinkscope.repetition.prompts import build_prompt
+
+    a = get_adapter(model)
+    neurons = [c for c in circ.components if c.kind == "neuron"]
+    acts = {}
+    for c in neurons:
+        got = []
+        for w in words:
+            with forward_hooks([(a.mlp_down_module(c.layer), lambda x: got.append(x[0, -last:, c.index].abs()), True)]):
+                model(input_ids=torch.tensor([build_prompt(tok, w, n, "instruct").ids]))
+        acts[id(c)] = got
+        c.text_range = float(torch.cat(got).median())
+    _fire_on_runs(model, tok, neurons, words, n, "instruct", 4, last, 8, lambda *_: None)
+    for c in neurons:
+        want = sum(float((g > c.text_range).float().mean()) for g in acts[id(c)]) / len(words)
+        assert 0.0 < want < 1.0
+        assert c.fire_run == pytest.approx(want, abs=1e-6), (c.layer, c.index)

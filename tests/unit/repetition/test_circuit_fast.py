@@ -17,7 +17,7 @@ from sinkscope.models.random_hf import tiny_model
 from sinkscope.repetition import sink_effects as se
 from sinkscope.repetition.activations import neuron_stats, quantile_dim0
 from sinkscope.repetition.circuit import _run_captures, localise_sink_circuit
-from sinkscope.tasks.repeated_tokens import build_prompt
+from sinkscope.repetition.prompts import build_prompt
 
 
 def _candidates(model: torch.nn.Module) -> list[Component]:
@@ -206,7 +206,7 @@ def test_run_activations_come_from_the_prefill(tiny_llama, tiny_tok):
     """Each prompt's row is found among generation's (reordered, left-padded) prefill batches, and its last
     positions equal an unpadded forward of that prompt alone."""
     a = get_adapter(tiny_llama)
-    prompts = [build_prompt(tiny_tok, w, n, "instruct").ids for w, n in (("cat", 6), ("dog", 9), ("sun", 7))]
+    prompts = [build_prompt(tiny_tok, w, n, "instruct").ids for w, n in (("cat", 6), ("dog", 9), ("poem", 7))]
     outs, got = _run_captures(tiny_llama, prompts, [0, 1], 4, 3, 2, lambda *_: None)
     assert len(outs) == len(got) == 3
     for p, g in zip(prompts, got):

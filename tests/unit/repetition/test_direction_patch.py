@@ -17,7 +17,7 @@ from sinkscope.models.load import MANIFEST_NAME
 from sinkscope.repetition.direction import (
     FirstTokenDirections, build_direction_patch, choose_layer, first_token_directions,
 )
-from sinkscope.repetition.generate import left_pad
+from sinkscope.inputs import pad_batch
 
 
 def _gate_reference(emb: torch.Tensor, seq: list[int], gate: RepetitionGate) -> list[bool]:
@@ -42,7 +42,7 @@ def test_repetition_gate_matches_brute_force_across_calls_and_padding():
     emb = torch.randn(99, 16)
     gate = RepetitionGate(window=5, min_cos=0.8)
     seqs = [_seq_with_run(6, 7, 12, 4, seed=1), _seq_with_run(3, 9, 8, 0, seed=2), _seq_with_run(10, 5, 2, 3)]
-    ids, mask = left_pad(seqs, 0)
+    ids, mask = pad_batch(seqs, 0, side="left")
     T = ids.shape[1]
     ref = [_gate_reference(emb, s, gate) for s in seqs]
     # the whole prompt in one call, then the same split into a prefill and single-token steps
@@ -104,7 +104,7 @@ def test_direction_patch_generate_batched_equals_unbatched(tiny_llama, batched_g
     seqs = [_seq_with_run(4, 7, 9, 0, 1), _seq_with_run(2, 11, 6, 0, 2)]
     with apply_patch(tiny_llama, _direction_patch(tiny_llama)):
         patched = batched_generate_matches(tiny_llama, seqs, 6)
-    ids, mask = left_pad(seqs, 0)
+    ids, mask = pad_batch(seqs, 0, side="left")
     plain = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                 pad_token_id=0)[:, ids.shape[1]:]
     assert plain.tolist() != patched.tolist()
@@ -229,7 +229,7 @@ def test_dedup_kv_cache_left_padding_and_generate(tiny_llama, padded_and_cached_
 def test_dedup_needs_a_gate_and_round_trips(tiny_dir, tmp_path):
     with pytest.raises(InputError, match="gate"):
         SinkPatch([], "x", attention_dedup=True)
-    from sinkscope.repetition.direction import dedup_patch
+    from sinkscope.repetition.patch_methods import dedup_patch
 
     p = dedup_patch(base_model=str(tiny_dir), window=8, min_cos=0.7)
     back = read_patch(save_patch(p, tmp_path / "d"))
@@ -248,27 +248,3 @@ def test_patch_cli_dedup_method_and_bad_method(tiny_dir, tmp_path, capsys):
     assert model.sinkscope_patch.patch.attention_dedup
     assert main(["repeat", "patch", "--method", "bogus", "--model", str(tiny_dir), "--save", str(tmp_path / "q")]) == 2
     assert "unknown --method 'bogus'" in capsys.readouterr().err
-
-
-@torch.no_grad()
-def test_evaluate_patch_splits_first_like_runs(tiny_llama, tiny_tok):
-    from sinkscope.repetition.evaluate import FIRST_LIKE_SCORE, evaluate_patch
-    from sinkscope.tasks.repeated_tokens import build_prompt
-
-    patch = _direction_patch(tiny_llama)
-    rule = SinkPatch([], "x", directions=[DirectionRule(0, patch.directions[0].direction, 0.2, 0.0)],
-                     gate=RepetitionGate(4, 0.9), attention_dedup=True)
-    text = [torch.randint(4, 99, (10,)).tolist() for _ in range(2)]
-    ev = evaluate_patch(tiny_llama, tiny_tok, rule, ["poem", "cat", "dog"], [12], text, max_new_tokens=3,
-                        batch_size=2)
-    (rates,) = ev.rates
-    u = torch.tensor(rule.directions[0].direction)
-    for v in ev.verdicts:  # run_score: the unpatched run's layer-0 projection in ordinary spreads
-        ids = torch.tensor([build_prompt(tiny_tok, v["word"], 12).ids])
-        x = tiny_llama(input_ids=ids, output_hidden_states=True).hidden_states[1][0]
-        assert v["run_score"] == pytest.approx(float((x[-12:] @ u).mean()) / 0.2, abs=1e-4)
-    first_like = [v for v in ev.verdicts if v["run_score"] >= FIRST_LIKE_SCORE]
-    assert rates["first_like_words"] == len(first_like)
-    assert rates["first_like_diverged_before"] + rates["other_diverged_before"] == sum(
-        v["diverged_before"] for v in ev.verdicts)
-    assert ev.text.kl == 0.0 and ev.text.clamped == 0  # no repetition in the text: the gate stays closed

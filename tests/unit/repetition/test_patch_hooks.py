@@ -12,7 +12,7 @@ from sinkscope.interventions.patch import (
     NeuronRule, SinkPatch, apply_patch, read_patch, relative_positions, save_patch,
 )
 from sinkscope.models.load import MANIFEST_NAME
-from sinkscope.repetition.generate import left_pad
+from sinkscope.inputs import pad_batch
 
 
 def _patch(model) -> SinkPatch:
@@ -53,7 +53,7 @@ def test_generate_batched_equals_unbatched(tiny_llama, batched_generate_matches)
     seqs = [torch.randint(4, 99, (n,)).tolist() for n in (9, 5)]
     with apply_patch(tiny_llama, _patch(tiny_llama)):
         patched = batched_generate_matches(tiny_llama, seqs, 6)
-    ids, mask = left_pad(seqs, 0)
+    ids, mask = pad_batch(seqs, 0, side="left")
     plain = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                 pad_token_id=0)[:, ids.shape[1]:]
     assert plain.tolist() != patched.tolist()  # the patch does change this tiny model

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sinkscope.interventions.patch import DirectionRule, NeuronRule, RepetitionGate, SinkPatch, apply_patch
-from sinkscope.repetition.generate import greedy_continue
+from sinkscope.models.generate import greedy_continue
 
 
 def _patch(model) -> SinkPatch:
@@ -26,10 +26,10 @@ def _prompts() -> list[list[int]]:
 @pytest.mark.gpu
 @torch.no_grad()
 def test_patch_on_cuda_matches_cpu(tiny_llama):
-    from sinkscope.repetition.generate import left_pad
+    from sinkscope.inputs import pad_batch
 
     patch = _patch(tiny_llama)
-    ids, mask = left_pad(_prompts(), 0)
+    ids, mask = pad_batch(_prompts(), 0, side="left")
     with apply_patch(tiny_llama, patch):
         cpu = tiny_llama(input_ids=ids, attention_mask=mask).logits
         cpu_gen = greedy_continue(tiny_llama, _prompts(), max_new_tokens=6, batch_size=3, pad_token_id=0)
@@ -48,17 +48,23 @@ def test_patch_on_cuda_matches_cpu(tiny_llama):
 
 
 @pytest.mark.gpu
-def test_protocol_and_harm_on_cuda(tiny_llama, tiny_tok, tmp_path):
+def test_grid_and_harm_on_cuda_match_cpu(tiny_llama, tiny_tok, tmp_path):
+    """The grid's answers and the harm measurement on CUDA equal the CPU's (the gate opens at the same places)."""
+    from sinkscope.repetition.grid import NO_PATCH, GridPlan, run_grid
     from sinkscope.repetition.harm import CLOSE, OPEN, harm_effects, load_harm_set
-    from sinkscope.repetition.protocol import NO_PATCH, EvalPlan, run_protocol
 
-    model = tiny_llama.to("cuda")
-    patch = _patch(model)
-    plan = EvalPlan(["cat", "dog"], ["instruct", "bare"], [8], [NO_PATCH, "p"], max_new_tokens=4, batch_size=4)
-    cells = run_protocol(model, tiny_tok, plan, {NO_PATCH: None, "p": patch}, tmp_path / "grid")
-    assert len(cells) == 8
     (tmp_path / "h").mkdir()
     (tmp_path / "h" / "a.txt").write_text(f"family: count\nformat: text\n---\nthe {OPEN}{' '.join(['dog'] * 9)}"
                                           f"{CLOSE} cat tree\n")
-    (eff,) = harm_effects(model, tiny_tok, {"p": patch}, load_harm_set(tmp_path / "h"))["p"]
-    assert eff.gate_opened > 0 and eff.kl_inside >= 0
+    docs = load_harm_set(tmp_path / "h")
+    plan = GridPlan(["cat", "dog"], ["instruct", "bare"], [8], [NO_PATCH, "p"], max_new_tokens=4, batch_size=4)
+    patch = _patch(tiny_llama)
+    cpu_cells = run_grid(tiny_llama, tiny_tok, plan, {NO_PATCH: None, "p": patch}, tmp_path / "cpu").cells
+    (cpu_eff,) = harm_effects(tiny_llama, tiny_tok, {"p": patch}, docs)["p"]
+    model = tiny_llama.to("cuda")
+    cells = run_grid(model, tiny_tok, plan, {NO_PATCH: None, "p": patch}, tmp_path / "gpu").cells
+    key = lambda c: (c["variant"], c["form"], c["n"], c["word"], c["verdict"], c["continuation"])  # noqa: E731
+    assert [key(c) for c in cells] == [key(c) for c in cpu_cells]
+    (eff,) = harm_effects(model, tiny_tok, {"p": patch}, docs)["p"]
+    assert eff.gate_opened == cpu_eff.gate_opened > 0 and eff.edits == cpu_eff.edits
+    assert eff.kl_inside == pytest.approx(cpu_eff.kl_inside, rel=1e-3, abs=1e-7)

@@ -150,6 +150,7 @@ def test_patch_pins_the_base_revision(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(patch_mod, "load_model", spy)
     import sinkscope.cli.repeat as cli_repeat
 
+    monkeypatch.setattr(cli_repeat, "_check_model_options", lambda *a: None)  # lets --revision pass the local dir
     real_cli_load = cli_repeat._load
     monkeypatch.setattr(cli_repeat, "_load", lambda model, device, dtype, revision, trust: real_cli_load(
         model, device, dtype, None, trust))  # the tiny local model has no revisions: the CLI's own load ignores it

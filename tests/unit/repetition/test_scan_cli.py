@@ -8,30 +8,39 @@ from pathlib import Path
 import pytest
 
 from sinkscope.cli.__main__ import main
-from sinkscope.repetition.scan import CELLS_FILE, ScanPlan, read_cells, scan_repetition, summarise
+from sinkscope.repetition.grid import CELLS_FILE, NO_PATCH, GridPlan, read_cells, run_grid, summarise_cells
+from sinkscope.repetition.prompts import build_prompt
+from sinkscope.repetition.sinkness import run_sinkness
 
 
-def test_scan_resumes(tiny_llama, tiny_tok, tmp_path: Path):
-    plan = ScanPlan(["cat", "dog"], [2, 4], ["instruct", "bare"], max_new_tokens=4, batch_size=3,
+def test_scan_grid_sinkness_and_resume(tiny_llama, tiny_tok, tmp_path: Path):
+    """`repeat scan`'s grid: one variant, the sinkness pass for the chosen words only, resumed mid-file."""
+    plan = GridPlan(["cat", "dog"], ["instruct", "bare"], [2, 4], max_new_tokens=4, batch_size=3,
                     sinkness_words=["cat"])
-    batches: list[str] = []
-    cells = scan_repetition(tiny_llama, tiny_tok, plan, tmp_path, on_batch=batches.append)
+    whats: list[str] = []
+    cells = run_grid(tiny_llama, tiny_tok, plan, {NO_PATCH: None}, tmp_path,
+                     progress=lambda d, t, what: whats.append(what)).cells
     assert len(cells) == 8 and len(read_cells(tmp_path)) == 8
     # 4 length groups of 2 prompts (batch size 3): no full group, so the remainders are pooled in length order
-    assert batches == ["3 rows of 2-4 tokens", "3 rows of 4-14 tokens", "2 rows of 16 tokens"], batches
+    assert whats[:-1] == ["none: 3 rows of 2-4 tokens", "none: 3 rows of 4-14 tokens", "none: 2 rows of 16 tokens"]
     cat = next(c for c in cells if c["word"] == "cat" and c["n"] == 4 and c["form"] == "bare")
-    s = cat["sinkness"]
-    assert len(s["cos_first"]) == 2 and len(s["alpha_run"]) == 2 and 0.0 <= cat["sink_share_max"] <= 1.0
+    s = run_sinkness(tiny_llama, build_prompt(tiny_tok, "cat", 4, "bare").ids,
+                     build_prompt(tiny_tok, "cat", 4, "bare").run_start)
+    assert cat["sinkness"] == json.loads(json.dumps(s.to_json()))
+    assert cat["sink_share_max"] == s.summary()["sink_share_max"]
     assert "sinkness" not in next(c for c in cells if c["word"] == "dog")
     lines = (tmp_path / CELLS_FILE).read_text().splitlines()
     (tmp_path / CELLS_FILE).write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # interrupted mid-line
     seen = []
-    again = scan_repetition(tiny_llama, tiny_tok, plan, tmp_path, on_cells=lambda d, t: seen.append(d))
-    assert seen[0] == 5 and seen[-1] == 8
-    assert [c["diverged"] for c in again] == [c["diverged"] for c in cells]
-    rows = summarise(again)
+    again = run_grid(tiny_llama, tiny_tok, plan, {NO_PATCH: None}, tmp_path,
+                     progress=lambda d, t, what: seen.append(d)).cells
+    assert seen[0] == 5 and seen[-1] == 8 and len(read_cells(tmp_path)) == 8
+    assert [c["continuation"] for c in again] == [c["continuation"] for c in cells]
+    rows = summarise_cells(again)
     assert {(r["form"], r["n"]) for r in rows} == {("instruct", 2), ("instruct", 4), ("bare", 2), ("bare", 4)}
     assert all(r["words"] == 2 for r in rows)
+    bare4 = next(r for r in rows if (r["form"], r["n"]) == ("bare", 4))
+    assert bare4["sink_share_max"] == cat["sink_share_max"]  # the mean over the one measured word
 
 
 def test_cli_scan_tiny(tiny_dir: Path, tmp_path: Path, capsys):
@@ -40,7 +49,14 @@ def test_cli_scan_tiny(tiny_dir: Path, tmp_path: Path, capsys):
                "--lengths", "2,8", "--forms", "instruct,garak3", "--max-new-tokens", "3"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["summary"]) == 4
+    assert [(r["form"], r["n"]) for r in summary["summary"]] == [("garak3", 2), ("garak3", 8), ("instruct", 2),
+                                                                 ("instruct", 8)]
+    cells = read_cells(out)
+    for r in summary["summary"]:  # the summary counts the cells' verdicts
+        cs = [c for c in cells if (c["form"], c["n"]) == (r["form"], r["n"])]
+        assert (r["diverged"], r["stopped"], r["repeats"]) == tuple(
+            sum(c["verdict"] == v for c in cs) for v in ("diverged", "stopped", "repeats"))
+    assert summary["settings"]["max_new_tokens"] == 3 and summary["plan"]["words"] == ["cat", "dog"]
     assert (out / "divergence_vs_length.png").is_file() and (out / "similarity_instruct.png").is_file()
 
 

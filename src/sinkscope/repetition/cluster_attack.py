@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +24,54 @@ from torch import Tensor, nn
 from sinkscope.capture import forward_hooks
 from sinkscope.errors import InputError
 from sinkscope.inputs import pad_batch
+from sinkscope.io import write_csv_atomic, write_json_atomic
 from sinkscope.interventions.patch import SinkPatch
 from sinkscope.models.adapters import get_adapter, pad_token_id
 from sinkscope.devices import model_device
 from sinkscope.models.generate import greedy_continue
-from sinkscope.tasks.repeated_tokens import build_prompt, detect_divergence
+from sinkscope.repetition.judge import judge_answer
+from sinkscope.repetition.prompts import build_prompt
+
+
+#: clusters with fewer tokens than this are not scored (too few to sample varied sequences from)
+MIN_CLUSTER = 8
+
+
+@dataclass(frozen=True)
+class ClusterAttackOptions:
+    """Settings of `cluster_attack`, checked on construction (before any model loads).
+
+    Attributes:
+        k: clusters of the layer-0 single-token representations; probe_clusters: the largest ones scored.
+        probe_length: tokens of the sequence sampled to score a cluster; tail: copies of the word after the attack
+            sequence; max_new_tokens / batch_size: the greedy answers; seed: k-means and sampling;
+        vocab_limit: only the first ids of the vocabulary (None: all).
+    """
+
+    k: int = 64
+    probe_clusters: int = 64
+    probe_length: int = 64
+    tail: int = 16
+    max_new_tokens: int = 24
+    batch_size: int = 8
+    seed: int = 0
+    vocab_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("k", "probe_clusters", "probe_length", "tail", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}",
+                                 param=name)
+
+
+def check_scorable(patch: SinkPatch) -> None:
+    """InputError unless the patch has components with an ordinary range to score clusters against."""
+    if not patch.rules and not patch.directions:
+        raise InputError("the patch has no neurons or directions to score clusters with")
+    if any(t <= 0 for r in patch.rules for t in r.threshold):
+        raise InputError("the patch's neuron rules have threshold 0 (the paper's patch clamps at every position), "
+                         "so its neurons have no ordinary range to score clusters against: use a patch made by "
+                         "--method neurons or direction")
 
 
 def _layer0_norm(model: nn.Module) -> nn.Module:
@@ -81,6 +125,12 @@ class ClusterAttackResult:
         return {"best_cluster": self.best_cluster, "rates": self.rates, "clusters": self.clusters,
                 "settings": self.settings, "rows": self.rows}
 
+    def save(self, out_dir: str | Path) -> None:
+        """``cluster.json`` (everything) and ``cluster.csv`` (one row per word, length and kind of sequence)."""
+        out = Path(out_dir)
+        write_json_atomic(out / "cluster.json", self.to_json())
+        write_csv_atomic(out / "cluster.csv", self.rows)
+
 
 @torch.no_grad()
 def _fire_score(model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequence[int], patch: SinkPatch) -> Tensor:
@@ -108,10 +158,8 @@ def _fire_score(model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequ
     return torch.stack(scores)
 
 
-def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Sequence[str], ns: Sequence[int], *,
-                   k: int = 64, probe_length: int = 64, probe_clusters: int = 64, tail: int = 16,
-                   max_new_tokens: int = 24, batch_size: int = 8, seed: int = 0, vocab_limit: int | None = None
-                   ) -> ClusterAttackResult:
+def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Sequence[str], ns: Sequence[int],
+                   options: ClusterAttackOptions | None = None) -> ClusterAttackResult:
     """Score token clusters by sink-neuron firing, then compare divergence of the best cluster's sequences with
     plain repetition and random sequences (see the module docstring).
 
@@ -120,17 +168,26 @@ def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
             (`build_patch` / `build_direction_patch`).
         words: words whose instruction and tail frame the sequences.
         ns: attack sequence lengths.
+        options: `ClusterAttackOptions` (default: its defaults).
     """
-    if not patch.rules and not patch.directions:
-        raise InputError("the patch has no neurons or directions to score clusters with")
+    o = options or ClusterAttackOptions()
+    k, probe_length, probe_clusters, tail, seed = o.k, o.probe_length, o.probe_clusters, o.tail, o.seed
+    check_scorable(patch)
+    if not words or not ns or min(ns) < 1:
+        raise InputError("give at least one word and positive attack lengths")
     g = torch.Generator().manual_seed(seed)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    V = vocab_limit or model.get_input_embeddings().weight.shape[0]
+    V = o.vocab_limit or model.get_input_embeddings().weight.shape[0]
     allowed = torch.tensor([i for i in range(min(V, len(tokenizer))) if i not in special])
     reps = layer0_representations(model, allowed)
-    labels, _ = cosine_kmeans(reps, min(k, len(allowed)), seed=seed)
+    if k > len(allowed):
+        raise InputError(f"--k {k} is more clusters than the vocabulary's {len(allowed)} ordinary tokens", param="k")
+    labels, _ = cosine_kmeans(reps, k, seed=seed)
     sizes = torch.bincount(labels, minlength=k)
-    cand = [int(c) for c in torch.argsort(-sizes)[:probe_clusters] if sizes[c] >= 8]
+    cand = [int(c) for c in torch.argsort(-sizes)[:probe_clusters] if sizes[c] >= MIN_CLUSTER]
+    if not cand:
+        raise InputError(f"no cluster has {MIN_CLUSTER} or more tokens (k={k} for {len(allowed)} tokens): use a "
+                         "smaller --k", param="k")
     w0 = words[0]
     frame = build_prompt(tokenizer, w0, 1, "instruct")
     prefix = frame.ids[:frame.run_start]
@@ -158,8 +215,8 @@ def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
                 else:
                     body = [p.token_id] * n
                 prompts.append(pre + body + run)
-            outs = greedy_continue(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-            verdicts = [detect_divergence(tokenizer, w, o) for w, o in zip(words, outs)]
+            outs = greedy_continue(model, prompts, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
+            verdicts = [judge_answer(tokenizer, w, o) for w, o in zip(words, outs)]
             starts = [len(build_prompt(tokenizer, w, tail, "instruct").ids) - tail + 1 for w in words]
             fire = _fire_score(model, prompts, starts, patch)
             rate = sum(v.diverged for v in verdicts) / len(words)
@@ -168,4 +225,4 @@ def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
                      for w, v in zip(words, verdicts)]
     return ClusterAttackResult(clusters, best, rates, rows,
                                {"k": k, "probe_length": probe_length, "tail": tail, "seed": seed,
-                                "max_new_tokens": max_new_tokens, "words": list(words), "ns": list(ns)})
+                                "max_new_tokens": o.max_new_tokens, "words": list(words), "ns": list(ns)})

@@ -11,7 +11,7 @@ import torch
 from sinkscope.errors import InputError
 from sinkscope.interventions.patch import RepetitionGate, SinkPatch
 from sinkscope.repetition.harm import (
-    CLOSE, FAMILIES, OPEN, encode_doc, harm_effect, load_harm_set, summarise_harm,
+    CLOSE, FAMILIES, OPEN, encode_doc, harm_effects, load_harm_set, summarise_harm,
 )
 
 
@@ -57,7 +57,7 @@ def test_unknown_and_empty_sets_are_errors(tmp_path):
     with pytest.raises(InputError, match="empty"):
         load_harm_set(tmp_path)
     with pytest.raises(InputError, match="empty harm set"):
-        harm_effect(None, None, SinkPatch([], "x"), [])
+        harm_effects(None, None, {"patch": SinkPatch([], "x")}, [])
 
 
 def test_stretch_positions_follow_the_tokens(tmp_path, tiny_tok):
@@ -90,7 +90,7 @@ def test_harm_effect_is_zero_where_the_gate_stays_closed_and_measured_where_it_o
     _write(tmp_path, "short", f"family: table\nformat: text\n---\na text {OPEN}dog dog{CLOSE} the word cat tree\n")
     docs = load_harm_set(tmp_path)
     patch = SinkPatch([], "x", gate=RepetitionGate(4, 0.9), attention_dedup=True)
-    eff = {e.name: e for e in harm_effect(tiny_llama, tiny_tok, patch, docs)}
+    eff = {e.name: e for e in harm_effects(tiny_llama, tiny_tok, {"patch": patch}, docs)["patch"]}
     short, long = eff["short"], eff["long"]
     assert short.gate_opened == 0 and short.kl_all == 0.0 and short.top1_after == 1.0
     assert short.nll_after_original == short.nll_after_patched

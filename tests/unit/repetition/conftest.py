@@ -53,9 +53,9 @@ def _padded_and_cached_match(model, seqs, decode_steps: int):
     import torch
 
     from sinkscope.compat import cache_kwargs, output_cache
-    from sinkscope.repetition.generate import left_pad
+    from sinkscope.inputs import pad_batch
 
-    ids, mask = left_pad(seqs, 0)
+    ids, mask = pad_batch(seqs, 0, side="left")
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
         for b, s in enumerate(seqs):
@@ -77,9 +77,9 @@ def _batched_generate_matches(model, seqs, max_new_tokens: int):
     """Greedy generation of a left-padded batch == each row alone; returns the batch's new tokens (B, N)."""
     import torch
 
-    from sinkscope.repetition.generate import left_pad
+    from sinkscope.inputs import pad_batch
 
-    ids, mask = left_pad(seqs, 0)
+    ids, mask = pad_batch(seqs, 0, side="left")
     batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=0)[:, ids.shape[1]:]
     for b, s in enumerate(seqs):
