@@ -271,14 +271,13 @@ class KVPolicy:
         p = Path(directory)
         path = p if p.is_file() else p / POLICY_FILE
         if not path.is_file():
-            raise InputError(f"no KV policy at {directory}: {path} not found (write one with sinkscope kv calibrate)",
-                             param="policy")
+            raise InputError(f"no KV policy at {directory}: {path} not found (write one with sinkscope kv calibrate)")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"{path} is not valid JSON ({e})", param="policy") from None
+            raise InputError(f"{path} is not valid JSON ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise InputError(f"{path} is not a sinkscope KV policy (format {FORMAT!r} expected)", param="policy")
+            raise InputError(f"{path} is not a sinkscope KV policy (format {FORMAT!r} expected)")
         try:
             scores = d.get("head_scores")
             return cls(
@@ -292,4 +291,4 @@ class KVPolicy:
                                                               for row in scores),
                 kind=str(d.get("kind", "manual")), info=dict(d.get("info") or {}))
         except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{path} is a garbled KV policy ({type(e).__name__}: {e})", param="policy") from None
+            raise InputError(f"{path} is a garbled KV policy ({type(e).__name__}: {e})") from None
