@@ -40,6 +40,8 @@ DEFAULT_LENGTH = 1024
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 60
 DEFAULT_BUDGET = 0.25
+#: the ranking column (`sinkscope.kv.policy.SCORE_COLUMNS`); chosen on DEV data (bench/kv_ranking_dev.py)
+DEFAULT_CRITERION = "drop_error"
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -66,6 +68,11 @@ class CalibrationResult:
         write_json_atomic(d / CALIBRATION_FILE, {"curve": self.curve, "seconds": self.seconds,
                                                  "pieces": self.pieces, "dev_rule": DEV_PROSE_RULE})
         return d
+
+
+_CRITERIA = {"distant": "distant mass (the attention a streaming head drops)",
+             "drop_error": "drop error (norm of the change of the layer's attention output, after W_O, when the "
+                           "head alone keeps sinks + window)"}
 
 
 class _KL:
@@ -97,7 +104,7 @@ class _KL:
 def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = None,
               target_length: int = DEFAULT_LENGTH, n_sink: int = DEFAULT_SINKS, window: int = DEFAULT_WINDOW,
               budget: float | None = None, max_kl: float | None = None, measure_kl: bool = True,
-              progress: ProgressCallback | None = None) -> CalibrationResult:
+              criterion: str = DEFAULT_CRITERION, progress: ProgressCallback | None = None) -> CalibrationResult:
     """A per-head KV policy for ``model`` from calibration text (see the module docstring).
 
     Args:
@@ -108,6 +115,7 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
         budget: fraction of the dense cache's bytes at ``target_length`` (default 0.25 when ``max_kl`` is None).
         max_kl: instead of a budget, the largest acceptable KL (nats/token) on the held-out pieces.
         measure_kl: measure the chosen policy's KL (always done with ``max_kl``).
+        criterion: the measurement that ranks the heads: ``"drop_error"`` or ``"distant"`` (module docstring).
         progress: called with (steps done, total, what).
 
     Raises:
@@ -147,12 +155,12 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
     def policy_for(n_full: int, kl: float | None) -> KVPolicy:
         b = (n_full * target_length + (n_heads - n_full) * min(target_length, n_sink + window)) / (
             n_heads * target_length)
-        return KVPolicy.from_scores(scores, b, n_sink, window, target_length, measured_kl=kl,
+        return KVPolicy.from_scores(scores, b, n_sink, window, target_length, measured_kl=kl, criterion=criterion,
                                     info={"requested_budget": budget, "max_kl": max_kl}, **common)
 
     curve: list[dict[str, float]] = []
     if budget is not None and not measure_kl:
-        policy = KVPolicy.from_scores(scores, budget, n_sink, window, target_length,
+        policy = KVPolicy.from_scores(scores, budget, n_sink, window, target_length, criterion=criterion,
                                       info={"requested_budget": budget}, **common)
     else:
         kl = _KL(model, sets.held_out, first_counted_query(n_sink, window))
@@ -169,7 +177,7 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
         if budget is not None:
             n = n_full_for_budget(budget, n_heads, n_sink, window, target_length)
             policy = KVPolicy.from_scores(scores, budget, n_sink, window, target_length, measured_kl=kl_of(n),
-                                          info={"requested_budget": budget}, **common)
+                                          criterion=criterion, info={"requested_budget": budget}, **common)
         else:
             lo, hi = 0, n_heads  # kl_of(n_heads) = 0 (dense): the answer lies in [lo, hi]
             if kl_of(0) <= max_kl:
@@ -182,7 +190,7 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
                     lo = mid
             policy = policy_for(hi, kl_of(hi) if hi < n_heads else 0.0)
         curve.sort(key=lambda r: r["n_full"])
-    info = {**policy.info, "criterion": "distant mass (attention a streaming head drops)",
+    info = {**policy.info, "criterion": _CRITERIA.get(criterion, criterion),
             "ranking_pieces": len(sets.ranking), "held_out_pieces": len(sets.held_out),
             "kl_positions": f"t > n_sink + window = {n_sink + window}", "dev_rule": DEV_PROSE_RULE if texts is None
             else "user text: every 4th piece held out"}

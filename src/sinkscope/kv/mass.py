@@ -37,8 +37,9 @@ def first_counted_query(n_sink: int, window: int) -> int:
 
 @torch.no_grad()
 def layer_masses(query: Tensor, key: Tensor, scaling: float, n_sink: int, window: int, *, block: int = BLOCK,
-                 softcap: float | None = None) -> tuple[Tensor, int]:
-    """Summed (sink, window, distant) masses of one causal attention layer, per kv head.
+                 softcap: float | None = None, value: Tensor | None = None, w_o: Tensor | None = None
+                 ) -> tuple[Tensor, int]:
+    """Summed (sink, window, distant[, drop error]) of one causal attention layer, per kv head.
 
     Args:
         query: (B, H, T, D) queries after RoPE (no padding: every position is real).
@@ -47,20 +48,27 @@ def layer_masses(query: Tensor, key: Tensor, scaling: float, n_sink: int, window
         n_sink, window: the streaming rule (see the module docstring).
         block: query rows per block.
         softcap: logit soft-capping (``softcap * tanh(s / softcap)``), if the model uses it.
+        value: (B, Hkv, T, Dv) values; with ``w_o`` adds the drop error (see `head_masses`).
+        w_o: the output projection's weight (d_model, H * Dv), input = heads concatenated.
 
     Returns:
-        ``(sums (Hkv, 3) float64 on the CPU, n_queries)``: per kv head the masses summed over its query heads,
-        the counted queries and the batch rows; columns (sink, window, distant). Divide by ``n_queries``.
+        ``(sums (Hkv, 3 or 4) float64 on the CPU, n_queries)``: per kv head the masses summed over its query heads,
+        the counted queries and the batch rows; columns (sink, window, distant[, drop error]). Divide by
+        ``n_queries``.
     """
     B, H, T, D = query.shape
     Hkv = key.shape[1]
     G = H // Hkv
     t0 = first_counted_query(n_sink, window)
-    sums = torch.zeros(Hkv, 3, dtype=torch.float64)
+    with_error = value is not None and w_o is not None
+    sums = torch.zeros(Hkv, 4 if with_error else 3, dtype=torch.float64)
     if T <= t0:
         return sums, 0
     q = query.float().reshape(B, Hkv, G, T, D)
     k = key.float()
+    if with_error:
+        v = value.float()[:, :, None]  # (B, Hkv, 1, T, Dv)
+        wo = w_o.float().reshape(w_o.shape[0], Hkv, G, -1)  # (d_model, Hkv, G, Dv)
     for q0 in range(t0, T, block):
         q1 = min(T, q0 + block)
         n = q1 - q0
@@ -77,8 +85,27 @@ def layer_masses(query: Tensor, key: Tensor, scaling: float, n_sink: int, window
         before_window = c.gather(-1, (rows - window - 1).expand(B, Hkv, G, n, 1)).squeeze(-1)  # keys < t - window
         window_mass = total - before_window
         distant = before_window - sink
-        sums += torch.stack([sink, window_mass, distant], -1).sum(dim=(0, 2, 3)).cpu()
+        parts = [sink, window_mass, distant]
+        if with_error:
+            err = _drop_error(p.float(), v[..., :q1, :], wo, rows, n_sink, window, distant.float())  # (B, Hkv, n)
+            parts.append(err[:, :, None, :].expand_as(sink).double() / G)  # summed over g below: once per kv head
+        sums += torch.stack(parts, -1).sum(dim=(0, 2, 3)).cpu()
     return sums, B * (T - t0)
+
+
+def _drop_error(p: Tensor, v: Tensor, wo: Tensor, rows: Tensor, n_sink: int, window: int, distant: Tensor
+                ) -> Tensor:
+    """Per query, the norm of the change of the attention layer's output (after W_O) if this kv head alone kept
+    only sinks + window: ``|| sum_g W_O[h_g] (o_full - o_kept / (1 - m)) ||``.
+
+    Shapes: p (B, Hkv, G, n, K) softmax weights, v (B, Hkv, 1, K, Dv), wo (d_model, Hkv, G, Dv), rows (n, 1) query
+    positions, distant (B, Hkv, G, n) dropped mass. Returns (B, Hkv, n)."""
+    cols = torch.arange(p.shape[-1])[None, :]
+    kept = (cols < n_sink) | (cols >= rows - window)  # (n, K), within the causal part
+    o_full = p @ v  # (B, Hkv, G, n, Dv)
+    o_kept = (p * kept) @ v / (1 - distant).clamp_min(1e-12)[..., None]
+    e = o_full - o_kept
+    return torch.einsum("bhgnd,mhgd->bhnm", e, wo).norm(dim=-1)
 
 
 class _MassObserver:
@@ -86,9 +113,10 @@ class _MassObserver:
 
     def __init__(self, model: nn.Module, n_sink: int, window: int, block: int) -> None:
         a = get_adapter(model)
+        self.adapter = a
         self.layer_of = {id(a.attention_module(l)): l for l in a.attention_layers}
         self.n_sink, self.window, self.block = n_sink, window, block
-        self.sums = torch.zeros(a.n_layers, a.n_kv_heads, 3, dtype=torch.float64)
+        self.sums = torch.zeros(a.n_layers, a.n_kv_heads, 4, dtype=torch.float64)
         self.counts = torch.zeros(a.n_layers, dtype=torch.float64)
 
     def observe(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -100,7 +128,8 @@ class _MassObserver:
             raise UnsupportedArchitectureError("head masses need plain full causal attention (no sliding window, "
                                                "no learned sink logits)")
         sums, n = layer_masses(query, key, scaling, self.n_sink, self.window, block=self.block,
-                               softcap=kwargs.get("softcap"))
+                               softcap=kwargs.get("softcap"), value=value,
+                               w_o=self.adapter.output_projection(layer).weight)
         self.sums[layer] += sums
         self.counts[layer] += n
         return None  # the model's own attention computes the output
@@ -119,8 +148,10 @@ def head_masses(model: nn.Module, texts: Iterable[Tensor], *, n_sink: int, windo
         progress: called after each text with (texts done, ``total``, "texts").
 
     Returns:
-        (L, Hkv, 3) float64: columns distant, sink, window (`sinkscope.kv.policy.SCORE_COLUMNS`), each summed over
-        the kv head's query heads and averaged over the counted queries.
+        (L, Hkv, 4) float64: columns distant, sink, window, drop error (`sinkscope.kv.policy.SCORE_COLUMNS`): the
+        masses summed over the kv head's query heads, and the norm of the change of the layer's attention output
+        (after W_O, summed over the kv head's query heads) if that kv head alone kept only sinks + window; all
+        averaged over the counted queries.
 
     Raises:
         InputError: no text was long enough to count a query.
@@ -139,4 +170,4 @@ def head_masses(model: nn.Module, texts: Iterable[Tensor], *, n_sink: int, windo
         raise InputError(f"no calibration text is longer than n_sink + window + 1 = "
                          f"{first_counted_query(n_sink, window)} tokens: nothing to measure")
     means = obs.sums / obs.counts.clamp_min(1)[:, None, None]
-    return means[..., [2, 0, 1]].numpy()  # distant, sink, window
+    return means[..., [2, 0, 1, 3]].numpy()  # distant, sink, window, drop error

@@ -35,8 +35,9 @@ from sinkscope.kv import duo_format
 
 POLICY_FILE = "policy.json"
 FORMAT = "sinkscope.kv.policy/1"
-#: columns of `KVPolicy.head_scores`, per layer and kv head
-SCORE_COLUMNS = ("distant", "sink", "window")
+#: columns of `KVPolicy.head_scores`, per layer and kv head (`sinkscope.kv.mass.head_masses`); policies made
+#: from three columns have no drop error
+SCORE_COLUMNS = ("distant", "sink", "window", "drop_error")
 
 
 def n_full_for_budget(budget: float, n_heads: int, n_sink: int, window: int, length: int) -> int:
@@ -112,8 +113,8 @@ class KVPolicy:
         model: the model card (`model_card`): name, source with resolved revision, shapes.
         calibration_sha256: SHA-256 of the calibration text (None: not calibrated).
         head_scores: per layer and kv head, (distant, sink, window) attention mass at the calibration length,
-            each summed over the kv head's query heads (so the three add up to G) and averaged over queries; None
-            for policies made without a measurement.
+            each summed over the kv head's query heads (so the three add up to G) and averaged over queries, then
+            the drop error (`sinkscope.kv.mass.head_masses`); None for policies made without a measurement.
         kind: ``"calibrated"``, ``"uniform"``, ``"random"`` or ``"manual"``.
         info: anything else worth keeping (requested budget, selection criterion, the KL of each budget tried).
     """
@@ -128,7 +129,7 @@ class KVPolicy:
     measured_kl: float | None = None
     model: dict[str, Any] = field(default_factory=dict)
     calibration_sha256: str | None = None
-    head_scores: tuple[tuple[tuple[float, float, float], ...], ...] | None = None
+    head_scores: tuple[tuple[tuple[float, ...], ...], ...] | None = None
     kind: str = "manual"
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -216,17 +217,23 @@ class KVPolicy:
     @classmethod
     def from_scores(cls, scores: np.ndarray, budget: float, n_sink: int, window: int, target_length: int, *,
                     model: Any = None, criterion: str = "distant", **kwargs: Any) -> KVPolicy:
-        """The ``n_full_for_budget`` kv heads with the most distant attention mass keep the full cache.
+        """The ``n_full_for_budget`` kv heads with the highest ``criterion`` score keep the full cache.
 
         Args:
-            scores: (L, Hkv, 3) masses (`SCORE_COLUMNS`: distant, sink, window) or (L, Hkv) ranking scores.
+            scores: (L, Hkv, C) measurements (columns `SCORE_COLUMNS`) or (L, Hkv) ranking scores.
             budget: fraction of the dense cache's bytes at ``target_length``.
             model: a model or model card (default: shapes from ``scores``).
-            criterion: recorded in ``info``.
+            criterion: the column of ``scores`` that ranks the heads (`SCORE_COLUMNS`); recorded in ``info``.
             kwargs: other `KVPolicy` fields (``measured_kl``, ``calibration_sha256``, ``kind``, ``info``).
         """
         scores = np.asarray(scores, dtype=float)
-        rank = scores[..., 0] if scores.ndim == 3 else scores
+        if scores.ndim == 3:
+            if criterion not in SCORE_COLUMNS[:scores.shape[-1]]:
+                raise InputError(f"unknown ranking criterion {criterion!r}; the scores have "
+                                 f"{', '.join(SCORE_COLUMNS[:scores.shape[-1]])}", param="criterion")
+            rank = scores[..., SCORE_COLUMNS.index(criterion)]
+        else:
+            rank = scores
         L, H = rank.shape
         card = _card(model) if model is not None else {"n_layers": L, "n_kv_heads": H}
         n = n_full_for_budget(budget, L * H, n_sink, window, target_length)
@@ -236,7 +243,7 @@ class KVPolicy:
         full.ravel()[order[:n]] = True
         head_scores = (tuple(tuple(tuple(float(x) for x in s) for s in row) for row in scores)
                        if scores.ndim == 3 else None)
-        info = {"requested_budget": budget, "criterion": criterion, **kwargs.pop("info", {})}
+        info = {"requested_budget": budget, "criterion_column": criterion, **kwargs.pop("info", {})}
         return cls(duo_format.heads_per_layer(full), L, H, n_sink, window, target_length, model=card,
                    head_scores=head_scores, kind=kwargs.pop("kind", "calibrated"), info=info, **kwargs)
 
@@ -259,8 +266,10 @@ class KVPolicy:
         """Write ``policy.json`` and the DuoAttention pattern (``full_attention_heads.tsv``, ``config.json``)."""
         d = ensure_output_dir(directory)
         scores = self.scores_array()
+        criterion = self.info.get("criterion_column", "distant")
+        column = SCORE_COLUMNS.index(criterion) if criterion in SCORE_COLUMNS else 0
         duo_format.write_pattern(d, self.full_matrix(), n_sink=self.n_sink, window=self.window,
-                                 scores=None if scores is None else scores[..., 0],
+                                 scores=None if scores is None or column >= scores.shape[-1] else scores[..., column],
                                  extra={"model": self.model.get("name"), "target_length": self.target_length})
         write_json_atomic(d / POLICY_FILE, self.to_json())
         return d
