@@ -19,6 +19,7 @@ nats per token.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,18 +55,23 @@ class CalibrationResult:
         curve: the budgets whose KL was measured: ``{"n_full", "budget", "kl"}`` rows, ascending ``n_full``.
         seconds: wall time of the calibration.
         pieces: per set (ranking / held_out), the kinds of its pieces.
+        cpu_seconds: CPU time of this process during the calibration (all threads).
+        machine: torch threads, CPU count and load average at the end (timings on a shared machine).
     """
 
     policy: KVPolicy
     curve: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     pieces: dict[str, list[str]] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> Path:
         """``policy.json`` + the DuoAttention pattern (`KVPolicy.save`) and ``calibration.json`` (curve, timing)."""
         d = ensure_output_dir(directory)
         self.policy.save(d)
         write_json_atomic(d / CALIBRATION_FILE, {"curve": self.curve, "seconds": self.seconds,
+                                                 "cpu_seconds": self.cpu_seconds, "machine": self.machine,
                                                  "pieces": self.pieces, "dev_rule": DEV_PROSE_RULE})
         return d
 
@@ -137,7 +143,7 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
     if budget is not None:
         n_full_for_budget(budget, n_heads, n_sink, window, target_length)  # the floor check, before any work
     check_supported(model)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     sets = calibration_sets(tokenizer, target_length, texts=texts)
     steps = len(sets.ranking) + (len(sets.held_out) if (measure_kl or max_kl is not None) else 0)
     done = 0
@@ -195,5 +201,8 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
             "kl_positions": f"t > n_sink + window = {n_sink + window}", "dev_rule": DEV_PROSE_RULE if texts is None
             else "user text: every 4th piece held out"}
     policy = policy.with_fields(info=info)
+    machine = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+               "load_average": list(os.getloadavg())}
     return CalibrationResult(policy, curve, time.perf_counter() - started,
-                             {"ranking": sets.ranking_kinds, "held_out": sets.held_out_kinds})
+                             {"ranking": sets.ranking_kinds, "held_out": sets.held_out_kinds},
+                             time.process_time() - cpu_started, machine)

@@ -216,24 +216,27 @@ class KVPolicy:
 
     @classmethod
     def from_scores(cls, scores: np.ndarray, budget: float, n_sink: int, window: int, target_length: int, *,
-                    model: Any = None, criterion: str = "distant", **kwargs: Any) -> KVPolicy:
+                    model: Any = None, criterion: str | None = None, **kwargs: Any) -> KVPolicy:
         """The ``n_full_for_budget`` kv heads with the highest ``criterion`` score keep the full cache.
 
         Args:
             scores: (L, Hkv, C) measurements (columns `SCORE_COLUMNS`) or (L, Hkv) ranking scores.
             budget: fraction of the dense cache's bytes at ``target_length``.
             model: a model or model card (default: shapes from ``scores``).
-            criterion: the column of ``scores`` that ranks the heads (`SCORE_COLUMNS`); recorded in ``info``.
+            criterion: the column of ``scores`` that ranks the heads (`SCORE_COLUMNS`; default ``"drop_error"``
+                when the scores have it, else ``"distant"``); recorded in ``info``.
             kwargs: other `KVPolicy` fields (``measured_kl``, ``calibration_sha256``, ``kind``, ``info``).
         """
         scores = np.asarray(scores, dtype=float)
         if scores.ndim == 3:
+            if criterion is None:
+                criterion = "drop_error" if scores.shape[-1] > SCORE_COLUMNS.index("drop_error") else "distant"
             if criterion not in SCORE_COLUMNS[:scores.shape[-1]]:
                 raise InputError(f"unknown ranking criterion {criterion!r}; the scores have "
                                  f"{', '.join(SCORE_COLUMNS[:scores.shape[-1]])}", param="criterion")
             rank = scores[..., SCORE_COLUMNS.index(criterion)]
         else:
-            rank = scores
+            rank, criterion = scores, criterion or "score"
         L, H = rank.shape
         card = _card(model) if model is not None else {"n_layers": L, "n_kv_heads": H}
         n = n_full_for_budget(budget, L * H, n_sink, window, target_length)
