@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--windows", default="60")
     ap.add_argument("--budgets", default="0.125,0.25,0.5")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--methods", default="distant,drop_error,random,uniform")
     ap.add_argument("--out", default="bench/results/kv_ranking_dev.json")
     args = ap.parse_args()
     model, tok = load_model("smollm2-135m")
@@ -45,12 +46,15 @@ def main() -> None:
         mass_cpu = time.process_time() - t0
         kl = _KL(model, sets.held_out, args.sinks + window + 1)
         for budget in (float(b) for b in args.budgets.split(",")):
+            methods = args.methods.split(",")
             policies = {c: KVPolicy.from_scores(scores, budget, args.sinks, window, args.length, model=model,
-                                                criterion=c) for c in ("distant", "drop_error")}
-            policies.update({f"random{s}": KVPolicy.random(model, budget, args.sinks, window, args.length, seed=s)
-                             for s in range(args.seeds)})
-            policies["uniform"] = KVPolicy.uniform(model, args.sinks, window_for_budget(budget, args.sinks,
-                                                                                        args.length), args.length)
+                                                criterion=c) for c in ("distant", "drop_error") if c in methods}
+            if "random" in methods:
+                policies.update({f"random{s}": KVPolicy.random(model, budget, args.sinks, window, args.length,
+                                                               seed=s) for s in range(args.seeds)})
+            if "uniform" in methods:
+                policies["uniform"] = KVPolicy.uniform(model, args.sinks, window_for_budget(budget, args.sinks,
+                                                                                            args.length), args.length)
             for name, p in policies.items():
                 value = kl(p)
                 rows.append({"window": window, "budget": budget, "method": name, "bytes_fraction": p.budget,
