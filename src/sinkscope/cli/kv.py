@@ -30,9 +30,13 @@ class CalibrateOptions:
     file: Path | None
     length: int
     sinks: int
-    window: int
+    window: int | None
 
     def __post_init__(self) -> None:
+        if self.window is None:
+            from sinkscope.kv.calibrate import default_window
+
+            object.__setattr__(self, "window", default_window(self.budget, self.sinks, self.length))
         if self.budget is not None and self.max_kl is not None:
             raise InputError("give --budget or --max-kl, not both")
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -69,7 +73,8 @@ def calibrate_command(
                                                                    "DEV mix of prose, code and retrieval prompts)"),
     length: int = typer.Option(1024, "--length", help="target length in tokens (the budget refers to it)"),
     sinks: int = typer.Option(4, "--sinks", help="first tokens every streaming head keeps"),
-    window: int = typer.Option(60, "--window", help="recent tokens every streaming head keeps"),
+    window: Optional[int] = typer.Option(None, "--window", help="recent tokens every streaming head keeps (default: "
+                                                                "half the budget's bytes, budget/2 * length - sinks)"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
     revision: Optional[str] = REVISION_OPTION,

@@ -39,7 +39,6 @@ from sinkscope.progress import ProgressCallback
 
 DEFAULT_LENGTH = 1024
 DEFAULT_SINKS = 4
-DEFAULT_WINDOW = 60
 DEFAULT_BUDGET = 0.25
 #: the ranking column (`sinkscope.kv.policy.SCORE_COLUMNS`); chosen on DEV data (bench/kv_ranking_dev.py)
 DEFAULT_CRITERION = "drop_error"
@@ -107,8 +106,20 @@ class _KL:
         return total / max(1, n)
 
 
+def default_window(budget: float | None, n_sink: int, length: int) -> int:
+    """The window when none is given: half of the budget's bytes go to the streaming heads' sinks + window, so
+    ``n_sink + window = budget / 2 * length`` (budget 0.25 when calibrating by ``max_kl``). Chosen on DEV data
+    (bench/results/kv_ranking_dev.json, kv_window_dev.jsonl): a larger window lowers the KL on prose and code, a
+    smaller one leaves more of the budget to full-cache (retrieval) heads.
+
+    >>> default_window(0.25, 4, 1024), default_window(0.125, 4, 1024), default_window(0.5, 4, 1024)
+    (124, 60, 252)
+    """
+    return max(1, int(round((budget if budget is not None else DEFAULT_BUDGET) / 2 * length)) - n_sink)
+
+
 def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = None,
-              target_length: int = DEFAULT_LENGTH, n_sink: int = DEFAULT_SINKS, window: int = DEFAULT_WINDOW,
+              target_length: int = DEFAULT_LENGTH, n_sink: int = DEFAULT_SINKS, window: int | None = None,
               budget: float | None = None, max_kl: float | None = None, measure_kl: bool = True,
               criterion: str = DEFAULT_CRITERION, progress: ProgressCallback | None = None) -> CalibrationResult:
     """A per-head KV policy for ``model`` from calibration text (see the module docstring).
@@ -117,7 +128,7 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
         model, tokenizer: a Hugging Face causal LM with full causal attention in every layer, and its tokenizer.
         texts: the user's own calibration text(s); None: the shipped DEV mix of prose, code and retrieval prompts.
         target_length: tokens per calibration piece; the budget refers to this length.
-        n_sink, window: what each streaming head keeps.
+        n_sink, window: what each streaming head keeps (``window=None``: `default_window`).
         budget: fraction of the dense cache's bytes at ``target_length`` (default 0.25 when ``max_kl`` is None).
         max_kl: instead of a budget, the largest acceptable KL (nats/token) on the held-out pieces.
         measure_kl: measure the chosen policy's KL (always done with ``max_kl``).
@@ -133,6 +144,8 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
         raise InputError(f"max_kl must be positive (nats/token), got {max_kl}", param="max_kl")
     if budget is None and max_kl is None:
         budget = DEFAULT_BUDGET
+    if window is None:
+        window = default_window(budget, n_sink, target_length)
     if n_sink < 0 or window < 1:
         raise InputError(f"need n_sink >= 0 and window >= 1, got n_sink={n_sink}, window={window}", param="window")
     if target_length <= first_counted_query(n_sink, window):

@@ -45,10 +45,10 @@ def test_calibrate_then_generate(model_dir, text_file, tmp_path, capsys) -> None
 @pytest.mark.parametrize("args, message", [
     (["--budget", "0.5", "--max-kl", "0.1"], "not both"),
     (["--budget", "2"], "--budget is a fraction"),
-    (["--budget", "0.01"], "streaming floor"),
+    (["--budget", "0.01", "--window", "60"], "streaming floor"),
     (["--max-kl", "0"], "--max-kl must be positive"),
     (["--window", "0"], "--window >= 1"),
-    (["--length", "10"], "must exceed"),
+    (["--length", "10", "--window", "60"], "must exceed"),
     (["--file", "/nonexistent.txt"], "--file not found"),
 ])
 def test_bad_calibrate_options_fail_before_the_model_loads(tmp_path, capsys, args, message) -> None:
