@@ -10,8 +10,10 @@ prompt of ``--length`` tokens in chunks of ``--chunk``, then decode ``--new`` to
   the forwards added), and ``peak_rss_bytes`` (``ru_maxrss``, includes loading the model);
 * ``decode_s_per_token``: median over repeats of the mean seconds per decoded token.
 
-The head-wise policies: the committed calibrated policy's heads re-budgeted to 12.5 / 25 / 50 % of the dense bytes
-(`KVPolicy.from_scores` on its stored head scores). Ratios to dense are computed from the same run. Writes
+The head-wise policies: 12.5 / 25 / 50 % of the dense bytes, each with the default window for its budget
+(`sinkscope.kv.calibrate.default_window`: 60 / 124 / 252) and its full heads ranked by the committed policy's
+stored head scores (`KVPolicy.from_scores`; measured at that policy's window: for memory and speed only the counts
+matter). Ratios to dense are computed from the same run. Writes
 bench/results/kv_cache.json with the machine load before and after.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice python bench/bench_kv_cache.py
@@ -59,8 +61,11 @@ def worker(method: str, budget: float, args: argparse.Namespace) -> dict:
         cache = DynamicCache(config=model.config)
         policy = None
     else:
+        from sinkscope.kv.calibrate import default_window
+
         stored = KVPolicy.load(args.policy)
-        policy = KVPolicy.from_scores(stored.scores_array(), budget, stored.n_sink, stored.window, args.length,
+        window = default_window(budget, stored.n_sink, args.length)
+        policy = KVPolicy.from_scores(stored.scores_array(), budget, stored.n_sink, window, args.length,
                                       model=model, criterion=stored.info.get("criterion_column", "distant"))
         cache = headwise_cache(model, policy)
     with torch.no_grad():
@@ -81,7 +86,7 @@ def worker(method: str, budget: float, args: argparse.Namespace) -> dict:
             per_token.append((time.perf_counter() - t0) / args.new)
     per_token.sort()
     return {"method": method, "budget": budget if policy is not None else 1.0,
-            "n_full": None if policy is None else policy.n_full,
+            "n_full": None if policy is None else policy.n_full, "window": None if policy is None else policy.window,
             "policy_bytes_fraction": None if policy is None else policy.bytes_fraction(args.length),
             "stored_bytes": stored_bytes, "rss_growth_bytes": _rss() - base,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

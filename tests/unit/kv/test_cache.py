@@ -157,3 +157,16 @@ def test_crop_before_eviction_is_exact_and_refused_after() -> None:
     with pytest.raises(InputError, match="evicted"):
         cache.crop(-1)
     assert isinstance(cache, HeadwiseCache)
+
+
+def test_library_generate_with_chunked_prefill_equals_one_prefill() -> None:
+    from sinkscope.kv.generate import generate_with_policy
+    from sinkscope.models.tiny import tiny_tokenizer
+
+    model, tok = _model("llama"), tiny_tokenizer()
+    policy = _policy(model, n_sink=2, window=4)
+    prompt = " ".join(["the cat is big and the dog is small ."] * 3)
+    one = generate_with_policy(model, tok, policy, prompt, max_new_tokens=6)
+    chunked = generate_with_policy(model, tok, policy, prompt, max_new_tokens=6, prefill_chunk=5)
+    assert chunked.new_ids == one.new_ids and len(one.new_ids) == 6
+    assert one.stored_bytes == chunked.stored_bytes < one.dense_bytes
