@@ -250,6 +250,29 @@ class KVPolicy:
         return cls(duo_format.heads_per_layer(full), L, H, n_sink, window, target_length, model=card,
                    head_scores=head_scores, kind=kwargs.pop("kind", "calibrated"), info=info, **kwargs)
 
+    @classmethod
+    def from_duo(cls, directory: str | Path, target_length: int, *, threshold: float | None = None,
+                 sparsity: float | None = None, model: Any = None) -> KVPolicy:
+        """A policy from a DuoAttention pattern directory (``full_attention_heads.tsv`` + ``config.json``), e.g. one
+        of DuoAttention's published patterns, so it runs with the head-wise cache's real savings.
+
+        Full heads: gate ``>= threshold`` (DuoAttention's rule; default 0.5), or with ``sparsity`` the
+        ``sparsity``-quantile of the gates as the threshold (DuoAttention's ``sparsify_attention_heads`` without its
+        tie-breaking noise). ``n_sink`` / ``window`` = ``sink_size`` / ``recent_size``.
+        """
+        if threshold is not None and sparsity is not None:
+            raise InputError("give threshold or sparsity, not both")
+        gates, sink, recent = duo_format.read_gates(directory)
+        if sparsity is not None:
+            t = 2.0 if sparsity >= 1 else (-1.0 if sparsity <= 0 else float(np.quantile(gates, sparsity)))
+        else:
+            t = duo_format.THRESHOLD if threshold is None else threshold
+        full = duo_format.full_heads_by_threshold(gates, t)
+        L, H = gates.shape
+        card = _card(model) if model is not None else {"n_layers": L, "n_kv_heads": H}
+        return cls(duo_format.heads_per_layer(full), L, H, sink, recent, target_length, model=card, kind="duo",
+                   info={"duo_pattern": str(directory), "threshold": t})
+
     def with_fields(self, **changes: Any) -> KVPolicy:
         data = {**{f: getattr(self, f) for f in self.__dataclass_fields__}, **changes}
         if "full_heads" in changes and "budget" not in changes:

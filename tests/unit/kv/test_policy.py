@@ -111,3 +111,18 @@ def test_duo_reader_refuses_garbled_files(tmp_path) -> None:
     (tmp_path / "config.json").write_text('{"sink_size": 4}')
     with pytest.raises(InputError, match="sink_size and recent_size"):
         duo_format.read_gates(tmp_path)
+
+
+def test_a_duoattention_pattern_loads_as_a_policy(tmp_path) -> None:
+    p = KVPolicy.from_scores(_scores(5), 0.25, 4, 60, 1024, model=CARD)
+    p.save(tmp_path)
+    back = KVPolicy.from_duo(tmp_path, 1024)
+    assert back.full_heads == p.full_heads and (back.n_sink, back.window) == (4, 60) and back.kind == "duo"
+    # a hand-written learned pattern: gates 0.9 / 0.2 / 0.6 in one layer, 2 sinks + 8 recent
+    d = tmp_path / "learned"
+    d.mkdir()
+    (d / "full_attention_heads.tsv").write_text("0.9\t0.2\t0.6\n0.1\t0.3\t1.2\n")
+    (d / "config.json").write_text('{"sink_size": 2, "recent_size": 8}')
+    assert KVPolicy.from_duo(d, 64).full_heads == ((0, 2), (2,))
+    assert KVPolicy.from_duo(d, 64, threshold=0.95).full_heads == ((), (2,))  # 1.2 is clipped to 1
+    assert KVPolicy.from_duo(d, 64, sparsity=0.5).n_full == 3
