@@ -193,6 +193,9 @@ class KVPolicy:
                              f"({self.model.get('name') or 'unknown model'}); this model has {a.n_layers} x "
                              f"{a.n_kv_heads}")
 
+    #: `window_for_budget` (the uniform baseline's window at equal bytes), also reachable from the class
+    window_for_budget = staticmethod(window_for_budget)
+
     # ---- constructors ----------------------------------------------------------------------------------------
     @classmethod
     def uniform(cls, model: Any, n_sink: int, window: int, target_length: int) -> KVPolicy:
