@@ -42,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "build_direction_patch": "sinkscope.repetition.direction:build_direction_patch",
     "load_trained_tinygpt": "sinkscope.training.run:load_trained",
     "load_tokenizer": "sinkscope.models.load:load_tokenizer",
+    "calibrate_kv": "sinkscope.kv.calibrate:calibrate",
+    "KVPolicy": "sinkscope.kv.policy:KVPolicy",
+    "headwise_cache": "sinkscope.kv.cache:headwise_cache",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -56,6 +59,9 @@ if TYPE_CHECKING:  # what the lazy exports resolve to, for type checkers and IDE
     from sinkscope.inputs import repeat_inputs as repeat_inputs
     from sinkscope.inputs import text_inputs as text_inputs
     from sinkscope.interventions.patch import SinkPatch as SinkPatch
+    from sinkscope.kv.cache import headwise_cache as headwise_cache
+    from sinkscope.kv.calibrate import calibrate as calibrate_kv
+    from sinkscope.kv.policy import KVPolicy as KVPolicy
     from sinkscope.interventions.patch import apply_patch as apply_patch
     from sinkscope.models.adapters import get_adapter as get_adapter
     from sinkscope.models.adapters import supported_architectures as supported_architectures

@@ -42,6 +42,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("train", "train", "group"),
     ("stream", "stream", "group"),
     ("report", "report", "command"),
+    ("kv", "kv", "group"),
 ]
 
 

@@ -1,0 +1,64 @@
+"""`sinkscope kv calibrate` and `kv generate` on a tiny model directory; options refused before the model loads."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from sinkscope.cli.__main__ import main
+from sinkscope.kv.policy import KVPolicy
+from sinkscope.models.random_hf import TINY_WORDS, save_tiny
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(str(tmp_path_factory.mktemp("tiny") / "llama"), "llama")
+
+
+@pytest.fixture()
+def text_file(tmp_path):
+    rng = random.Random(0)
+    f = tmp_path / "cal.txt"
+    f.write_text(" ".join(rng.choice(TINY_WORDS) for _ in range(400)))
+    return f
+
+
+def test_calibrate_then_generate(model_dir, text_file, tmp_path, capsys) -> None:
+    out = tmp_path / "pol"
+    rc = main(["kv", "calibrate", "--model", model_dir, "--out", str(out), "--file", str(text_file),
+               "--length", "48", "--sinks", "2", "--window", "5", "--budget", "0.6"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} >= {"policy.json", "full_attention_heads.tsv", "config.json",
+                                               "calibration.json"}
+    policy = KVPolicy.load(out)
+    assert policy.n_full == 2 and policy.measured_kl is not None and policy.model["model_type"] == "llama"
+    assert "2 of 4 kv heads keep the full cache" in capsys.readouterr().out
+    rc = main(["kv", "generate", "--policy", str(out), "--prompt", "the cat " * 20, "--max-new-tokens", "5",
+               "--json"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out)
+    assert len(got["new_ids"]) == 5 and got["stored_bytes"] < got["dense_bytes"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0.5", "--max-kl", "0.1"], "not both"),
+    (["--budget", "2"], "--budget is a fraction"),
+    (["--budget", "0.01", "--window", "60"], "streaming floor"),
+    (["--max-kl", "0"], "--max-kl must be positive"),
+    (["--window", "0"], "--window >= 1"),
+    (["--length", "10", "--window", "60"], "must exceed"),
+    (["--file", "/nonexistent.txt"], "--file not found"),
+])
+def test_bad_calibrate_options_fail_before_the_model_loads(tmp_path, capsys, args, message) -> None:
+    rc = main(["kv", "calibrate", "--model", "/no/such/model", "--out", str(tmp_path / "o"), *args])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "no/such/model" not in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_refuses_a_missing_policy(tmp_path, capsys) -> None:
+    assert main(["kv", "generate", "--policy", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "no KV policy" in capsys.readouterr().err
