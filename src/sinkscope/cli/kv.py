@@ -11,8 +11,7 @@ from typing import Optional
 import typer
 
 from sinkscope.cli.common import (
-    DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, REVISION_OPTION, TRUST_OPTION, check_device, check_dtype,
-    load_cli_model,
+    DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, REVISION_OPTION, TRUST_OPTION, ModelOptions, locked_output,
 )
 from sinkscope.errors import InputError
 
@@ -83,16 +82,14 @@ def calibrate_command(
     """Rank every kv head by the attention it sends beyond sinks + window, keep the top ones in full; writes
     policy.json, full_attention_heads.tsv + config.json (DuoAttention's format) and calibration.json to --out."""
     opts = CalibrateOptions(out, budget, max_kl, file, length, sinks, window)
-    check_dtype(dtype)
-    check_device(device)
-    from sinkscope.io import OutputLock, read_text_file
+    model_opts = ModelOptions(model, device, dtype, revision, trust_remote_code)
+    from sinkscope.io import read_text_file
     from sinkscope.kv.calibrate import calibrate
     from sinkscope.progress import ProgressReporter
 
     texts = [read_text_file(opts.file, "--file")] if opts.file is not None else None  # bad input before any work
-    with OutputLock(opts.out):
-        lm, tokenizer = load_cli_model(model, device=device, dtype=dtype, revision=revision,
-                                       trust_remote_code=trust_remote_code)
+    with locked_output(Path(opts.out)):
+        lm, tokenizer, _ = model_opts.load()
         with ProgressReporter("calibrating", unit="steps") as progress:
             result = calibrate(lm, tokenizer, texts=texts, target_length=opts.length, n_sink=opts.sinks,
                                window=opts.window, budget=opts.budget, max_kl=opts.max_kl, progress=progress)
@@ -131,13 +128,10 @@ def generate_command(
     text = prompt if prompt is not None else read_text_file(prompt_file, "--prompt-file")
     if not text.strip():
         raise InputError("--prompt is empty")
-    check_dtype(dtype)
-    check_device(device)
     from sinkscope.models.load import DEFAULT_MODEL
 
     spec = model or (pol.model.get("source") or {}).get("spec") or DEFAULT_MODEL
-    lm, tokenizer = load_cli_model(spec, device=device, dtype=dtype, revision=revision,
-                                   trust_remote_code=trust_remote_code)
+    lm, tokenizer, _ = ModelOptions(spec, device, dtype, revision, trust_remote_code).load()
     from sinkscope.kv.generate import generate_with_policy
 
     pol.check_model(lm)
