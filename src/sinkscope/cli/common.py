@@ -52,7 +52,7 @@ def locked_output(out_dir: Path) -> Iterator[Path]:
         with OutputLock(out_dir):
             yield out_dir
     except BaseException:
-        if made and [p.name for p in out_dir.iterdir()] == [LOCK_NAME]:
+        if made and out_dir.is_dir() and [p.name for p in out_dir.iterdir()] == [LOCK_NAME]:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
 

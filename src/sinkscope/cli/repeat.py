@@ -8,8 +8,7 @@ and prints. Progress: `sinkscope.progress.ProgressReporter` (a bar on a terminal
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,35 +29,18 @@ def _load(model: str, device: str, dtype: str, revision: Optional[str], trust_re
 
 
 def _check_model_options(model: str, device: str, dtype: str, revision: Optional[str]) -> None:
-    """The model spec, device, dtype and revision, checked without loading anything."""
-    from sinkscope.cli.common import check_device, check_dtype
-    from sinkscope.models.load import resolve_model_spec
+    """The model spec, device, dtype and revision, checked without loading anything (`ModelOptions`)."""
+    from sinkscope.cli.common import ModelOptions
 
-    source = resolve_model_spec(model)
-    check_dtype(dtype)
-    check_device(device)
-    if revision is not None and source.kind not in ("hub", "manifest"):
-        raise InputError(f"--revision applies to hub models; {model!r} is a local {source.kind}")
+    ModelOptions(model, device, dtype, revision)
 
 
-@contextmanager
-def _lock(out: Path) -> Iterator[Path]:
-    """The output directory checked, created and locked (a second job on it is refused), before any work. If the
-    command fails, a directory it created and left empty (but for the lock file) is removed again."""
-    from sinkscope.io import LOCK_NAME, OutputLock, check_output_dir
+def _lock(out: Path) -> AbstractContextManager[Path]:
+    """The output directory checked, created and locked (a second job on it is refused), before any work; one the
+    command created is removed again if it fails before writing anything (`sinkscope.cli.common.locked_output`)."""
+    from sinkscope.cli.common import locked_output, output_dir
 
-    path = check_output_dir(out)
-    existed = path.exists()
-    lock = OutputLock(path).acquire()
-    try:
-        yield path
-    except BaseException:
-        lock.release()
-        if not existed and {p.name for p in path.iterdir()} <= {LOCK_NAME}:
-            (path / LOCK_NAME).unlink(missing_ok=True)
-            path.rmdir()
-        raise
-    lock.release()
+    return locked_output(output_dir(str(out)))
 
 
 def _forms(spec: str) -> list[str]:
