@@ -354,7 +354,9 @@ def measure_cell(model: nn.Module, tokenizer: Any, method: Method, item: Item, o
         dense_logprobs: the dense model's log-probabilities on a stream's scored tail (streams, non-dense methods).
         dense_tokens: the dense model's greedy tokens on an ``agree`` prompt (non-dense methods).
     """
-    row: dict[str, Any] = {"method": method.name, "budget": method.budget, "seed": method.seed, **item.to_json()}
+    item_json = item.to_json()
+    item_json["item_seed"] = item_json.pop("seed")
+    row: dict[str, Any] = {**item_json, "method": method.name, "budget": method.budget, "seed": method.seed}
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         if item.task in STREAM_TASKS:

@@ -13,9 +13,10 @@ Disjoint from calibration by construction:
 Tasks (every prompt is a list of token ids of exactly the requested length, built in token space so that the
 needle sits at a known token span):
 
-* ``passkey``: a 5-digit key (``" The pass key is 12345. Remember it. 12345 is the pass key."``) hidden at a depth
-  (fraction of the haystack before it) in EVAL prose, then ``"\\nWhat is the pass key? The pass key is"``; plain
-  completion, greedy, right when the first number in the continuation is the key.
+* ``passkey``: an instruction (`PASSKEY_PREFIX`), then EVAL prose with a 5-digit key (``" The pass key is 12345.
+  Remember it. 12345 is the pass key."``) after the sentence end nearest its depth (fraction of the haystack before
+  it), then ``"\\nWhat is the pass key? The pass key is"``; plain completion, greedy, right when the first number
+  in the continuation is the key.
 * ``multikey``: ``n_keys`` sentences ``" The value of key NAME is 12345."`` spread through the haystack; the question
   asks for one of them (at the prompt's ``depth``); the other keys are distractors.
 * ``prose`` / ``code`` streams: ``length`` tokens of EVAL prose or code; the last ``score_tokens`` are scored (KL to
@@ -45,8 +46,13 @@ _HEADING = re.compile(r"(?m)^ = [^=].* = $")
 #: the shipped EVAL code sample (inside ``sinkscope/data/kv/eval``)
 CODE_SAMPLE = "code_fractions.txt"
 
+#: the instruction that opens a passkey prompt (the Landmark-attention passkey task's wording)
+PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                  "I will quiz you about the important information there.\n")
 PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+MULTIKEY_PREFIX = ("There are several keys with values hidden inside a lot of irrelevant text. Find them and "
+                   "memorize them. I will quiz you about one of them.\n")
 MULTIKEY_NEEDLE = " The value of key {name} is {key}."
 MULTIKEY_QUESTION = "\nWhat is the value of key {name}? The value of key {name} is"
 #: names of the multi-key entries (one token-ish word each, distinct)
@@ -217,22 +223,33 @@ def _key(rng: random.Random) -> str:
 
 def _window(tokens: list[int], n: int, rng: random.Random, what: str) -> list[int]:
     """``n`` consecutive tokens at a seeded offset."""
+    if n < 16:
+        raise InputError(f"the prompt's fixed text leaves {n} tokens of {what}: ask for a longer length",
+                         param="lengths")
     if len(tokens) < n:
         raise InputError(f"the EVAL {what} has {len(tokens)} tokens, fewer than the {n} requested")
     start = rng.randint(0, len(tokens) - n)
     return tokens[start:start + n]
 
 
-def _insert(hay: list[int], needles: list[tuple[float, list[int]]]) -> tuple[list[int], list[tuple[int, int]]]:
+def _insert(hay: list[int], needles: list[tuple[float, list[int]]], boundaries: frozenset[int] = frozenset(),
+            reach: int = 48) -> tuple[list[int], list[tuple[int, int]]]:
     """Insert needles (``(depth, ids)``, depth = fraction of ``hay`` before the needle) into ``hay``; returns the
-    ids and each needle's span, in the order given."""
+    ids and each needle's span, in the order given.
+
+    A needle goes after the sentence end (a token in ``boundaries``) nearest to its depth, within ``reach`` tokens,
+    else exactly at its depth.
+    """
     order = sorted(range(len(needles)), key=lambda i: needles[i][0])
     out: list[int] = []
     spans: dict[int, tuple[int, int]] = {}
     pos = 0
     for i in order:
         depth, ids = needles[i]
-        cut = max(pos, min(len(hay), round(depth * len(hay))))
+        target = max(pos, min(len(hay), round(depth * len(hay))))
+        ends = [p for p in range(max(pos, target - reach), min(len(hay), target + reach) + 1)
+                if p > 0 and hay[p - 1] in boundaries]
+        cut = min(ends, key=lambda p: (abs(p - target), p)) if ends else target
         out += hay[pos:cut]
         spans[i] = (len(out), len(out) + len(ids))
         out += ids
@@ -256,19 +273,23 @@ def build_suite(tokenizer: Any, spec: SuiteSpec | None = None, *, prose: str | N
     spec = spec or SuiteSpec()
     hay_all = _encode(tokenizer, prose if prose is not None else eval_prose())
     code_all = _encode(tokenizer, code if code is not None else eval_code()) if "code" in spec.tasks else []
+    # sentence ends of the haystack (WikiText writes " . "): needles go right after one
+    boundaries = frozenset(i for t in (" .", ".") for i in _encode(tokenizer, t)[-1:])
     items: list[Item] = []
     seed = spec.seed
     for length in spec.lengths:
         for task in spec.tasks:
             if task == "passkey":
                 q = _encode(tokenizer, PASSKEY_QUESTION)
+                pre = _encode(tokenizer, PASSKEY_PREFIX)
                 for depth in spec.depths:
                     rng = random.Random(seed)
                     key = _key(rng)
                     needle = _encode(tokenizer, PASSKEY_NEEDLE.format(key=key))
-                    hay = _window(hay_all, length - len(needle) - len(q), rng, "prose")
-                    ids, (span,) = _insert(hay, [(depth, needle)])
-                    items.append(Item("passkey", tuple(ids + q), length, seed, depth, len(ids), key, span))
+                    hay = _window(hay_all, length - len(pre) - len(needle) - len(q), rng, "prose")
+                    ids, ((s, e),) = _insert(hay, [(depth, needle)], boundaries)
+                    items.append(Item("passkey", tuple(pre + ids + q), length, seed, depth, len(pre) + len(ids), key,
+                                      (len(pre) + s, len(pre) + e)))
                     seed += 1
             elif task == "multikey":
                 for depth in spec.depths:
@@ -280,9 +301,12 @@ def build_suite(tokenizer: Any, spec: SuiteSpec | None = None, *, prose: str | N
                     depths = [depth, *others]
                     needles = [_encode(tokenizer, MULTIKEY_NEEDLE.format(name=n, key=k)) for n, k in zip(names, keys)]
                     q = _encode(tokenizer, MULTIKEY_QUESTION.format(name=names[0]))
-                    hay = _window(hay_all, length - sum(map(len, needles)) - len(q), rng, "prose")
-                    ids, spans = _insert(hay, list(zip(depths, needles)))
-                    items.append(Item("multikey", tuple(ids + q), length, seed, depth, len(ids), keys[0], spans[0]))
+                    pre = _encode(tokenizer, MULTIKEY_PREFIX)
+                    hay = _window(hay_all, length - len(pre) - sum(map(len, needles)) - len(q), rng, "prose")
+                    ids, spans = _insert(hay, list(zip(depths, needles)), boundaries)
+                    s, e = spans[0]
+                    items.append(Item("multikey", tuple(pre + ids + q), length, seed, depth, len(pre) + len(ids),
+                                      keys[0], (len(pre) + s, len(pre) + e)))
                     seed += 1
             elif task in STREAM_TASKS:
                 source = hay_all if task == "prose" else code_all

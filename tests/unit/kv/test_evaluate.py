@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from sinkscope.compat import cache_kwargs
 from sinkscope.io import read_jsonl
 from sinkscope.kv.evaluate import (
     CELLS_FILE, EvalOptions, Method, MethodContext, build_methods, evaluate, measure_cell, stored_bytes,
@@ -26,7 +27,7 @@ def model():
     return tiny_model("llama")
 
 
-def _suite(tok, tasks=("passkey", "prose", "agree"), length=160):
+def _suite(tok, tasks=("passkey", "prose", "agree"), length=320):
     spec = SuiteSpec(lengths=(length,), depths=(0.3,), tasks=tasks, n_streams=1, n_agree=1)
     return build_suite(tok, spec, prose=PROSE, code=CODE)
 
@@ -80,7 +81,7 @@ def test_kl_and_agreement_are_measured_against_dense(model, char_tokenizer, tmp_
     assert by["copy", "prose"]["nll"] == pytest.approx(by["dense", "prose"]["nll"], abs=1e-5)
     assert by["copy", "agree"]["agreement"] == 1.0
     assert by["copy", "passkey"]["generated"] == by["dense", "passkey"]["generated"]
-    assert by["sinks", "prose"]["kl"] > 1e-5  # 2 sinks + 8 recent of 160 tokens: other predictions
+    assert by["sinks", "prose"]["kl"] > 1e-5  # 2 sinks + 8 recent of 320 tokens: other predictions
     assert by["sinks", "prose"]["kv_bytes"] < by["dense", "prose"]["kv_bytes"] / 5
     assert by["sinks", "passkey"]["bytes_fraction"] == pytest.approx(
         by["sinks", "passkey"]["kv_bytes"] / by["dense", "passkey"]["kv_bytes"])
@@ -113,7 +114,7 @@ def test_cells_resume_and_settings_change_the_key(model, char_tokenizer, tmp_pat
 def test_stored_bytes_counts_tensors_and_prefers_the_cache_own_count(model):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.arange(4, 24)[None], past_key_values=cache, use_cache=True)
+        model(torch.arange(4, 24)[None], use_cache=True, **cache_kwargs(model, cache))
     expect = sum(t.numel() * 4 for layer in cache.layers for t in (layer.keys, layer.values))
     assert stored_bytes(cache) == expect > 0
 

@@ -7,8 +7,8 @@ import pytest
 from sinkscope.corpora import corpus_path
 from sinkscope.errors import InputError
 from sinkscope.kv.suite import (
-    EVAL_SEED_BASE, PASSKEY_QUESTION, SuiteSpec, answer_correct, build_suite, eval_code, eval_prose,
-    split_articles,
+    EVAL_SEED_BASE, PASSKEY_PREFIX, PASSKEY_QUESTION, SuiteSpec, answer_correct, build_suite, eval_code,
+    eval_prose, split_articles,
 )
 
 from .conftest import CODE, PROSE
@@ -34,25 +34,28 @@ def test_code_sample_is_shipped_and_is_not_empty_python():
     assert "class Fraction" in code and len(code) > 10_000
 
 
-@pytest.mark.parametrize("length", [300, 517])
+@pytest.mark.parametrize("length", [600, 917])
 def test_passkey_prompt_length_needle_position_and_key(char_tokenizer, length):
     spec = SuiteSpec(lengths=(length,), depths=(0.0, 0.25, 0.5, 0.9, 1.0), tasks=("passkey",))
     suite = build_suite(char_tokenizer, spec, prose=PROSE, code=CODE)
     items = suite.by_task("passkey")
     assert len(items) == 5
-    q = len(PASSKEY_QUESTION)
+    q, pre = len(PASSKEY_QUESTION), len(PASSKEY_PREFIX)
     for it in items:
         assert len(it.ids) == length and it.length == length
         assert it.seed >= EVAL_SEED_BASE
         text = char_tokenizer.decode(it.ids)
         assert text.endswith("What is the pass key? The pass key is")
+        assert text.startswith("There is an important info hidden")
         s, e = it.needle_span
         needle = char_tokenizer.decode(it.ids[s:e])
         assert needle == f" The pass key is {it.answer}. Remember it. {it.answer} is the pass key."
         assert len(it.answer) == 5 and it.answer.isdigit()
         assert text.count(it.answer) == 2  # only the needle holds the key (the haystack has no digits)
-        hay = length - (e - s) - q
-        assert abs(s - it.depth * hay) <= 1  # the needle sits at its depth
+        hay = length - pre - (e - s) - q
+        # the needle sits after the sentence end nearest its depth (the prose has one every ~45 characters)
+        assert abs(s - pre - it.depth * hay) <= 48  # within the reach of the search for a sentence end
+        assert text[s - 1] == "." or s == pre or e == length - q
         assert it.context_len == length - q
     assert len({it.answer for it in items}) == 5  # seeded, different keys
 
@@ -84,11 +87,11 @@ def test_streams_and_agreement_prompts(char_tokenizer):
 
 
 def test_same_spec_same_suite_and_keys_name_every_setting(char_tokenizer):
-    spec = SuiteSpec(lengths=(200,), depths=(0.5,), tasks=("passkey", "prose"))
+    spec = SuiteSpec(lengths=(400,), depths=(0.5,), tasks=("passkey", "prose"))
     a = build_suite(char_tokenizer, spec, prose=PROSE, code=CODE)
     b = build_suite(char_tokenizer, spec, prose=PROSE, code=CODE)
     assert a.items == b.items
-    assert a.items[0].key == "passkey/L200/d0.50/s1000"
+    assert a.items[0].key == "passkey/L400/d0.50/s1000"
 
 
 @pytest.mark.parametrize("kwargs, param", [({"seed": 999}, "seed"), ({"lengths": (64,)}, "lengths"),
@@ -122,4 +125,9 @@ def test_real_tokenizer_lengths_and_needle():
         if it.answer:
             s, e = it.needle_span
             assert it.answer in tok.decode(list(it.ids[s:e]))
-            assert abs(s / it.context_len - it.depth) < 0.05
+            assert abs(s / it.context_len - it.depth) < 0.1
+
+
+def test_a_length_too_short_for_the_prompt_text_is_refused(char_tokenizer):
+    with pytest.raises(InputError, match="longer length"):
+        build_suite(char_tokenizer, SuiteSpec(lengths=(160,), tasks=("passkey",)), prose=PROSE, code=CODE)
