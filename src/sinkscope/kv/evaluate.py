@@ -155,6 +155,8 @@ class Method:
             (default: ``context_len``, absolute positions; a press that re-rotates kept keys to consecutive slots
             continues from the cache's length). Every later token is fed with explicit ``position_ids``.
         info: what the row should record about the method (its policy's heads, the press's settings...).
+        policy_for: ``length -> KVPolicy`` for the head-wise methods (the policy their cache follows at that length;
+            its full-head count goes into each cell), else None.
     """
 
     name: str
@@ -164,6 +166,7 @@ class Method:
     prefill: Callable[[nn.Module, Tensor, Cache], Tensor] | None = None
     next_position: Callable[[Cache, int], int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    policy_for: Callable[[int], Any] | None = None
 
     def run_prefill(self, model: nn.Module, ids: Tensor, cache: Cache, chunk: int) -> tuple[Tensor, int]:
         """Prefill the context ``ids`` (1, T); returns the last logits (V,) and the position of the next token."""
@@ -200,15 +203,16 @@ def _dense(model: nn.Module, ctx: MethodContext) -> list[Method]:
     return [Method("dense", None, None, lambda m, length: DynamicCache(config=m.config))]
 
 
-def _headwise(policy_at: Callable[[int], Any]) -> Callable[[nn.Module, int], Cache]:
-    """A cache factory: the head-wise cache of the policy that ``policy_at(length)`` gives."""
+def _headwise(name: str, budget: float, seed: int | None, policy_at: Callable[[int], Any],
+              info: dict[str, Any]) -> Method:
+    """A method whose cache is `sinkscope.kv.cache.headwise_cache` of the policy ``policy_at(length)``."""
 
     def new_cache(model: nn.Module, length: int) -> Cache:
         from sinkscope.kv.cache import headwise_cache
 
         return headwise_cache(model, policy_at(length))
 
-    return new_cache
+    return Method(name, budget, seed, new_cache, info=info, policy_for=policy_at)
 
 
 def _uniform(model: nn.Module, ctx: MethodContext) -> list[Method]:
@@ -218,7 +222,7 @@ def _uniform(model: nn.Module, ctx: MethodContext) -> list[Method]:
         return lambda length: KVPolicy.uniform(model, ctx.n_sink, window_for_budget(budget, ctx.n_sink, length),
                                                length)
 
-    return [Method("uniform", b, None, _headwise(at(b)), info={"n_sink": ctx.n_sink}) for b in ctx.budgets]
+    return [_headwise("uniform", b, None, at(b), {"n_sink": ctx.n_sink}) for b in ctx.budgets]
 
 
 def _require_policy(ctx: MethodContext, name: str) -> Any:
@@ -242,18 +246,17 @@ def policy_at_budget(policy: Any, budget: float, length: int) -> Any:
 def _policy(model: nn.Module, ctx: MethodContext) -> list[Method]:
     policy = _require_policy(ctx, "policy")
     policy.check_model(model)
-    return [Method("policy", b, None, _headwise(lambda length, b=b: policy_at_budget(policy, b, length)),
-                   info={"n_sink": policy.n_sink, "window": policy.window}) for b in ctx.budgets]
+    return [_headwise("policy", b, None, lambda length, b=b: policy_at_budget(policy, b, length),
+                      {"n_sink": policy.n_sink, "window": policy.window}) for b in ctx.budgets]
 
 
 def _random(model: nn.Module, ctx: MethodContext) -> list[Method]:
     from sinkscope.kv.policy import KVPolicy
 
     policy = _require_policy(ctx, "random")
-    return [Method("random", b, s, _headwise(lambda length, b=b, s=s: KVPolicy.random(
-        model, b, policy.n_sink, policy.window, length, seed=s)), info={"n_sink": policy.n_sink,
-                                                                         "window": policy.window})
-            for b in ctx.budgets for s in ctx.seeds]
+    return [_headwise("random", b, s, lambda length, b=b, s=s: KVPolicy.random(
+        model, b, policy.n_sink, policy.window, length, seed=s), {"n_sink": policy.n_sink, "window": policy.window})
+        for b in ctx.budgets for s in ctx.seeds]
 
 
 METHODS.add("dense", _dense)
@@ -396,6 +399,11 @@ def measure_cell(model: nn.Module, tokenizer: Any, method: Method, item: Item, o
                 row["agreement"] = 1.0
         row["seconds"] = time.perf_counter() - t0
     row["peak_rss_mb"] = rss.delta / _MB
+    if method.policy_for is not None:
+        p = method.policy_for(item.length)
+        row["n_full_heads"] = p.n_full
+        row["window"] = p.window
+        row["full_heads"] = [list(h) for h in p.full_heads]
     return row
 
 

@@ -125,6 +125,11 @@ def test_stored_bytes_counts_tensors_and_prefers_the_cache_own_count(model):
     assert stored_bytes(Own()) == 123 and stored_bytes(None) == 0
 
 
+def stored_bytes_dense(model, length):
+    cfg = model.config
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * length * (cfg.hidden_size // cfg.num_attention_heads) * 4
+
+
 def _cell(method, task, budget=None, seed=None, **kw):
     base = {"method": method, "task": task, "budget": budget, "seed": seed, "length": 64, "kv_bytes": 100,
             "bytes_fraction": 1.0 if method == "dense" else 0.25, "peak_rss_mb": 1.0}
@@ -154,3 +159,27 @@ def test_policy_methods_need_a_policy(model):
 
     with pytest.raises(InputError, match="--policy"):
         build_methods(model, ["policy"], MethodContext(None, (0.25,), (0,), 4))
+
+
+@pytest.mark.parametrize("name", ["uniform", "policy", "random"])
+def test_headwise_methods_equal_the_policy_masked_dense_forward(model, char_tokenizer, name):
+    """Each head-wise method's scored stream equals one plain forward under its policy's per-head mask (the
+    reference of `sinkscope.kv.attention`), through the harness's chunked prefill and tail."""
+    pytest.importorskip("sinkscope.kv.cache")  # the head-wise cache (branch kv) is merged beside this harness
+    from sinkscope.kv.attention import policy_masked
+    from sinkscope.kv.policy import KVPolicy
+
+    scores = torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(0)).numpy()
+    calibrated = KVPolicy.from_scores(scores, 0.5, 2, 16, 320, model=model)
+    ctx = MethodContext(policy=calibrated, budgets=(0.5,), seeds=(1,), n_sink=2)
+    method = build_methods(model, [name], ctx)[0]
+    item = _suite(char_tokenizer, ("prose",)).items[0]
+    logprobs, kv = stream_logits(model, method, item, chunk=50)
+    policy = method.policy_for(item.length)
+    with torch.no_grad(), policy_masked(model, policy):
+        plain = model(torch.tensor([item.ids]), use_cache=False).logits[0].float().log_softmax(-1)
+    torch.testing.assert_close(logprobs, plain[item.context_len - 1:-1], atol=1e-5, rtol=1e-5)
+    from sinkscope.kv.policy import n_full_for_budget
+
+    assert policy.n_full == (0 if name == "uniform" else n_full_for_budget(0.5, 4, 2, 16, 320))
+    assert kv < stored_bytes_dense(model, item.length) * 0.6
