@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presses", default=",".join(PRESSES))
     p.add_argument("--ours", default="dense,policy", help="sinkscope methods run in the same process")
     p.add_argument("--streams", type=int, default=1)
+    p.add_argument("--score-tokens", type=int, default=64)
     p.add_argument("--agree", type=int, default=2)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
@@ -167,15 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown presses {bad}; choose from {PRESSES}")
     spec = SuiteSpec(lengths=lengths, depths=tuple(float(x) for x in a.depths.split(",")),
-                     tasks=tuple(a.tasks.split(",")), n_streams=a.streams, n_agree=a.agree)
+                     tasks=tuple(a.tasks.split(",")), n_streams=a.streams, n_agree=a.agree,
+                     score_tokens=a.score_tokens)
     policy = KVPolicy.load(a.policy)
     out = check_output_dir(a.out)
     with OutputLock(out):
         model, tokenizer = load_model(a.model)
         ours = build_methods(model, [x for x in a.ours.split(",") if x],
                              MethodContext(policy=policy, budgets=tuple(budgets), seeds=(0,), n_sink=policy.n_sink))
-        methods = ours + press_methods(model, tokenizer, presses, budgets, policy.n_sink, policy.window,
-                                       max(lengths))
+        # kvpress's rows before our head-wise ones: `headwise_cache` switches the model's attention function
+        methods = ([m for m in ours if m.policy_for is None]
+                   + press_methods(model, tokenizer, presses, budgets, policy.n_sink, policy.window, max(lengths))
+                   + [m for m in ours if m.policy_for is not None])
         suite = build_suite(tokenizer, spec)
         settings = {"model": a.model, "dtype": "float32", "device": "cpu", "n_sink_uniform": policy.n_sink,
                     "policy": policy.to_json(), "bench": "kv_peers"}

@@ -56,6 +56,7 @@ def eval_command(
     n_sink: Optional[int] = typer.Option(None, "--sinks", help="sinks of the uniform method (default: the "
                                          "policy's, else 4)"),
     streams: int = typer.Option(1, "--streams", help="prose and code streams per length"),
+    score_tokens: int = typer.Option(64, "--score-tokens", help="scored tail of every stream (tokens)"),
     agree: int = typer.Option(2, "--agree", help="greedy-agreement prompts per length"),
     chunk: int = typer.Option(256, "--chunk", help="prefill tokens per forward"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
@@ -72,7 +73,8 @@ def eval_command(
     from sinkscope.kv.suite import TASKS, SuiteSpec
 
     spec = SuiteSpec(lengths=_ints(lengths, "lengths"), depths=_floats(depths, "depths"),
-                     tasks=_names(tasks, list(TASKS), "tasks"), n_streams=streams, n_agree=agree)
+                     tasks=_names(tasks, list(TASKS), "tasks"), n_streams=streams, n_agree=agree,
+                     score_tokens=score_tokens)
     names = _names(methods, METHODS.names(), "methods")
     budget_vals = _floats(budgets, "budgets")
     if any(not 0 < b < 1 for b in budget_vals):

@@ -433,7 +433,8 @@ class KVEvalResult:
 def evaluate(model: nn.Module, tokenizer: Any, suite: Suite, methods: Sequence[Method], out: str | Path,
              options: EvalOptions | None = None, *, settings: dict[str, Any] | None = None,
              progress: ProgressCallback | None = None) -> KVEvalResult:
-    """Measure every (method, item) cell not yet in ``out/cells.jsonl`` and return this run's cells.
+    """Measure every (method, item) cell not yet in ``out/cells.jsonl``; return all cells of this fingerprint there
+    (so a run that adds a budget or a method summarises with the earlier ones).
 
     Cells are appended one at a time (a killed run resumes where it stopped); the caller holds the output
     directory's lock (`sinkscope.io.OutputLock`). The dense method, if given, runs first: the others' KL and
@@ -472,6 +473,11 @@ def evaluate(model: nn.Module, tokenizer: Any, suite: Suite, methods: Sequence[M
 
     cells = [(m, it) for m in ordered for it in suite.items]
     total = len(cells)
+    pending = [it for m, it in cells if cell_key(m, it, fp) not in done]
+    if pending:  # warm up (allocator, kernels) so that the first measured cell's memory and time are not outliers
+        with torch.no_grad():
+            chunked_prefill(model, torch.tensor([pending[0].ids], device=_device(model)),
+                            DynamicCache(config=model.config), options.chunk)
     for i, (method, item) in enumerate(cells):
         key = cell_key(method, item, fp)
         if key not in done:
@@ -488,8 +494,8 @@ def evaluate(model: nn.Module, tokenizer: Any, suite: Suite, methods: Sequence[M
             done[key] = row
         if progress is not None:
             progress(i + 1, total, f"{method.label} {item.key}")
-    mine = [done[cell_key(m, it, fp)] for m, it in cells]
-    return KVEvalResult(_with_fractions(mine), settings)
+    # every cell of this fingerprint in the file: earlier runs' methods, budgets and seeds count too
+    return KVEvalResult(_with_fractions(list(done.values())), settings)
 
 
 def _with_fractions(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
