@@ -609,6 +609,22 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def passkey_by_length_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Dense passkey accuracy per prompt length as a markdown table (the docs' "where dense works" table).
+
+    >>> print(passkey_by_length_markdown([{"method": "dense", "length": 512, "passkey_acc": 0.8,
+    ...                                    "n_passkey_acc": 5}]))
+    | tokens | dense passkey accuracy | prompts |
+    |---:|---:|---:|
+    | 512 | 0.80 | 5 |
+    """
+    lines = ["| tokens | dense passkey accuracy | prompts |", "|---:|---:|---:|"]
+    for r in rows:
+        if r["method"] == "dense" and r.get("passkey_acc") is not None:
+            lines.append(f"| {r['length']} | {r['passkey_acc']:.2f} | {r['n_passkey_acc']} |")
+    return "\n".join(lines)
+
+
 def load_summary(directory: str | Path) -> dict[str, Any]:
     """``summary.json`` of a results directory (settings + rows)."""
     p = Path(directory) / "summary.json"
