@@ -89,7 +89,7 @@ def press_methods(model: Any, tokenizer: Any, names: list[str], budgets: list[fl
             super().post_init_from_model(model)
             self.sink_size, self.recent_size = self.sink, self.recent
 
-    def make(name: str, budget: float) -> tuple[Any, dict[str, Any]]:
+    def make(name: str, budget: float, check: bool = False) -> tuple[Any, dict[str, Any]]:
         nonlocal duo_scores
         ratio = 1.0 - budget
         if name == "streaming_llm":
@@ -99,7 +99,7 @@ def press_methods(model: Any, tokenizer: Any, names: list[str], budgets: list[fl
         if name == "expected_attention":
             return ExpectedAttentionPress(compression_ratio=ratio), {}
         if name == "duo_on_the_fly":
-            if duo_scores is None:
+            if duo_scores is None and not check:
                 t0 = time.perf_counter()
                 duo_scores = _offline_duo_scores(model, tokenizer)
                 print(f"duo on-the-fly scores: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -117,7 +117,7 @@ def press_methods(model: Any, tokenizer: Any, names: list[str], budgets: list[fl
     methods = []
     for name in names:
         for b in budgets:
-            _, info = make(name, b)  # checks the settings (and computes the duo scores once) before any cell
+            _, info = make(name, b, check=True)  # checks the settings before any cell (duo's scores: at first use)
 
             def prefill(model: Any, ids: torch.Tensor, cache: Any, name: str = name, b: float = b) -> torch.Tensor:
                 press, _ = make(name, b)
