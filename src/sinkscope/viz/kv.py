@@ -40,16 +40,19 @@ def plot_quality_vs_bytes(rows: Sequence[dict[str, Any]], length: int | None = N
             if not pts:
                 continue
             if m == "dense":
-                ax.axhline(pts[0][1], color="black", lw=1, ls="--", label="dense")
+                if fieldname != "stream_kl":  # dense's KL to itself is 0: no place on a log axis
+                    ax.axhline(pts[0][1], color="black", lw=1, ls="--", label="dense")
                 continue
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", lw=1.4, label=m, color=f"C{i}")
+            ax.plot(xs, ys, marker="o", lw=1.4, label=m, color=f"C{i}", alpha=0.85)
         ax.set_xlabel("stored KV bytes / dense")
         ax.set_ylabel(ylabel)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         if fieldname == "stream_kl":
-            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"KV-cache methods at equal bytes, {length}-token prompts", fontsize=10)
     fig.tight_layout()
