@@ -15,6 +15,7 @@ TABLES = {
     "docs/results/kv/dense_passkey": passkey_by_length_markdown,
     "docs/results/kv/eval": summary_markdown,
     "docs/results/kv/peers": summary_markdown,
+    "docs/results/kv/needle_policy": summary_markdown,
 }
 
 
