@@ -143,3 +143,8 @@ def generate_command(
     print(f"KV cache: {result.stored_bytes / 2**20:.2f} MiB stored, dense {result.dense_bytes / 2**20:.2f} MiB "
           f"({result.stored_bytes / max(1, result.dense_bytes):.1%}) after {result.prompt_tokens} + "
           f"{len(result.new_ids)} tokens", file=sys.stderr)
+
+
+from sinkscope.cli.kv_eval import eval_command  # noqa: E402 - the eval command lives in its own module
+
+app.command("eval")(eval_command)
