@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -110,6 +110,8 @@ class SinkProfile:
     inputs: dict[str, Any]
     attention_layers: list[int]
     lengths: np.ndarray
+    # before the statistics: mypy takes every `stat` call for a default, so the required fields come first
+    massive: list[dict[str, Any]]
     alpha: np.ndarray = stat("attn,head,key")
     value_norm: np.ndarray = stat("attn,kv,key", dtype=np.float32)
     residual_norm: np.ndarray = stat("layer,key", dtype=np.float32)
@@ -119,7 +121,6 @@ class SinkProfile:
     mlp_top_idx: np.ndarray = stat("layer,top", dtype=np.int64, fill=-1)
     mlp_top_act: np.ndarray = stat("layer,top")
     mlp_top_other: np.ndarray = stat("layer,top")
-    massive: list[dict[str, Any]]
     sink_mass: np.ndarray | None = stat("attn,head", optional=True)
     gate_mean: np.ndarray | None = stat("attn,head", optional=True)
     gate_closed: np.ndarray | None = stat("attn,head", optional=True)
@@ -237,7 +238,7 @@ class SinkProfile:
                     "cos_q_other": float(np.nanmean(self.cos_other[:, li, h])),
                     "out_norm": float(np.nanmean(self.out_norm[:, li, h])),
                 }
-                if self.alpha_proxy is not None:
+                if a0p is not None:  # a profile with a row-normalised proxy
                     row["alpha_0_proxy"] = float(a0p[li, h])
                 if self.sink_mass is not None:
                     row["learned_sink_mass"] = float(np.nanmean(self.sink_mass[:, li, h]))
@@ -466,12 +467,14 @@ def profile_sinks(
                 _fill(arrays, rows, layer, collector.layers.get(layer, {}))
             for i, n in zip(rows, lengths[rows]):  # padded positions are not measurements
                 for name in per_key:
-                    arrays[name][i, ..., n:] = np.nan  # type: ignore[index]
+                    arrays[name][i, ..., n:] = np.nan  # type: ignore[index]  # per_key names allocated arrays only
     elapsed = time.perf_counter() - t0
     return SinkProfile(
         model=collector.model_info(), inputs=batch.to_json(), versions=versions(),
         attention_layers=list(collector.attention_layers), lengths=lengths, massive=collector.massive.summary(),
-        eps=eps, timing={"forward_s": elapsed}, unavailable=dict(collector.unavailable), **arrays,
+        eps=eps, timing={"forward_s": elapsed}, unavailable=dict(collector.unavailable),
+        # cast: _allocate gives every required statistic an array; None only for optional ones the model lacks
+        **cast(dict[str, Any], arrays),
     )
 
 
@@ -483,4 +486,5 @@ def _fill(arrays: dict[str, np.ndarray | None], rows: np.ndarray, index: int, re
         if arr is None:
             raise KeyError(f"collector recorded {name!r}, which it does not list in provides")
         value = t.detach().cpu().numpy()
-        arr[(rows, index, *(slice(0, d) for d in value.shape[1:]))] = value
+        where: tuple[Any, ...] = (rows, index, *(slice(0, d) for d in value.shape[1:]))
+        arr[where] = value

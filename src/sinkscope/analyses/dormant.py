@@ -180,6 +180,7 @@ def find_dormant_heads(
     from sinkscope.domains import domain_batch
     from sinkscope.inputs import text_inputs
 
+    items: list[tuple[str, TokenBatch | Sequence[str] | None]]  # None: a built-in domain, by name
     if isinstance(domains, Mapping):
         items = list(domains.items())
     else:

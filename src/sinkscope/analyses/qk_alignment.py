@@ -54,8 +54,8 @@ class _AlignmentObserver:
         self.layer_of, self.positions, self.n_other = layer_of, positions, n_other
         self.results: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
-    def observe(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                scaling: float, **kw: Any) -> None:
+    def observe(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                scaling: float, **kwargs: Any) -> None:
         layer = self.layer_of.get(id(module))
         if layer is None:
             return None
@@ -121,7 +121,7 @@ def attach_qk_alignment(profile: SinkProfile, model: nn.Module, sequence: list[i
     """Add Gu et al.'s q-k alignment of the profile's top sinks (at most ``n_sinks``, those before the last
     position of ``sequence``, the first sample) to ``profile.analyses["qk_alignment"]``; what `sinkscope scan`
     writes. A profile with no such sink, or of a model without an adapter, is returned unchanged."""
-    positions = [p["position"] for p in profile.top_sinks(n_sinks) if p["position"] < len(sequence) - 1]
+    positions = [int(p["position"]) for p in profile.top_sinks(n_sinks) if p["position"] < len(sequence) - 1]
     if positions and (adapter is not None or has_adapter(model)):
         profile.analyses["qk_alignment"] = qk_alignment(model, sequence, positions, adapter=adapter).to_json()
     return profile

@@ -27,7 +27,7 @@ import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,9 @@ from sinkscope.compat import cached_length, find_cache
 from sinkscope.errors import InputError, ModelLoadError
 from sinkscope.models.adapters import ModelAdapter, get_adapter
 from sinkscope.models.load import PACKAGED_MODELS, ModelSource, load_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MANIFEST_KIND = "repeat_patch"
 MANIFEST_VERSION = 2  # version 1 (neuron rules only) still loads
@@ -353,26 +356,30 @@ class PatchHandle:
                  ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
-        n_query = int(ids.shape[1]) if ids is not None else int(emb.shape[1])
+        inputs = ids if ids is not None else emb
+        assert inputs is not None  # the decoder is called with input_ids or inputs_embeds
+        n_query = int(inputs.shape[1])
         past = cached_length(find_cache(kwargs, args))
         mask = kwargs.get("attention_mask")
         self._rel = relative_positions(n_query, mask, kwargs.get("position_ids"), past)
         gate = self.patch.gate
         if gate is None:
             self._gate = None
-            return
-        B = int(ids.shape[0]) if ids is not None else int(emb.shape[0])
-        device = ids.device if ids is not None else emb.device
+            return None
+        B = int(inputs.shape[0])
+        device = inputs.device
         if ids is None:  # no token ids (inputs_embeds): the gate cannot tell repetitions, so it stays closed
             self._gate, self._tail = torch.zeros(B, n_query, dtype=torch.bool, device=device), None
-            return
+            return None
         real = (mask[:, -n_query:] if mask is not None and mask.dim() == 2
                 else torch.ones(B, n_query, dtype=torch.long, device=device)).long()
         if past == 0 or self._tail is None or self._tail[0].shape[0] != B:
             self._tail = (torch.zeros(B, gate.window, dtype=torch.long, device=device),
                           torch.zeros(B, gate.window, dtype=torch.long, device=device))
         tail_ids, tail_real = self._tail
-        weight = self.model.get_input_embeddings().weight.detach()
+        # cast: get_adapter accepted the model, so it is an HF causal LM, whose input embedding is an nn.Embedding
+        hf_model = cast("PreTrainedModel", self.model)
+        weight = cast(nn.Embedding, hf_model.get_input_embeddings()).weight.detach()
         self._gate = repetition_gate(weight, ids, real, tail_ids, tail_real, gate)
         self.n_gated += int(self._gate.sum())
         self._tail = (torch.cat([tail_ids, ids], 1)[:, -gate.window:], torch.cat([tail_real, real], 1)[:, -gate.window:])
@@ -388,7 +395,7 @@ class PatchHandle:
                 active = bool(self._flags.any())
             if self.enabled and active:
                 kwargs = dict(kwargs)
-                kwargs["attention_mask"] = dedup_mask(self._flags, mask, n_query, self.model.dtype,
+                kwargs["attention_mask"] = dedup_mask(self._flags, mask, n_query, hf_model.dtype,
                                                       keep=self.patch.dedup_keep, queries=queries)
                 return args, kwargs
         return None
@@ -396,15 +403,17 @@ class PatchHandle:
     def _discounting_queries(self, past: int) -> Tensor:
         """(B, Q) bool: this call's queries that discount repeated keys under ``dedup_queries="gated"``: the gate
         is open there, or it was open at most ``dedup_reach`` positions before (also in earlier calls)."""
-        gate = self._gate
+        gate, flags = self._gate, self._flags
+        assert gate is not None and flags is not None  # _capture sets both before it asks
         B, Q = gate.shape
-        K = self._flags.shape[1]
+        K = flags.shape[1]
         idx = torch.arange(K - Q, K, device=gate.device)
         never = torch.full((B,), -(10 ** 9), dtype=torch.long, device=gate.device)
-        if past == 0 or self._last_open is None or self._last_open.shape[0] != B:
-            self._last_open = never
+        last_open = self._last_open
+        if past == 0 or last_open is None or last_open.shape[0] != B:
+            last_open = never
         opened = torch.where(gate, idx[None].expand(B, Q), never[:, None].expand(B, Q))
-        last = torch.maximum(torch.cummax(opened, dim=1).values, self._last_open[:, None])
+        last = torch.maximum(torch.cummax(opened, dim=1).values, last_open[:, None])
         self._last_open = last[:, -1]
         return (idx[None] - last) <= self.patch.dedup_reach
 
@@ -473,7 +482,7 @@ def apply_patch(model: nn.Module, patch: SinkPatch, adapter: ModelAdapter | None
     caller resolved it already. Example: ``with apply_patch(model, patch): model.generate(...)``.
     """
     handle = PatchHandle(model, patch, adapter)
-    model.sinkscope_patch = handle
+    model.sinkscope_patch = handle  # type: ignore[assignment]  # nn.Module.__setattr__ is typed Tensor | Module only
     return handle
 
 

@@ -24,7 +24,7 @@ head has evicted a token.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -71,11 +71,11 @@ class HeadwiseLayer(DynamicLayer):
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         B, _, _, D = key_states.shape
         self.device = key_states.device
-        kw = dict(dtype=key_states.dtype, device=self.device)
-        self.keys = torch.empty(B, len(self.full_heads), 0, D, **kw)
-        self.values = torch.empty(B, len(self.full_heads), 0, value_states.shape[-1], **kw)
-        self.stream_keys = torch.empty(B, len(self.stream_heads), 0, D, **kw)
-        self.stream_values = torch.empty(B, len(self.stream_heads), 0, value_states.shape[-1], **kw)
+        dtype, device, Dv = key_states.dtype, self.device, value_states.shape[-1]
+        self.keys = torch.empty(B, len(self.full_heads), 0, D, dtype=dtype, device=device)
+        self.values = torch.empty(B, len(self.full_heads), 0, Dv, dtype=dtype, device=device)
+        self.stream_keys = torch.empty(B, len(self.stream_heads), 0, D, dtype=dtype, device=device)
+        self.stream_values = torch.empty(B, len(self.stream_heads), 0, Dv, dtype=dtype, device=device)
         self.stream_pos = torch.empty(0, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
@@ -87,21 +87,24 @@ class HeadwiseLayer(DynamicLayer):
         q = key_states.shape[-2]
         start = self.cumulative_length
         n = self.n_kv_heads
-        if self.full_heads:
-            self.keys = torch.cat([self.keys, _select(key_states, self.full_heads, n)], dim=-2)
-            self.values = torch.cat([self.values, _select(value_states, self.full_heads, n)], dim=-2)
+        full_k, full_v = self.keys, self.values
         sk, sv, pos = self.stream_keys, self.stream_values, self.stream_pos
+        assert full_k is not None and full_v is not None  # all five set by lazy_initialization
+        assert sk is not None and sv is not None and pos is not None
+        if self.full_heads:
+            full_k = self.keys = torch.cat([full_k, _select(key_states, self.full_heads, n)], dim=-2)
+            full_v = self.values = torch.cat([full_v, _select(value_states, self.full_heads, n)], dim=-2)
         if self.stream_heads:
             sk = torch.cat([sk, _select(key_states, self.stream_heads, n)], dim=-2)
             sv = torch.cat([sv, _select(value_states, self.stream_heads, n)], dim=-2)
             pos = torch.cat([pos, torch.arange(start, start + q, device=pos.device)])
         self.cumulative_length = start + q
-        split = SplitKV(self.full_heads, self.stream_heads, self.keys, self.values, sk, sv, pos, start,
+        split = SplitKV(self.full_heads, self.stream_heads, full_k, full_v, sk, sv, pos, start,
                         self.n_sink, self.window)
         self._evict(sk, sv, pos)
-        keys = self.keys.view(self.keys.shape)  # a fresh view that carries the split (the stored tensor does not)
-        keys._sinkscope_kv = split
-        return keys, self.values
+        keys = full_k.view(full_k.shape)  # a fresh view that carries the split (the stored tensor does not)
+        keys._sinkscope_kv = split  # type: ignore[attr-defined]  # a Python attribute, read by headwise_attention
+        return keys, full_v
 
     def _evict(self, sk: Tensor, sv: Tensor, pos: Tensor) -> None:
         """Keep the streaming keys a later query can see: positions ``< n_sink`` and the last ``window``."""
@@ -147,6 +150,8 @@ class HeadwiseLayer(DynamicLayer):
         if self.evicted:
             raise InputError(f"cannot remove the last {remove} tokens from the head-wise cache: its streaming heads "
                              f"already evicted {self.evicted} tokens that the shorter stream needs back")
+        assert self.keys is not None and self.values is not None  # initialised (checked above)
+        assert self.stream_keys is not None and self.stream_values is not None and self.stream_pos is not None
         self.cumulative_length -= remove
         self.keys, self.values = self.keys[..., :-remove, :], self.values[..., :-remove, :]
         self.stream_keys = self.stream_keys[..., :-remove, :]
@@ -170,11 +175,15 @@ class HeadwiseLayer(DynamicLayer):
     def offload(self) -> None:
         super().offload()
         if self.is_initialized:
+            assert self.stream_keys is not None and self.stream_values is not None  # set by lazy_initialization
             self.stream_keys, self.stream_values = self.stream_keys.to("cpu"), self.stream_values.to("cpu")
 
     def prefetch(self) -> None:
         super().prefetch()
-        if self.is_initialized and self.stream_keys.device != self.device:
+        if not self.is_initialized:
+            return
+        assert self.stream_keys is not None and self.stream_values is not None  # set by lazy_initialization
+        if self.stream_keys.device != self.device:
             self.stream_keys = self.stream_keys.to(self.device)
             self.stream_values = self.stream_values.to(self.device)
 
@@ -192,17 +201,23 @@ class HeadwiseCache(Cache):
         super().__init__(layers=[HeadwiseLayer(policy.full_heads[l], policy.n_kv_heads, policy.n_sink, policy.window)
                                  for l in range(policy.n_layers)])
 
+    @property
+    def _headwise_layers(self) -> list[HeadwiseLayer]:
+        """``self.layers``, typed: `__init__` builds one `HeadwiseLayer` per decoder layer."""
+        return cast(list[HeadwiseLayer], self.layers)  # cast: see above; Cache types them as any layer kind
+
     def stored_bytes(self) -> int:
         """Bytes of every stored key/value tensor (full and streaming sets, all layers)."""
-        return sum(layer.stored_bytes() for layer in self.layers)
+        return sum(layer.stored_bytes() for layer in self._headwise_layers)
 
     def dense_bytes(self) -> int:
         """Bytes a dense cache of the same tokens, dtype and shapes would hold."""
         total = 0
-        for layer in self.layers:
+        for layer in self._headwise_layers:
             if not layer.is_initialized:
                 continue
             ref = layer.keys if layer.full_heads else layer.stream_keys
+            assert ref is not None  # set by lazy_initialization
             B, _, _, D = ref.shape
             total += 2 * B * layer.n_kv_heads * layer.cumulative_length * D * ref.element_size()
         return total
@@ -241,5 +256,5 @@ def headwise_cache(model: nn.Module, policy: KVPolicy) -> HeadwiseCache:
     use_headwise_attention(model)
     if not getattr(model, "_sinkscope_kv_padding_hook", False):
         model.register_forward_pre_hook(_refuse_padding_hook, with_kwargs=True)
-        model._sinkscope_kv_padding_hook = True
+        model._sinkscope_kv_padding_hook = True  # type: ignore[assignment]  # Module.__setattr__ is typed Tensor | Module
     return HeadwiseCache(policy)

@@ -198,6 +198,7 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
             policy = KVPolicy.from_scores(scores, budget, n_sink, window, target_length, measured_kl=kl_of(n),
                                           criterion=criterion, info={"requested_budget": budget}, **common)
         else:
+            assert max_kl is not None  # budget is None only when max_kl was given (else it defaults above)
             lo, hi = 0, n_heads  # kl_of(n_heads) = 0 (dense): the answer lies in [lo, hi]
             if kl_of(0) <= max_kl:
                 hi = 0

@@ -9,7 +9,7 @@ read through `ModelAdapter` so no measurement code branches on architecture name
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -229,7 +229,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"unsupported architecture {model_type!r}; supported: {', '.join(supported_architectures())}"
         )
     spec = ARCHITECTURES[model_type]
-    layers = list(_get(model, spec.layers))
+    # cast: every registered spec.layers names the decoder's nn.ModuleList (an iterable of the layer modules)
+    layers = list(cast(nn.ModuleList, _get(model, spec.layers)))
     if spec.attn_type_attr and getattr(model.config, spec.attn_type_attr, None):
         types = list(getattr(model.config, spec.attn_type_attr))
         attention_layers = [i for i, t in enumerate(types) if "linear" not in t]

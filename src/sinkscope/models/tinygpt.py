@@ -159,6 +159,8 @@ def attention_mask(T: int, *, window: int | None = None, prefix_len: int = 0, de
 class Attention(nn.Module):
     """Multi-head attention whose operation is ``ATTENTION_FNS[cfg.attention]``, with optional bias slots."""
 
+    slopes: Tensor  # (H,) ALiBi slopes, a buffer registered only when ``cfg.positions == "alibi"``
+
     def __init__(self, cfg: TinyGPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -243,10 +245,12 @@ class Block(nn.Module):
         if self.pre:
             x = x + self.attn(self.norm1(x), mask)
             if self.mlp is not None:
+                assert self.norm2 is not None  # built together with the MLP
                 x = x + self.mlp(self.norm2(x))
         else:
             x = self.norm1(x + self.attn(x, mask))
             if self.mlp is not None:
+                assert self.norm2 is not None  # built together with the MLP
                 x = self.norm2(x + self.mlp(x))
         self.capture_resid(x[:, self.n_sink:])
         return x
@@ -268,8 +272,9 @@ class TinyGPT(nn.Module):
             for m in self.modules():
                 if isinstance(m, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(m.weight, std=cfg.init_std)
-                    if getattr(m, "bias", None) is not None:
-                        nn.init.zeros_(m.bias)
+                    bias = getattr(m, "bias", None)  # nn.Embedding has none
+                    if bias is not None:
+                        nn.init.zeros_(bias)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
 

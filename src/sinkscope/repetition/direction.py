@@ -127,9 +127,10 @@ def run_projections(model: nn.Module, tokenizer: Any, directions: Sequence[Tenso
     row = {"start": 0}
 
     def each(l: int, x: Tensor, real: Tensor, first: Tensor) -> None:
-        if directions[l] is None:
+        u = directions[l]
+        if u is None:
             return
-        p = (x[:, -k:] @ directions[l].to(x.device)).mean(-1).cpu()  # runs end every row: no padding at the end
+        p = (x[:, -k:] @ u.to(x.device)).mean(-1).cpu()  # runs end every row: no padding at the end
         out[row["start"]:row["start"] + len(p), l] = p
 
     for s in range(0, len(prompts), batch_size):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -42,6 +42,12 @@ from sinkscope.errors import InputError, UnsupportedArchitectureError
 
 #: RoPE variants whose frequencies change with the sequence length: a fixed re-rotation would be wrong.
 _POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _inv_freq(rotary: nn.Module) -> torch.Tensor:
+    """A rotary embedding's ``inv_freq`` (rotary_dim / 2,)."""
+    # cast: only modules whose ``inv_freq`` is a Tensor are taken for rotary embeddings (`RotaryShift.from_model`)
+    return cast(torch.Tensor, rotary.inv_freq)
 
 
 @dataclass
@@ -57,7 +63,7 @@ class RotaryShift:
 
     @property
     def inv_freq(self) -> torch.Tensor:
-        return self.rotary.inv_freq  # (rotary_dim / 2,)
+        return _inv_freq(self.rotary)  # (rotary_dim / 2,)
 
     @property
     def rotary_dim(self) -> int:
@@ -76,7 +82,7 @@ class RotaryShift:
                 f"{type(model).__name__} has no rotary position embedding: position re-assignment needs a RoPE "
                 "model (use reassign=False / the plain variant)")
         first = found[0]
-        if any(m.inv_freq.shape != first.inv_freq.shape or not torch.equal(m.inv_freq, first.inv_freq)
+        if any(_inv_freq(m).shape != _inv_freq(first).shape or not torch.equal(_inv_freq(m), _inv_freq(first))
                for m in found[1:]):
             raise UnsupportedArchitectureError(
                 f"{type(model).__name__} uses several rotary embeddings; position re-assignment supports one")
@@ -106,7 +112,8 @@ class RotaryShift:
         R[i + h, i + h] = cos
         R[i + h, i] = -sin
         R[i, i + h] = sin
-        self._cached_key, self._cached_matrix = key, R.to(dtype)
+        self._cached_key = key
+        self._cached_matrix: torch.Tensor = R.to(dtype)
         return self._cached_matrix
 
     def rotate(self, keys: torch.Tensor, delta: int | Sequence[int]) -> torch.Tensor:
@@ -207,6 +214,7 @@ class SinkWindowLayer(DynamicLayer):
             return self._ring_step(key_states, value_states, shifts)
         if self._ring:
             self._linearize()
+        assert self.keys is not None and self.values is not None  # set by lazy_initialization
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         held = [min(n, self.capacity) + r for n, r in zip(self.real, new_real)]  # real tokens in `keys`, per row
@@ -248,24 +256,28 @@ class SinkWindowLayer(DynamicLayer):
     def _ring_step(self, key_states: torch.Tensor, value_states: torch.Tensor, shifts: list[int]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.n_sink
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None  # a full cache (or ring) holds tensors
         if not self._ring:  # enter ring mode: window in slots [s, capacity), free slot at the end
-            self.keys = torch.cat([self.keys, torch.empty_like(key_states)], dim=-2)
-            self.values = torch.cat([self.values, torch.empty_like(value_states)], dim=-2)
-            self._sink_keys = self.keys[..., :s, :].clone() if self.rotary is not None else None
+            keys = self.keys = torch.cat([keys, torch.empty_like(key_states)], dim=-2)
+            values = self.values = torch.cat([values, torch.empty_like(value_states)], dim=-2)
+            self._sink_keys = keys[..., :s, :].clone() if self.rotary is not None else None
             self._free, self._ring = self.capacity, True
         free = self._free
-        self.keys[..., free:free + 1, :] = key_states
-        self.values[..., free:free + 1, :] = value_states
+        keys[..., free:free + 1, :] = key_states
+        values[..., free:free + 1, :] = value_states
         if self._sink_keys is not None and s > 0 and max(shifts) > 0:
-            self.keys[..., :s, :] = self.rotary.rotate(self._sink_keys, shifts)
+            assert self.rotary is not None  # sink keys are kept only for re-rotation
+            keys[..., :s, :] = self.rotary.rotate(self._sink_keys, shifts)
         self.cumulative_length += 1
         self.real = [n + 1 for n in self.real]  # each row's oldest window token is dropped after this step
         self._free = s + (free - s + 1) % (self.window + 1)
-        return self.keys, self.values
+        return keys, values
 
     def _linearize(self) -> None:
         """Leave ring mode: stored = [sinks (original rotation), window oldest..newest], no free slot."""
         s, free = self.n_sink, self._free
+        assert self.keys is not None and self.values is not None  # ring mode holds tensors
         order = [*range(s), *(s + (free - s + 1 + j) % (self.window + 1) for j in range(self.window))]
         idx = torch.tensor(order, device=self.keys.device)
         keys = self.keys.index_select(-2, idx)
@@ -310,6 +322,7 @@ class SinkWindowLayer(DynamicLayer):
                 f"only while the stream fits in n_sink + window = {self.capacity} tokens")
         if self._ring:
             self._linearize()
+        assert self.keys is not None and self.values is not None  # initialised (checked above)
         stored, self.cumulative_length = self.keys.shape[-2], self.cumulative_length - remove
         self.real = [n - remove for n in self.real]
         keys, values = self.keys[..., :stored - remove, :], self.values[..., :stored - remove, :]
@@ -375,13 +388,18 @@ class SinkWindowCache(Cache):
         super().__init__(layers=[SinkWindowLayer(n_sink, window, rotary) for _ in layer_types])
 
     @property
+    def _sink_layers(self) -> list[SinkWindowLayer]:
+        """``self.layers``, typed: `__init__` builds one `SinkWindowLayer` per decoder layer."""
+        return cast(list[SinkWindowLayer], self.layers)  # cast: see above; Cache types them as any layer kind
+
+    @property
     def stored_tokens(self) -> int:
         """Token slots currently held by the first layer."""
-        return self.layers[0].stored_tokens
+        return self._sink_layers[0].stored_tokens
 
     @property
     def evicted(self) -> int:
-        return self.layers[0].evicted
+        return self._sink_layers[0].evicted
 
     def observe_attention_mask(self, attention_mask: torch.Tensor | None, n_new: int) -> None:
         """Tell the layers which of the next forward's ``n_new`` tokens are real (left padding).
@@ -389,7 +407,7 @@ class SinkWindowCache(Cache):
         ``attention_mask``: the model's 2D mask (B, seen + n_new), 1 for real tokens; ``None`` or a 4D mask: every
         token counts as real. Raises `InputError` for a mask of the wrong length or padding after a real token (only
         left padding is supported)."""
-        for layer in self.layers:
+        for layer in self._sink_layers:
             layer.pending_real = None
         if attention_mask is None or attention_mask.dim() != 2:
             return
@@ -400,7 +418,7 @@ class SinkWindowCache(Cache):
         new = attention_mask[:, seen:].bool()  # (B, n_new)
         if bool(new.all()):
             return
-        started = torch.tensor([n > 0 for n in self.layers[0].real]) if self.layers[0].real \
+        started = torch.tensor([n > 0 for n in self._sink_layers[0].real]) if self._sink_layers[0].real \
             else attention_mask[:, :seen].bool().any(-1).cpu()
         steps_down = (new[:, 1:].int() - new[:, :-1].int() < 0).any(-1).cpu()
         bad = steps_down | (started & ~new.all(-1).cpu())
@@ -409,7 +427,7 @@ class SinkWindowCache(Cache):
             raise InputError(f"the sink cache supports left padding only: row {row} of the attention mask has "
                              "padding after a real token")
         real = new.sum(-1).tolist()
-        for layer in self.layers:
+        for layer in self._sink_layers:
             layer.pending_real = real
 
 
@@ -432,7 +450,7 @@ def install_padding_hook(model: nn.Module) -> None:
     `SinkWindowCache.observe_attention_mask`). It does nothing for calls without a sink cache."""
     if not getattr(model, "_sinkscope_padding_hook", False):
         model.register_forward_pre_hook(_padding_pre_hook, with_kwargs=True)
-        model._sinkscope_padding_hook = True
+        model._sinkscope_padding_hook = True  # type: ignore[assignment]  # Module.__setattr__ is typed Tensor | Module
 
 
 def sink_cache(model: nn.Module, n_sink: int = 4, window: int = 1020, *, reassign: bool = True) -> SinkWindowCache:

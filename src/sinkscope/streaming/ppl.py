@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -48,9 +48,13 @@ from sinkscope.registry import Registry
 from sinkscope.streaming.banded import BANDED_POLICIES, banded_stream_nll, fast_mode_obstacle
 from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
 #: Cache policies: name -> factory(model, n_sink, window) -> Cache. ``recompute`` is handled separately.
 CACHE_POLICIES: Registry[Callable[[nn.Module, int, int], Cache]] = Registry("stream policy")
-CACHE_POLICIES.add("dense", lambda model, n_sink, window: DynamicCache(config=model.config))
+# cast: stream policies run on HF causal LMs, whose ``config`` is a PreTrainedConfig
+CACHE_POLICIES.add("dense", lambda model, n_sink, window: DynamicCache(config=cast("PreTrainedConfig", model.config)))
 CACHE_POLICIES.add("window", lambda model, n_sink, window: sink_cache(model, 0, n_sink + window))
 CACHE_POLICIES.add("sinks", lambda model, n_sink, window: sink_cache(model, n_sink, window, reassign=True))
 CACHE_POLICIES.add("sinks_plain", lambda model, n_sink, window: sink_cache(model, n_sink, window, reassign=False))

@@ -93,9 +93,9 @@ def load_run_model(path: str | Path, **kwargs: Any) -> tuple[TinyGPT, Any]:
     from sinkscope.devices import parse_dtype, single_device
 
     model, cfg = load_trained(path)
-    dtype = parse_dtype(kwargs.get("dtype") or kwargs.get("torch_dtype"))
-    if dtype == "auto":  # the checkpoint's dtype: training writes float32
-        dtype = next(iter(model.state_dict().values())).dtype
+    parsed = parse_dtype(kwargs.get("dtype") or kwargs.get("torch_dtype"))
+    # parse_dtype's only string is "auto": the checkpoint's dtype (training writes float32)
+    dtype = next(iter(model.state_dict().values())).dtype if isinstance(parsed, str) else parsed
     model.to(device=single_device(kwargs.get("device") or "cpu"), dtype=dtype)
     return model, run_tokenizer(cfg)
 

@@ -12,21 +12,31 @@ from matplotlib.figure import Figure
 
 
 class PolicyResult(Protocol):
-    """What the figure reads of one policy's `sinkscope.streaming.ppl.PolicyResult`."""
+    """What the figure reads of one policy's `sinkscope.streaming.ppl.PolicyResult` (read-only: the result is a
+    frozen dataclass)."""
 
-    positions: torch.Tensor  # (N,) predicted positions
-    nll: torch.Tensor  # (N,) nats
+    @property
+    def positions(self) -> torch.Tensor: ...  # (N,) predicted positions
+
+    @property
+    def nll(self) -> torch.Tensor: ...  # (N,) nats
 
     @property
     def ppl(self) -> float: ...
 
 
 class StreamEval(Protocol):
-    """What the figure reads of a `sinkscope.streaming.ppl.StreamEval` (whose ``save`` draws it)."""
+    """What the figure reads of a `sinkscope.streaming.ppl.StreamEval` (whose ``save`` draws it; read-only, as
+    that result is a frozen dataclass)."""
 
-    n_tokens: int
-    n_sink: int
-    window: int
+    @property
+    def n_tokens(self) -> int: ...
+
+    @property
+    def n_sink(self) -> int: ...
+
+    @property
+    def window(self) -> int: ...
 
     @property
     def policies(self) -> Mapping[str, PolicyResult]: ...
