@@ -23,6 +23,15 @@ TEXT = ("The lighthouse on the northern cape was built in 1851, after a winter i
         "themselves. The work was not difficult, but it never stopped. The lens had to be cleaned every morning.")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _restore_attention(smollm2):
+    """The real model is shared by the whole session: give it back with its own attention implementation."""
+    yield
+    from sinkscope.kv.attention import restore_attention
+
+    restore_attention(smollm2[0])
+
+
 @pytest.fixture(scope="module")
 def setup(smollm2):
     model, tok = smollm2

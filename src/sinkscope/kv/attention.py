@@ -223,6 +223,16 @@ def use_headwise_attention(model: nn.Module) -> None:
     model.set_attn_implementation(HEADWISE)
 
 
+def restore_attention(model: nn.Module) -> None:
+    """Undo `use_headwise_attention`: ``model`` gets back the attention implementation it had before (a no-op for
+    a model that was never switched). Call it when done with head-wise caches, before handing the model to code
+    that reads its implementation (e.g. the streaming evaluation's block mode)."""
+    if model.config._attn_implementation != HEADWISE:
+        return
+    previous = _PREVIOUS.get(id(model.config), "sdpa")
+    model.set_attn_implementation(previous)
+
+
 AttentionInterface.register(HEADWISE, headwise_attention)
 AttentionInterface.register(REFERENCE, reference_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(HEADWISE, sdpa_mask)

@@ -237,7 +237,8 @@ def headwise_cache(model: nn.Module, policy: KVPolicy) -> HeadwiseCache:
     """A head-wise cache for ``model`` following ``policy`` (pass it via `sinkscope.compat.cache_kwargs`).
 
     Switches ``model`` to the ``"sinkscope_kv"`` attention function (calls without a head-wise cache still run the
-    previous implementation) and installs a pre-hook that refuses padded batches.
+    previous implementation; `sinkscope.kv.attention.restore_attention` switches it back) and installs a pre-hook
+    that refuses padded batches.
 
     Raises:
         InputError: the policy's shape does not match the model.

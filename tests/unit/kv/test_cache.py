@@ -170,3 +170,18 @@ def test_library_generate_with_chunked_prefill_equals_one_prefill() -> None:
     chunked = generate_with_policy(model, tok, policy, prompt, max_new_tokens=6, prefill_chunk=5)
     assert chunked.new_ids == one.new_ids and len(one.new_ids) == 6
     assert one.stored_bytes == chunked.stored_bytes < one.dense_bytes
+
+
+def test_restore_attention_gives_the_model_back_its_implementation() -> None:
+    from sinkscope.kv.attention import HEADWISE, restore_attention
+    from sinkscope.kv.cache import headwise_cache
+    from sinkscope.kv.policy import KVPolicy
+
+    m = tiny_model("llama", attn_implementation="sdpa")
+    p = KVPolicy(((0,), ()), n_layers=2, n_kv_heads=2, n_sink=2, window=4, target_length=16)
+    headwise_cache(m, p)
+    assert m.config._attn_implementation == HEADWISE
+    restore_attention(m)
+    assert m.config._attn_implementation == "sdpa"
+    restore_attention(m)  # a second call changes nothing
+    assert m.config._attn_implementation == "sdpa"
