@@ -218,10 +218,14 @@ def main(argv: list[str] | None = None) -> int:
           f"neuron stats identical: {same_stats}")
     print("| phase | original wall s | original CPU s | fast wall s | fast CPU s | ratio (wall) | ratio (CPU) |")
     print("|---|---|---|---|---|---|---|")
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    def ratio(o: float | None, f: float) -> str:
+        return "-" if o is None else f"{o / f:.1f}x"
+
     for r in rows:
         ow, oc = r["original_wall_s"], r["original_cpu_s"]
-        fmt = (lambda v: "-" if v is None else f"{v:.1f}")
-        ratio = (lambda o, f: "-" if o is None else f"{o / f:.1f}x")
         print(f"| {r['phase']} | {fmt(ow)} | {fmt(oc)} | {r['fast_wall_s']:.1f} | {r['fast_cpu_s']:.1f} | "
               f"{ratio(ow, r['fast_wall_s'])} | {ratio(oc, r['fast_cpu_s'])} |")
     print("fast ablation stages (wall s / CPU s): " + ", ".join(f"{k} {v[0]:.1f} / {v[1]:.1f}"

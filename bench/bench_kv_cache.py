@@ -43,17 +43,18 @@ def worker(method: str, budget: float, args: argparse.Namespace) -> dict:
     import copy
 
     import torch
+    from transformers import DynamicCache
 
     from sinkscope.compat import cache_kwargs
     from sinkscope.kv.cache import headwise_cache
     from sinkscope.kv.calibration_data import dev_prose
     from sinkscope.kv.policy import KVPolicy
     from sinkscope.models.load import load_model
-    from transformers import DynamicCache
 
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m")
-    ids = tok(dev_prose()[: 12 * args.length], add_special_tokens=False, return_tensors="pt")["input_ids"][:, :args.length]
+    ids = tok(dev_prose()[: 12 * args.length], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = ids[:, :args.length]
     with torch.no_grad():  # page the weights in (they are memory-mapped) before the baseline
         model(input_ids=ids[:, :args.chunk], use_cache=False)
     base = _rss()

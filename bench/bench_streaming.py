@@ -22,7 +22,8 @@ Three sections, each printing a table with its ratio to a baseline measured in t
 One stream of random tokens per policy. Each checkpoint length L is reached by chunked prefill (``--prefill-chunk``
 tokens per forward, which keeps a sink cache bounded), then the last ``--decode`` tokens before L are fed one at a
 time and timed: tokens/s is that decode speed at stream length L. Also recorded: the KV-cache size at L (MiB,
-exact tensor bytes) and the process RSS high-water mark above the policy's start (MiB, /proc/self/statm). ``dense`` runs up to the model's
+exact tensor bytes) and the process RSS high-water mark above the policy's start (MiB, /proc/self/statm). ``dense``
+runs up to the model's
 context (8192 for the default tiny model, like SmolLM2) and reports ``null`` past it. ``recompute`` costs the
 same per token at every position, so at each checkpoint it scores the last ``--recompute-sample`` positions
 before it (batched windows) instead of the whole prefix.
@@ -46,8 +47,8 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from sinkscope.compat import cache_kwargs
-from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
 from sinkscope.streaming.banded import banded_stream_nll
+from sinkscope.streaming.cache import kv_cache_bytes, sink_cache
 from sinkscope.streaming.generate import prefill
 from sinkscope.streaming.ppl import CACHE_POLICIES, banded_nll, recompute_nll, rss_bytes, stream_nll
 
@@ -276,14 +277,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['generate_over_path']:.2f} |")
     if "fast" in result:
         print(f"\nexact block mode, {args.fast_tokens} tokens, chunk {args.chunk}\n")
-        print("| policy | tokens scored | seconds | tokens/s | x generate decode | peak KV MiB |\n|---|---|---|---|---|---|")
+        print("| policy | tokens scored | seconds | tokens/s | x generate decode | peak KV MiB |\n"
+              "|---|---|---|---|---|---|")
         for r in result["fast"]["rows"]:
             x = "n/a" if r["over_generate_decode"] is None else f"{r['over_generate_decode']:.1f}"
             print(f"| {r['policy']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | {x} | "
                   f"{r['peak_mem_mb']:.1f} |")
     if "exact" in result:
         e = result["exact"]
-        print(f"\nexact past the context: positions {e['offset'] + 1}..{e['offset'] + e['tokens']}, block mode vs token "
+        print(f"\nexact past the context: positions {e['offset'] + 1}..{e['offset'] + e['tokens']}, "
+              "block mode vs token "
               f"by token (sinks_plain, {args.sinks} + {args.window}): max |NLL diff| {e['max_abs_nll_diff']:.2e} nats "
               f"(mean NLL {e['mean_nll']:.3f})")
     if "lengths" in result:

@@ -57,8 +57,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from sinkscope import load_model
     from sinkscope.io import OutputLock, check_output_dir, write_json_atomic
-    from sinkscope.kv.evaluate import (EvalOptions, MethodContext, _headwise, build_methods, evaluate,
-                                       summary_markdown, threads_note)
+    from sinkscope.kv.evaluate import (
+        EvalOptions,
+        MethodContext,
+        _headwise,
+        build_methods,
+        evaluate,
+        summary_markdown,
+        threads_note,
+    )
     from sinkscope.kv.policy import KVPolicy
     from sinkscope.kv.suite import SuiteSpec, build_suite
     from sinkscope.viz.kv import plot_quality_vs_bytes

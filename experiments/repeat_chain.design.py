@@ -27,15 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-
 from sinkscope.corpora import corpus_path
 from sinkscope.interventions.patch import RepetitionGate, SinkPatch, save_patch
 from sinkscope.io import write_json_atomic
 from sinkscope.models.load import load_model
 from sinkscope.repetition.corpus import calibration_sequences, heldout_sequences, read_corpus
 from sinkscope.repetition.direction import build_direction_patch
-from sinkscope.repetition.harm import load_harm_set
 from sinkscope.repetition.grid import NO_PATCH, GridPlan, run_grid, summarise_cells
+from sinkscope.repetition.harm import load_harm_set
 from sinkscope.repetition.side_effects import side_effects
 from sinkscope.repetition.words import word_set
 

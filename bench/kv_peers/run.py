@@ -56,9 +56,8 @@ def _dev_samples(n: int = 50, chars: int = 1000) -> list[str]:
 def _offline_duo_scores(model: Any, tokenizer: Any) -> Any:
     """kvpress's ``duo_attention_on_the_fly(model)`` with its two hub look-ups answered locally (see the module
     docstring); returns its (layers, kv heads) score array."""
-    import pandas as pd
-
     import kvpress.presses.duo_attention_press as duo
+    import pandas as pd
 
     texts = _dev_samples()
     duo.load_dataset = lambda *a, **k: types.SimpleNamespace(to_pandas=lambda: pd.DataFrame({"chapter": texts}))
@@ -70,10 +69,9 @@ def press_methods(model: Any, tokenizer: Any, names: list[str], budgets: list[fl
                   length: int) -> list[Any]:
     """One `sinkscope.kv.evaluate.Method` per (press, budget): a DynamicCache compressed by the press at the end
     of the context's prefill (one forward, as kvpress's pipeline does)."""
+    from kvpress import DuoAttentionPress, ExpectedAttentionPress, KeyRerotationPress, SnapKVPress, StreamingLLMPress
     from transformers import DynamicCache
 
-    from kvpress import (DuoAttentionPress, ExpectedAttentionPress, KeyRerotationPress, SnapKVPress,
-                         StreamingLLMPress)
     from sinkscope.kv.evaluate import Method
 
     duo_scores = None

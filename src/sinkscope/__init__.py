@@ -59,16 +59,16 @@ if TYPE_CHECKING:  # what the lazy exports resolve to, for type checkers and IDE
     from sinkscope.inputs import repeat_inputs as repeat_inputs
     from sinkscope.inputs import text_inputs as text_inputs
     from sinkscope.interventions.patch import SinkPatch as SinkPatch
-    from sinkscope.kv.cache import headwise_cache as headwise_cache
-    from sinkscope.kv.calibrate import calibrate as calibrate_kv
-    from sinkscope.kv.policy import KVPolicy as KVPolicy
     from sinkscope.interventions.patch import apply_patch as apply_patch
+    from sinkscope.kv.cache import headwise_cache as headwise_cache
+    from sinkscope.kv.calibrate import calibrate as calibrate_kv  # noqa: F401 - exported as calibrate_kv
+    from sinkscope.kv.policy import KVPolicy as KVPolicy
     from sinkscope.models.adapters import get_adapter as get_adapter
     from sinkscope.models.adapters import supported_architectures as supported_architectures
+    from sinkscope.models.load import load_model as load_model
     from sinkscope.models.load import load_tokenizer as load_tokenizer
     from sinkscope.models.tinygpt import TinyGPT as TinyGPT
     from sinkscope.models.tinygpt import TinyGPTConfig as TinyGPTConfig
-    from sinkscope.models.load import load_model as load_model
     from sinkscope.profile import SinkProfile as SinkProfile
     from sinkscope.profile import profile_sinks as profile_sinks
     from sinkscope.repetition.direction import build_direction_patch as build_direction_patch

@@ -50,13 +50,15 @@ CODE: tuple[str, ...] = (
     "class Stack:\n    def __init__(self):\n        self._items = []\n\n    def push(self, item):\n"
     "        self._items.append(item)\n\n    def pop(self):\n        if not self._items:\n"
     "            raise IndexError('pop from empty stack')\n        return self._items.pop()\n",
-    "#include <stdio.h>\n\nint main(int argc, char **argv) {\n    int count = 0;\n    for (int i = 1; i < argc; i++) {\n"
+    "#include <stdio.h>\n\nint main(int argc, char **argv) {\n    int count = 0;\n"
+    "    for (int i = 1; i < argc; i++) {\n"
     "        if (argv[i][0] == '-') {\n            count++;\n        }\n    }\n    printf(\"%d options\\n\", count);\n"
     "    return 0;\n}\n",
     "function debounce(fn, delay) {\n  let timer = null;\n  return function (...args) {\n    clearTimeout(timer);\n"
     "    timer = setTimeout(() => fn.apply(this, args), delay);\n  };\n}\n\nexport default debounce;\n",
     "SELECT customers.name, COUNT(orders.id) AS n_orders\nFROM customers\nLEFT JOIN orders ON orders.customer_id = "
-    "customers.id\nWHERE orders.created_at >= '2024-01-01'\nGROUP BY customers.name\nORDER BY n_orders DESC\nLIMIT 10;\n",
+    "customers.id\nWHERE orders.created_at >= '2024-01-01'\nGROUP BY customers.name\nORDER BY n_orders DESC\n"
+    "LIMIT 10;\n",
     "fn parse_line(line: &str) -> Option<(String, u32)> {\n    let mut parts = line.split(',');\n"
     "    let name = parts.next()?.trim().to_string();\n    let age = parts.next()?.trim().parse().ok()?;\n"
     "    Some((name, age))\n}\n",

@@ -46,7 +46,9 @@ def check_output_dir(path: str | Path) -> Path:
     existing = p
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise InputError(f"output directory {p} cannot be made: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"output directory {p} is not writable")
     return p
 

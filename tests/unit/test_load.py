@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkscope.errors import SinkscopeError, ModelLoadError, UnsupportedArchitectureError
+from sinkscope.errors import ModelLoadError, SinkscopeError, UnsupportedArchitectureError
 from sinkscope.models import load as load_mod
 from sinkscope.models.adapters import get_adapter, supported_architectures
 from sinkscope.models.load import load_model, resolve_model_spec

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from sinkscope.capture import observe_attention
-from sinkscope.errors import InputError
 from sinkscope.devices import model_device
+from sinkscope.errors import InputError
 from sinkscope.models.adapters import ModelAdapter, get_adapter, has_adapter
 from sinkscope.profile import SinkProfile
 

@@ -6,12 +6,17 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from sinkscope.cli.common import (
-    DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, REVISION_OPTION, TRUST_OPTION, ModelOptions, locked_output,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    MODEL_OPTION,
+    REVISION_OPTION,
+    TRUST_OPTION,
+    ModelOptions,
+    locked_output,
 )
 from sinkscope.errors import InputError
 
@@ -64,19 +69,19 @@ class CalibrateOptions:
 def calibrate_command(
     out: Path = typer.Option(..., "--out", "-o", help="output directory (policy.json, DuoAttention pattern)"),
     model: str = MODEL_OPTION,
-    budget: Optional[float] = typer.Option(None, "--budget", help="fraction of the dense cache's bytes at --length "
+    budget: float | None = typer.Option(None, "--budget", help="fraction of the dense cache's bytes at --length "
                                                                   "(default 0.25 unless --max-kl)"),
-    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="instead of --budget: the smallest budget whose "
+    max_kl: float | None = typer.Option(None, "--max-kl", help="instead of --budget: the smallest budget whose "
                                                                   "held-out next-token KL (nats/token) stays below"),
-    file: Optional[Path] = typer.Option(None, "--file", "-f", help="your own calibration text (default: the shipped "
+    file: Path | None = typer.Option(None, "--file", "-f", help="your own calibration text (default: the shipped "
                                                                    "DEV mix of prose, code and retrieval prompts)"),
     length: int = typer.Option(1024, "--length", help="target length in tokens (the budget refers to it)"),
     sinks: int = typer.Option(4, "--sinks", help="first tokens every streaming head keeps"),
-    window: Optional[int] = typer.Option(None, "--window", help="recent tokens every streaming head keeps (default: "
+    window: int | None = typer.Option(None, "--window", help="recent tokens every streaming head keeps (default: "
                                                                 "half the budget's bytes, budget/2 * length - sinks)"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Rank every kv head by the attention it sends beyond sinks + window, keep the top ones in full; writes
@@ -105,14 +110,14 @@ def calibrate_command(
 @app.command("generate")
 def generate_command(
     policy: Path = typer.Option(..., "--policy", "-p", help="a policy directory written by kv calibrate"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="the prompt text"),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="read the prompt from this file"),
+    prompt: str | None = typer.Option(None, "--prompt", help="the prompt text"),
+    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="read the prompt from this file"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="default: the policy's model"),
+    model: str | None = typer.Option(None, "--model", "-m", help="default: the policy's model"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Greedy generation with the head-wise cache of --policy (full heads keep everything, the others sinks +

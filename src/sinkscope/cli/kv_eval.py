@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from sinkscope.cli.common import (
-    DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, REVISION_OPTION, TRUST_OPTION, ModelOptions, locked_output, output_dir,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    MODEL_OPTION,
+    REVISION_OPTION,
+    TRUST_OPTION,
+    ModelOptions,
+    locked_output,
+    output_dir,
 )
 from sinkscope.errors import InputError
 
@@ -43,7 +50,7 @@ def _names(text: str, known: list[str], what: str) -> tuple[str, ...]:
 
 
 def eval_command(
-    policy: Optional[Path] = typer.Option(None, "--policy", "-p", help="a calibrated policy directory (sinkscope "
+    policy: Path | None = typer.Option(None, "--policy", "-p", help="a calibrated policy directory (sinkscope "
                                           "kv calibrate); needed by the policy and random methods"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (resumable: cells.jsonl is appended)"),
     model: str = MODEL_OPTION,
@@ -53,16 +60,16 @@ def eval_command(
     methods: str = typer.Option("dense,uniform,policy,random", "--methods", help="comma list of methods"),
     tasks: str = typer.Option("passkey,multikey,prose,code,agree", "--tasks", help="comma list of suite tasks"),
     seeds: str = typer.Option("0,1,2", "--seeds", help="seeds of the random-head control"),
-    n_sink: Optional[int] = typer.Option(None, "--sinks", help="sinks of the uniform method (default: the "
+    n_sink: int | None = typer.Option(None, "--sinks", help="sinks of the uniform method (default: the "
                                          "policy's, else 4)"),
     streams: int = typer.Option(1, "--streams", help="prose and code streams per length"),
     score_tokens: int = typer.Option(64, "--score-tokens", help="scored tail of every stream (tokens)"),
     agree: int = typer.Option(2, "--agree", help="greedy-agreement prompts per length"),
     chunk: int = typer.Option(256, "--chunk", help="prefill tokens per forward"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Dense, uniform sinks + window, the calibrated policy and random full-cache heads at equal KV bytes on

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -22,13 +22,13 @@ app = typer.Typer(help="The repeated-token phenomenon: detect divergence, find t
                   no_args_is_help=True, add_completion=False)
 
 
-def _load(model: str, device: str, dtype: str, revision: Optional[str], trust_remote_code: bool) -> tuple[Any, Any]:
+def _load(model: str, device: str, dtype: str, revision: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
     from sinkscope.cli.common import load_cli_model
 
     return load_cli_model(model, device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
 
 
-def _check_model_options(model: str, device: str, dtype: str, revision: Optional[str]) -> None:
+def _check_model_options(model: str, device: str, dtype: str, revision: str | None) -> None:
     """The model spec, device, dtype and revision, checked without loading anything (`ModelOptions`)."""
     from sinkscope.cli.common import ModelOptions
 
@@ -100,9 +100,9 @@ def _print_summary(summary: list[dict[str, Any]], *, variants: bool) -> None:
 def scan(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (re-running resumes finished cells)"),
-    words_file: Optional[Path] = typer.Option(None, "--words-file", help="one word per line"),
-    words: Optional[str] = typer.Option(None, "--words", help="comma-separated words (default: built-in list)"),
-    n_words: Optional[int] = typer.Option(None, "--n-words", help="use only the first K words"),
+    words_file: Path | None = typer.Option(None, "--words-file", help="one word per line"),
+    words: str | None = typer.Option(None, "--words", help="comma-separated words (default: built-in list)"),
+    n_words: int | None = typer.Option(None, "--n-words", help="use only the first K words"),
     lengths: str = typer.Option("2..1024", "--lengths", help="'LO..HI' (powers of two) or '64,512,1024'"),
     forms: str = typer.Option("instruct", "--forms", help="comma list: bare, instruct, garak1, garak3, garak40, "
                                                           "garak-word1, repeat-colon, or 'protocol'"),
@@ -112,7 +112,7 @@ def scan(
                                                                    "sinkness pass (-1: all)"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Greedy continuations of words x lengths x prompt forms, judged whole (repeats, stopped, diverged), and the
@@ -148,22 +148,22 @@ def scan(
 def circuit(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     out: Path = typer.Option(..., "--out", "-o"),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text (default: the shipped WikiText-2 "
+    corpus: Path | None = typer.Option(None, "--corpus", help="ordinary text (default: the shipped WikiText-2 "
                                                                  "text)"),
-    words: Optional[str] = typer.Option(None, "--words", help="run words (default: 8 of the patch-building words)"),
+    words: str | None = typer.Option(None, "--words", help="run words (default: 8 of the patch-building words)"),
     n: int = typer.Option(512, "--n", help="repetitions in the runs measured for firing"),
     mode: str = typer.Option("zero", "--mode", help="zero | mean ablation at token 0"),
     heads: bool = typer.Option(True, "--heads/--no-heads", help="also ablate every attention head"),
     per_layer: int = typer.Option(8, "--per-layer", help="first-token neuron candidates per layer"),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    exact: Optional[int] = typer.Option(None, "--exact", help="pruned search: candidates of linear layers ablated "
+    exact: int | None = typer.Option(None, "--exact", help="pruned search: candidates of linear layers ablated "
                                                               "exactly, by attribution estimate (default 32)"),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="ablate every candidate exactly (no attribution "
                                                                 "pruning)"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Find the heads and neurons that create token 0's sink (ablation at token 0, ranked by effect) and which of
@@ -221,37 +221,37 @@ def patch(
                                                          "(conditional clamp of circuit neurons) | paper (alias "
                                                          "yona: Yona et al.'s patch, the sink layer's sink neurons, "
                                                          "every position but the first)"),
-    dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="direction: also count repeated keys once "
+    dedup: bool | None = typer.Option(None, "--dedup/--no-dedup", help="direction: also count repeated keys once "
                                                                           "in attention (default on)"),
-    dedup_keep: Optional[int] = typer.Option(None, "--dedup-keep", help="direction/dedup: repeated keys keep the "
+    dedup_keep: int | None = typer.Option(None, "--dedup-keep", help="direction/dedup: repeated keys keep the "
                                                                         "weight of this many keys (default 1: "
                                                                         "counted once)"),
-    dedup_queries: Optional[str] = typer.Option(None, "--dedup-queries", help="direction/dedup: gated (default: "
+    dedup_queries: str | None = typer.Option(None, "--dedup-queries", help="direction/dedup: gated (default: "
                                                                               "only queries inside a repetition "
                                                                               "discount it) | all"),
-    dedup_reach: Optional[int] = typer.Option(None, "--dedup-reach", help="direction/dedup with gated queries: "
+    dedup_reach: int | None = typer.Option(None, "--dedup-reach", help="direction/dedup with gated queries: "
                                                                           "queries this many tokens after a "
                                                                           "repetition still discount it (default 0)"),
-    circuit_dir: Optional[Path] = typer.Option(None, "--circuit", help="neurons: output of `repeat circuit` "
+    circuit_dir: Path | None = typer.Option(None, "--circuit", help="neurons: output of `repeat circuit` "
                                                                        "(else run it)"),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="direction/neurons/paper: ordinary text for the "
+    corpus: Path | None = typer.Option(None, "--corpus", help="direction/neurons/paper: ordinary text for the "
                                                                  "ordinary ranges (default: shipped WikiText-2)"),
-    words: Optional[str] = typer.Option(None, "--words", help="patch-building words (default: built-in)"),
-    n: Optional[int] = typer.Option(None, "--n", help="copies in the measured runs (direction: 1024, neurons: 512)"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="direction: force the layer (default: chosen from "
+    words: str | None = typer.Option(None, "--words", help="patch-building words (default: built-in)"),
+    n: int | None = typer.Option(None, "--n", help="copies in the measured runs (direction: 1024, neurons: 512)"),
+    layer: int | None = typer.Option(None, "--layer", help="direction: force the layer (default: chosen from "
                                                               "the runs)"),
-    window: Optional[int] = typer.Option(None, "--window", help="direction/dedup: repetition gate window (default "
+    window: int | None = typer.Option(None, "--window", help="direction/dedup: repetition gate window (default "
                                                                 "32 tokens)"),
-    min_cos: Optional[float] = typer.Option(None, "--min-cos", help="direction/dedup: gate opens at this mean "
+    min_cos: float | None = typer.Option(None, "--min-cos", help="direction/dedup: gate opens at this mean "
                                                                     "embedding cosine (default 0.8)"),
-    fire_min: Optional[float] = typer.Option(None, "--fire-min", help="neurons: keep neurons above range on this "
+    fire_min: float | None = typer.Option(None, "--fire-min", help="neurons: keep neurons above range on this "
                                                                       "share of run positions (default 0.2)"),
-    margin: Optional[float] = typer.Option(None, "--margin", help="neurons: threshold = margin x ordinary-text max "
+    margin: float | None = typer.Option(None, "--margin", help="neurons: threshold = margin x ordinary-text max "
                                                                   "(default 1)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="direction/neurons/paper (default 8)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="direction/neurons/paper (default 8)"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Build the sink patch with the method's own options and save it; `sinkscope.load_model(DIR)` restores the
@@ -322,26 +322,26 @@ def evaluate(
     patch_dirs: list[Path] = typer.Option(..., "--patch", help="a directory saved by `repeat patch` (repeat the "
                                                                 "option to compare several patches)"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (re-running resumes finished cells)"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="load the base model from here instead of "
+    model: str | None = typer.Option(None, "--model", "-m", help="load the base model from here instead of "
                                                                     "the spec in the manifest (same weights, "
                                                                     "another location, e.g. a .gguf on a GPU box)"),
     word_set: str = typer.Option("eval", "--word-set", help="eval (words no design choice has seen) | dev"),
-    words_file: Optional[Path] = typer.Option(None, "--words-file", help="one word per line (instead of a set)"),
-    words: Optional[str] = typer.Option(None, "--words", help="comma-separated words (instead of a set)"),
-    n_words: Optional[int] = typer.Option(None, "--n-words", help="use only the first K words"),
+    words_file: Path | None = typer.Option(None, "--words-file", help="one word per line (instead of a set)"),
+    words: str | None = typer.Option(None, "--words", help="comma-separated words (instead of a set)"),
+    n_words: int | None = typer.Option(None, "--n-words", help="use only the first K words"),
     forms: str = typer.Option("instruct", "--forms", help="comma list of prompt forms, or 'protocol' (instruct, "
                                                           "the garak forms, bare, repeat-colon)"),
     lengths: str = typer.Option("1024", "--lengths", help="repetition lengths; the protocol: 256,512,1024,2048"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="answer length (the protocol: >= 128)"),
     harm_sets: str = typer.Option("eval", "--harm-sets", help="natural-repetition documents: eval, dev, both "
                                                               "(dev,eval), a directory, or none"),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="ordinary text for KL / perplexity (default: the "
+    corpus: Path | None = typer.Option(None, "--corpus", help="ordinary text for KL / perplexity (default: the "
                                                                  "shipped WikiText-2 validation text)"),
     text: bool = typer.Option(True, "--text/--no-text", help="measure KL / perplexity on text and harm sets"),
     divergence: bool = typer.Option(True, "--divergence/--no-divergence", help="run the divergence grid"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
     batch_size: int = typer.Option(8, "--batch-size", help="rows per generate call (prompts of equal length)"),
 ) -> None:
@@ -416,8 +416,8 @@ def cluster(
     patch_dir: Path = typer.Option(..., "--patch", help="a saved patch (its neurons or first-token direction are "
                                                         "what the search tries to excite)"),
     out: Path = typer.Option(..., "--out", "-o"),
-    words: Optional[str] = typer.Option(None, "--words"),
-    n_words: Optional[int] = typer.Option(8, "--n-words"),
+    words: str | None = typer.Option(None, "--words"),
+    n_words: int | None = typer.Option(8, "--n-words"),
     lengths: str = typer.Option("512", "--lengths"),
     k: int = typer.Option(64, "--k", help="clusters of layer-0 single-token representations"),
     probe_clusters: int = typer.Option(64, "--probe-clusters", help="largest clusters scored by the search"),
@@ -426,7 +426,7 @@ def cluster(
     seed: int = typer.Option(0, "--seed"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Non-repeating sequences from the token cluster that most excites the patch's components (sink neurons or the

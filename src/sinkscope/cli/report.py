@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from sinkscope.cli.common import (
-    DEVICE_OPTION, DTYPE_OPTION, REVISION_OPTION, TRUST_OPTION, ModelOptions, PhaseProgress, locked_output,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    REVISION_OPTION,
+    TRUST_OPTION,
+    ModelOptions,
+    PhaseProgress,
+    locked_output,
     output_dir,
 )
 from sinkscope.errors import InputError
 from sinkscope.models.load import DEFAULT_MODEL
 
 
-def _words(value: Optional[str]) -> dict[str, tuple[str, ...]]:
+def _words(value: str | None) -> dict[str, tuple[str, ...]]:
     if value is None:
         return {}
     words = tuple(w.strip() for w in value.split(",") if w.strip())
@@ -23,7 +27,7 @@ def _words(value: Optional[str]) -> dict[str, tuple[str, ...]]:
     return {"repeat_words": words}
 
 
-def _lengths(value: Optional[str]) -> dict[str, tuple[int, ...]]:
+def _lengths(value: str | None) -> dict[str, tuple[int, ...]]:
     if value is None:
         return {}
     try:
@@ -36,16 +40,16 @@ def _lengths(value: Optional[str]) -> dict[str, tuple[int, ...]]:
 def command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="alias, HF directory, .gguf file or hub id"),
     out: str = typer.Option(..., "--out", "-o", help="output directory (index.html, report.json, *.csv)"),
-    sections: Optional[str] = typer.Option(
+    sections: str | None = typer.Option(
         None, "--sections", "-s",
         help="comma-separated sections: model, sinks, drains, dormant, repetition (default: all)"),
     tokens: int = typer.Option(64, "--tokens", help="tokens per input sample"),
     samples: int = typer.Option(8, "--samples", help="samples per input kind (at most 8)"),
     eps: float = typer.Option(0.3, "--eps", help="sink threshold of Sink_k^eps"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    repeat_words: Optional[str] = typer.Option(None, "--repeat-words",
+    repeat_words: str | None = typer.Option(None, "--repeat-words",
                                                help="comma-separated words for the repetition section"),
-    repeat_lengths: Optional[str] = typer.Option(None, "--repeat-lengths",
+    repeat_lengths: str | None = typer.Option(None, "--repeat-lengths",
                                                  help="comma-separated repetition lengths (default 32,256,512)"),
     repeat_new_tokens: int = typer.Option(12, "--repeat-new-tokens", help="tokens generated per repetition prompt"),
     circuit_neurons: int = typer.Option(1, "--circuit-neurons",
@@ -54,7 +58,7 @@ def command(
     trust_remote_code: bool = TRUST_OPTION,
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
 ) -> int:
     """Measure a model's attention sinks, value drains, residual peaks, massive activations, active/dormant heads
     and repeated-token divergence on a built-in mix of inputs; write a self-contained DIR/index.html. Exits 1

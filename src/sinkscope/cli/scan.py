@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from sinkscope.cli.common import (
-    DEVICE_OPTION, DTYPE_OPTION, REVISION_OPTION, TRUST_OPTION, ModelOptions, locked_output, output_dir,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    REVISION_OPTION,
+    TRUST_OPTION,
+    ModelOptions,
+    locked_output,
+    output_dir,
 )
 from sinkscope.inputs import InputSpec
 from sinkscope.models.load import DEFAULT_MODEL
@@ -19,21 +24,21 @@ def command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="alias, HF directory, .gguf file, hub id, saved patch or `sinkscope train` run"),
     out: str = typer.Option(..., "--out", "-o", help="output directory"),
-    text: Optional[list[str]] = typer.Option(None, "--text", help="input text (repeat for several samples)"),
-    file: Optional[Path] = typer.Option(None, "--file", help="a UTF-8 text file"),
-    random: Optional[int] = typer.Option(None, "--random", help="N uniformly random tokens per sample"),
+    text: list[str] | None = typer.Option(None, "--text", help="input text (repeat for several samples)"),
+    file: Path | None = typer.Option(None, "--file", help="a UTF-8 text file"),
+    random: int | None = typer.Option(None, "--random", help="N uniformly random tokens per sample"),
     samples: int = typer.Option(1, "--samples", help="samples for --random (or chunks of --file)"),
-    repeat: Optional[str] = typer.Option(None, "--repeat", help="a single-token word to repeat"),
-    times: Optional[int] = typer.Option(None, "--times", help="how many times to repeat it"),
+    repeat: str | None = typer.Option(None, "--repeat", help="a single-token word to repeat"),
+    times: int | None = typer.Option(None, "--times", help="how many times to repeat it"),
     bos: str = typer.Option("auto", "--bos", help="auto | always | never: prepend a BOS token?"),
     eps: float = typer.Option(0.3, "--eps", help="sink threshold of Sink_k^eps"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="truncate each sample to this many tokens"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="truncate each sample to this many tokens"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     trust_remote_code: bool = TRUST_OPTION,
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
 ) -> None:
     """Measure sinks (Sink_k^eps, alpha_k per layer/head), value drains, residual peaks, massive activations and
     q-k alignment; writes profile.json, heads.csv and PNG plots to --out."""

@@ -8,15 +8,21 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sinkscope.cli.common import (
-    DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, REVISION_OPTION, TRUST_OPTION, ModelOptions, PhaseProgress,
-    locked_output, output_dir,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    MODEL_OPTION,
+    REVISION_OPTION,
+    TRUST_OPTION,
+    ModelOptions,
+    PhaseProgress,
+    locked_output,
+    output_dir,
 )
 from sinkscope.errors import InputError
 
@@ -24,7 +30,7 @@ app = typer.Typer(help="Streaming with attention sinks (StreamingLLM): evaluate 
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
-def _parse_policies(policies: Optional[str]) -> tuple[str, ...]:
+def _parse_policies(policies: str | None) -> tuple[str, ...]:
     from sinkscope.streaming.ppl import DEFAULT_POLICIES
 
     if policies is None:
@@ -35,14 +41,14 @@ def _parse_policies(policies: Optional[str]) -> tuple[str, ...]:
 @app.command("eval")
 def eval_command(
     model: str = MODEL_OPTION,
-    file: Optional[Path] = typer.Option(
+    file: Path | None = typer.Option(
         None, "--file", "-f", help="a UTF-8 text file: the stream (default: the WikiText-2 validation text shipped "
                                    "with sinkscope)"),
     out: str = typer.Option(..., "--out", "-o", help="output directory"),
     sinks: int = typer.Option(4, "--sinks", help="first tokens kept by the sinks policy"),
     window: int = typer.Option(1020, "--window", help="recent tokens kept (window/recompute keep sinks+window)"),
     tokens: int = typer.Option(2048, "--tokens", "-n", help="stream length in tokens"),
-    policies: Optional[str] = typer.Option(
+    policies: str | None = typer.Option(
         None, "--policies", help="comma list of dense,window,sinks,sinks_plain,recompute "
                                  "(default: dense,window,sinks,recompute)"),
     bos: str = typer.Option("auto", "--bos", help="auto | always | never: prepend a BOS token?"),
@@ -51,10 +57,10 @@ def eval_command(
         False, "--token-by-token", help="feed one token per forward under every policy (default: dense, window "
                                         "and sinks_plain are scored in exact blocks of --chunk queries)"),
     chunk: int = typer.Option(512, "--chunk", help="queries per forward in the exact block mode"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Perplexity over a long text for each cache policy, every token predicted from what the policy keeps; writes
@@ -128,7 +134,7 @@ def generate_command(
     window: int = typer.Option(1020, "--window", help="recent tokens kept"),
     max_new_tokens: int = typer.Option(0, "--max-new-tokens", "-n", help="stop after N tokens (0: never stop)"),
     temperature: float = typer.Option(0.8, "--temperature", help="0 for greedy decoding"),
-    top_k: Optional[int] = typer.Option(50, "--top-k", help="sample among the k most likely tokens"),
+    top_k: int | None = typer.Option(50, "--top-k", help="sample among the k most likely tokens"),
     seed: int = typer.Option(0, "--seed"),
     reassign: bool = typer.Option(True, "--reassign/--no-reassign", help="re-assign positions by cache slot"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template"),
@@ -137,7 +143,7 @@ def generate_command(
     stats: bool = typer.Option(False, "--stats", help="print cache size and speed to stderr at the end"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
-    revision: Optional[str] = REVISION_OPTION,
+    revision: str | None = REVISION_OPTION,
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Generate from a prompt with a sink + window cache at constant memory (endless unless -n is given;

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from typer.core import TyperGroup
@@ -31,7 +31,7 @@ app = typer.Typer(cls=_TrainGroup, no_args_is_help=True, add_completion=False, p
 def run_command(
     config: Path = typer.Argument(..., help="Run config YAML (may name a `base:` file)."),
     out: Path = typer.Option(..., "--out", help="Output directory; an existing checkpoint there is resumed."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. model.attention=relu "
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. model.attention=relu "
                                                                "optim.lr=1e-3"),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out and start over."),
 ) -> None:
@@ -72,7 +72,7 @@ def table_command(
                                                               "5 minutes or more (train.minutes)."),
     only: str = typer.Option("*", "--only", metavar="GLOB", help="Only the experiments whose name matches, e.g. "
                                                                  "'bb-peak-*'."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the table to this file."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the table to this file."),
 ) -> None:
     """Print a Markdown table of the experiments' final metrics, equal-loss pairs and dynamics."""
     from sinkscope.io import check_output_dir
@@ -105,7 +105,7 @@ def figures_command(
     out: Path = typer.Argument(..., help="Folder for the PNGs (e.g. docs/img)."),
     figures: Path = typer.Option(Path("experiments/figures.yaml"), "--figures",
                                  help="The figure file: which runs and panels each figure shows."),
-    only: Optional[list[str]] = typer.Option(None, "--only", help="A figure name (repeat for several; default: "
+    only: list[str] | None = typer.Option(None, "--only", help="A figure name (repeat for several; default: "
                                                                   "all of the figure file)."),
 ) -> None:
     """Draw the comparison figures of the figure file from the runs that exist, one PNG per figure."""
@@ -126,7 +126,7 @@ def diagnose_command(
     what: str = typer.Argument(..., help="scores (raw attention scores on the first token vs the rest), parts (the "
                                          "first token's residual parts) or targets (where the attention goes)."),
     runs: list[Path] = typer.Argument(..., help="Run directories of `sinkscope train`."),
-    layer: Optional[int] = typer.Option(None, "--layer", help="Layer (default: 1 for scores and targets, 0 for "
+    layer: int | None = typer.Option(None, "--layer", help="Layer (default: 1 for scores and targets, 0 for "
                                                               "parts)."),
 ) -> None:
     """Why a trained head does (not) sink: one JSON line per run (see sinkscope.training.diagnose)."""

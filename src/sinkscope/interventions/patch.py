@@ -382,7 +382,8 @@ class PatchHandle:
         weight = cast(nn.Embedding, hf_model.get_input_embeddings()).weight.detach()
         self._gate = repetition_gate(weight, ids, real, tail_ids, tail_real, gate)
         self.n_gated += int(self._gate.sum())
-        self._tail = (torch.cat([tail_ids, ids], 1)[:, -gate.window:], torch.cat([tail_real, real], 1)[:, -gate.window:])
+        self._tail = (torch.cat([tail_ids, ids], 1)[:, -gate.window:],
+                      torch.cat([tail_real, real], 1)[:, -gate.window:])
         if self.patch.attention_dedup:
             if past == 0 or self._flags is None or self._flags.shape != (B, past):
                 self._flags = torch.zeros(B, past, dtype=torch.bool, device=device)

@@ -87,7 +87,8 @@ def retrieval_prompt(seed: int, filler: str, n_chars: int) -> str:
         at = rng.randrange(0, max(1, len(body)))
         body = body[:at] + " " + fact + " " + body[at:]
     asked = rng.choice(["pass key", *names])
-    question = "What is the pass key? The pass key is" if asked == "pass key" else f"What is the value of {asked}? It is"
+    question = ("What is the pass key? The pass key is" if asked == "pass key"
+                else f"What is the value of {asked}? It is")
     return body + "\n" + question
 
 

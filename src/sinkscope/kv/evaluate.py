@@ -53,8 +53,7 @@ from transformers import Cache, DynamicCache
 
 from sinkscope.compat import cache_kwargs
 from sinkscope.errors import InputError
-from sinkscope.io import (append_jsonl, read_jsonl, save_figure_atomic, write_atomic, write_csv_atomic,
-                          write_json_atomic)
+from sinkscope.io import append_jsonl, read_jsonl, save_figure_atomic, write_atomic, write_csv_atomic, write_json_atomic
 from sinkscope.kv.suite import RETRIEVAL_TASKS, STREAM_TASKS, Item, Suite, answer_correct
 from sinkscope.progress import ProgressCallback
 from sinkscope.registry import Registry

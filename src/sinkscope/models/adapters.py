@@ -34,7 +34,8 @@ class ArchSpec:
     positions: str = "rope"  # rope | rope-partial | learned
     sink_param: str | None = None  # attribute of the attention module holding per-head sink logits
     gated_q: bool = False  # Qwen3-Next style: q_proj outputs [q, gate] per head; output *= sigmoid(gate)
-    attn_type_attr: str | None = None  # config attribute listing per-layer types (only "full/sliding" layers are attention)
+    #: config attribute listing per-layer types (only "full/sliding" layers are attention)
+    attn_type_attr: str | None = None
     gqa: bool = True  # whether the architecture can have fewer key/value heads than query heads
 
 

@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -144,7 +144,8 @@ def alibi_slopes(n_heads: int) -> Tensor:
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)])
 
 
-def attention_mask(T: int, *, window: int | None = None, prefix_len: int = 0, device: torch.device | None = None) -> Tensor:
+def attention_mask(T: int, *, window: int | None = None, prefix_len: int = 0,
+                   device: torch.device | None = None) -> Tensor:
     """Boolean visibility ``(Q, K)``: causal, optionally a sliding window, optionally a bidirectional prefix."""
     q = torch.arange(T, device=device)[:, None]
     k = torch.arange(T, device=device)[None, :]

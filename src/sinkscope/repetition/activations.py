@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from sinkscope.capture import forward_hooks
+from sinkscope.devices import model_device
 from sinkscope.errors import InputError
 from sinkscope.inputs import first_and_other, pad_batch
 from sinkscope.io import write_atomic
 from sinkscope.models.adapters import ModelAdapter, get_adapter, pad_token_id
-from sinkscope.devices import model_device
 
 
 @dataclass

@@ -25,19 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from sinkscope.capture import forward_hooks
+from sinkscope.devices import model_device
 from sinkscope.errors import InputError
 from sinkscope.interventions.ablate import Component
-from sinkscope.models.adapters import get_adapter
 from sinkscope.io import write_csv_atomic, write_json_atomic
+from sinkscope.models.adapters import get_adapter
+from sinkscope.models.generate import greedy_continue
 from sinkscope.progress import ProgressCallback
 from sinkscope.repetition.activations import NeuronStats, few_logits, load_neuron_stats, neuron_stats, save_neuron_stats
-from sinkscope.models.generate import greedy_continue
-from sinkscope.repetition.sink_effects import LINEAR_TOL, search_effects
-from sinkscope.capture import forward_hooks
 from sinkscope.repetition.judge import judge_answer
 from sinkscope.repetition.prompts import build_prompt
+from sinkscope.repetition.sink_effects import LINEAR_TOL, search_effects
 from sinkscope.repetition.words import run_token_id
-from sinkscope.devices import model_device
 
 #: Pruned search: candidates of linear layers ablated exactly, those with the largest attribution estimate (beyond
 #: every candidate of a nonlinear layer); with no more candidates than this the search is exhaustive.

@@ -22,16 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from sinkscope.capture import forward_hooks
+from sinkscope.devices import model_device
 from sinkscope.errors import InputError
 from sinkscope.inputs import pad_batch
-from sinkscope.io import write_csv_atomic, write_json_atomic
 from sinkscope.interventions.patch import SinkPatch
+from sinkscope.io import write_csv_atomic, write_json_atomic
 from sinkscope.models.adapters import get_adapter, pad_token_id
-from sinkscope.devices import model_device
 from sinkscope.models.generate import greedy_continue
 from sinkscope.repetition.judge import judge_answer
 from sinkscope.repetition.prompts import build_prompt
-
 
 #: clusters with fewer tokens than this are not scored (too few to sample varied sequences from)
 MIN_CLUSTER = 8

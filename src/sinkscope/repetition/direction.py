@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from sinkscope.capture import forward_hooks
+from sinkscope.devices import model_device
 from sinkscope.errors import InputError
 from sinkscope.inputs import first_and_other, pad_batch
 from sinkscope.interventions.patch import DirectionRule, RepetitionGate, SinkPatch
 from sinkscope.models.adapters import get_adapter, pad_token_id
-from sinkscope.devices import model_device
 from sinkscope.repetition.prompts import build_prompt
 
 
@@ -42,7 +42,7 @@ def _layer_outputs(model: nn.Module, seqs: Sequence[Sequence[int]], batch_size: 
         ids, mask = pad_batch(seqs[s:s + batch_size], pad, side="left", device=device)
         first, _ = first_and_other(mask)
         got: dict[int, Tensor] = {}
-        hooks = [(m, (lambda x, l=l: got.__setitem__(l, x.detach().float())), False)
+        hooks = [(m, (lambda x, l=l, got=got: got.__setitem__(l, x.detach().float())), False)
                  for l, m in enumerate(a.layer_modules)]
         with forward_hooks(hooks):
             model(input_ids=ids, attention_mask=mask, use_cache=False)

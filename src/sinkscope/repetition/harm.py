@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sinkscope.devices import model_device
 from sinkscope.errors import InputError
 from sinkscope.interventions.patch import SinkPatch, apply_patch
-from sinkscope.devices import model_device
 
 OPEN, CLOSE = "\u27e6", "\u27e7"
 ASSISTANT_SPLIT = "=== assistant ==="
@@ -268,7 +268,7 @@ def summarise_harm(effects: Sequence[DocEffect]) -> list[dict[str, Any]]:
         groups.setdefault(e.family, []).append(e)
     order = [f for f in FAMILIES if f in groups] + sorted(set(groups) - set(FAMILIES))
     for fam, es in [(f, groups[f]) for f in order] + [("all", list(effects))]:
-        def wmean(attr: str, weight: str) -> float:
+        def wmean(attr: str, weight: str, es: list[DocEffect] = es) -> float:
             w = [getattr(e, weight) for e in es if not math.isnan(getattr(e, attr))]
             v = [getattr(e, attr) for e in es if not math.isnan(getattr(e, attr))]
             return sum(a * b for a, b in zip(v, w)) / sum(w) if w and sum(w) else float("nan")

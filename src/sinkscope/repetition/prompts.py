@@ -14,6 +14,7 @@ from typing import Any
 from sinkscope.errors import InputError
 from sinkscope.repetition.words import run_token_id
 
+
 @dataclass(frozen=True)
 class RepeatPrompt:
     """One prompt: ``ids[run_start:run_start + n]`` are the ``n`` copies of ``token_id``; generation starts after.

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from sinkscope.interventions.patch import SinkPatch, apply_patch
+from sinkscope.devices import model_device
 from sinkscope.inputs import pad_batch
+from sinkscope.interventions.patch import SinkPatch, apply_patch
 from sinkscope.models.adapters import pad_token_id
 from sinkscope.profile import profile_sinks
-from sinkscope.devices import model_device
 
 
 @dataclass

@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from sinkscope.capture import forward_hooks
+from sinkscope.devices import model_device
 from sinkscope.errors import InputError
 from sinkscope.interventions.patch import NeuronRule, SinkPatch
 from sinkscope.models.adapters import get_adapter
 from sinkscope.repetition.activations import neuron_stats
 from sinkscope.repetition.words import run_token_id
-from sinkscope.devices import model_device
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 The cache keeps the first ``n_sink`` tokens plus the most recent ``window`` tokens of every attention layer, so its
 memory is constant however long the stream grows. It is a plain :class:`transformers.Cache` built from
-:class:`SinkWindowLayer` (a subclass of ``DynamicLayer``): pass it as the KV cache (``cache=`` on transformers >= 5.24, ``past_key_values=`` before; see `sinkscope.compat`) to ``model(...)`` or to
+:class:`SinkWindowLayer` (a subclass of ``DynamicLayer``): pass it as the KV cache (``cache=`` on transformers >= 5.24,
+``past_key_values=`` before; see `sinkscope.compat`) to ``model(...)`` or to
 ``model.generate(...)``; no model code is patched.
 
 Positions. Models call ``past_key_values.update(k, v, layer_idx)`` with keys that are already rotated (RoPE) at the

@@ -337,7 +337,8 @@ def _kv_bytes_per_token(model: nn.Module) -> int:
 def recompute_nll(model: nn.Module, ids: torch.Tensor, context: int, *, batch_size: int = 16,
                   positions: Sequence[int] | None = None, on_step: Callable[[int], None] | None = None
                   ) -> PolicyResult:
-    """Sliding window with re-computation: token ``t + 1`` is predicted by a fresh forward over ``ids[t-context : t+1]``.
+    """Sliding window with re-computation: token ``t + 1`` is predicted by a fresh forward over ``ids[t-context :
+    t+1]``.
 
     Batched: ``batch_size`` windows of ``context + 1`` tokens go through one forward and only the last position's
     logits are kept; the first ``context + 1`` predictions (no eviction yet) come from one forward over the prefix.

@@ -105,7 +105,8 @@ class BigramBackcopy:
         x[:, 0] = self.bos_id
         last = len(self.chars) - 1
         if length > first:
-            x[:, first] = torch.searchsorted(self._first_cdf, u[:, first:first + 1].contiguous()).squeeze(1).clamp_max(last)
+            drawn = torch.searchsorted(self._first_cdf, u[:, first:first + 1].contiguous())
+            x[:, first] = drawn.squeeze(1).clamp_max(last)
         for t in range(first, length - 1):
             cur = x[:, t]
             nxt = torch.searchsorted(self._cdf[cur], u[:, t + 1: t + 2].contiguous()).squeeze(1).clamp_max(last)

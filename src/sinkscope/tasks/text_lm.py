@@ -9,7 +9,8 @@ corpus root, read as a number, falls in the lowest ``eval_split`` share (stable 
 are added; at least one file each). The files are joined with a newline. One file: its last ``eval_split``
 is held out. :meth:`TextLM.describe` (the run's ``task.json``) lists the held-out files.
 
-Chunks are drawn at random offsets of the training split, with or without a BOS token at position 0. Switches (Gu et al. 2410.10781 §5): a fixed token at position ``j``, a
+Chunks are drawn at random offsets of the training split, with or without a BOS token at position 0. Switches (Gu et
+al. 2410.10781 §5): a fixed token at position ``j``, a
 uniformly random token at position ``j``, a prefix LM (the prefix attends bidirectionally and carries no loss).
 Evaluation batches hold text rows from the held-out split and random-token rows (query classes ``text`` and
 ``random``: the same head can be active on one and dormant on the other).
@@ -34,8 +35,6 @@ from sinkscope.corpora import corpus_path
 from sinkscope.errors import InputError
 from sinkscope.io import read_text_file
 from sinkscope.tasks.batch import LMBatch, step_generator
-
-
 
 PYTHON_STDLIB = "python-stdlib"
 _SKIP_PARTS = {"site-packages", "dist-packages", "__pycache__"}

@@ -105,7 +105,7 @@ def score_budget(model: TinyGPT, batch: Any, layer: int, *, buckets: int = 4) ->
                 continue
             m = sel[:, None, :].expand(B, H, T)
 
-            def mean(x: Tensor) -> float:
+            def mean(x: Tensor, m: Tensor = m) -> float:
                 return round(float(x[m].mean()), 4)
 
             rows.append({"positions": f"{lo}-{hi - 1}", "logit_first": mean(z0), "logit_others": mean(z_rest),
@@ -148,8 +148,8 @@ def attention_targets(model: TinyGPT, batch: Any, layer: int) -> dict[str, Any]:
     """Mean share of the attention of ``layer``'s queries (positions >= 1) of each class on the sink slot, the
     first token, the query itself, the previous token and the rest (Gu et al.'s row-normalised proxy, so the
     shares sum to one, or to zero for a ReLU row that attends nowhere), averaged over heads."""
-    from sinkscope.metrics.sink import row_normalised
     from sinkscope.collectors.tinygpt import capture_tinygpt
+    from sinkscope.metrics.sink import row_normalised
 
     _check_layer(model, layer)
     with capture_tinygpt(model) as cap:

@@ -34,8 +34,16 @@ from torch import nn
 
 from sinkscope.devices import parse_device
 from sinkscope.errors import InputError, SinkscopeError
-from sinkscope.io import (OutputLock, append_jsonl, check_output_dir, finite_json, read_jsonl, save_figure_atomic,
-                          write_atomic, write_json_atomic)
+from sinkscope.io import (
+    OutputLock,
+    append_jsonl,
+    check_output_dir,
+    finite_json,
+    read_jsonl,
+    save_figure_atomic,
+    write_atomic,
+    write_json_atomic,
+)
 from sinkscope.models.tinygpt import TinyGPT
 from sinkscope.progress import ProgressCallback
 from sinkscope.tasks.batch import LMBatch
@@ -90,8 +98,8 @@ class RunResult:
 def build_task(data: DataConfig):
     """The task object of ``data.task`` (BigramBackcopy or TextLM); raises InputError for a missing file."""
     if data.task == "bigram_backcopy":
-        from sinkscope.tasks.bigram_backcopy import BigramBackcopy
         from sinkscope.corpora import corpus_path
+        from sinkscope.tasks.bigram_backcopy import BigramBackcopy
 
         corpus = data.corpus if data.corpus is not None else corpus_path()
         return BigramBackcopy.from_file(corpus, data.n_chars, data.n_triggers, bos=data.bos)

@@ -28,7 +28,6 @@ from sinkscope.models.tinygpt import TinyGPT, attention_mask
 from sinkscope.profile import SinkProfile, profile_sinks
 from sinkscope.tasks.batch import LMBatch
 
-
 #: Guo et al.'s dormant criterion (their code): the head's non-trigger queries put > 0.89 of their attention on BOS
 DORMANT_THRESHOLD = 0.89
 

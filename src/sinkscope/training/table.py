@@ -2,7 +2,8 @@
 
 For every ``experiments/NAME.yaml`` it reads ``runs/NAME/final.json`` (`missing_runs` lists the runs that have
 none, which ``--run`` trains first, one after the other; ``--skip-long`` leaves out those whose
-``train.minutes`` is 5 or more) and makes a Markdown table of the final metrics (long experiments are marked), then, for each ``X-adam`` / ``X-sgd`` and
+``train.minutes`` is 5 or more) and makes a Markdown table of the final metrics (long experiments are marked), then,
+for each ``X-adam`` / ``X-sgd`` and
 ``X-softmax`` / ``X-sigmoid`` pair, both runs at equal loss, a few rows of every run's dynamics (absolute residual
 norms where logged), and for text runs Sink_0 every 500 steps.
 """

@@ -1,4 +1,5 @@
-"""Figures of a `sinkscope.profile.SinkProfile`: each function takes data and returns a matplotlib Figure (no file I/O)."""
+"""Figures of a `sinkscope.profile.SinkProfile`: each function takes data and returns a matplotlib Figure (no file
+I/O)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
 from typing import Any, Protocol
 
 import matplotlib.pyplot as plt

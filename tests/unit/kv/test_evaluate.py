@@ -12,8 +12,17 @@ from transformers import DynamicCache
 from sinkscope.compat import cache_kwargs
 from sinkscope.io import read_jsonl
 from sinkscope.kv.evaluate import (
-    CELLS_FILE, EvalOptions, Method, MethodContext, build_methods, evaluate, measure_cell, stored_bytes,
-    stream_logits, summarize, summary_markdown,
+    CELLS_FILE,
+    EvalOptions,
+    Method,
+    MethodContext,
+    build_methods,
+    evaluate,
+    measure_cell,
+    stored_bytes,
+    stream_logits,
+    summarize,
+    summary_markdown,
 )
 from sinkscope.kv.suite import SuiteSpec, build_suite
 from sinkscope.models.random_hf import tiny_model
@@ -127,7 +136,8 @@ def test_stored_bytes_counts_tensors_and_prefers_the_cache_own_count(model):
 
 def stored_bytes_dense(model, length):
     cfg = model.config
-    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * length * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    d_head = cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * length * d_head * 4
 
 
 def _cell(method, task, budget=None, seed=None, **kw):

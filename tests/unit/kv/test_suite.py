@@ -7,8 +7,15 @@ import pytest
 from sinkscope.corpora import corpus_path
 from sinkscope.errors import InputError
 from sinkscope.kv.suite import (
-    EVAL_SEED_BASE, PASSKEY_PREFIX, PASSKEY_QUESTION, SuiteSpec, answer_correct, build_suite, eval_code,
-    eval_prose, split_articles,
+    EVAL_SEED_BASE,
+    PASSKEY_PREFIX,
+    PASSKEY_QUESTION,
+    SuiteSpec,
+    answer_correct,
+    build_suite,
+    eval_code,
+    eval_prose,
+    split_articles,
 )
 
 from .conftest import CODE, PROSE

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sinkscope.errors import InputError
 from sinkscope.analyses.qk_alignment import qk_alignment
+from sinkscope.errors import InputError
 from sinkscope.models.random_hf import tiny_model
 from sinkscope.profile import profile_sinks
 

@@ -35,8 +35,8 @@ def test_softmax_weights_equal_plain_reference() -> None:
     for b in range(3):
         for hh in range(2):
             for t in range(10):
-                s = torch.tensor([float(q[b, hh, t].detach() @ k[b, hh, j].detach()) / math.sqrt(8) if j <= t else -math.inf
-                                  for j in range(10)])
+                s = torch.tensor([float(q[b, hh, t].detach() @ k[b, hh, j].detach()) / math.sqrt(8)
+                                  if j <= t else -math.inf for j in range(10)])
                 ref[b, hh, t] = torch.softmax(s, 0)
     torch.testing.assert_close(cap.weights[0], ref, atol=1e-5, rtol=1e-4)
     assert len(cap.weights) == 2 and cap.slots == []

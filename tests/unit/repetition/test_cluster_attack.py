@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from sinkscope.repetition.cluster_attack import (
-    ClusterAttackOptions, cluster_attack, cosine_kmeans, layer0_representations,
-)
 from sinkscope.interventions.patch import NeuronRule, SinkPatch
+from sinkscope.repetition.cluster_attack import (
+    ClusterAttackOptions,
+    cluster_attack,
+    cosine_kmeans,
+    layer0_representations,
+)
 
 
 @torch.no_grad()
@@ -95,8 +98,8 @@ def test_attack_refuses_what_it_cannot_score(tiny_llama, tiny_tok):
 
 @torch.no_grad()
 def test_fire_score_of_a_direction_rule_is_the_projection_in_ordinary_units(tiny_llama):
-    from sinkscope.repetition.cluster_attack import _fire_score
     from sinkscope.interventions.patch import DirectionRule
+    from sinkscope.repetition.cluster_attack import _fire_score
 
     d = tiny_llama.config.hidden_size
     u = torch.nn.functional.normalize(torch.randn(d), dim=0)

@@ -10,14 +10,24 @@ import torch
 
 import sinkscope
 from sinkscope.errors import InputError
+from sinkscope.inputs import pad_batch
 from sinkscope.interventions.patch import (
-    DirectionRule, NeuronRule, RepetitionGate, SinkPatch, apply_patch, read_patch, repetition_gate, save_patch,
+    DirectionRule,
+    NeuronRule,
+    RepetitionGate,
+    SinkPatch,
+    apply_patch,
+    read_patch,
+    repetition_gate,
+    save_patch,
 )
 from sinkscope.models.load import MANIFEST_NAME
 from sinkscope.repetition.direction import (
-    FirstTokenDirections, build_direction_patch, choose_layer, first_token_directions,
+    FirstTokenDirections,
+    build_direction_patch,
+    choose_layer,
+    first_token_directions,
 )
-from sinkscope.inputs import pad_batch
 
 
 def _gate_reference(emb: torch.Tensor, seq: list[int], gate: RepetitionGate) -> list[bool]:

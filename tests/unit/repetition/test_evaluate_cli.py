@@ -96,6 +96,7 @@ def test_outputs_are_checked_before_the_model_loads(setup, tmp_path: Path, capsy
         rc = main([*head, "--out", str(out), "--words", "cat"])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "error:" in err and "\n" not in err, err
+        assert msg in err or "cannot create" in err, err
 
 
 def test_patch_cli_yona_method(tiny_dir: Path, tmp_path: Path, capsys):

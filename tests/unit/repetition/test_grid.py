@@ -42,7 +42,7 @@ def test_grid_batches_equal_lengths_resumes_and_summarises(tiny_llama, tiny_tok,
     # full batches hold rows of one length; the remainders of the length groups are pooled (the tiny tokenizer
     # gives every word the same prompt length: 3 forms x 2 N = 6 groups of 5 per variant)
     whats = [w for _, w in seen[:-1]]
-    assert len(whats) == 2 * (6 + 2) and all(w.endswith("rows of %s tokens" % w.split()[-2]) for w in whats[:6])
+    assert len(whats) == 2 * (6 + 2) and all(w.endswith(f"rows of {w.split()[-2]} tokens") for w in whats[:6])
     assert sum(w.split(": ")[1].startswith("4 rows of") for w in whats) == 2 * (6 + 1)
     assert {c["batch_rows"] for c in cells} == {4, 2}
     # batched answers equal one row at a time

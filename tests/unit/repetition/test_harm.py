@@ -11,7 +11,13 @@ import torch
 from sinkscope.errors import InputError
 from sinkscope.interventions.patch import RepetitionGate, SinkPatch
 from sinkscope.repetition.harm import (
-    CLOSE, FAMILIES, OPEN, encode_doc, harm_effects, load_harm_set, summarise_harm,
+    CLOSE,
+    FAMILIES,
+    OPEN,
+    encode_doc,
+    harm_effects,
+    load_harm_set,
+    summarise_harm,
 )
 
 

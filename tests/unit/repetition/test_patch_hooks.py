@@ -8,11 +8,16 @@ import json
 import torch
 
 import sinkscope
+from sinkscope.inputs import pad_batch
 from sinkscope.interventions.patch import (
-    NeuronRule, SinkPatch, apply_patch, read_patch, relative_positions, save_patch,
+    NeuronRule,
+    SinkPatch,
+    apply_patch,
+    read_patch,
+    relative_positions,
+    save_patch,
 )
 from sinkscope.models.load import MANIFEST_NAME
-from sinkscope.inputs import pad_batch
 
 
 def _patch(model) -> SinkPatch:

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from sinkscope.repetition.words import (
-    _CANDIDATES, DEFAULT_WORDS, DEV_WORDS, EVAL_WORDS, PATCH_WORDS, SPARE_WORDS, WORD_SETS, WordChoice, run_token_id,
+    _CANDIDATES,
+    DEFAULT_WORDS,
+    DEV_WORDS,
+    EVAL_WORDS,
+    PATCH_WORDS,
+    SPARE_WORDS,
+    WORD_SETS,
+    WordChoice,
+    run_token_id,
     word_set,
 )
 

@@ -29,7 +29,8 @@ def _model(arch: str, **kw: Any):
 def _stream(model, ids: torch.Tensor, cache: Cache, **kw: Any) -> torch.Tensor:
     """Token-by-token logits (T, V)."""
     with torch.no_grad():
-        return torch.cat([model(ids[:, t:t + 1], **cache_kwargs(model, cache), **kw).logits[0] for t in range(ids.shape[1])])
+        steps = [model(ids[:, t:t + 1], **cache_kwargs(model, cache), **kw).logits[0] for t in range(ids.shape[1])]
+        return torch.cat(steps)
 
 
 def _band_mask(T: int, n_sink: int, window: int) -> torch.Tensor:

@@ -79,7 +79,7 @@ def test_auto_device_is_cuda_when_available_else_cpu(corpus: Path, tmp_path: Pat
 @pytest.mark.parametrize("task,content,needle", [
     ("bigram_backcopy", bytes(range(256)) * 8, "is not text (it contains NUL bytes)"),
     ("text", bytes(range(256)) * 8, "is not text (it contains NUL bytes)"),
-    ("text", "café ".encode("utf-8") * 50 + b"\xff\xfe" + b"abc" * 50, "is not UTF-8 text (invalid byte at offset 300)"),
+    ("text", "café ".encode() * 50 + b"\xff\xfe" + b"abc" * 50, "is not UTF-8 text (invalid byte at offset 300)"),
 ])
 def test_binary_corpus_is_refused(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture, task: str,
                                   content: bytes, needle: str) -> None:

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from sinkscope.collectors.tinygpt import capture_tinygpt
 from sinkscope.errors import InputError
 from sinkscope.inputs import TokenBatch
 from sinkscope.models.tinygpt import TinyGPT, TinyGPTConfig, attention_mask
 from sinkscope.profile import profile_sinks
-from sinkscope.collectors.tinygpt import capture_tinygpt
 
 TOL = 1e-5
 V = 17
@@ -187,9 +187,9 @@ def test_scan_outputs_and_unavailable_fields(tmp_path: Path) -> None:
 
 
 def test_trained_run_directory_profiles_like_its_final_row(corpus: Path, tmp_path: Path) -> None:
-    from sinkscope.training.run import load_trained
     from sinkscope.training.config import config_from_dict
-    from sinkscope.training.loop import evaluation_batch, build_task, train
+    from sinkscope.training.loop import build_task, evaluation_batch, train
+    from sinkscope.training.run import load_trained
 
     from .conftest import tiny_dict
 

@@ -166,7 +166,7 @@ def test_out_is_checked_before_any_work(corpus: Path, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="exists and is not a directory"):  # not 'data file not found': out first
         train(bad_data, tmp_path / "file")
-    with pytest.raises(InputError, match="is not writable"):
+    with pytest.raises(InputError, match="is not a directory"):
         train(bad_data, tmp_path / "file" / "sub")
 
 
