@@ -1,0 +1,302 @@
+"""Docs tables and quoted numbers, rendered from the committed results under ``docs/results/`` and ``bench/results/``.
+
+    python tools/docs_tables.py            # check: exit 1 and a diff when a docs table or quoted number differs
+    python tools/docs_tables.py --write    # rewrite every marked table in the docs from its results
+
+A table in README.md or docs/*.md that is made from results sits between two markers::
+
+    <!-- table: NAME SOURCE -->
+    | ... the table, exactly as RENDERERS[NAME](ROOT / SOURCE) prints it ... |
+    <!-- /table -->
+
+``NAME`` picks a renderer below (a function of the results path returning Markdown), ``SOURCE`` is the results
+file or folder, relative to the repository root. Numbers quoted in prose are ``Quote`` entries: a regular
+expression with one group that must match exactly once in its document, and a function of the results giving
+the text that group must read. ``tests/unit/test_docs_numbers.py`` runs the check in the unit tier, and also runs
+it on altered copies to show that it fails on a mismatch.
+
+Every results folder holds a ``command.json`` (``tools/record_result.py``) naming the command that made it.
+This module is a docs tool: the package never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import gzip
+import json
+import re
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: documents whose marked tables and quotes are checked
+DOCS = ("README.md", "docs/streaming.md", "docs/training.md", "docs/report.md", "docs/repetition.md")
+
+MARKER = re.compile(r"<!-- table: (?P<name>[\w-]+) (?P<source>\S+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+
+Renderer = Callable[[Path], str]
+RENDERERS: dict[str, Renderer] = {}
+
+
+def renderer(name: str) -> Callable[[Renderer], Renderer]:
+    def register(fn: Renderer) -> Renderer:
+        RENDERERS[name] = fn
+        return fn
+    return register
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: ``| a | b |`` lines, a ``|---|`` rule, one line per row, trailing newline."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- scan
+
+SCAN_LENGTHS = (16, 32, 64, 256)
+
+
+def massive_summary(profile: dict[str, Any]) -> tuple[int, float, float]:
+    """(dim, |value|, that layer's median |x|) of the largest massive activation over all layers."""
+    best = max(profile["massive_activations"], key=lambda r: max(abs(t["value"]) for t in r["top"]))
+    top = max(best["top"], key=lambda t: abs(t["value"]))
+    return top["dim"], abs(top["value"]), best["median_abs"]
+
+
+@renderer("scan-lengths")
+def render_scan_lengths(source: Path) -> str:
+    """README's scan table: one row per ``--max-tokens T`` run (``SOURCE/T{T}/profile.json``)."""
+    rows = []
+    for t in SCAN_LENGTHS:
+        p = read_json(source / f"T{t}" / "profile.json")
+        r = p["residual_ratio_first_by_layer"]
+        dim, value, median = massive_summary(p)
+        rows.append([str(t), f"{p['sink_ratio']:.3f}", f"{r[2]:.1f} / {r[5]:.1f} / {r[8]:.1f}",
+                     f"{p['residual_peak']['ratio']:.1f}x ({p['residual_peak']['layer']})", f"{r[-1]:.1f}x",
+                     f"dim {dim}: {value:.0f} vs median {median:.1f}"])
+    return md_table(["T", "`Sink_0^0.3`", "residual ratio of token 0, layers 2 / 5 / 8", "peak (layer)",
+                     "last layer", "massive activation"], rows)
+
+
+@renderer("scan-example")
+def render_scan_example(source: Path) -> str:
+    """README's scan example: the command's terminal output (``SOURCE/stdout.txt``; the terminal wrapped it, so it
+    is re-wrapped at 110 columns), the output folder renamed to the one the README's command names (``out/scan``)."""
+    words = (source / "stdout.txt").read_text().replace("out/scan_example", "out/scan").split()
+    return "```\n" + textwrap.fill(" ".join(words), width=110) + "\n```\n"
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+STREAM_POLICIES = ("dense", "window", "sinks", "sinks_plain", "recompute")
+MODE_WORDS = {"fast": "fast (exact blocks)", "token": "token by token", "batched windows": "batched windows"}
+
+
+@renderer("stream-policies")
+def render_stream_policies(source: Path) -> str:
+    """docs/streaming.md's 1500-token table (``SOURCE/summary.json`` of ``sinkscope stream eval``)."""
+    s = read_json(source / "summary.json")
+    first_evicted = s.get("eviction_starts_at_position")
+    rows = []
+    for name in STREAM_POLICIES:
+        p = s["policies"].get(name)
+        if p is None:
+            continue
+        rows.append([name, f"{p['ppl']:.2f}", f"{p['ppl_after_eviction']:.2f}", MODE_WORDS.get(p["mode"], p["mode"]),
+                     f"{p['tokens_per_s']:.1f}", f"{p['peak_mem_mb']:.2f}"])
+    after = "ppl after eviction" + (f" (positions >= {first_evicted})" if first_evicted is not None else "")
+    return md_table(["policy", "ppl (all tokens)", after, "mode", "tokens/s", "peak_mem_mb (KV)"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _training_table(runs: Path, names: list[str]) -> str:
+    """The output of ``python -m sinkscope.training.table experiments/ RUNS --only NAME`` for a set of experiments
+    (the package's formatting; several names, since one glob cannot pick e.g. the first lab runs)."""
+    from sinkscope.training import table as tt
+
+    experiments = ROOT / "experiments"
+    header: list[str] = []
+    rows: list[str] = []
+    dynamics: list[str] = []
+    texts: list[str] = []
+    for name in names:
+        lines = tt.results_table(experiments, runs, name).splitlines()
+        header, rows = lines[:2], rows + [lines[2]]
+        dyn = tt.dynamics_lines(experiments, runs, pattern=name)
+        dynamics = dynamics or dyn[:2]
+        dynamics += dyn[2:]
+        texts += [x for x in tt.text_sink_lines(experiments, runs, pattern=name) if x]
+    equal = []
+    for ref_suffix, other_suffix in tt.EQUAL_LOSS_PAIRS:
+        for other in names:
+            if not other.endswith(other_suffix):
+                continue
+            ref = other.removesuffix(other_suffix) + ref_suffix
+            if ref in names:
+                a, b = tt.equal_loss(tt._rows(runs / ref), tt._rows(runs / other))
+                equal += [f"Equal loss ({ref} vs {other}): loss {a['loss']:.3f} vs {b['loss']:.3f}; "
+                          f"{tt._describe(ref_suffix[1:], a)}; {tt._describe(other_suffix[1:], b)}.", ""]
+    out = [*header, *rows, "", *equal, *dynamics, *([""] + texts if texts else [])]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def training_renderer(names: list[str]) -> Renderer:
+    return lambda source: _training_table(source, names)
+
+
+TRAINING_SETS = {
+    "training-peak": ["bb-peak-adam", "bb-peak-relu-flat", "bb-peak-relu-nobos", "bb-peak-relu", "bb-peak-sgd"],
+    "training-noslot": ["bb-noslot-kbias", "bb-noslot-sinktoken-long", "bb-noslot-sinktoken", "bb-noslot-softmax",
+                        "bb-noslot-softmax1"],
+    "training-signorm": ["bb-signorm-len32", "bb-signorm-len64"],
+    "training-stdlib": ["lm-stdlib-sigmoid", "lm-stdlib-softmax"],
+    "training-first": ["bb-kbias", "bb-relu-adam", "bb-sigmoid-norm", "bb-sigmoid", "bb-softmax-adam",
+                       "bb-softmax-sgd", "bb-softmax1", "lm-kbias", "lm-sigmoid-norm", "lm-sigmoid",
+                       "lm-softmax-nobos", "lm-softmax"],
+}
+for _name, _names in TRAINING_SETS.items():
+    RENDERERS[_name] = training_renderer(_names)
+
+
+# ---------------------------------------------------------------------------------------------------- quotes
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A number quoted in prose: ``pattern`` (one group) must match once in ``doc``; the group must read
+    ``expected(ROOT / source)``."""
+
+    doc: str
+    pattern: str
+    source: str
+    expected: Callable[[Path], str]
+    what: str
+
+
+def _final(run: str, key: str, fmt: str, index: int | None = None) -> Callable[[Path], str]:
+    def get(source: Path) -> str:
+        value = read_json(source / run / "final.json")[key]
+        return format(value if index is None else value[index], fmt)
+    return get
+
+
+def _grid_copies(form: str, n: int, variant: str, word: str) -> Callable[[Path], str]:
+    def get(source: Path) -> str:
+        with gzip.open(source / "cells.jsonl.gz", "rt") as f:
+            for line in f:
+                r = json.loads(line)
+                if (r["form"], r["n"], r["variant"], r["word"]) == (form, n, variant, word):
+                    return str(r["copies"])
+        raise KeyError((form, n, variant, word))
+    return get
+
+
+def _stream(policy: str, key: str, fmt: str) -> Callable[[Path], str]:
+    return lambda source: format(read_json(source / "summary.json")["policies"][policy][key], fmt)
+
+
+def _profile_ratio(source: Path) -> str:
+    """Chunked statistics over the first pass, min-max over lengths, of bench/results/profile.json."""
+    ratios = [r["chunked_stats_s"] / r["fused_parts"]["first_pass_s"] for r in read_json(source)["in_process"]]
+    return f"{min(ratios):.1f}-{max(ratios):.1f}x"
+
+
+QUOTES: list[Quote] = [
+    Quote("docs/repetition.md", r"frog and goat leave after 38 and (\d+) clean copies",
+          "docs/results/repeat_grid_h100", _grid_copies("instruct", 2048, "ours", "goat"),
+          "goat's clean copies before leaving (instruct, N = 2048, ours)"),
+    Quote("docs/repetition.md", r"frog and goat leave after (\d+) and \d+ clean copies",
+          "docs/results/repeat_grid_h100", _grid_copies("instruct", 2048, "ours", "frog"),
+          "frog's clean copies before leaving (instruct, N = 2048, ours)"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------- checking
+
+
+def render_text(text: str, root: Path = ROOT) -> str:
+    """``text`` with every marked block replaced by its renderer's output."""
+    def sub(m: re.Match[str]) -> str:
+        body = RENDERERS[m["name"]](root / m["source"])
+        return f"<!-- table: {m['name']} {m['source']} -->\n{body}<!-- /table -->"
+    return MARKER.sub(sub, text)
+
+
+def check_text(label: str, text: str, root: Path = ROOT) -> list[str]:
+    """Problems of one document's marked tables: unknown renderer, missing results, or a block that differs
+    from its rendering (with a unified diff)."""
+    problems = []
+    for m in MARKER.finditer(text):
+        name, source = m["name"], m["source"]
+        if name not in RENDERERS:
+            problems.append(f"{label}: unknown table renderer {name!r}")
+            continue
+        if not (root / source).exists():
+            problems.append(f"{label}: table {name}: results {source} not found")
+            continue
+        want = RENDERERS[name](root / source)
+        if m["body"] != want:
+            diff = "\n".join(difflib.unified_diff(m["body"].splitlines(), want.splitlines(), "docs", "results",
+                                                  lineterm="", n=0))
+            problems.append(f"{label}: table {name} ({source}) differs from its results:\n{diff}")
+    return problems
+
+
+def check_quotes(texts: dict[str, str], root: Path = ROOT, quotes: list[Quote] | None = None) -> list[str]:
+    """Problems of the quoted numbers: a pattern that does not match exactly once, or a number that differs."""
+    problems = []
+    for q in QUOTES if quotes is None else quotes:
+        found = re.findall(q.pattern, texts[q.doc])
+        if len(found) != 1:
+            problems.append(f"{q.doc}: {q.what}: pattern {q.pattern!r} matched {len(found)} times, expected once")
+            continue
+        want = q.expected(root / q.source)
+        if found[0] != want:
+            problems.append(f"{q.doc}: {q.what}: the docs say {found[0]}, {q.source} gives {want}")
+    return problems
+
+
+def read_docs(root: Path = ROOT) -> dict[str, str]:
+    return {d: (root / d).read_text() for d in DOCS}
+
+
+def check_all(root: Path = ROOT, texts: dict[str, str] | None = None) -> list[str]:
+    texts = read_docs(root) if texts is None else texts
+    problems = [p for label, text in texts.items() for p in check_text(label, text, root)]
+    return problems + check_quotes(texts, root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write", action="store_true", help="rewrite the marked tables from the results")
+    a = p.parse_args(argv)
+    if a.write:
+        for d in DOCS:
+            path = ROOT / d
+            old = path.read_text()
+            new = render_text(old)
+            if new != old:
+                path.write_text(new)
+                print(f"rewrote tables in {d}")
+    problems = check_all()
+    for prob in problems:
+        print(prob)
+    print(f"{len(problems)} problem(s)" if problems else "docs tables and quoted numbers match their results")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
