@@ -215,6 +215,8 @@ def _profile_ratio(source: Path) -> str:
 
 
 QUOTES: list[Quote] = [
+    Quote("README.md", r"The chunked statistics cost (\S+) the first pass", "bench/results/profile.json", _profile_ratio,
+          "chunked statistics over the first pass, range over lengths"),
     Quote("docs/repetition.md", r"frog and goat leave after 38 and (\d+) clean copies",
           "docs/results/repeat_grid_h100", _grid_copies("instruct", 2048, "ours", "goat"),
           "goat's clean copies before leaving (instruct, N = 2048, ours)"),
