@@ -97,6 +97,54 @@ def render_scan_example(source: Path) -> str:
     return "```\n" + textwrap.fill(" ".join(words), width=110) + "\n```\n"
 
 
+# ---------------------------------------------------------------------------------------------------- benchmarks
+
+
+def _in_process(path: Path) -> dict[int, dict[str, Any]]:
+    return {r["T"]: r for r in read_json(path)["in_process"]}
+
+
+@renderer("bench-table")
+def render_bench_table(source: Path) -> str:
+    """A table the benchmark wrote into its own JSON: ``SOURCE`` is ``FILE.json#KEY`` (``tables[KEY]``)."""
+    path, key = str(source).split("#")
+    return read_json(Path(path))["tables"][key].strip("\n") + "\n"
+
+
+def _bold_if_met(t: int, ratio: float) -> str:
+    """The fused / bare ratio, bold where it meets its target (<= 1.3x at T <= 2048, <= 1.7x at 8192)."""
+    text = f"{ratio:.2f}x"
+    met = (t <= 2048 and ratio <= 1.3) or (t == 8192 and ratio <= 1.7)
+    return f"**{text}**" if met else text
+
+
+@renderer("profile-quiet")
+def render_profile_quiet(source: Path) -> str:
+    """README's quiet-machine profile table: ``SOURCE/profile_quiet.json`` and ``profile_quiet_long.json``."""
+    rows = []
+    for name in ("profile_quiet.json", "profile_quiet_long.json"):
+        for t, r in sorted(_in_process(source / name).items()):
+            hooks = r["fused_parts"]["hooks_s"]
+            rows.append([str(t), f"{r['bare_s']:.2f}", f"{r['fused_s']:.2f}", _bold_if_met(t, r["fused_ratio"]),
+                         f"{r['chunked_ratio']:.2f}x", f"{hooks:.2f} ({100 * hooks / r['bare_s']:.0f}%)"])
+    return md_table(["T", "bare SDPA s", "fused profile s", "fused / bare", "chunked / bare",
+                     "hooks s (share of bare)"], rows)
+
+
+@renderer("profile-loads")
+def render_profile_loads(source: Path) -> str:
+    """README's three busy-machine runs side by side: ``SOURCE/profile.json``, ``profile_short.json``,
+    ``profile_lowload.json`` (fused / bare each, then chunked / bare of the three; ``-``: length not run)."""
+    runs = [_in_process(source / n) for n in ("profile.json", "profile_short.json", "profile_lowload.json")]
+    rows = []
+    for t in sorted(runs[0]):
+        fused = [f"{r[t]['fused_ratio']:.2f}x" if t in r else "-" for r in runs]
+        chunked = ", ".join(f"{r[t]['chunked_ratio']:.2f}x" if t in r else "-" for r in runs)
+        rows.append([str(t), *fused, chunked])
+    return md_table(["T", "fused / bare: load 8-12, best of 2", "load 5-7, best of 4", "load 3-7, best of 2",
+                     "chunked / bare (same three)"], rows)
+
+
 # ---------------------------------------------------------------------------------------------------- streaming
 
 STREAM_POLICIES = ("dense", "window", "sinks", "sinks_plain", "recompute")
@@ -246,7 +294,7 @@ def check_text(label: str, text: str, root: Path = ROOT) -> list[str]:
         if name not in RENDERERS:
             problems.append(f"{label}: unknown table renderer {name!r}")
             continue
-        if not (root / source).exists():
+        if not (root / source.split("#")[0]).exists():
             problems.append(f"{label}: table {name}: results {source} not found")
             continue
         want = RENDERERS[name](root / source)
