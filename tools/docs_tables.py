@@ -262,9 +262,65 @@ def _profile_ratio(source: Path) -> str:
     return f"{min(ratios):.1f}-{max(ratios):.1f}x"
 
 
+def _csv_row(name: str, **match: str) -> dict[str, str]:
+    def rows(source: Path) -> dict[str, str]:
+        with open(source / name, newline="") as f:
+            for row in csv.DictReader(f):
+                if all(row[k] == v for k, v in match.items()):
+                    return row
+        raise KeyError((name, match))
+    return rows  # type: ignore[return-value]
+
+
+def _csv_value(name: str, key: str, fmt: Callable[[float], str], **match: str) -> Callable[[Path], str]:
+    return lambda source: fmt(float(_csv_row(name, **match)(source)[key]))  # type: ignore[operator]
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _signed_percent(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def _json_value(name: str, keys: tuple[str, ...], fmt: Callable[[float], str]) -> Callable[[Path], str]:
+    def get(source: Path) -> str:
+        value: Any = read_json(source / name)
+        for k in keys:
+            value = value[k]
+        return fmt(value)
+    return get
+
+
 QUOTES: list[Quote] = [
     Quote("README.md", r"The chunked statistics cost (\S+) the first pass", "bench/results/profile.json", _profile_ratio,
           "chunked statistics over the first pass, range over lengths"),
+    # README's repetition bullet: the CPU headline run, the CPU harm run, the GPU grid
+    Quote("README.md", r"128-token answers judged whole, on EVAL words that no design\s+choice has seen\): (\d+%) of 24",
+          "docs/results/repeat_eval_cpu/headline", _csv_value("summary.csv", "rate", _percent, variant="none"),
+          "unpatched divergence, headline run"),
+    Quote("README.md", r"for queries inside the repetition only\) brings it to (\d+%)",
+          "docs/results/repeat_eval_cpu/headline", _csv_value("summary.csv", "rate", _percent, variant="ours"),
+          "patched divergence, headline run"),
+    Quote("README.md", r"\((\d+%) relative cut; target >= 80%\)",
+          "docs/results/repeat_eval_cpu/headline", _csv_value("summary.csv", "relative_reduction", _percent,
+                                                              variant="ours"), "relative cut, headline run"),
+    Quote("README.md", r"on all 62 EVAL words \(the full grid, run on a GPU\) (\d+%) ->",
+          "docs/results/repeat_grid_h100", _csv_value("summary.csv", "rate", _percent, variant="none",
+                                                     form="instruct", n="1024"), "grid, instruct N=1024, unpatched"),
+    Quote("README.md", r"on all 62 EVAL words \(the full grid, run on a GPU\) \d+% -> (\d+%)",
+          "docs/results/repeat_grid_h100", _csv_value("summary.csv", "rate", _percent, variant="ours",
+                                                     form="instruct", n="1024"), "grid, instruct N=1024, ours"),
+    Quote("README.md", r"emphasis\) mean KL (\S+) nats/token", "docs/results/repeat_eval_cpu/text",
+          _csv_value("harm_eval_ours.csv", "kl_all", lambda x: f"{x:.4f}", family="all"), "harm KL, all 35 docs"),
+    Quote("README.md", r"nats/token and perplexity (\S+)\s+\(targets", "docs/results/repeat_eval_cpu/text",
+          _csv_value("harm_eval_ours.csv", "ppl_change", _signed_percent, family="all"), "harm ppl, all 35 docs"),
+    Quote("README.md", r"the counting prompts cost most, KL (\S+)\)", "docs/results/repeat_eval_cpu/text",
+          _csv_value("harm_eval_ours.csv", "kl_all", lambda x: f"{x:.3f}", family="count"), "harm KL, counting"),
+    Quote("README.md", r"is nearly free \(KL (\S+)\)", "docs/results/repeat_eval_cpu/text",
+          _json_value("evaluation.json", ("side_effects", "yona", "text", "kl"), lambda x: f"{x:.0e}".replace("e-05", "e-5")),
+          "the paper's patch, WikiText KL"),
     Quote("docs/repetition.md", r"frog and goat leave after 38 and (\d+) clean copies",
           "docs/results/repeat_grid_h100", _grid_copies("instruct", 2048, "ours", "goat"),
           "goat's clean copies before leaving (instruct, N = 2048, ours)"),
