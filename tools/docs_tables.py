@@ -167,6 +167,98 @@ def render_stream_policies(source: Path) -> str:
     return md_table(["policy", "ppl (all tokens)", after, "mode", "tokens/s", "peak_mem_mb (KV)"], rows)
 
 
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _time_v(text: str, label: str) -> str:
+    """One field of ``/usr/bin/time -v``'s output."""
+    m = re.search(rf"^\s*{re.escape(label)}: (.+)$", text, re.M)
+    if m is None:
+        raise KeyError(label)
+    return m[1].strip()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
+@renderer("report-time")
+def render_report_time(source: Path) -> str:
+    """docs/report.md's time table: ``/usr/bin/time -v`` in ``SOURCE/stdout.txt``, sections from report.json."""
+    out = (source / "stdout.txt").read_text()
+    rep = read_json(source / "report.json")
+    h, *rest = _time_v(out, "Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":")
+    wall = float(h) * 60 + float(rest[0]) if len(rest) == 1 else float(h) * 3600 + float(rest[0]) * 60 + float(rest[1])
+    cpu = float(_time_v(out, "User time (seconds)")) + float(_time_v(out, "System time (seconds)"))
+    rss = int(_time_v(out, "Maximum resident set size (kbytes)")) / 1024 ** 2
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in rep["sections"]["model"]["data"]["timings_s"].items())
+    return md_table(["wall", "inside the command", "CPU time", "share of one core", "peak RSS", "per section"],
+                    [[_clock(wall), f"{rep['total_s']:.0f} s", f"{cpu:.0f} s",
+                      _time_v(out, "Percent of CPU this job got"), f"{rss:.1f} GB", parts]])
+
+
+@renderer("report-last-line")
+def render_report_last_line(source: Path) -> str:
+    """README's quote of the report's last line (``SOURCE/stdout.txt``)."""
+    line = next(x for x in (source / "stdout.txt").read_text().splitlines() if x.startswith("Wrote "))
+    return "```\n" + line.strip() + "\n```\n"
+
+
+def _report_cpu_s(source: Path) -> str:
+    out = (source / "stdout.txt").read_text()
+    return f"{float(_time_v(out, 'User time (seconds)')) + float(_time_v(out, 'System time (seconds)')):.0f}"
+
+
+def _report(section: str, *keys: Any, fmt: Callable[[Any], str] = str) -> Callable[[Path], str]:
+    def get(source: Path) -> str:
+        value: Any = read_json(source / "report.json")["sections"][section]["data"]
+        for k in keys:
+            value = value[k]
+        return fmt(value)
+    return get
+
+
+def _f(spec: str) -> Callable[[Any], str]:
+    return lambda x: format(x, spec)
+
+
+REPORT = "docs/results/report"
+REPORT_QUOTES = [
+    (r"Sink_0\^0\.3 = (\S+) on text", _report("sinks", "kinds", "text", "sink0", fmt=_f(".2f")), "text Sink_0"),
+    (r"on text, (\S+) on random tokens", _report("sinks", "kinds", "random", "sink0", fmt=_f(".2f")), "random Sink_0"),
+    (r"\*\*(\S+) on a repeated token\*\*", _report("sinks", "kinds", "repeat", "sink0", fmt=_f(".2f")),
+     "repeat Sink_0"),
+    (r"the sink forms at layer (\d+) \(text\)", _report("sinks", "kinds", "text", "formation_layer"),
+     "formation layer, text"),
+    (r"the sink forms at layer \d+ \(text\) / (\d+) \(random\)", _report("sinks", "kinds", "random",
+                                                                               "formation_layer"),
+     "formation layer, random"),
+    (r"token 0 is (\d+)x the median token after layer", _report("drains", "residual_peak", "ratio", fmt=_f(".0f")),
+     "residual peak"),
+    (r"value drain in (\d+) of 30 layers", _report("drains", "drain_layers"), "drain layers"),
+    (r"\(median value-norm\s+ratio (\S+)\)", _report("drains", "value_ratio_median", fmt=_f(".2f")),
+     "median value ratio"),
+    (r"\(\|x\| up to (\d+), median", _report("drains", "massive_dims", 0, "max_value", fmt=_f(".0f")),
+     "massive activation"),
+    (r"\(\|x\| up to \d+, median \S+\), in (\d+) layers", _report("drains", "massive_dims", 0, "layers"),
+     "massive activation layers"),
+    (r"\(median residual norm (\d+) vs", _report("drains", "by_kind", "repeat", "median_other_norm", fmt=_f(".0f")),
+     "repeat median residual norm"),
+    (r"\(median residual norm \d+ vs (\d+) on text", _report("drains", "by_kind", "text", "median_other_norm",
+                                                             fmt=_f(".0f")), "text median residual norm"),
+    (r"(\d+) of 270 dormant on all domains", _report("dormant", "summary", "n_dormant"), "dormant heads"),
+    (r"dormant on all domains, (\d+) active on all", _report("dormant", "summary", "n_active"), "active heads"),
+    (r"active on all, (\d+) switch", _report("dormant", "summary", "n_switching"), "switching heads"),
+    (r"\(alpha_0 (\S+) on code", _report("dormant", "top", 0, "alpha0_code", fmt=_f(".2f")), "L14H1 on code"),
+    (r"on code, (\S+) on random\)", _report("dormant", "top", 0, "alpha0_random", fmt=_f(".2f")), "L14H1 on random"),
+    (r"1/6 \(`book`\) at 512", lambda src: "1/6 (`book`) at 512" if _report("repetition", "rates", "512")(src)
+     == str(1 / 6) else "other", "divergence at 512"),
+    (r"removes (\d+)% of the first token's log residual peak",
+     _report("repetition", "circuit", "top", 0, "effect_residual", fmt=lambda x: f"{100 * x:.0f}"), "circuit top"),
+]
+
+
 # ---------------------------------------------------------------------------------------------------- training
 
 
@@ -294,6 +386,8 @@ def _json_value(name: str, keys: tuple[str, ...], fmt: Callable[[float], str]) -
 
 
 QUOTES: list[Quote] = [
+    *[Quote("docs/report.md", pattern, REPORT, fn, "report: " + what) for pattern, fn, what in REPORT_QUOTES],
+    Quote("README.md", r"The report\s+took (\d+) s of CPU time", REPORT, _report_cpu_s, "report CPU time"),
     Quote("README.md", r"The chunked statistics cost (\S+) the first pass", "bench/results/profile.json", _profile_ratio,
           "chunked statistics over the first pass, range over lengths"),
     # README's repetition bullet: the CPU headline run, the CPU harm run, the GPU grid
