@@ -120,10 +120,10 @@ def _bold_if_met(t: int, ratio: float) -> str:
 
 @renderer("profile-quiet")
 def render_profile_quiet(source: Path) -> str:
-    """README's quiet-machine profile table: ``SOURCE/profile_quiet.json`` and ``profile_quiet_long.json``."""
+    """README's quiet-machine profile table: ``SOURCE`` (``profile_quiet.json``) and its ``_long`` sibling."""
     rows = []
-    for name in ("profile_quiet.json", "profile_quiet_long.json"):
-        for t, r in sorted(_in_process(source / name).items()):
+    for path in (source, source.with_name(source.stem + "_long.json")):
+        for t, r in sorted(_in_process(path).items()):
             hooks = r["fused_parts"]["hooks_s"]
             rows.append([str(t), f"{r['bare_s']:.2f}", f"{r['fused_s']:.2f}", _bold_if_met(t, r["fused_ratio"]),
                          f"{r['chunked_ratio']:.2f}x", f"{hooks:.2f} ({100 * hooks / r['bare_s']:.0f}%)"])
@@ -133,9 +133,10 @@ def render_profile_quiet(source: Path) -> str:
 
 @renderer("profile-loads")
 def render_profile_loads(source: Path) -> str:
-    """README's three busy-machine runs side by side: ``SOURCE/profile.json``, ``profile_short.json``,
-    ``profile_lowload.json`` (fused / bare each, then chunked / bare of the three; ``-``: length not run)."""
-    runs = [_in_process(source / n) for n in ("profile.json", "profile_short.json", "profile_lowload.json")]
+    """README's three busy-machine runs side by side: ``SOURCE`` (``profile.json``) and its siblings
+    ``profile_short.json``, ``profile_lowload.json`` (fused / bare each, then chunked / bare of the three; ``-``:
+    length not run)."""
+    runs = [_in_process(source.with_name(n)) for n in (source.name, "profile_short.json", "profile_lowload.json")]
     rows = []
     for t in sorted(runs[0]):
         fused = [f"{r[t]['fused_ratio']:.2f}x" if t in r else "-" for r in runs]

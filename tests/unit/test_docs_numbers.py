@@ -53,7 +53,9 @@ def test_every_results_folder_names_its_command():
     sources = {m["source"] for text in dt.read_docs().values() for m in dt.MARKER.finditer(text)}
     assert sources
     for source in sources:
-        path = ROOT / source
+        path = ROOT / source.split("#")[0]
+        if path.is_file() and path.suffix == ".json" and "command" in json.loads(path.read_text()):
+            continue  # a benchmark's JSON names its command itself
         folder = path if path.is_dir() else path.parent
         sidecars = [folder / "command.json"] if (folder / "command.json").is_file() else \
             sorted(folder.glob("*/command.json"))
@@ -106,5 +108,5 @@ def test_check_fails_when_a_results_file_changes(tmp_path):
     data["sink_ratio"] += 0.01
     (dest / "T64/profile.json").write_text(json.dumps(data))
     text = dt.read_docs()["README.md"]
-    problems = dt.check_text("README.md", text, root)
-    assert len(problems) == 1 and "scan-lengths" in problems[0]
+    problems = [p for p in dt.check_text("README.md", text, root) if "scan-lengths" in p]
+    assert len(problems) == 1 and "differs from its results" in problems[0]
