@@ -389,6 +389,20 @@ def _json_value(name: str, keys: tuple[str, ...], fmt: Callable[[float], str]) -
 QUOTES: list[Quote] = [
     *[Quote("docs/report.md", pattern, REPORT, fn, "report: " + what) for pattern, fn, what in REPORT_QUOTES],
     Quote("README.md", r"The report\s+took (\d+) s of CPU time", REPORT, _report_cpu_s, "report CPU time"),
+    # the H100 run of configs/gu-60m.yaml
+    Quote("README.md", r"\| (\d+) steps \(\S+M byte tokens\) in", "docs/results/gu60m_h100",
+          _json_value("final.json", ("step",), str), "gu-60m steps"),
+    Quote("README.md", r"steps \((\S+)M byte tokens\) in", "docs/results/gu60m_h100",
+          _json_value("final.json", ("tokens",), lambda x: f"{x / 1e6:.1f}"), "gu-60m tokens"),
+    Quote("README.md", r"byte tokens\) in (\d+) s, held-out", "docs/results/gu60m_h100",
+          _json_value("final.json", ("wall_time_s",), lambda x: f"{x:.0f}"), "gu-60m wall"),
+    Quote("README.md", r"held-out loss (\S+) nats/byte, no sink yet", "docs/results/gu60m_h100",
+          _json_value("final.json", ("loss",), lambda x: f"{x:.2f}"), "gu-60m loss"),
+    Quote("README.md", r"no sink yet \(Sink_0 (\S+), first-token attention", "docs/results/gu60m_h100",
+          _json_value("final.json", ("sink_ratio",), lambda x: f"{x:.3f}"), "gu-60m Sink_0"),
+    Quote("README.md", r"first-token attention <= (\S+)% per head", "docs/results/gu60m_h100",
+          _json_value("final.json", ("bos_attention",), lambda a: f"{100 * max(max(r) for r in a):.2f}"),
+          "gu-60m max first-token attention"),
     Quote("README.md", r"The chunked statistics cost (\S+) the first pass", "bench/results/profile.json", _profile_ratio,
           "chunked statistics over the first pass, range over lengths"),
     # README's repetition bullet: the CPU headline run, the CPU harm run, the GPU grid
