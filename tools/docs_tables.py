@@ -386,9 +386,22 @@ def _json_value(name: str, keys: tuple[str, ...], fmt: Callable[[float], str]) -
     return get
 
 
+CHAT_FORMS = ("instruct", "garak1", "garak3", "garak40", "garak-word1")
+
+
+def _chat_cut_range(source: Path) -> str:
+    """min-max of our patch's relative cut over the chat forms and every N of the grid's summary."""
+    with open(source / "summary.csv", newline="") as f:
+        cuts = [float(r["relative_reduction"]) for r in csv.DictReader(f)
+                if r["variant"] == "ours" and r["form"] in CHAT_FORMS]
+    return f"{100 * min(cuts):.0f}-{100 * max(cuts):.0f}%"
+
+
 QUOTES: list[Quote] = [
     *[Quote("docs/report.md", pattern, REPORT, fn, "report: " + what) for pattern, fn, what in REPORT_QUOTES],
     Quote("README.md", r"The report\s+took (\d+) s of CPU time", REPORT, _report_cpu_s, "report CPU time"),
+    Quote("README.md", r"and (\S+) cuts in every chat form at every N", "docs/results/repeat_grid_h100", _chat_cut_range,
+          "grid: relative cut of ours over the chat forms and lengths"),
     # the H100 run of configs/gu-60m.yaml
     Quote("README.md", r"\| (\d+) steps \(\S+M byte tokens\) in", "docs/results/gu60m_h100",
           _json_value("final.json", ("step",), str), "gu-60m steps"),
