@@ -286,7 +286,7 @@ def _training_table(runs: Path, names: list[str]) -> str:
             if not other.endswith(other_suffix):
                 continue
             ref = other.removesuffix(other_suffix) + ref_suffix
-            if ref in names:
+            if ref in names and all((runs / n / "final.json").is_file() for n in (ref, other)):
                 a, b = tt.equal_loss(tt._rows(runs / ref), tt._rows(runs / other))
                 equal += [f"Equal loss ({ref} vs {other}): loss {a['loss']:.3f} vs {b['loss']:.3f}; "
                           f"{tt._describe(ref_suffix[1:], a)}; {tt._describe(other_suffix[1:], b)}.", ""]
