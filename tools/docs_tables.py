@@ -260,6 +260,66 @@ REPORT_QUOTES = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------------- repetition
+
+GRID_FORMS = ("instruct", "garak1", "garak3", "garak40", "garak-word1", "repeat-colon", "bare")
+
+
+@renderer("repeat-grid")
+def render_repeat_grid(source: Path) -> str:
+    """docs/repetition.md's grid table from ``SOURCE/summary.csv`` (all 5208 answers); ``*`` marks the cells
+    completed on the CPU (``cells_cpu_completion.jsonl``); a form whose every length gives the same counts is one
+    row; the headline cell (instruct, N = 1024) is bold."""
+    with open(source / "summary.csv", newline="") as f:
+        rows = {(r["variant"], r["form"], int(r["n"])): r for r in csv.DictReader(f)}
+    cpu = {(r["variant"], r["form"], r["n"]) for r in map(json.loads, (source / "cells_cpu_completion.jsonl")
+                                                           .read_text().splitlines()) if r}
+    lengths = sorted({n for _, _, n in rows})
+
+    def cell(variant: str, form: str, n: int) -> str:
+        r = rows[(variant, form, n)]
+        text = f"{r['diverged']} ({100 * float(r['rate']):.0f}%)"
+        return text + (" *" if (variant, form, n) in cpu else "")
+
+    def cut(form: str, n: int) -> str:
+        text = f"{100 * float(rows[('ours', form, n)]['relative_reduction']):.0f}%"
+        return f"**{text}**" if (form, n) == ("instruct", 1024) else text
+
+    out = []
+    for form in GRID_FORMS:
+        same = all(rows[(v, form, n)]["diverged"] == rows[(v, form, lengths[0])]["diverged"]
+                   for v in ("none", "ours", "yona") for n in lengths)
+        if same:
+            n0 = lengths[0]
+            out.append([form, f"{lengths[0]}-{lengths[-1]}", cell("none", form, n0) + " at each N",
+                        cell("ours", form, n0) + " at each N", cut(form, n0), cell("yona", form, n0) + " at each N"])
+            continue
+        out += [[form, str(n), cell("none", form, n), cell("ours", form, n), cut(form, n), cell("yona", form, n)]
+                for n in lengths]
+    return md_table(["form", "N", "unpatched", "ours", "relative cut", "paper's patch"], out)
+
+
+#: tables checked where they stand, without markers (documents owned by others): (doc, header line, renderer,
+#: source)
+LOCATED_TABLES = [
+    ("docs/repetition.md", "| form | N | unpatched | ours | relative cut | paper's patch |", "repeat-grid",
+     "docs/results/repeat_grid_h100"),
+]
+
+
+def located_table(text: str, header: str) -> str | None:
+    """The Markdown table in ``text`` whose first line is ``header`` (through its last ``|`` line), or None."""
+    i = text.find(header + "\n")
+    if i < 0:
+        return None
+    lines = []
+    for line in text[i:].splitlines():
+        if not line.startswith("|"):
+            break
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------- training
 
 
@@ -497,6 +557,22 @@ def check_quotes(texts: dict[str, str], root: Path = ROOT, quotes: list[Quote] |
     return problems
 
 
+def check_located(texts: dict[str, str], root: Path = ROOT) -> list[str]:
+    """Problems of the tables checked where they stand (``LOCATED_TABLES``)."""
+    problems = []
+    for doc, header, name, source in LOCATED_TABLES:
+        found = located_table(texts[doc], header)
+        if found is None:
+            problems.append(f"{doc}: table {name} (header {header!r}) not found")
+            continue
+        want = RENDERERS[name](root / source)
+        if found != want:
+            diff = "\n".join(difflib.unified_diff(found.splitlines(), want.splitlines(), "docs", "results",
+                                                  lineterm="", n=0))
+            problems.append(f"{doc}: table {name} ({source}) differs from its results:\n{diff}")
+    return problems
+
+
 def read_docs(root: Path = ROOT) -> dict[str, str]:
     return {d: (root / d).read_text() for d in DOCS}
 
@@ -504,7 +580,7 @@ def read_docs(root: Path = ROOT) -> dict[str, str]:
 def check_all(root: Path = ROOT, texts: dict[str, str] | None = None) -> list[str]:
     texts = read_docs(root) if texts is None else texts
     problems = [p for label, text in texts.items() for p in check_text(label, text, root)]
-    return problems + check_quotes(texts, root)
+    return problems + check_located(texts, root) + check_quotes(texts, root)
 
 
 def main(argv: list[str] | None = None) -> int:

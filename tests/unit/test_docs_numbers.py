@@ -110,3 +110,14 @@ def test_check_fails_when_a_results_file_changes(tmp_path):
     text = dt.read_docs()["README.md"]
     problems = [p for p in dt.check_text("README.md", text, root) if "scan-lengths" in p]
     assert len(problems) == 1 and "differs from its results" in problems[0]
+
+
+def test_check_fails_on_an_altered_located_table():
+    """Tables checked where they stand (no markers): a changed count in the repetition grid is seen."""
+    texts = dt.read_docs()
+    doc, header, _, _ = dt.LOCATED_TABLES[0]
+    table = dt.located_table(texts[doc], header)
+    altered_table = table.replace("| instruct | 1024 | 39 (63%)", "| instruct | 1024 | 38 (63%)")
+    assert altered_table != table
+    problems = dt.check_located({**texts, doc: texts[doc].replace(table, altered_table)})
+    assert len(problems) == 1 and "differs from its results" in problems[0]
