@@ -299,11 +299,53 @@ def render_repeat_grid(source: Path) -> str:
     return md_table(["form", "N", "unpatched", "ours", "relative cut", "paper's patch"], out)
 
 
+@renderer("repeat-headline")
+def render_repeat_headline(source: Path) -> str:
+    """docs/repetition.md's CPU headline table (``SOURCE/summary.csv``: instruct, N = 1024, 24 EVAL words)."""
+    with open(source / "summary.csv", newline="") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    out = [[label, f"{rows[v]['diverged']} ({100 * float(rows[v]['rate']):.0f}%)", rows[v]["stopped"], rows[v]["repeats"]]
+           for label, v in (("unpatched", "none"), ("our patch", "ours"))]
+    return md_table(["EVAL words (the first 24 of `EVAL_WORDS`)", "diverged", "stopped (copies, then EOS)",
+                     "repeats to the limit"], out)
+
+
+HARM_FAMILIES = {"song": "songs and chants", "laughter": "laughter, interjections", "table": "tables",
+                 "log": "logs and CSV", "code": "code", "count": "lists and counting", "emphasis": "emphasis"}
+
+
+@renderer("repeat-harm")
+def render_repeat_harm(source: Path) -> str:
+    """docs/repetition.md's harm table per family (``SOURCE/harm_eval_ours.csv``; the ``all`` row in bold)."""
+    def kl(x: str) -> str:
+        return "0" if float(x) == 0 else f"{float(x):.4f}"
+
+    def ppl(x: str) -> str:
+        return "0" if float(x) == 0 else f"{100 * float(x):+.2f}%"
+
+    out = []
+    with open(source / "harm_eval_ours.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            last = r["family"] == "all"
+            b = (lambda c: f"**{c}**") if last else (lambda c: c)
+            out.append([b(f"all {r['documents']}") if last else HARM_FAMILIES[r["family"]],
+                        b(f"{r['gate_opened']} / {r['documents']}"), b(kl(r["kl_inside"])), b(kl(r["kl_after"])),
+                        b(kl(r["kl_all"])), f"{float(r['nll_after_original']):.3f} -> {float(r['nll_after_patched']):.3f}",
+                        b(ppl(r["ppl_change"])), f"{float(r['top1_after']):.3f}"])
+    return md_table(["family", "documents where the gate opened", "KL inside the stretch", "KL after it", "KL overall",
+                     "NLL after (original -> patched)", "perplexity", "top-1 agreement after"], out)
+
+
 #: tables checked where they stand, without markers (documents owned by others): (doc, header line, renderer,
 #: source)
 LOCATED_TABLES = [
     ("docs/repetition.md", "| form | N | unpatched | ours | relative cut | paper's patch |", "repeat-grid",
      "docs/results/repeat_grid_h100"),
+    ("docs/repetition.md", "| EVAL words (the first 24 of `EVAL_WORDS`) | diverged | stopped (copies, then EOS) | "
+     "repeats to the limit |", "repeat-headline", "docs/results/repeat_eval_cpu/headline"),
+    ("docs/repetition.md", "| family | documents where the gate opened | KL inside the stretch | KL after it | "
+     "KL overall | NLL after (original -> patched) | perplexity | top-1 agreement after |", "repeat-harm",
+     "docs/results/repeat_eval_cpu/text"),
 ]
 
 
