@@ -336,6 +336,14 @@ def render_repeat_harm(source: Path) -> str:
                      "NLL after (original -> patched)", "perplexity", "top-1 agreement after"], out)
 
 
+@renderer("circuit-bench")
+def render_circuit_bench(source: Path) -> str:
+    """docs/repetition.md's phase table of ``python bench/bench_circuit.py`` (``SOURCE`` = its JSON)."""
+    out = [[r["phase"], f"{r['original_wall_s']:.1f}", f"{r['original_cpu_s']:.1f}", f"{r['fast_wall_s']:.1f}",
+            f"{r['fast_cpu_s']:.1f}", f"{r['original_cpu_s'] / r['fast_cpu_s']:.1f}x"] for r in read_json(source)["rows"]]
+    return md_table(["phase", "main wall s", "main CPU s", "fast wall s", "fast CPU s", "ratio (CPU)"], out)
+
+
 #: tables checked where they stand, without markers (documents owned by others): (doc, header line, renderer,
 #: source)
 LOCATED_TABLES = [
@@ -346,6 +354,8 @@ LOCATED_TABLES = [
     ("docs/repetition.md", "| family | documents where the gate opened | KL inside the stretch | KL after it | "
      "KL overall | NLL after (original -> patched) | perplexity | top-1 agreement after |", "repeat-harm",
      "docs/results/repeat_eval_cpu/text"),
+    ("docs/repetition.md", "| phase | main wall s | main CPU s | fast wall s | fast CPU s | ratio (CPU) |",
+     "circuit-bench", "bench/results/circuit.json"),
 ]
 
 
