@@ -498,6 +498,13 @@ def _json_value(name: str, keys: tuple[str, ...], fmt: Callable[[float], str]) -
     return get
 
 
+YONA = "docs/results/repeat_eval_cpu/patches/yona"
+
+
+def _yona(source: Path) -> dict[str, Any]:
+    return read_json(source / "yona_report.json")
+
+
 CHAT_FORMS = ("instruct", "garak1", "garak3", "garak40", "garak-word1")
 
 
@@ -514,6 +521,21 @@ QUOTES: list[Quote] = [
     Quote("README.md", r"The report\s+took (\d+) s of CPU time", REPORT, _report_cpu_s, "report CPU time"),
     Quote("README.md", r"and (\S+) cuts in every chat form at every N", "docs/results/repeat_grid_h100", _chat_cut_range,
           "grid: relative cut of ours over the chat forms and lengths"),
+    # the paper's patch as built by Yona et al.'s rules
+    Quote("docs/repetition.md", r"on one-token inputs \(layers 0-14, the first half\):\s+(.+?); mean \+ 2 std",
+          YONA, lambda src: ", ".join(f"**{v:.0f}**" if i == _yona(src)["sink_layer"]["layer"] else f"{v:.0f}"
+                                      for i, v in enumerate(_yona(src)["sink_layer"]["mlp_norm"][:15])),
+          "yona: first-half MLP norms"),
+    Quote("docs/repetition.md", r"mean \+ 2 std of those = (\d+), first exceeded", YONA,
+          lambda src: f"{_yona(src)['sink_layer']['threshold']:.0f}", "yona: threshold"),
+    Quote("docs/repetition.md", r"Top scores `\|a\| \* \|\|W_down\[:, j\]\|\|` (\d+ and \d+)", YONA,
+          lambda src: " and ".join(f"{n['score']:.0f}" for n in _yona(src)["neurons"][:2]), "yona: neuron scores"),
+    Quote("docs/repetition.md", r"\(\|a\| at token 0:\s+(\d+ and \d+)\)", YONA,
+          lambda src: " and ".join(f"{n['first_activation']:.0f}" for n in _yona(src)["neurons"][:2]),
+          "yona: first activations"),
+    Quote("docs/repetition.md", r"zeroing them at token 0 removes (\d+% and \d+%)", YONA,
+          lambda src: " and ".join(f"{100 * n['peak_drop']:.0f}%" for n in _yona(src)["neurons"][:2]),
+          "yona: peak removed"),
     # the H100 run of configs/gu-60m.yaml
     Quote("README.md", r"\| (\d+) steps \(\S+M byte tokens\) in", "docs/results/gu60m_h100",
           _json_value("final.json", ("step",), str), "gu-60m steps"),
