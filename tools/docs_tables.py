@@ -536,6 +536,23 @@ QUOTES: list[Quote] = [
     Quote("docs/repetition.md", r"zeroing them at token 0 removes (\d+% and \d+%)", YONA,
           lambda src: " and ".join(f"{100 * n['peak_drop']:.0f}%" for n in _yona(src)["neurons"][:2]),
           "yona: peak removed"),
+    # the GPU session's benchmark JSONs
+    Quote("README.md", r"\| fused (\S+ / \S+ / \S+) the bare forward at 512 / 2048 / 8192 tokens",
+          "bench/results/profile_cuda.json",
+          lambda src: " / ".join(f"{r['fused_ratio']:.2f}x" for r in read_json(src)["in_process"]), "GPU fused ratios"),
+    Quote("README.md", r"\(bare: (\S+ ms / \S+ ms / \S+ ms)\), chunked", "bench/results/profile_cuda.json",
+          lambda src: " / ".join(f"{1000 * r['bare_s']:.0f} ms" for r in read_json(src)["in_process"]), "GPU bare"),
+    Quote("README.md", r"\), chunked (\S+ / \S+ / \S+); GPU memory", "bench/results/profile_cuda.json",
+          lambda src: " / ".join(f"{r['chunked_ratio']:.2f}x" for r in read_json(src)["in_process"]),
+          "GPU chunked ratios"),
+    Quote("README.md", r"fused vs chunked alpha within (\S+) \|", "bench/results/profile_cuda.json",
+          lambda src: f"{max(r['fused_vs_chunked_max_abs']['alpha'] for r in read_json(src)['in_process']):.1e}"
+          .replace("e-06", "e-6"), "GPU fused vs chunked alpha"),
+    Quote("README.md", r"`generate` (\S+) tokens/s \(launch-bound", "bench/results/streaming_cuda.json",
+          lambda src: f"{read_json(src)['decode']['rows'][0]['tokens_per_s_best']:.1f}", "GPU generate tokens/s"),
+    Quote("README.md", r"the token loop (\S+) its time per token", "bench/results/streaming_cuda.json",
+          lambda src: "{:.2f}-{:.2f}x".format(*(lambda v: (min(v), max(v)))(
+              [r["generate_over_path"] for r in read_json(src)["decode"]["rows"][1:]])), "GPU token loop ratio"),
     # the H100 run of configs/gu-60m.yaml
     Quote("README.md", r"\| (\d+) steps \(\S+M byte tokens\) in", "docs/results/gu60m_h100",
           _json_value("final.json", ("step",), str), "gu-60m steps"),
