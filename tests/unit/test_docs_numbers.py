@@ -32,7 +32,7 @@ dt = _load_tool()
 
 #: tables that must be marked (so deleting a marker cannot silently drop a table from the check)
 EXPECTED_TABLES = {
-    "README.md": {"scan-lengths", "scan-example", "report-last-line", "profile-loads", "profile-quiet", "bench-table"},
+    "README.md": {"scan-lengths", "scan-example", "report-last-line"},
     "docs/report.md": {"report-time"},
 }
 
@@ -89,12 +89,13 @@ def test_check_fails_on_an_altered_table(doc, tmp_path):
 def test_check_fails_on_an_altered_quote():
     texts = dt.read_docs()
     q = dt.QUOTES[0]
-    m = re.search(q.pattern, texts[q.doc])
-    altered = texts[q.doc][:m.start(1)] + m[1] + "7" + texts[q.doc][m.end(1):]
+    text = dt.flat(texts[q.doc])
+    m = re.search(q.pattern, text)
+    altered = text[:m.start(1)] + m[1] + "7" + text[m.end(1):]
     problems = dt.check_quotes({**texts, q.doc: altered}, quotes=[q])
     assert len(problems) == 1 and "the docs say" in problems[0]
     # a quote that no longer matches is a problem too, not a pass
-    problems = dt.check_quotes({**texts, q.doc: texts[q.doc].replace(m[0], "")}, quotes=[q])
+    problems = dt.check_quotes({**texts, q.doc: text.replace(m[0], "")}, quotes=[q])
     assert len(problems) == 1 and "matched 0 times" in problems[0]
 
 
@@ -113,11 +114,16 @@ def test_check_fails_when_a_results_file_changes(tmp_path):
 
 
 def test_check_fails_on_an_altered_located_table():
-    """Tables checked where they stand (no markers): a changed count in the repetition grid is seen."""
+    """Tables checked where they stand (no markers): a changed count in the repetition grid is seen, and a table
+    that is no longer there is reported, not skipped."""
     texts = dt.read_docs()
-    doc, header, _, _ = dt.LOCATED_TABLES[0]
-    table = dt.located_table(texts[doc], header)
+    docs, name, source = dt.LOCATED_TABLES[0]
+    header = dt.RENDERERS[name](ROOT / source).splitlines()[0]
+    table = dt.located_table(texts[docs[0]], header)
     altered_table = table.replace("| instruct | 1024 | 39 (63%)", "| instruct | 1024 | 38 (63%)")
     assert altered_table != table
-    problems = dt.check_located({**texts, doc: texts[doc].replace(table, altered_table)})
+    problems = dt.check_located({**texts, docs[0]: texts[docs[0]].replace(table, altered_table)},
+                                tables=[dt.LOCATED_TABLES[0]])
     assert len(problems) == 1 and "differs from its results" in problems[0]
+    problems = dt.check_located({**texts, docs[0]: texts[docs[0]].replace(table, "")}, tables=[dt.LOCATED_TABLES[0]])
+    assert len(problems) == 1 and "not found" in problems[0]
