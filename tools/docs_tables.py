@@ -513,6 +513,11 @@ def _json_value(name: str, keys: tuple[str, ...], fmt: Callable[[float], str]) -
     return get
 
 
+def _load_times(source: Path) -> list[float]:
+    """Seconds per load from ``bench_load.py``'s printed table (``SOURCE/stdout.txt``): first, then cached."""
+    return [float(m) for m in re.findall(r"^\| [^|]+ \| ([\d.]+) \|", (source / "stdout.txt").read_text(), re.M)]
+
+
 YONA = "docs/results/repeat_eval_cpu/patches/yona"
 
 
@@ -568,6 +573,13 @@ QUOTES: list[Quote] = [
     Quote(BENCH_DOCS, r"the token loop (\S+) its time per token", "bench/results/streaming_cuda.json",
           lambda src: "{:.2f}-{:.2f}x".format(*(lambda v: (min(v), max(v)))(
               [r["generate_over_path"] for r in read_json(src)["decode"]["rows"][1:]])), "GPU token loop ratio"),
+    # bench/bench_load.py
+    Quote(BENCH_DOCS, r"write the safetensors cache\) (\S+) s; cached loads", "docs/results/load",
+          lambda src: f"{_load_times(src)[0]:.1f}", "first load"),
+    Quote(BENCH_DOCS, r"; cached loads (\S+ s and \S+ s)\.", "docs/results/load",
+          lambda src: " and ".join(f"{t:.1f} s" for t in _load_times(src)[1:]), "cached loads"),
+    Quote("README.md", r"so later loads take (\S+) the time of the first", "docs/results/load",
+          lambda src: f"{max(_load_times(src)[1:]) / _load_times(src)[0]:.2f}x", "cached / first load"),
     # the H100 run of configs/gu-60m.yaml
     Quote("README.md", r"\| (\d+) steps \(\S+M byte tokens\) in", "docs/results/gu60m_h100",
           _json_value("final.json", ("step",), str), "gu-60m steps"),
