@@ -439,6 +439,65 @@ for _name, _names in TRAINING_SETS.items():
     RENDERERS[_name] = training_renderer(_names)
 
 
+TRAINING_DOC = "docs/training.md"
+TRAINING_RESULTS = "docs/results/training"
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def check_training_rows(texts: dict[str, str], root: Path = ROOT) -> list[str]:
+    """Every committed training run's rows (its final row in the results table, its dynamics rows) must stand in
+    docs/training.md as ``python -m sinkscope.training.table`` prints them from the committed metrics. A docs
+    table with fewer columns (the first lab's dynamics table predates the absolute-norm column) is compared on the
+    columns it has. Runs of a set that were not re-run are not checked (the doc says which)."""
+    problems = []
+    text = texts.get(TRAINING_DOC, "")
+    runs = root / TRAINING_RESULTS
+    doc_rows = [_cells(x) for x in text.splitlines() if x.startswith("| ")]
+    for run in sorted(d.name for d in runs.iterdir() if (d / "final.json").is_file()) if runs.is_dir() else []:
+        rendered = [x for x in _training_table(runs, [run]).splitlines()
+                    if x.startswith(f"| {run} |") or x.startswith(f"| {run} (long")]
+        for line in rendered:
+            want = _cells(line)
+            dynamics = want[1].isdigit()  # dynamics rows: (name, step, ...); the results row: (name, attention, ...)
+            key = want[:2] if dynamics else want[:1]
+            label = f"{run} step {want[1]}" if dynamics else f"{run} (final row)"
+            same_key = [r for r in doc_rows if r[:len(key)] == key and (dynamics or len(r) == len(want))]
+            if not same_key:
+                problems.append(f"{TRAINING_DOC}: no row for {label} (results: {TRAINING_RESULTS}/{run})")
+                continue
+            for r in same_key:
+                if r != want[:len(r)]:
+                    problems.append(f"{TRAINING_DOC}: row {label} differs from {TRAINING_RESULTS}/{run}:\n"
+                                    f"- docs:    | {' | '.join(r)} |\n+ results: {line}")
+    return problems
+
+
+def write_training_rows(text: str, root: Path = ROOT) -> str:
+    """docs/training.md's text with every committed run's rows replaced by their rendering (on the columns each
+    docs table has); rows of runs without committed results stay as they are."""
+    runs = root / TRAINING_RESULTS
+    if not runs.is_dir():
+        return text
+    lines = text.splitlines(keepends=True)
+    for run in sorted(d.name for d in runs.iterdir() if (d / "final.json").is_file()):
+        for line in _training_table(runs, [run]).splitlines():
+            if not (line.startswith(f"| {run} |") or line.startswith(f"| {run} (long")):
+                continue
+            want = _cells(line)
+            dynamics = want[1].isdigit()
+            key = want[:2] if dynamics else want[:1]
+            for i, doc_line in enumerate(lines):
+                if not doc_line.startswith("| "):
+                    continue
+                r = _cells(doc_line)
+                if r[:len(key)] == key and (dynamics or len(r) == len(want)):
+                    lines[i] = "| " + " | ".join(want[:len(r)]) + " |\n"
+    return "".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------- quotes
 
 
@@ -711,7 +770,7 @@ def read_docs(root: Path = ROOT) -> dict[str, str]:
 def check_all(root: Path = ROOT, texts: dict[str, str] | None = None) -> list[str]:
     texts = read_docs(root) if texts is None else texts
     problems = [p for label, text in texts.items() for p in check_text(label, text, root)]
-    return problems + check_located(texts, root) + check_quotes(texts, root)
+    return problems + check_located(texts, root) + check_training_rows(texts, root) + check_quotes(texts, root)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -723,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
             path = ROOT / d
             old = path.read_text()
             new = render_text(old)
+            if d == TRAINING_DOC:
+                new = write_training_rows(new)
             if new != old:
                 path.write_text(new)
                 print(f"rewrote tables in {d}")

@@ -127,3 +127,18 @@ def test_check_fails_on_an_altered_located_table():
     assert len(problems) == 1 and "differs from its results" in problems[0]
     problems = dt.check_located({**texts, docs[0]: texts[docs[0]].replace(table, "")}, tables=[dt.LOCATED_TABLES[0]])
     assert len(problems) == 1 and "not found" in problems[0]
+
+
+def test_check_fails_on_an_altered_training_row():
+    """A committed run's row in docs/training.md that differs from its metrics (one digit of the eval loss) is
+    reported; so is a run whose row is missing."""
+    texts = dt.read_docs()
+    text = texts[dt.TRAINING_DOC]
+    line = next(x for x in text.splitlines() if x.startswith("| bb-softmax-adam | softmax |"))
+    cells = line.split(" | ")
+    cells[4] = cells[4][:-1] + ("0" if cells[4][-1] == "9" else str(int(cells[4][-1]) + 1))
+    altered = text.replace(line, " | ".join(cells))
+    problems = dt.check_training_rows({**texts, dt.TRAINING_DOC: altered})
+    assert len(problems) == 1 and "bb-softmax-adam (final row) differs" in problems[0]
+    problems = dt.check_training_rows({**texts, dt.TRAINING_DOC: text.replace(line + "\n", "")})
+    assert len(problems) == 1 and "no row for bb-softmax-adam (final row)" in problems[0]
