@@ -387,6 +387,21 @@ def located_table(text: str, header: str) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+@renderer("stream-ranges")
+def render_stream_ranges(source: Path) -> str:
+    """docs/streaming.md's 64k table: perplexity per position range of one policy (``SOURCE/ranges.json``, made by
+    ``tools/stream_ranges.py`` from the run's tokens.csv)."""
+    ranges = read_json(source / "ranges.json")["ranges"]
+    (policy, by_range), = ranges.items()
+    keys = list(by_range)
+    label = f"ppl, {policy} (4 + 1020, absolute positions)"
+
+    def fmt(x: float) -> str:
+        return f"{x:.1f}" if x >= 100 else f"{x:.2f}"
+
+    return md_table(["positions", *keys], [[label, *(fmt(by_range[k]["ppl"]) for k in keys)]])
+
+
 # ---------------------------------------------------------------------------------------------------- training
 
 
@@ -520,6 +535,19 @@ def _final(run: str, key: str, fmt: str, index: int | None = None) -> Callable[[
     return get
 
 
+def _mean(values: Any) -> float:
+    """A number, or the mean of a list (per-head values of one layer, as ``training.table`` averages them)."""
+    return sum(values) / len(values) if isinstance(values, list) else values
+
+
+def _row(run: str, step: int) -> Callable[[Path], dict[str, Any]]:
+    """A run's metrics row at ``step`` (``SOURCE/RUN/metrics.jsonl``)."""
+    def get(source: Path) -> dict[str, Any]:
+        rows = [json.loads(x) for x in (source / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return next(r for r in rows if r["step"] == step)
+    return get
+
+
 def _grid_copies(form: str, n: int, variant: str, word: str) -> Callable[[Path], str]:
     def get(source: Path) -> str:
         with gzip.open(source / "cells.jsonl.gz", "rt") as f:
@@ -577,6 +605,16 @@ def _load_times(source: Path) -> list[float]:
     return [float(m) for m in re.findall(r"^\| [^|]+ \| ([\d.]+) \|", (source / "stdout.txt").read_text(), re.M)]
 
 
+def _parity(source: Path, setup: str) -> dict[str, Any]:
+    return next(r for r in read_json(source)["rows"] if r["setup"] == setup)
+
+
+def _sci(x: float) -> str:
+    """1.19e-07 -> ``1.2e-7`` (the docs' way of writing small numbers)."""
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 YONA = "docs/results/repeat_eval_cpu/patches/yona"
 
 
@@ -632,6 +670,15 @@ QUOTES: list[Quote] = [
     Quote(BENCH_DOCS, r"the token loop (\S+) its time per token", "bench/results/streaming_cuda.json",
           lambda src: "{:.2f}-{:.2f}x".format(*(lambda v: (min(v), max(v)))(
               [r["generate_over_path"] for r in read_json(src)["decode"]["rows"][1:]])), "GPU token loop ratio"),
+    Quote(BENCH_DOCS, r"CUDA fp32: worst (\S+) on alpha", "bench/results/device_parity_cuda.json",
+          lambda src: _sci(_parity(src, "cuda fp32")["alpha"]), "device parity fp32 alpha"),
+    Quote(BENCH_DOCS, r"on alpha, (\S+) relative on norms", "bench/results/device_parity_cuda.json",
+          lambda src: _sci(max(_parity(src, "cuda fp32")[k] for k in ("value_norm", "residual_norm", "out_norm"))),
+          "device parity fp32 norms"),
+    Quote(BENCH_DOCS, r"CUDA bf16: (\S+) on alpha", "bench/results/device_parity_cuda.json",
+          lambda src: _sci(_parity(src, "cuda bf16")["alpha"]), "device parity bf16 alpha"),
+    Quote(BENCH_DOCS, r"on alpha, (\S+)% on value norms", "bench/results/device_parity_cuda.json",
+          lambda src: f"{100 * _parity(src, 'cuda bf16')['value_norm']:.2f}", "device parity bf16 value norms"),
     # bench/bench_load.py
     Quote(BENCH_DOCS, r"write the safetensors cache\) (\S+) s; cached loads", "docs/results/load",
           lambda src: f"{_load_times(src)[0]:.1f}", "first load"),
@@ -639,6 +686,34 @@ QUOTES: list[Quote] = [
           lambda src: " and ".join(f"{t:.1f} s" for t in _load_times(src)[1:]), "cached loads"),
     Quote("README.md", r"so later loads take (\S+) the time of the first", "docs/results/load",
           lambda src: f"{max(_load_times(src)[1:]) / _load_times(src)[0]:.2f}x", "cached / first load"),
+    # README's training bullet
+    Quote("README.md", r"BOS becomes a sink \(Sink_0 (\S+);", TRAINING_RESULTS, _final("bb-softmax-adam", "sink_ratio", ".2f"),
+          "bb-softmax-adam Sink_0"),
+    Quote("README.md", r"BOS's value norm drains to (\S+)x the median", TRAINING_RESULTS,
+          _final("bb-softmax-adam", "bos_value_norm", ".2f", 1), "bb-softmax-adam layer-1 value ratio"),
+    Quote("README.md", r"BOS's residual after layer 0 is (\d+)x the median", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu layer-0 residual ratio"),
+    # docs/training.md's prose on the re-run ReLU run
+    Quote(TRAINING_DOC, r"BOS's residual after layer 0 grows to (\d+) \(\d+x the median token; re-run\)", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_abs", ".0f", 0), "bb-peak-relu absolute residual (summary table)"),
+    Quote(TRAINING_DOC, r"grows to \d+ \((\d+)x the median token; re-run\)", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu residual ratio (summary table)"),
+    Quote(TRAINING_DOC, r"grows from 11\.5 to \*\*(\d+)\*\*", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_abs", ".0f", 0), "bb-peak-relu absolute residual"),
+    Quote(TRAINING_DOC, r"to \*\*\d+\*\* \((\d+)x the median token\)", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu residual ratio"),
+    Quote(TRAINING_DOC, r"faster than linearly \((\d+ at 2k, \d+ at 4k, \d+ at 6k)\)", TRAINING_RESULTS,
+          lambda src: ", ".join(f"{_row('bb-peak-relu', n)(src)['bos_residual_abs'][0]:.0f} at {n // 1000}k"
+                                for n in (2000, 4000, 6000)), "bb-peak-relu residual by step"),
+    Quote(TRAINING_DOC, r"layer 0's alpha_0 is (\S+)\)", TRAINING_RESULTS,
+          lambda src: "{:.2f}".format(_mean(read_json(src / "bb-peak-relu" / "final.json")["bos_attention"][0])),
+          "bb-peak-relu layer-0 alpha_0"),
+    Quote(TRAINING_DOC, r"16\.4\) against (\S+ \(\d+\)), and layer 0", TRAINING_RESULTS,
+          lambda src: "{:.1f} ({:.0f})".format(_row("bb-peak-relu", 2000)(src)["bos_residual_norm"][0],
+                                               _row("bb-peak-relu", 2000)(src)["bos_residual_abs"][0]),
+          "bb-peak-relu at step 2000"),
+    Quote(TRAINING_DOC, r"it grows to (\d+)x by 8k steps", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu ratio (first-lab section)"),
     # the H100 run of configs/gu-60m.yaml
     Quote("README.md", r"\| (\d+) steps \(\S+M byte tokens\) in", "docs/results/gu60m_h100",
           _json_value("final.json", ("step",), str), "gu-60m steps"),
@@ -736,7 +811,11 @@ def check_quotes(texts: dict[str, str], root: Path = ROOT, quotes: list[Quote] |
         if len(found) != 1:
             problems.append(f"{label}: {q.what}: pattern {q.pattern!r} matched {len(found)} times, expected once")
             continue
-        want = q.expected(root / q.source)
+        try:
+            want = q.expected(root / q.source)
+        except (OSError, KeyError, IndexError, ValueError, TypeError, StopIteration) as e:
+            problems.append(f"{label}: {q.what}: cannot read it from {q.source}: {e!r}")
+            continue
         if found[0] != want:
             problems.append(f"{label}: {q.what}: the docs say {found[0]}, {q.source} gives {want}")
     return problems
