@@ -454,6 +454,13 @@ for _name, _names in TRAINING_SETS.items():
     RENDERERS[_name] = training_renderer(_names)
 
 
+@renderer("training-backed")
+def render_training_backed(source: Path) -> str:
+    """The list of training runs with committed metrics (``SOURCE/NAME/final.json``)."""
+    runs = sorted(d.name for d in source.iterdir() if (d / "final.json").is_file())
+    return ", ".join(f"`{r}`" for r in runs) + ".\n"
+
+
 TRAINING_DOC = "docs/training.md"
 TRAINING_RESULTS = "docs/results/training"
 
@@ -714,6 +721,16 @@ QUOTES: list[Quote] = [
           "bb-peak-relu at step 2000"),
     Quote(TRAINING_DOC, r"it grows to (\d+)x by 8k steps", TRAINING_RESULTS,
           _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu ratio (first-lab section)"),
+    Quote(TRAINING_DOC, r"the first lab's (\S+)x at 500 steps", TRAINING_RESULTS,
+          _final("bb-relu-adam", "bos_residual_norm", ".2f", 0), "bb-relu-adam layer-0 residual ratio"),
+    Quote(TRAINING_DOC, r"larger\* than with softmax \((\S+)x\)", TRAINING_RESULTS,
+          _final("bb-relu-adam", "bos_residual_norm", ".2f", 0), "bb-relu-adam layer-0 residual ratio (first lab)"),
+    Quote(TRAINING_DOC, r"A milder value shrinkage\s+\((\S+)x\) still appears", TRAINING_RESULTS,
+          _final("bb-relu-adam", "bos_value_norm", ".2f", 1), "bb-relu-adam layer-1 value ratio"),
+    Quote(TRAINING_DOC, r"\(excess loss (\S+) vs \S+ for softmax: slower\)", TRAINING_RESULTS,
+          _final("bb-relu-adam", "excess_loss", ".2f"), "bb-relu-adam excess loss"),
+    Quote(TRAINING_DOC, r"\(excess loss \S+ vs (\S+) for softmax: slower\)", TRAINING_RESULTS,
+          _final("bb-softmax-adam", "excess_loss", ".2f"), "bb-softmax-adam excess loss"),
     # the H100 run of configs/gu-60m.yaml
     Quote("README.md", r"\| (\d+) steps \(\S+M byte tokens\) in", "docs/results/gu60m_h100",
           _json_value("final.json", ("step",), str), "gu-60m steps"),
