@@ -387,6 +387,22 @@ def located_table(text: str, header: str) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+@renderer("stream-run")
+def render_stream_run(source: Path) -> str:
+    """One ``stream eval`` run in numbers: per policy, tokens scored, seconds, tokens/s, peak K/V (``summary.json``),
+    and the process's wall and CPU time, share of a core and maximum RSS (``/usr/bin/time -v`` in ``stdout.txt``)."""
+    s = read_json(source / "summary.json")
+    out = (source / "stdout.txt").read_text()
+    cpu = float(_time_v(out, "User time (seconds)")) + float(_time_v(out, "System time (seconds)"))
+    wall = _time_v(out, "Elapsed (wall clock) time (h:mm:ss or m:ss)")
+    rss = int(_time_v(out, "Maximum resident set size (kbytes)")) / 1024 ** 2
+    rows = [[name, str(p["tokens"]), f"{p['seconds']:.0f}", f"{p['tokens_per_s']:.1f}", f"{p['peak_mem_mb']:.2f}"]
+            for name, p in s["policies"].items()]
+    table = md_table(["policy", "tokens scored", "seconds", "tokens/s", "peak K/V MiB"], rows)
+    return table + (f"\nWhole process: {wall} wall, {cpu:.0f} s CPU ({_time_v(out, 'Percent of CPU this job got')} "
+                    f"of a core), maximum RSS {rss:.2f} GB (model included).\n")
+
+
 @renderer("stream-ranges")
 def render_stream_ranges(source: Path) -> str:
     """docs/streaming.md's 64k table: perplexity per position range of one policy (``SOURCE/ranges.json``, made by
@@ -540,6 +556,12 @@ def _final(run: str, key: str, fmt: str, index: int | None = None) -> Callable[[
         value = read_json(source / run / "final.json")[key]
         return format(value if index is None else value[index], fmt)
     return get
+
+
+def _ranges(source: Path) -> dict[str, dict[str, float]]:
+    """The only policy's per-range perplexities of a stream run (``SOURCE/ranges.json``)."""
+    (by_range,) = read_json(source / "ranges.json")["ranges"].values()
+    return by_range
 
 
 def _mean(values: Any) -> float:
@@ -700,6 +722,16 @@ QUOTES: list[Quote] = [
           _final("bb-softmax-adam", "bos_value_norm", ".2f", 1), "bb-softmax-adam layer-1 value ratio"),
     Quote("README.md", r"BOS's residual after layer 0 is (\d+)x the median", TRAINING_RESULTS,
           _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu layer-0 residual ratio"),
+    # docs/streaming.md's 64k prose
+    Quote("docs/streaming.md", r"perplexity climbs from (\d+) to \d+ in the first 1k tokens beyond", "docs/results/streaming/64k",
+          lambda src: f"{_ranges(src)['1025-8191']['ppl']:.0f}", "64k: ppl before the context's end"),
+    Quote("docs/streaming.md", r"perplexity climbs from \d+ to (\d+) in the first 1k tokens beyond", "docs/results/streaming/64k",
+          lambda src: f"{_ranges(src)['8192-9215']['ppl']:.0f}", "64k: ppl in the first 1k past the context"),
+    Quote("docs/streaming.md", r"in the first 1k tokens beyond, (\d+) by 16k", "docs/results/streaming/64k",
+          lambda src: f"{_ranges(src)['9216-16383']['ppl']:.0f}", "64k: ppl up to 16k"),
+    Quote("docs/streaming.md", r"by 16k and over (\d+) after", "docs/results/streaming/64k",
+          lambda src: "500" if min(_ranges(src)[k]["ppl"] for k in ("16384-32767", "32768-65535")) > 500 else "no",
+          "64k: ppl past 16k"),
     # docs/training.md's prose on the re-run ReLU run
     Quote(TRAINING_DOC, r"BOS's residual after layer 0 grows to (\d+) \(\d+x the median token; re-run\)", TRAINING_RESULTS,
           _final("bb-peak-relu", "bos_residual_abs", ".0f", 0), "bb-peak-relu absolute residual (summary table)"),
