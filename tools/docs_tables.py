@@ -510,6 +510,30 @@ def check_training_rows(texts: dict[str, str], root: Path = ROOT) -> list[str]:
                 if r != want[:len(r)]:
                     problems.append(f"{TRAINING_DOC}: row {label} differs from {TRAINING_RESULTS}/{run}:\n"
                                     f"- docs:    | {' | '.join(r)} |\n+ results: {line}")
+    problems += _equal_loss_problems(text, runs)
+    return problems
+
+
+def _equal_loss_lines(runs: Path) -> dict[str, str]:
+    """The rendered "Equal loss (A vs B): ..." line of every pair whose two runs are committed, by its prefix."""
+    names = sorted(d.name for d in runs.iterdir() if (d / "final.json").is_file()) if runs.is_dir() else []
+    out = {}
+    for line in _training_table(runs, names).splitlines():
+        if line.startswith("Equal loss ("):
+            out[line.split(":")[0]] = line
+    return out
+
+
+def _equal_loss_problems(text: str, runs: Path) -> list[str]:
+    problems = []
+    for prefix, want in _equal_loss_lines(runs).items():
+        found = [x for x in text.splitlines() if x.startswith(prefix + ":")]
+        if not found:
+            problems.append(f"{TRAINING_DOC}: no line {prefix!r} (results: {TRAINING_RESULTS})")
+        for line in found:
+            if line != want:
+                problems.append(f"{TRAINING_DOC}: {prefix} differs from {TRAINING_RESULTS}:\n- docs:    {line}\n"
+                                f"+ results: {want}")
     return problems
 
 
@@ -533,6 +557,8 @@ def write_training_rows(text: str, root: Path = ROOT) -> str:
                 r = _cells(doc_line)
                 if r[:len(key)] == key and (dynamics or len(r) == len(want)):
                     lines[i] = "| " + " | ".join(want[:len(r)]) + " |\n"
+    for prefix, want in _equal_loss_lines(runs).items():
+        lines = [want + "\n" if x.startswith(prefix + ":") else x for x in lines]
     return "".join(lines)
 
 
