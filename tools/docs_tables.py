@@ -624,18 +624,18 @@ def _profile_ratio(source: Path) -> str:
     return f"{min(ratios):.1f}-{max(ratios):.1f}x"
 
 
-def _csv_row(name: str, **match: str) -> dict[str, str]:
-    def rows(source: Path) -> dict[str, str]:
-        with open(source / name, newline="") as f:
-            for row in csv.DictReader(f):
-                if all(row[k] == v for k, v in match.items()):
-                    return row
-        raise KeyError((name, match))
-    return rows  # type: ignore[return-value]
+def _csv_row(path: Path, **match: str) -> dict[str, str]:
+    """The first row of the CSV at ``path`` whose columns equal ``match``."""
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if all(row[k] == v for k, v in match.items()):
+                return row
+    raise KeyError((str(path), match))
 
 
 def _csv_value(name: str, key: str, fmt: Callable[[float], str], **match: str) -> Callable[[Path], str]:
-    return lambda source: fmt(float(_csv_row(name, **match)(source)[key]))  # type: ignore[operator]
+    """``fmt`` of column ``key`` of the matching row of ``SOURCE/name``."""
+    return lambda source: fmt(float(_csv_row(source / name, **match)[key]))
 
 
 def _percent(x: float) -> str:
