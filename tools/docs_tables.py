@@ -748,6 +748,17 @@ QUOTES: list[Quote] = [
           _final("bb-softmax-adam", "bos_value_norm", ".2f", 1), "bb-softmax-adam layer-1 value ratio"),
     Quote("README.md", r"BOS's residual after layer 0 is (\d+)x the median", TRAINING_RESULTS,
           _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu layer-0 residual ratio"),
+    # docs/training.md's note on the re-run text LMs
+    Quote(TRAINING_DOC, r"the re-run gives softmax\s+eval loss (\S+) \(1\.545 before\)", TRAINING_RESULTS,
+          _final("lm-stdlib-softmax", "loss", ".3f"), "lm-stdlib-softmax final loss"),
+    Quote(TRAINING_DOC, r"sigmoid (\S+) \(1\.611\) with Sink_0", TRAINING_RESULTS,
+          _final("lm-stdlib-sigmoid", "loss", ".3f"), "lm-stdlib-sigmoid final loss"),
+    Quote(TRAINING_DOC, r"with Sink_0 (\S+) and proxy \S+ \(0\.19 and", TRAINING_RESULTS,
+          _final("lm-stdlib-sigmoid", "sink_ratio", ".2f"), "lm-stdlib-sigmoid Sink_0"),
+    Quote(TRAINING_DOC, r"with Sink_0 \S+ and proxy (\S+) \(0\.19 and", TRAINING_RESULTS,
+          _final("lm-stdlib-sigmoid", "sink_ratio_proxy", ".2f"), "lm-stdlib-sigmoid Sink_0 proxy"),
+    Quote(TRAINING_DOC, r"sigmoid Sink_0 proxy (\S+) at equal loss \(re-run", TRAINING_RESULTS,
+          _final("lm-stdlib-sigmoid", "sink_ratio_proxy", ".2f"), "lm-stdlib-sigmoid Sink_0 proxy (summary table)"),
     # docs/streaming.md's 64k prose
     Quote("docs/streaming.md", r"perplexity climbs from (\d+) to \d+ in the first 1k tokens beyond", "docs/results/streaming/64k",
           lambda src: f"{_ranges(src)['1025-8191']['ppl']:.0f}", "64k: ppl before the context's end"),
