@@ -1,0 +1,964 @@
+"""Docs tables and quoted numbers, rendered from the committed results under ``docs/results/`` and ``bench/results/``.
+
+    python tools/docs_tables.py            # check: exit 1 and a diff when a docs table or quoted number differs
+    python tools/docs_tables.py --write    # rewrite every marked table in the docs from its results
+
+A table in README.md or docs/*.md that is made from results sits between two markers::
+
+    <!-- table: NAME SOURCE -->
+    | ... the table, exactly as RENDERERS[NAME](ROOT / SOURCE) prints it ... |
+    <!-- /table -->
+
+``NAME`` picks a renderer below (a function of the results path returning Markdown), ``SOURCE`` is the results
+file or folder, relative to the repository root. Numbers quoted in prose are ``Quote`` entries: a regular
+expression with one group that must match exactly once in its document, and a function of the results giving
+the text that group must read. ``tests/unit/test_docs_numbers.py`` runs the check in the unit tier, and also runs
+it on altered copies to show that it fails on a mismatch.
+
+Every results folder holds a ``command.json`` (``tools/record_result.py``) naming the command that made it.
+This module is a docs tool: the package never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import gzip
+import json
+import re
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: documents whose marked tables and quotes are checked (``docs/benchmarks.md`` where it exists: the benchmark
+#: narration may move there from the README, and the checks below look for their tables in either)
+DOCS = ("README.md", "docs/streaming.md", "docs/training.md", "docs/report.md", "docs/repetition.md",
+        "docs/benchmarks.md")
+#: where a benchmark table or quote may stand
+BENCH_DOCS = ("README.md", "docs/benchmarks.md")
+
+MARKER = re.compile(r"<!-- table: (?P<name>[\w-]+) (?P<source>\S+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+
+Renderer = Callable[[Path], str]
+RENDERERS: dict[str, Renderer] = {}
+
+
+def renderer(name: str) -> Callable[[Renderer], Renderer]:
+    def register(fn: Renderer) -> Renderer:
+        RENDERERS[name] = fn
+        return fn
+    return register
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: ``| a | b |`` lines, a ``|---|`` rule, one line per row, trailing newline."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["|" + "|".join(f" {c} " if str(c) else " " for c in row) + "|" for row in rows]  # empty cell: "| |"
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- scan
+
+SCAN_LENGTHS = (16, 32, 64, 256)
+
+
+def massive_summary(profile: dict[str, Any]) -> tuple[int, float, float]:
+    """(dim, |value|, that layer's median |x|) of the largest massive activation over all layers."""
+    best = max(profile["massive_activations"], key=lambda r: max(abs(t["value"]) for t in r["top"]))
+    top = max(best["top"], key=lambda t: abs(t["value"]))
+    return top["dim"], abs(top["value"]), best["median_abs"]
+
+
+@renderer("scan-lengths")
+def render_scan_lengths(source: Path) -> str:
+    """README's scan table: one row per ``--max-tokens T`` run (``SOURCE/T{T}/profile.json``)."""
+    rows = []
+    for t in SCAN_LENGTHS:
+        p = read_json(source / f"T{t}" / "profile.json")
+        r = p["residual_ratio_first_by_layer"]
+        dim, value, median = massive_summary(p)
+        rows.append([str(t), f"{p['sink_ratio']:.3f}", f"{r[2]:.1f} / {r[5]:.1f} / {r[8]:.1f}",
+                     f"{p['residual_peak']['ratio']:.1f}x ({p['residual_peak']['layer']})", f"{r[-1]:.1f}x",
+                     f"dim {dim}: {value:.0f} vs median {median:.1f}"])
+    return md_table(["T", "`Sink_0^0.3`", "residual ratio of token 0, layers 2 / 5 / 8", "peak (layer)",
+                     "last layer", "massive activation"], rows)
+
+
+@renderer("scan-example")
+def render_scan_example(source: Path) -> str:
+    """README's scan example: the command's terminal output (``SOURCE/stdout.txt``; the terminal wrapped it, so it
+    is re-wrapped at 110 columns), the output folder renamed to the one the README's command names (``out/scan``)."""
+    words = (source / "stdout.txt").read_text().replace("out/scan_example", "out/scan").split()
+    return "```\n" + textwrap.fill(" ".join(words), width=110) + "\n```\n"
+
+
+# ---------------------------------------------------------------------------------------------------- benchmarks
+
+
+def _in_process(path: Path) -> dict[int, dict[str, Any]]:
+    return {r["T"]: r for r in read_json(path)["in_process"]}
+
+
+@renderer("profile-parts")
+def render_profile_parts(source: Path) -> str:
+    """Where the fused profile's time goes, per length (``SOURCE`` = ``bench/results/profile.json``)."""
+    rows = []
+    for t, r in sorted(_in_process(source).items()):
+        b, f = r["bare_parts"], r["fused_parts"]
+        rows.append([str(t), f"{r['bare_s']:.2f} ({b['sdpa_s']:.2f} + {b['outside_sdpa_s']:.2f})", f"{r['fused_s']:.2f}",
+                     f"{f['first_pass_s']:.2f}", f"{f['column_sums_s']:.2f}", f"{f['other_stats_s']:.2f}",
+                     f"{f['hooks_s']:.2f}", f"{f['rest_s']:.2f}", f"{r['chunked_stats_s']:.2f}"])
+    return md_table(["T", "bare s (SDPA + rest, one run)", "fused profile s", "1st pass s", "column sums s",
+                     "other statistics s", "hooks s", "rest s", "chunked statistics s"], rows)
+
+
+@renderer("profile-fresh")
+def render_profile_fresh(source: Path) -> str:
+    """The fresh-process memory table the benchmark wrote into its JSON (``tables["fresh_process"]``)."""
+    return read_json(source)["tables"]["fresh_process"].strip("\n") + "\n"
+
+
+def _bold_if_met(t: int, ratio: float) -> str:
+    """The fused / bare ratio, bold where it meets its target (<= 1.3x at T <= 2048, <= 1.7x at 8192)."""
+    text = f"{ratio:.2f}x"
+    met = (t <= 2048 and ratio <= 1.3) or (t == 8192 and ratio <= 1.7)
+    return f"**{text}**" if met else text
+
+
+@renderer("profile-quiet")
+def render_profile_quiet(source: Path) -> str:
+    """README's quiet-machine profile table: ``SOURCE`` (``profile_quiet.json``) and its ``_long`` sibling."""
+    rows = []
+    for path in (source, source.with_name(source.stem + "_long.json")):
+        for t, r in sorted(_in_process(path).items()):
+            hooks = r["fused_parts"]["hooks_s"]
+            rows.append([str(t), f"{r['bare_s']:.2f}", f"{r['fused_s']:.2f}", _bold_if_met(t, r["fused_ratio"]),
+                         f"{r['chunked_ratio']:.2f}x", f"{hooks:.2f} ({100 * hooks / r['bare_s']:.0f}%)"])
+    return md_table(["T", "bare SDPA s", "fused profile s", "fused / bare", "chunked / bare",
+                     "hooks s (share of bare)"], rows)
+
+
+@renderer("profile-loads")
+def render_profile_loads(source: Path) -> str:
+    """README's three busy-machine runs side by side: ``SOURCE`` (``profile.json``) and its siblings
+    ``profile_short.json``, ``profile_lowload.json`` (fused / bare each, then chunked / bare of the three; ``-``:
+    length not run)."""
+    runs = [_in_process(source.with_name(n)) for n in (source.name, "profile_short.json", "profile_lowload.json")]
+    rows = []
+    for t in sorted(runs[0]):
+        fused = [f"{r[t]['fused_ratio']:.2f}x" if t in r else "" for r in runs]
+        chunked = ", ".join(f"{r[t]['chunked_ratio']:.2f}x" if t in r else "-" for r in runs)
+        rows.append([str(t), *fused, chunked])
+    return md_table(["T", "fused / bare: load 8-12, best of 2", "load 5-7, best of 4", "load 3-7, best of 2",
+                     "chunked / bare (same three)"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+STREAM_POLICIES = ("dense", "window", "sinks", "sinks_plain", "recompute")
+MODE_WORDS = {"fast": "fast (exact blocks)", "token": "token by token", "batched windows": "batched windows"}
+
+
+@renderer("stream-policies")
+def render_stream_policies(source: Path) -> str:
+    """docs/streaming.md's 1500-token table (``SOURCE/summary.json`` of ``sinkscope stream eval``)."""
+    s = read_json(source / "summary.json")
+    first_evicted = s.get("eviction_starts_at_position")
+    rows = []
+    for name in STREAM_POLICIES:
+        p = s["policies"].get(name)
+        if p is None:
+            continue
+        rows.append([name, f"{p['ppl']:.2f}", f"{p['ppl_after_eviction']:.2f}", MODE_WORDS.get(p["mode"], p["mode"]),
+                     f"{p['tokens_per_s']:.1f}", f"{p['peak_mem_mb']:.2f}"])
+    after = "ppl after eviction" + (f" (positions >= {first_evicted})" if first_evicted is not None else "")
+    return md_table(["policy", "ppl (all tokens)", after, "mode", "tokens/s", "peak_mem_mb (KV)"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _time_v(text: str, label: str) -> str:
+    """One field of ``/usr/bin/time -v``'s output."""
+    m = re.search(rf"^\s*{re.escape(label)}: (.+)$", text, re.M)
+    if m is None:
+        raise KeyError(label)
+    return m[1].strip()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
+@renderer("report-time")
+def render_report_time(source: Path) -> str:
+    """docs/report.md's time table: ``/usr/bin/time -v`` in ``SOURCE/stdout.txt``, sections from report.json."""
+    out = (source / "stdout.txt").read_text()
+    rep = read_json(source / "report.json")
+    h, *rest = _time_v(out, "Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":")
+    wall = float(h) * 60 + float(rest[0]) if len(rest) == 1 else float(h) * 3600 + float(rest[0]) * 60 + float(rest[1])
+    cpu = float(_time_v(out, "User time (seconds)")) + float(_time_v(out, "System time (seconds)"))
+    rss = int(_time_v(out, "Maximum resident set size (kbytes)")) / 1024 ** 2
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in rep["sections"]["model"]["data"]["timings_s"].items())
+    return md_table(["wall", "inside the command", "CPU time", "share of one core", "peak RSS", "per section"],
+                    [[_clock(wall), f"{rep['total_s']:.0f} s", f"{cpu:.0f} s",
+                      _time_v(out, "Percent of CPU this job got"), f"{rss:.1f} GB", parts]])
+
+
+@renderer("report-last-line")
+def render_report_last_line(source: Path) -> str:
+    """README's quote of the report's last line (``SOURCE/stdout.txt``)."""
+    line = next(x for x in (source / "stdout.txt").read_text().splitlines() if x.startswith("Wrote "))
+    return "```\n" + line.strip() + "\n```\n"
+
+
+def _report_cpu_s(source: Path) -> str:
+    out = (source / "stdout.txt").read_text()
+    return f"{float(_time_v(out, 'User time (seconds)')) + float(_time_v(out, 'System time (seconds)')):.0f}"
+
+
+def _report(section: str, *keys: Any, fmt: Callable[[Any], str] = str) -> Callable[[Path], str]:
+    def get(source: Path) -> str:
+        value: Any = read_json(source / "report.json")["sections"][section]["data"]
+        for k in keys:
+            value = value[k]
+        return fmt(value)
+    return get
+
+
+def _f(spec: str) -> Callable[[Any], str]:
+    return lambda x: format(x, spec)
+
+
+REPORT = "docs/results/report"
+REPORT_QUOTES = [
+    (r"Sink_0\^0\.3 = (\S+) on text", _report("sinks", "kinds", "text", "sink0", fmt=_f(".2f")), "text Sink_0"),
+    (r"on text, (\S+) on random tokens", _report("sinks", "kinds", "random", "sink0", fmt=_f(".2f")), "random Sink_0"),
+    (r"\*\*(\S+) on a repeated token\*\*", _report("sinks", "kinds", "repeat", "sink0", fmt=_f(".2f")),
+     "repeat Sink_0"),
+    (r"the sink forms at layer (\d+) \(text\)", _report("sinks", "kinds", "text", "formation_layer"),
+     "formation layer, text"),
+    (r"the sink forms at layer \d+ \(text\) / (\d+) \(random\)", _report("sinks", "kinds", "random",
+                                                                               "formation_layer"),
+     "formation layer, random"),
+    (r"token 0 is (\d+)x the median token after layer", _report("drains", "residual_peak", "ratio", fmt=_f(".0f")),
+     "residual peak"),
+    (r"value drain in (\d+) of 30 layers", _report("drains", "drain_layers"), "drain layers"),
+    (r"\(median value-norm\s+ratio (\S+)\)", _report("drains", "value_ratio_median", fmt=_f(".2f")),
+     "median value ratio"),
+    (r"\(\|x\| up to (\d+), median", _report("drains", "massive_dims", 0, "max_value", fmt=_f(".0f")),
+     "massive activation"),
+    (r"\(\|x\| up to \d+, median \S+\), in (\d+) layers", _report("drains", "massive_dims", 0, "layers"),
+     "massive activation layers"),
+    (r"\(median residual norm (\d+) vs", _report("drains", "by_kind", "repeat", "median_other_norm", fmt=_f(".0f")),
+     "repeat median residual norm"),
+    (r"\(median residual norm \d+ vs (\d+) on text", _report("drains", "by_kind", "text", "median_other_norm",
+                                                             fmt=_f(".0f")), "text median residual norm"),
+    (r"(\d+) of 270 dormant on all domains", _report("dormant", "summary", "n_dormant"), "dormant heads"),
+    (r"dormant on all domains, (\d+) active on all", _report("dormant", "summary", "n_active"), "active heads"),
+    (r"active on all, (\d+) switch", _report("dormant", "summary", "n_switching"), "switching heads"),
+    (r"\(alpha_0 (\S+) on code", _report("dormant", "top", 0, "alpha0_code", fmt=_f(".2f")), "L14H1 on code"),
+    (r"on code, (\S+) on random\)", _report("dormant", "top", 0, "alpha0_random", fmt=_f(".2f")), "L14H1 on random"),
+    (r"1/6 \(`book`\) at 512", lambda src: "1/6 (`book`) at 512" if _report("repetition", "rates", "512")(src)
+     == str(1 / 6) else "other", "divergence at 512"),
+    (r"removes (\d+)% of the first token's log residual peak",
+     _report("repetition", "circuit", "top", 0, "effect_residual", fmt=lambda x: f"{100 * x:.0f}"), "circuit top"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------- repetition
+
+GRID_FORMS = ("instruct", "garak1", "garak3", "garak40", "garak-word1", "repeat-colon", "bare")
+
+
+@renderer("repeat-grid")
+def render_repeat_grid(source: Path) -> str:
+    """docs/repetition.md's grid table from ``SOURCE/summary.csv`` (all 5208 answers); ``*`` marks the cells
+    completed on the CPU (``cells_cpu_completion.jsonl``); a form whose every length gives the same counts is one
+    row; the headline cell (instruct, N = 1024) is bold."""
+    with open(source / "summary.csv", newline="") as f:
+        rows = {(r["variant"], r["form"], int(r["n"])): r for r in csv.DictReader(f)}
+    cpu = {(r["variant"], r["form"], r["n"]) for r in map(json.loads, (source / "cells_cpu_completion.jsonl")
+                                                           .read_text().splitlines()) if r}
+    lengths = sorted({n for _, _, n in rows})
+
+    def cell(variant: str, form: str, n: int) -> str:
+        r = rows[(variant, form, n)]
+        text = f"{r['diverged']} ({100 * float(r['rate']):.0f}%)"
+        return text + (" *" if (variant, form, n) in cpu else "")
+
+    def cut(form: str, n: int) -> str:
+        text = f"{100 * float(rows[('ours', form, n)]['relative_reduction']):.0f}%"
+        return f"**{text}**" if (form, n) == ("instruct", 1024) else text
+
+    out = []
+    for form in GRID_FORMS:
+        same = all(rows[(v, form, n)]["diverged"] == rows[(v, form, lengths[0])]["diverged"]
+                   for v in ("none", "ours", "yona") for n in lengths)
+        if same:
+            n0 = lengths[0]
+            out.append([form, f"{lengths[0]}-{lengths[-1]}", cell("none", form, n0) + " at each N",
+                        cell("ours", form, n0) + " at each N", cut(form, n0), cell("yona", form, n0) + " at each N"])
+            continue
+        out += [[form, str(n), cell("none", form, n), cell("ours", form, n), cut(form, n), cell("yona", form, n)]
+                for n in lengths]
+    return md_table(["form", "N", "unpatched", "ours", "relative cut", "paper's patch"], out)
+
+
+@renderer("repeat-headline")
+def render_repeat_headline(source: Path) -> str:
+    """docs/repetition.md's CPU headline table (``SOURCE/summary.csv``: instruct, N = 1024, 24 EVAL words)."""
+    with open(source / "summary.csv", newline="") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    out = [[label, f"{rows[v]['diverged']} ({100 * float(rows[v]['rate']):.0f}%)", rows[v]["stopped"], rows[v]["repeats"]]
+           for label, v in (("unpatched", "none"), ("our patch", "ours"))]
+    return md_table(["EVAL words (the first 24 of `EVAL_WORDS`)", "diverged", "stopped (copies, then EOS)",
+                     "repeats to the limit"], out)
+
+
+HARM_FAMILIES = {"song": "songs and chants", "laughter": "laughter, interjections", "table": "tables",
+                 "log": "logs and CSV", "code": "code", "count": "lists and counting", "emphasis": "emphasis"}
+
+
+@renderer("repeat-harm")
+def render_repeat_harm(source: Path) -> str:
+    """docs/repetition.md's harm table per family (``SOURCE/harm_eval_ours.csv``; the ``all`` row in bold)."""
+    def kl(x: str) -> str:
+        return "0" if float(x) == 0 else f"{float(x):.4f}"
+
+    def ppl(x: str) -> str:
+        return "0" if float(x) == 0 else f"{100 * float(x):+.2f}%"
+
+    out = []
+    with open(source / "harm_eval_ours.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            last = r["family"] == "all"
+            b = (lambda c: f"**{c}**") if last else (lambda c: c)
+            out.append([b(f"all {r['documents']}") if last else HARM_FAMILIES[r["family"]],
+                        b(f"{r['gate_opened']} / {r['documents']}"), b(kl(r["kl_inside"])), b(kl(r["kl_after"])),
+                        b(kl(r["kl_all"])), f"{float(r['nll_after_original']):.3f} -> {float(r['nll_after_patched']):.3f}",
+                        b(ppl(r["ppl_change"])), f"{float(r['top1_after']):.3f}"])
+    return md_table(["family", "documents where the gate opened", "KL inside the stretch", "KL after it", "KL overall",
+                     "NLL after (original -> patched)", "perplexity", "top-1 agreement after"], out)
+
+
+@renderer("circuit-bench")
+def render_circuit_bench(source: Path) -> str:
+    """docs/repetition.md's phase table of ``python bench/bench_circuit.py`` (``SOURCE`` = its JSON)."""
+    out = [[r["phase"], f"{r['original_wall_s']:.1f}", f"{r['original_cpu_s']:.1f}", f"{r['fast_wall_s']:.1f}",
+            f"{r['fast_cpu_s']:.1f}", f"{r['original_cpu_s'] / r['fast_cpu_s']:.1f}x"] for r in read_json(source)["rows"]]
+    return md_table(["phase", "main wall s", "main CPU s", "fast wall s", "fast CPU s", "ratio (CPU)"], out)
+
+
+#: tables checked where they stand, without markers (documents other wings own or reorganise): (documents the
+#: table may stand in, renderer, source); the table is found by the first line of its rendering, its header
+LOCATED_TABLES = [
+    (("docs/repetition.md",), "repeat-grid", "docs/results/repeat_grid_h100"),
+    (("docs/repetition.md",), "repeat-headline", "docs/results/repeat_eval_cpu/headline"),
+    (("docs/repetition.md",), "repeat-harm", "docs/results/repeat_eval_cpu/text"),
+    (("docs/repetition.md",), "circuit-bench", "bench/results/circuit.json"),
+    (BENCH_DOCS, "profile-quiet", "bench/results/profile_quiet.json"),
+    (BENCH_DOCS, "profile-loads", "bench/results/profile.json"),
+    (BENCH_DOCS, "profile-parts", "bench/results/profile.json"),
+    (BENCH_DOCS, "profile-fresh", "bench/results/profile.json"),
+]
+
+
+def located_table(text: str, header: str) -> str | None:
+    """The Markdown table in ``text`` whose first line is ``header`` (through its last ``|`` line), or None."""
+    i = text.find(header + "\n")
+    if i < 0:
+        return None
+    lines = []
+    for line in text[i:].splitlines():
+        if not line.startswith("|"):
+            break
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+@renderer("stream-run")
+def render_stream_run(source: Path) -> str:
+    """One ``stream eval`` run in numbers: per policy, tokens scored, seconds, tokens/s, peak K/V (``summary.json``),
+    and the process's wall and CPU time, share of a core and maximum RSS (``/usr/bin/time -v`` in ``stdout.txt``)."""
+    s = read_json(source / "summary.json")
+    out = (source / "stdout.txt").read_text()
+    cpu = float(_time_v(out, "User time (seconds)")) + float(_time_v(out, "System time (seconds)"))
+    wall = _time_v(out, "Elapsed (wall clock) time (h:mm:ss or m:ss)")
+    rss = int(_time_v(out, "Maximum resident set size (kbytes)")) / 1024 ** 2
+    rows = [[name, str(p["tokens"]), f"{p['seconds']:.0f}", f"{p['tokens_per_s']:.1f}", f"{p['peak_mem_mb']:.2f}"]
+            for name, p in s["policies"].items()]
+    table = md_table(["policy", "tokens scored", "seconds", "tokens/s", "peak K/V MiB"], rows)
+    return table + (f"\nWhole process: {wall} wall, {cpu:.0f} s CPU ({_time_v(out, 'Percent of CPU this job got')} "
+                    f"of a core), maximum RSS {rss:.2f} GB (model included).\n")
+
+
+@renderer("stream-ranges")
+def render_stream_ranges(source: Path) -> str:
+    """docs/streaming.md's 64k table: perplexity per position range of one policy (``SOURCE/ranges.json``, made by
+    ``tools/stream_ranges.py`` from the run's tokens.csv)."""
+    ranges = read_json(source / "ranges.json")["ranges"]
+    (policy, by_range), = ranges.items()
+    keys = list(by_range)
+    label = f"ppl, {policy} (4 + 1020, absolute positions)"
+
+    def fmt(x: float) -> str:
+        return f"{x:.1f}" if x >= 100 else f"{x:.2f}"
+
+    return md_table(["positions", *keys], [[label, *(fmt(by_range[k]["ppl"]) for k in keys)]])
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _training_table(runs: Path, names: list[str]) -> str:
+    """The output of ``sinkscope train table experiments/ RUNS --only NAME`` for a set of experiments
+    (the package's formatting; several names, since one glob cannot pick e.g. the first lab runs)."""
+    from sinkscope.training import table as tt
+
+    experiments = ROOT / "experiments"
+    header: list[str] = []
+    rows: list[str] = []
+    dynamics: list[str] = []
+    texts: list[str] = []
+    for name in names:
+        lines = tt.results_table(experiments, runs, name).markdown.splitlines()
+        header, rows = lines[:2], rows + [lines[2]]
+        dyn = tt.dynamics_lines(experiments, runs, pattern=name)
+        dynamics = dynamics or dyn[:2]
+        dynamics += dyn[2:]
+        texts += [x for x in tt.text_sink_lines(experiments, runs, pattern=name) if x]
+    equal = []
+    for ref_suffix, other_suffix in tt.EQUAL_LOSS_PAIRS:
+        for other in names:
+            if not other.endswith(other_suffix):
+                continue
+            ref = other.removesuffix(other_suffix) + ref_suffix
+            if ref in names and all((runs / n / "final.json").is_file() for n in (ref, other)):
+                a, b = tt.equal_loss(tt._rows(runs / ref), tt._rows(runs / other))
+                equal += [f"Equal loss ({ref} vs {other}): loss {a['loss']:.3f} vs {b['loss']:.3f}; "
+                          f"{tt._describe(ref_suffix[1:], a)}; {tt._describe(other_suffix[1:], b)}.", ""]
+    out = [*header, *rows, "", *equal, *dynamics, *([""] + texts if texts else [])]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def training_renderer(names: list[str]) -> Renderer:
+    return lambda source: _training_table(source, names)
+
+
+TRAINING_SETS = {
+    "training-peak": ["bb-peak-adam", "bb-peak-relu-flat", "bb-peak-relu-nobos", "bb-peak-relu", "bb-peak-sgd"],
+    "training-noslot": ["bb-noslot-kbias", "bb-noslot-sinktoken-long", "bb-noslot-sinktoken", "bb-noslot-softmax",
+                        "bb-noslot-softmax1"],
+    "training-signorm": ["bb-signorm-len32", "bb-signorm-len64"],
+    "training-stdlib": ["lm-stdlib-sigmoid", "lm-stdlib-softmax"],
+    "training-first": ["bb-kbias", "bb-relu-adam", "bb-sigmoid-norm", "bb-sigmoid", "bb-softmax-adam",
+                       "bb-softmax-sgd", "bb-softmax1", "lm-kbias", "lm-sigmoid-norm", "lm-sigmoid",
+                       "lm-softmax-nobos", "lm-softmax"],
+}
+for _name, _names in TRAINING_SETS.items():
+    RENDERERS[_name] = training_renderer(_names)
+
+
+@renderer("training-backed")
+def render_training_backed(source: Path) -> str:
+    """The list of training runs with committed metrics (``SOURCE/NAME/final.json``)."""
+    runs = sorted(d.name for d in source.iterdir() if (d / "final.json").is_file())
+    return ", ".join(f"`{r}`" for r in runs) + ".\n"
+
+
+TRAINING_DOC = "docs/training.md"
+TRAINING_RESULTS = "docs/results/training"
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def check_training_rows(texts: dict[str, str], root: Path = ROOT) -> list[str]:
+    """Every committed training run's rows (its final row in the results table, its dynamics rows) must stand in
+    docs/training.md as ``python -m sinkscope.training.table`` prints them from the committed metrics. A docs
+    table with fewer columns (the first lab's dynamics table predates the absolute-norm column) is compared on the
+    columns it has. Runs of a set that were not re-run are not checked (the doc says which)."""
+    problems = []
+    text = texts.get(TRAINING_DOC, "")
+    runs = root / TRAINING_RESULTS
+    doc_rows = [_cells(x) for x in text.splitlines() if x.startswith("| ")]
+    for run in sorted(d.name for d in runs.iterdir() if (d / "final.json").is_file()) if runs.is_dir() else []:
+        rendered = [x for x in _training_table(runs, [run]).splitlines()
+                    if x.startswith(f"| {run} |") or x.startswith(f"| {run} (long")]
+        for line in rendered:
+            want = _cells(line)
+            dynamics = want[1].isdigit()  # dynamics rows: (name, step, ...); the results row: (name, attention, ...)
+            key = want[:2] if dynamics else want[:1]
+            label = f"{run} step {want[1]}" if dynamics else f"{run} (final row)"
+            same_key = [r for r in doc_rows if r[:len(key)] == key and (dynamics or len(r) == len(want))]
+            if not same_key:
+                problems.append(f"{TRAINING_DOC}: no row for {label} (results: {TRAINING_RESULTS}/{run})")
+                continue
+            for r in same_key:
+                if r != want[:len(r)]:
+                    problems.append(f"{TRAINING_DOC}: row {label} differs from {TRAINING_RESULTS}/{run}:\n"
+                                    f"- docs:    | {' | '.join(r)} |\n+ results: {line}")
+    problems += _equal_loss_problems(text, runs)
+    return problems
+
+
+def _equal_loss_lines(runs: Path) -> dict[str, str]:
+    """The rendered "Equal loss (A vs B): ..." line of every pair whose two runs are committed, by its prefix."""
+    names = sorted(d.name for d in runs.iterdir() if (d / "final.json").is_file()) if runs.is_dir() else []
+    out = {}
+    for line in _training_table(runs, names).splitlines():
+        if line.startswith("Equal loss ("):
+            out[line.split(":")[0]] = line
+    return out
+
+
+def _equal_loss_problems(text: str, runs: Path) -> list[str]:
+    problems = []
+    for prefix, want in _equal_loss_lines(runs).items():
+        found = [x for x in text.splitlines() if x.startswith(prefix + ":")]
+        if not found:
+            problems.append(f"{TRAINING_DOC}: no line {prefix!r} (results: {TRAINING_RESULTS})")
+        for line in found:
+            if line != want:
+                problems.append(f"{TRAINING_DOC}: {prefix} differs from {TRAINING_RESULTS}:\n- docs:    {line}\n"
+                                f"+ results: {want}")
+    return problems
+
+
+def write_training_rows(text: str, root: Path = ROOT) -> str:
+    """docs/training.md's text with every committed run's rows replaced by their rendering (on the columns each
+    docs table has); rows of runs without committed results stay as they are."""
+    runs = root / TRAINING_RESULTS
+    if not runs.is_dir():
+        return text
+    lines = text.splitlines(keepends=True)
+    for run in sorted(d.name for d in runs.iterdir() if (d / "final.json").is_file()):
+        for line in _training_table(runs, [run]).splitlines():
+            if not (line.startswith(f"| {run} |") or line.startswith(f"| {run} (long")):
+                continue
+            want = _cells(line)
+            dynamics = want[1].isdigit()
+            key = want[:2] if dynamics else want[:1]
+            for i, doc_line in enumerate(lines):
+                if not doc_line.startswith("| "):
+                    continue
+                r = _cells(doc_line)
+                if r[:len(key)] == key and (dynamics or len(r) == len(want)):
+                    lines[i] = "| " + " | ".join(want[:len(r)]) + " |\n"
+    for prefix, want in _equal_loss_lines(runs).items():
+        lines = [want + "\n" if x.startswith(prefix + ":") else x for x in lines]
+    return "".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- quotes
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A number quoted in prose: ``pattern`` (one group) must match once in ``doc``; the group must read
+    ``expected(ROOT / source)``."""
+
+    doc: str | tuple[str, ...]
+    pattern: str
+    source: str
+    expected: Callable[[Path], str]
+    what: str
+
+
+def _final(run: str, key: str, fmt: str, index: int | None = None) -> Callable[[Path], str]:
+    def get(source: Path) -> str:
+        value = read_json(source / run / "final.json")[key]
+        return format(value if index is None else value[index], fmt)
+    return get
+
+
+def _ranges(source: Path) -> dict[str, dict[str, float]]:
+    """The only policy's per-range perplexities of a stream run (``SOURCE/ranges.json``)."""
+    (by_range,) = read_json(source / "ranges.json")["ranges"].values()
+    return by_range
+
+
+def _mean(values: Any) -> float:
+    """A number, or the mean of a list (per-head values of one layer, as ``training.table`` averages them)."""
+    return sum(values) / len(values) if isinstance(values, list) else values
+
+
+def _row(run: str, step: int) -> Callable[[Path], dict[str, Any]]:
+    """A run's metrics row at ``step`` (``SOURCE/RUN/metrics.jsonl``)."""
+    def get(source: Path) -> dict[str, Any]:
+        rows = [json.loads(x) for x in (source / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return next(r for r in rows if r["step"] == step)
+    return get
+
+
+def _grid_copies(form: str, n: int, variant: str, word: str) -> Callable[[Path], str]:
+    def get(source: Path) -> str:
+        with gzip.open(source / "cells.jsonl.gz", "rt") as f:
+            for line in f:
+                r = json.loads(line)
+                if (r["form"], r["n"], r["variant"], r["word"]) == (form, n, variant, word):
+                    return str(r["copies"])
+        raise KeyError((form, n, variant, word))
+    return get
+
+
+def _stream(policy: str, key: str, fmt: str) -> Callable[[Path], str]:
+    return lambda source: format(read_json(source / "summary.json")["policies"][policy][key], fmt)
+
+
+def _profile_ratio(source: Path) -> str:
+    """Chunked statistics over the first pass, min-max over lengths, of bench/results/profile.json."""
+    ratios = [r["chunked_stats_s"] / r["fused_parts"]["first_pass_s"] for r in read_json(source)["in_process"]]
+    return f"{min(ratios):.1f}-{max(ratios):.1f}x"
+
+
+def _csv_row(path: Path, **match: str) -> dict[str, str]:
+    """The first row of the CSV at ``path`` whose columns equal ``match``."""
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if all(row[k] == v for k, v in match.items()):
+                return row
+    raise KeyError((str(path), match))
+
+
+def _csv_value(name: str, key: str, fmt: Callable[[float], str], **match: str) -> Callable[[Path], str]:
+    """``fmt`` of column ``key`` of the matching row of ``SOURCE/name``."""
+    return lambda source: fmt(float(_csv_row(source / name, **match)[key]))
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _signed_percent(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def _json_value(name: str, keys: tuple[str, ...], fmt: Callable[[float], str]) -> Callable[[Path], str]:
+    def get(source: Path) -> str:
+        value: Any = read_json(source / name)
+        for k in keys:
+            value = value[k]
+        return fmt(value)
+    return get
+
+
+def _load_times(source: Path) -> list[float]:
+    """Seconds per load from ``bench_load.py``'s printed table (``SOURCE/stdout.txt``): first, then cached."""
+    return [float(m) for m in re.findall(r"^\| [^|]+ \| ([\d.]+) \|", (source / "stdout.txt").read_text(), re.M)]
+
+
+def _parity(source: Path, setup: str) -> dict[str, Any]:
+    return next(r for r in read_json(source)["rows"] if r["setup"] == setup)
+
+
+def _sci(x: float) -> str:
+    """1.19e-07 -> ``1.2e-7`` (the docs' way of writing small numbers)."""
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+YONA = "docs/results/repeat_eval_cpu/patches/yona"
+
+
+def _yona(source: Path) -> dict[str, Any]:
+    return read_json(source / "yona_report.json")
+
+
+CHAT_FORMS = ("instruct", "garak1", "garak3", "garak40", "garak-word1")
+
+
+def _chat_cut_range(source: Path) -> str:
+    """min-max of our patch's relative cut over the chat forms and every N of the grid's summary."""
+    with open(source / "summary.csv", newline="") as f:
+        cuts = [float(r["relative_reduction"]) for r in csv.DictReader(f)
+                if r["variant"] == "ours" and r["form"] in CHAT_FORMS]
+    return f"{100 * min(cuts):.0f}-{100 * max(cuts):.0f}%"
+
+
+QUOTES: list[Quote] = [
+    *[Quote("docs/report.md", pattern, REPORT, fn, "report: " + what) for pattern, fn, what in REPORT_QUOTES],
+    Quote("README.md", r"The report\s+took (\d+) s of CPU time", REPORT, _report_cpu_s, "report CPU time"),
+    Quote("README.md", r"and (\S+) cuts in every chat form at every N", "docs/results/repeat_grid_h100", _chat_cut_range,
+          "grid: relative cut of ours over the chat forms and lengths"),
+    # the paper's patch as built by Yona et al.'s rules
+    Quote("docs/repetition.md", r"on one-token inputs \(layers 0-14, the first half\):\s+(.+?); mean \+ 2 std",
+          YONA, lambda src: ", ".join(f"**{v:.0f}**" if i == _yona(src)["sink_layer"]["layer"] else f"{v:.0f}"
+                                      for i, v in enumerate(_yona(src)["sink_layer"]["mlp_norm"][:15])),
+          "yona: first-half MLP norms"),
+    Quote("docs/repetition.md", r"mean \+ 2 std of those = (\d+), first exceeded", YONA,
+          lambda src: f"{_yona(src)['sink_layer']['threshold']:.0f}", "yona: threshold"),
+    Quote("docs/repetition.md", r"Top scores `\|a\| \* \|\|W_down\[:, j\]\|\|` (\d+ and \d+)", YONA,
+          lambda src: " and ".join(f"{n['score']:.0f}" for n in _yona(src)["neurons"][:2]), "yona: neuron scores"),
+    Quote("docs/repetition.md", r"\(\|a\| at token 0:\s+(\d+ and \d+)\)", YONA,
+          lambda src: " and ".join(f"{n['first_activation']:.0f}" for n in _yona(src)["neurons"][:2]),
+          "yona: first activations"),
+    Quote("docs/repetition.md", r"zeroing them at token 0 removes (\d+% and \d+%)", YONA,
+          lambda src: " and ".join(f"{100 * n['peak_drop']:.0f}%" for n in _yona(src)["neurons"][:2]),
+          "yona: peak removed"),
+    # the GPU session's benchmark JSONs
+    Quote(BENCH_DOCS, r"\| fused (\S+ / \S+ / \S+) the bare forward at 512 / 2048 / 8192 tokens",
+          "bench/results/profile_cuda.json",
+          lambda src: " / ".join(f"{r['fused_ratio']:.2f}x" for r in read_json(src)["in_process"]), "GPU fused ratios"),
+    Quote(BENCH_DOCS, r"\(bare: (\S+ ms / \S+ ms / \S+ ms)\), chunked", "bench/results/profile_cuda.json",
+          lambda src: " / ".join(f"{1000 * r['bare_s']:.0f} ms" for r in read_json(src)["in_process"]), "GPU bare"),
+    Quote(BENCH_DOCS, r"\), chunked (\S+ / \S+ / \S+); GPU memory", "bench/results/profile_cuda.json",
+          lambda src: " / ".join(f"{r['chunked_ratio']:.2f}x" for r in read_json(src)["in_process"]),
+          "GPU chunked ratios"),
+    Quote(BENCH_DOCS, r"fused vs chunked alpha within (\S+) \|", "bench/results/profile_cuda.json",
+          lambda src: f"{max(r['fused_vs_chunked_max_abs']['alpha'] for r in read_json(src)['in_process']):.1e}"
+          .replace("e-06", "e-6"), "GPU fused vs chunked alpha"),
+    Quote(BENCH_DOCS, r"`generate` (\S+) tokens/s \(launch-bound", "bench/results/streaming_cuda.json",
+          lambda src: f"{read_json(src)['decode']['rows'][0]['tokens_per_s_best']:.1f}", "GPU generate tokens/s"),
+    Quote(BENCH_DOCS, r"the token loop (\S+) its time per token", "bench/results/streaming_cuda.json",
+          lambda src: "{:.2f}-{:.2f}x".format(*(lambda v: (min(v), max(v)))(
+              [r["generate_over_path"] for r in read_json(src)["decode"]["rows"][1:]])), "GPU token loop ratio"),
+    Quote(BENCH_DOCS, r"CUDA fp32: worst (\S+) on alpha", "bench/results/device_parity_cuda.json",
+          lambda src: _sci(_parity(src, "cuda fp32")["alpha"]), "device parity fp32 alpha"),
+    Quote(BENCH_DOCS, r"on alpha, (\S+) relative on norms", "bench/results/device_parity_cuda.json",
+          lambda src: _sci(max(_parity(src, "cuda fp32")[k] for k in ("value_norm", "residual_norm", "out_norm"))),
+          "device parity fp32 norms"),
+    Quote(BENCH_DOCS, r"CUDA bf16: (\S+) on alpha", "bench/results/device_parity_cuda.json",
+          lambda src: _sci(_parity(src, "cuda bf16")["alpha"]), "device parity bf16 alpha"),
+    Quote(BENCH_DOCS, r"on alpha, (\S+)% on value norms", "bench/results/device_parity_cuda.json",
+          lambda src: f"{100 * _parity(src, 'cuda bf16')['value_norm']:.2f}", "device parity bf16 value norms"),
+    # bench/bench_load.py
+    Quote(BENCH_DOCS, r"write the safetensors cache\) (\S+) s; cached loads", "docs/results/load",
+          lambda src: f"{_load_times(src)[0]:.1f}", "first load"),
+    Quote(BENCH_DOCS, r"; cached loads (\S+ s and \S+ s)\.", "docs/results/load",
+          lambda src: " and ".join(f"{t:.1f} s" for t in _load_times(src)[1:]), "cached loads"),
+    Quote("README.md", r"so later loads take (\S+) the time of the first", "docs/results/load",
+          lambda src: f"{max(_load_times(src)[1:]) / _load_times(src)[0]:.2f}x", "cached / first load"),
+    # README's training bullet
+    Quote("README.md", r"BOS becomes a sink \(Sink_0 (\S+);", TRAINING_RESULTS, _final("bb-softmax-adam", "sink_ratio", ".2f"),
+          "bb-softmax-adam Sink_0"),
+    Quote("README.md", r"BOS's value norm drains to (\S+)x the median", TRAINING_RESULTS,
+          _final("bb-softmax-adam", "bos_value_norm", ".2f", 1), "bb-softmax-adam layer-1 value ratio"),
+    Quote("README.md", r"BOS's residual after layer 0 is (\d+)x the median", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu layer-0 residual ratio"),
+    # docs/training.md's note on the re-run text LMs
+    Quote(TRAINING_DOC, r"the re-run gives softmax\s+eval loss (\S+) \(1\.545 before\)", TRAINING_RESULTS,
+          _final("lm-stdlib-softmax", "loss", ".3f"), "lm-stdlib-softmax final loss"),
+    Quote(TRAINING_DOC, r"sigmoid (\S+) \(1\.611\) with Sink_0", TRAINING_RESULTS,
+          _final("lm-stdlib-sigmoid", "loss", ".3f"), "lm-stdlib-sigmoid final loss"),
+    Quote(TRAINING_DOC, r"with Sink_0 (\S+) and proxy \S+ \(0\.19 and", TRAINING_RESULTS,
+          _final("lm-stdlib-sigmoid", "sink_ratio", ".2f"), "lm-stdlib-sigmoid Sink_0"),
+    Quote(TRAINING_DOC, r"with Sink_0 \S+ and proxy (\S+) \(0\.19 and", TRAINING_RESULTS,
+          _final("lm-stdlib-sigmoid", "sink_ratio_proxy", ".2f"), "lm-stdlib-sigmoid Sink_0 proxy"),
+    Quote(TRAINING_DOC, r"sigmoid Sink_0 proxy (\S+) at equal loss \(re-run", TRAINING_RESULTS,
+          _final("lm-stdlib-sigmoid", "sink_ratio_proxy", ".2f"), "lm-stdlib-sigmoid Sink_0 proxy (summary table)"),
+    # docs/streaming.md's 64k prose
+    Quote("docs/streaming.md", r"perplexity climbs from (\d+) to \d+ in the first 1k tokens beyond", "docs/results/streaming/64k",
+          lambda src: f"{_ranges(src)['1025-8191']['ppl']:.0f}", "64k: ppl before the context's end"),
+    Quote("docs/streaming.md", r"perplexity climbs from \d+ to (\d+) in the first 1k tokens beyond", "docs/results/streaming/64k",
+          lambda src: f"{_ranges(src)['8192-9215']['ppl']:.0f}", "64k: ppl in the first 1k past the context"),
+    Quote("docs/streaming.md", r"in the first 1k tokens beyond, (\d+) by 16k", "docs/results/streaming/64k",
+          lambda src: f"{_ranges(src)['9216-16383']['ppl']:.0f}", "64k: ppl up to 16k"),
+    Quote("docs/streaming.md", r"by 16k and over (\d+) after", "docs/results/streaming/64k",
+          lambda src: "500" if min(_ranges(src)[k]["ppl"] for k in ("16384-32767", "32768-65535")) > 500 else "no",
+          "64k: ppl past 16k"),
+    # docs/training.md's prose on the re-run ReLU run
+    Quote(TRAINING_DOC, r"BOS's residual after layer 0 grows to (\d+) \(\d+x the median token; re-run\)", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_abs", ".0f", 0), "bb-peak-relu absolute residual (summary table)"),
+    Quote(TRAINING_DOC, r"grows to \d+ \((\d+)x the median token; re-run\)", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu residual ratio (summary table)"),
+    Quote(TRAINING_DOC, r"grows from 11\.5 to \*\*(\d+)\*\*", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_abs", ".0f", 0), "bb-peak-relu absolute residual"),
+    Quote(TRAINING_DOC, r"to \*\*\d+\*\* \((\d+)x the median token\)", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu residual ratio"),
+    Quote(TRAINING_DOC, r"faster than linearly \((\d+ at 2k, \d+ at 4k, \d+ at 6k)\)", TRAINING_RESULTS,
+          lambda src: ", ".join(f"{_row('bb-peak-relu', n)(src)['bos_residual_abs'][0]:.0f} at {n // 1000}k"
+                                for n in (2000, 4000, 6000)), "bb-peak-relu residual by step"),
+    Quote(TRAINING_DOC, r"layer 0's alpha_0 is (\S+)\)", TRAINING_RESULTS,
+          lambda src: "{:.2f}".format(_mean(read_json(src / "bb-peak-relu" / "final.json")["bos_attention"][0])),
+          "bb-peak-relu layer-0 alpha_0"),
+    Quote(TRAINING_DOC, r"16\.4\) against (\S+ \(\d+\)), and layer 0", TRAINING_RESULTS,
+          lambda src: "{:.1f} ({:.0f})".format(_row("bb-peak-relu", 2000)(src)["bos_residual_norm"][0],
+                                               _row("bb-peak-relu", 2000)(src)["bos_residual_abs"][0]),
+          "bb-peak-relu at step 2000"),
+    Quote(TRAINING_DOC, r"it grows to (\d+)x by 8k steps", TRAINING_RESULTS,
+          _final("bb-peak-relu", "bos_residual_norm", ".0f", 0), "bb-peak-relu ratio (first-lab section)"),
+    Quote(TRAINING_DOC, r"the first lab's (\S+)x at 500 steps", TRAINING_RESULTS,
+          _final("bb-relu-adam", "bos_residual_norm", ".2f", 0), "bb-relu-adam layer-0 residual ratio"),
+    Quote(TRAINING_DOC, r"larger\* than with softmax \((\S+)x\)", TRAINING_RESULTS,
+          _final("bb-relu-adam", "bos_residual_norm", ".2f", 0), "bb-relu-adam layer-0 residual ratio (first lab)"),
+    Quote(TRAINING_DOC, r"A milder value shrinkage\s+\((\S+)x\) still appears", TRAINING_RESULTS,
+          _final("bb-relu-adam", "bos_value_norm", ".2f", 1), "bb-relu-adam layer-1 value ratio"),
+    Quote(TRAINING_DOC, r"\(excess loss (\S+) vs \S+ for softmax: slower\)", TRAINING_RESULTS,
+          _final("bb-relu-adam", "excess_loss", ".2f"), "bb-relu-adam excess loss"),
+    Quote(TRAINING_DOC, r"\(excess loss \S+ vs (\S+) for softmax: slower\)", TRAINING_RESULTS,
+          _final("bb-softmax-adam", "excess_loss", ".2f"), "bb-softmax-adam excess loss"),
+    # the H100 run of configs/gu-60m.yaml
+    Quote("README.md", r"\| (\d+) steps \(\S+M byte tokens\) in", "docs/results/gu60m_h100",
+          _json_value("final.json", ("step",), str), "gu-60m steps"),
+    Quote("README.md", r"steps \((\S+)M byte tokens\) in", "docs/results/gu60m_h100",
+          _json_value("final.json", ("tokens",), lambda x: f"{x / 1e6:.1f}"), "gu-60m tokens"),
+    Quote("README.md", r"byte tokens\) in (\d+) s, held-out", "docs/results/gu60m_h100",
+          _json_value("final.json", ("wall_time_s",), lambda x: f"{x:.0f}"), "gu-60m wall"),
+    Quote("README.md", r"held-out loss (\S+) nats/byte, no sink yet", "docs/results/gu60m_h100",
+          _json_value("final.json", ("loss",), lambda x: f"{x:.2f}"), "gu-60m loss"),
+    Quote("README.md", r"no sink yet \(Sink_0 (\S+), first-token attention", "docs/results/gu60m_h100",
+          _json_value("final.json", ("sink_ratio",), lambda x: f"{x:.3f}"), "gu-60m Sink_0"),
+    Quote("README.md", r"first-token attention <= (\S+)% per head", "docs/results/gu60m_h100",
+          _json_value("final.json", ("bos_attention",), lambda a: f"{100 * max(max(r) for r in a):.2f}"),
+          "gu-60m max first-token attention"),
+    Quote(BENCH_DOCS, r"The chunked statistics cost (\S+) the first pass", "bench/results/profile.json", _profile_ratio,
+          "chunked statistics over the first pass, range over lengths"),
+    # README's repetition bullet: the CPU headline run, the CPU harm run, the GPU grid
+    Quote("README.md", r"128-token answers judged whole, on EVAL words that no design\s+choice has seen\): (\d+%) of 24",
+          "docs/results/repeat_eval_cpu/headline", _csv_value("summary.csv", "rate", _percent, variant="none"),
+          "unpatched divergence, headline run"),
+    Quote("README.md", r"for queries inside the repetition only\) brings it to (\d+%)",
+          "docs/results/repeat_eval_cpu/headline", _csv_value("summary.csv", "rate", _percent, variant="ours"),
+          "patched divergence, headline run"),
+    Quote("README.md", r"\((\d+%) relative cut; target >= 80%\)",
+          "docs/results/repeat_eval_cpu/headline", _csv_value("summary.csv", "relative_reduction", _percent,
+                                                              variant="ours"), "relative cut, headline run"),
+    Quote("README.md", r"on all 62 EVAL words \(the full grid, run on a GPU\) (\d+%) ->",
+          "docs/results/repeat_grid_h100", _csv_value("summary.csv", "rate", _percent, variant="none",
+                                                     form="instruct", n="1024"), "grid, instruct N=1024, unpatched"),
+    Quote("README.md", r"on all 62 EVAL words \(the full grid, run on a GPU\) \d+% -> (\d+%)",
+          "docs/results/repeat_grid_h100", _csv_value("summary.csv", "rate", _percent, variant="ours",
+                                                     form="instruct", n="1024"), "grid, instruct N=1024, ours"),
+    Quote("README.md", r"emphasis\) mean KL (\S+) nats/token", "docs/results/repeat_eval_cpu/text",
+          _csv_value("harm_eval_ours.csv", "kl_all", lambda x: f"{x:.4f}", family="all"), "harm KL, all 35 docs"),
+    Quote("README.md", r"nats/token and perplexity (\S+)\s+\(targets", "docs/results/repeat_eval_cpu/text",
+          _csv_value("harm_eval_ours.csv", "ppl_change", _signed_percent, family="all"), "harm ppl, all 35 docs"),
+    Quote("README.md", r"the counting prompts cost most, KL (\S+)\)", "docs/results/repeat_eval_cpu/text",
+          _csv_value("harm_eval_ours.csv", "kl_all", lambda x: f"{x:.3f}", family="count"), "harm KL, counting"),
+    Quote("README.md", r"is nearly free \(KL (\S+)\)", "docs/results/repeat_eval_cpu/text",
+          _json_value("evaluation.json", ("side_effects", "yona", "text", "kl"), lambda x: f"{x:.0e}".replace("e-05", "e-5")),
+          "the paper's patch, WikiText KL"),
+    Quote("docs/repetition.md", r"frog and goat leave after 38 and (\d+) clean copies",
+          "docs/results/repeat_grid_h100", _grid_copies("instruct", 2048, "ours", "goat"),
+          "goat's clean copies before leaving (instruct, N = 2048, ours)"),
+    Quote("docs/repetition.md", r"frog and goat leave after (\d+) and \d+ clean copies",
+          "docs/results/repeat_grid_h100", _grid_copies("instruct", 2048, "ours", "frog"),
+          "frog's clean copies before leaving (instruct, N = 2048, ours)"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------- checking
+
+
+def render_text(text: str, root: Path = ROOT) -> str:
+    """``text`` with every marked block replaced by its renderer's output."""
+    def sub(m: re.Match[str]) -> str:
+        body = RENDERERS[m["name"]](root / m["source"])
+        return f"<!-- table: {m['name']} {m['source']} -->\n{body}<!-- /table -->"
+    return MARKER.sub(sub, text)
+
+
+def check_text(label: str, text: str, root: Path = ROOT) -> list[str]:
+    """Problems of one document's marked tables: unknown renderer, missing results, or a block that differs
+    from its rendering (with a unified diff)."""
+    problems = []
+    for m in MARKER.finditer(text):
+        name, source = m["name"], m["source"]
+        if name not in RENDERERS:
+            problems.append(f"{label}: unknown table renderer {name!r}")
+            continue
+        if not (root / source.split("#")[0]).exists():
+            problems.append(f"{label}: table {name}: results {source} not found")
+            continue
+        want = RENDERERS[name](root / source)
+        if m["body"] != want:
+            diff = "\n".join(difflib.unified_diff(m["body"].splitlines(), want.splitlines(), "docs", "results",
+                                                  lineterm="", n=0))
+            problems.append(f"{label}: table {name} ({source}) differs from its results:\n{diff}")
+    return problems
+
+
+def flat(text: str) -> str:
+    """``text`` with every run of whitespace (line breaks and indentation included) as one space, so that a quote's
+    pattern does not depend on where the prose is wrapped."""
+    return " ".join(text.split())
+
+
+def check_quotes(texts: dict[str, str], root: Path = ROOT, quotes: list[Quote] | None = None) -> list[str]:
+    """Problems of the quoted numbers: a pattern that does not match exactly once, or a number that differs."""
+    problems = []
+    for q in QUOTES if quotes is None else quotes:
+        docs = (q.doc,) if isinstance(q.doc, str) else q.doc
+        label = " or ".join(docs)
+        found = [m for d in docs if d in texts for m in re.findall(q.pattern, flat(texts[d]))]
+        if len(found) != 1:
+            problems.append(f"{label}: {q.what}: pattern {q.pattern!r} matched {len(found)} times, expected once")
+            continue
+        try:
+            want = q.expected(root / q.source)
+        except (OSError, KeyError, IndexError, ValueError, TypeError, StopIteration) as e:
+            problems.append(f"{label}: {q.what}: cannot read it from {q.source}: {e!r}")
+            continue
+        if found[0] != want:
+            problems.append(f"{label}: {q.what}: the docs say {found[0]}, {q.source} gives {want}")
+    return problems
+
+
+def check_located(texts: dict[str, str], root: Path = ROOT,
+                  tables: list[tuple[tuple[str, ...], str, str]] | None = None) -> list[str]:
+    """Problems of the tables checked where they stand (``LOCATED_TABLES``): not found in any of its documents,
+    or different from its rendering."""
+    problems = []
+    for docs, name, source in LOCATED_TABLES if tables is None else tables:
+        want = RENDERERS[name](root / source)
+        header = want.splitlines()[0]
+        found = [(d, t) for d in docs if d in texts and (t := located_table(texts[d], header)) is not None]
+        if not found:
+            problems.append(f"{' or '.join(docs)}: table {name} (header {header!r}) not found")
+            continue
+        for doc, table in found:
+            if table != want:
+                diff = "\n".join(difflib.unified_diff(table.splitlines(), want.splitlines(), "docs", "results",
+                                                      lineterm="", n=0))
+                problems.append(f"{doc}: table {name} ({source}) differs from its results:\n{diff}")
+    return problems
+
+
+def read_docs(root: Path = ROOT) -> dict[str, str]:
+    """The checked documents that exist, by path relative to ``root``."""
+    return {d: (root / d).read_text() for d in DOCS if (root / d).is_file()}
+
+
+def check_all(root: Path = ROOT, texts: dict[str, str] | None = None) -> list[str]:
+    texts = read_docs(root) if texts is None else texts
+    problems = [p for label, text in texts.items() for p in check_text(label, text, root)]
+    return problems + check_located(texts, root) + check_training_rows(texts, root) + check_quotes(texts, root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write", action="store_true", help="rewrite the marked tables from the results")
+    a = p.parse_args(argv)
+    if a.write:
+        for d in read_docs():
+            path = ROOT / d
+            old = path.read_text()
+            new = render_text(old)
+            if d == TRAINING_DOC:
+                new = write_training_rows(new)
+            if new != old:
+                path.write_text(new)
+                print(f"rewrote tables in {d}")
+    problems = check_all()
+    for prob in problems:
+        print(prob)
+    print(f"{len(problems)} problem(s)" if problems else "docs tables and quoted numbers match their results")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
