@@ -689,7 +689,33 @@ def _chat_cut_range(source: Path) -> str:
     return f"{100 * min(cuts):.0f}-{100 * max(cuts):.0f}%"
 
 
+def _kv_row(method: str, budget: float, key: str, fmt: str) -> Callable[[Path], str]:
+    """One row's value of a `kv eval` summary (``SOURCE/summary.json``)."""
+    def get(source: Path) -> str:
+        (row,) = [r for r in read_json(source / "summary.json")["rows"]
+                  if r["method"] == method and r["budget"] == budget]
+        return format(row[key], fmt)
+    return get
+
+
+KV_EVAL = "docs/results/kv/eval_drop_error_policy"
+
 QUOTES: list[Quote] = [
+    Quote("README.md", r"At 50% of the dense cache's bytes it answers (\d) of 3 passkey prompts", KV_EVAL,
+          lambda src: format(round(3 * float(_kv_row("policy", 0.5, "passkey_acc", ".6f")(src))), "d"),
+          "kv: policy passkey at 50% (3 prompts)"),
+    Quote("README.md", r"uniform sinks \+ window at equal bytes: (\S+);", KV_EVAL, _kv_row("uniform", 0.5, "passkey_acc", ".2f"),
+          "kv: uniform passkey at 50%"),
+    Quote("README.md", r"random full heads: (\S+)\);", KV_EVAL, _kv_row("random", 0.5, "passkey_acc", ".2f"),
+          "kv: random passkey at 50%"),
+    Quote("README.md", r"stream KL (\S+) nats/token\s+against uniform's", KV_EVAL, _kv_row("policy", 0.25, "stream_kl", ".3f"),
+          "kv: policy stream KL at 25%"),
+    Quote("README.md", r"against uniform's (\S+) and random", KV_EVAL, _kv_row("uniform", 0.25, "stream_kl", ".3f"),
+          "kv: uniform stream KL at 25%"),
+    Quote("README.md", r"random heads' (\S+)\. The head-wise", KV_EVAL, _kv_row("random", 0.25, "stream_kl", ".3f"),
+          "kv: random stream KL at 25%"),
+    Quote("README.md", r"stores really fewer bytes \((\S+) of dense", KV_EVAL, _kv_row("policy", 0.25, "bytes_fraction", ".3f"),
+          "kv: stored bytes at 25%"),
     *[Quote("docs/report.md", pattern, REPORT, fn, "report: " + what) for pattern, fn, what in REPORT_QUOTES],
     Quote("README.md", r"The report\s+took (\d+) s of CPU time", REPORT, _report_cpu_s, "report CPU time"),
     Quote("README.md", r"and (\S+) cuts in every chat form at every N", "docs/results/repeat_grid_h100", _chat_cut_range,

@@ -13,6 +13,7 @@ DOC = ROOT / "docs" / "kv_eval.md"
 #: results directory -> the function that renders its table in the docs
 TABLES = {
     "docs/results/kv/dense_passkey": passkey_by_length_markdown,
+    "docs/results/kv/eval_drop_error_policy": summary_markdown,
     "docs/results/kv/eval": summary_markdown,
     "docs/results/kv/peers": summary_markdown,
     "docs/results/kv/needle_policy": summary_markdown,
