@@ -85,3 +85,22 @@ def test_explanation_follows_the_numbers() -> None:
                            line=[{"budget": 0.125, "n_full": 1, "kl": 0.1}, {"budget": 0.25, "n_full": 2, "kl": 0.2}]))
     assert "above 0.05 nats/token" in bad[0] and "1 of the 2 are also among" in bad[1]
     assert "does not fall" in bad[2] and "no head keeps" not in bad[2]
+
+
+def test_head_map_outlines_exactly_the_full_heads() -> None:
+    from matplotlib.patches import Rectangle
+
+    from sinkscope.viz.kv import kv_budget_line, kv_head_map
+
+    distant = np.array([[0.1, 0.9, 0.3], [0.5, 0.2, 0.7]])
+    full = np.array([[False, True, False], [False, False, True]])
+    ax = kv_head_map(distant, full, budget=0.25).axes[0]
+    boxes = sorted((int(p.get_y() + 0.5), int(p.get_x() + 0.5)) for p in ax.patches if isinstance(p, Rectangle))
+    assert boxes == [(0, 1), (1, 2)]
+    cells = {t.get_text() for t in ax.texts}
+    assert cells == {"0.10", "0.90 F", "0.30", "0.50", "0.20", "0.70 F"}
+    assert np.array_equal(ax.images[0].get_array(), distant) and "2 of 6, budget 25.0%" in ax.get_title()
+    line = kv_budget_line([0.5, 0.125, 0.25], [0.02, 0.4, 0.2]).axes[0].lines[0]
+    assert list(line.get_xdata()) == [12.5, 25.0, 50.0] and list(line.get_ydata()) == [0.4, 0.2, 0.02]
+    with pytest.raises(ValueError):
+        kv_head_map(distant, full[:1])
