@@ -38,21 +38,35 @@ def kv_policies(model: Any, tokenizer: Any, length: int, *, texts: list[str] | N
     the streaming floor are left out.
     """
     n_sink, window = DEFAULT_SINKS, default_window(REPORT_BUDGET, DEFAULT_SINKS, length)
+    floor = (n_sink + window) / length
+    others = [b for b in budgets if b != REPORT_BUDGET and b >= floor - 1e-9]
+    seen = [0]  # calibrate's step count; the re-cut budgets' KL (and the dense pass they share) follow it
+
+    def cal_progress(done: int, total: int | None, what: str = "") -> None:
+        seen[0] = total or done
+        if progress is not None:
+            progress(done, seen[0] + len(others) + 1, what)
+
     res = calibrate(model, tokenizer, texts=texts, target_length=length, n_sink=n_sink, window=window,
-                    budget=REPORT_BUDGET, measure_kl=True, progress=progress)
+                    budget=REPORT_BUDGET, measure_kl=True, progress=cal_progress)
     base = res.policy
     scores = base.scores_array()
     criterion = base.info.get("criterion_column")
-    floor = (n_sink + window) / length
-    others = [b for b in budgets if b != REPORT_BUDGET and b >= floor - 1e-9]
     policies: dict[float, KVPolicy] = {}
+    total = seen[0] + len(others) + 1
     if others:
         sets = calibration_sets(tokenizer, length, texts=texts)
         kl = _KL(model, sets.held_out, first_counted_query(n_sink, window))
-        for b in others:
+        if progress is not None:
+            progress(seen[0] + 1, total, "dense held-out pass")
+        for i, b in enumerate(others):
             p = KVPolicy.from_scores(scores, b, n_sink, window, length, model=base.model, criterion=criterion,
                                      calibration_sha256=base.calibration_sha256)
             policies[b] = p.with_fields(measured_kl=kl(p))
+            if progress is not None:
+                progress(seen[0] + 2 + i, total, f"KL at budget {b:g}")
+    elif progress is not None:
+        progress(total, total, "")
     policies[REPORT_BUDGET] = base
     return {"result": res, "policies": dict(sorted(policies.items())), "n_sink": n_sink, "window": window}
 
@@ -64,7 +78,7 @@ def kv_section(ctx: Any, sec: Section, progress: Any) -> None:
     o = ctx.options
     length = o.kv_length
     got = kv_policies(ctx.model, ctx.tokenizer, length,
-                      progress=lambda d, t, _w="": progress(d, t))
+                      progress=lambda d, t, w="": progress(d, t, w))
     res, policies = got["result"], got["policies"]
     base = res.policy
     scores = base.scores_array()

@@ -21,9 +21,10 @@ L = 64
 def report(tmp_path_factory):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     out = tmp_path_factory.mktemp("kv")
+    seen: list[tuple[int, int | None]] = []
     res = build_report(model, tok, out, options=ReportOptions(n_tokens=16, samples=2, batch_size=2, kv_length=L),
-                       sections=["kv"])
-    return model, tok, out, res
+                       sections=["kv"], progress=lambda d, t, k: seen.append((d, t)))
+    return model, tok, out, res, seen
 
 
 def test_kv_is_a_section() -> None:
@@ -32,7 +33,7 @@ def test_kv_is_a_section() -> None:
 
 
 def test_map_and_line_are_what_calibrate_returns_on_the_same_inputs(report) -> None:
-    model, tok, out, res = report
+    model, tok, out, res, _ = report
     assert res.failed == [], res.sections[0].details
     data = res.sections[0].data
     W = default_window(0.25, 4, L)
@@ -53,7 +54,7 @@ def test_map_and_line_are_what_calibrate_returns_on_the_same_inputs(report) -> N
 
 
 def test_files_and_page(report) -> None:
-    _, _, out, res = report
+    _, _, out, res, _ = report
     rows = list(csv.DictReader((out / "kv_heads.csv").open()))
     data = res.sections[0].data
     assert len(rows) == data["n_layers"] * data["n_kv_heads"] == 4
@@ -67,6 +68,13 @@ def test_files_and_page(report) -> None:
                                  f"{data['n_full']} of 4 kv heads keep every token")
     page = res.index.read_text()
     assert page.count("<img") == 2 and 'id="kv" class="report-section ok"' in page
+
+
+def test_progress_counts_up_to_one_total(report) -> None:
+    seen = report[-1][1:]  # after the section's start (0, None)
+    totals = {t for _, t in seen}
+    assert len(totals) == 1 and seen[-1][0] == seen[-1][1]
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
 def _data(**kw):
