@@ -27,7 +27,7 @@ def kv_head_map(distant: np.ndarray, full: np.ndarray, *, budget: float | None =
         raise ValueError(f"distant {distant.shape} and full {full.shape} must be the same (L, Hkv) shape")
     L, H = distant.shape
     annotate = distant.size <= 400 if annotate is None else annotate
-    fig, ax = plt.subplots(figsize=(min(2.2 + 0.9 * H, 12), min(1.6 + 0.28 * L, 12)))
+    fig, ax = plt.subplots(figsize=(min(max(5.5, 2.2 + 0.9 * H), 12), min(1.8 + 0.28 * L, 12)))
     im = ax.imshow(distant, aspect="auto", cmap="viridis", interpolation="nearest",
                    vmin=0.0, vmax=max(float(np.nanmax(distant)) if distant.size else 1.0, 1e-9))
     for layer, head in zip(*np.nonzero(full)):
@@ -42,11 +42,11 @@ def kv_head_map(distant: np.ndarray, full: np.ndarray, *, budget: float | None =
     ax.set_xlabel("kv head")
     ax.set_ylabel("layer")
     n_full = int(full.sum())
-    title = f"distant mass per kv head; outlined (F): full cache, {n_full} of {full.size}"
+    title = f"distant mass per kv head\noutlined (F): full cache, {n_full} of {full.size}"
     if budget is not None:
         title += f", budget {100 * budget:.1f}%"
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="distant mass")
+    fig.colorbar(im, ax=ax, label="distant mass (sum over the query heads)")
     fig.tight_layout()
     return fig
 
