@@ -3,8 +3,10 @@ every section present and rendered, images decoded, the heads table sorts on cli
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +15,7 @@ from sinkscope.report.browser import load_page
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-SECTIONS = ("model", "sinks", "drains", "dormant", "repetition")
+SECTIONS = ("model", "sinks", "drains", "dormant", "kv", "repetition")
 
 #: Appended to a copy of the page: checks images and sorts the heads table by 'dependence' (ascending),
 #: then records the results as attributes on <body> (read back from the DOM dump).
@@ -42,6 +44,20 @@ def test_report_page_in_a_real_browser(tmp_path) -> None:
     doc = json.loads((out / "report.json").read_text())
     assert {k: v["status"] for k, v in doc["sections"].items()} == {k: "ok" for k in SECTIONS}
     assert doc["sections"]["sinks"]["data"]["kinds"]["text"]["sink0"] > 0.5  # the first token is a sink
+    kv = doc["sections"]["kv"]["data"]
+    assert kv["n_heads"] == 30 * 3 and kv["length"] == 512
+    kl = [r["kl"] for r in kv["line"]]  # 12.5%, 25%, 50%: more full heads, closer to the dense model
+    assert [r["budget"] for r in kv["line"]] == [0.125, 0.25, 0.5] and kl[0] > kl[1] > kl[2] > 0
+    # the shipped patch's harm, on the EVAL documents where its gate opens: the committed evaluation's numbers
+    harm = doc["sections"]["repetition"]["data"]["harm"]
+    assert harm["method"] == "dedup" and harm["set"] == "eval"
+    committed = {r["name"]: r for r in csv.DictReader(
+        (Path(__file__).parents[2] / "docs/results/repeat_eval_cpu/text/harm_eval_ours_documents.csv").open())}
+    assert sorted(harm["gate_opens"]) == sorted(n for n, r in committed.items() if int(r["gate_opened"]) > 0)
+    assert len(harm["measured"]) == 6
+    for e in harm["effects"]:
+        for col in ("kl_all", "kl_inside", "kl_after"):
+            assert e[col] == pytest.approx(float(committed[e["name"]][col]), rel=1e-3, abs=1e-7), (e["name"], col)
     page = (out / "index.html").read_text()
     assert not re.search(r'(src|href)="(https?:)?//', page)  # self-contained
 

@@ -42,7 +42,7 @@ def command(
     out: str = typer.Option(..., "--out", "-o", help="output directory (index.html, report.json, *.csv)"),
     sections: str | None = typer.Option(
         None, "--sections", "-s",
-        help="comma-separated sections: model, sinks, drains, dormant, repetition (default: all)"),
+        help="comma-separated sections: model, sinks, drains, dormant, kv, repetition (default: all)"),
     tokens: int = typer.Option(64, "--tokens", help="tokens per input sample"),
     samples: int = typer.Option(8, "--samples", help="samples per input kind (at most 8)"),
     eps: float = typer.Option(0.3, "--eps", help="sink threshold of Sink_k^eps"),

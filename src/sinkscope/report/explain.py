@@ -179,7 +179,8 @@ def explain_dormant(s: dict[str, Any]) -> list[str]:
 
 def explain_repetition(s: dict[str, Any]) -> list[str]:
     """Paragraphs for the repetition section: ``rates`` {length: rate}, optional ``circuit`` (with a
-    ``description``), ``patch`` ({n, words, still_diverged, kl, ppl_change, description}) and ``patch_note``."""
+    ``description``), ``patch`` ({method, description, n, words, still_diverged (None: nothing to stop)}),
+    ``patch_note`` and ``harm`` (`sinkscope.report.repetition.harm_where_it_acts`)."""
     rates = {int(k): v for k, v in s["rates"].items()}
     out = []
     if rates:
@@ -196,14 +197,74 @@ def explain_repetition(s: dict[str, Any]) -> list[str]:
     if circ:
         out.append(f"The sink circuit: {circ['description']}")
     p = s.get("patch")
-    if p:
+    if p and p.get("still_diverged") is not None:
         k, n_w = int(p["still_diverged"]), len(p["words"])
         verdict = ("stops" if k == 0 else "does not stop" if k == n_w else "reduces")
-        what = p.get("description") or f"{p.get('neurons', '?')} neuron(s)"
-        out.append(f"The patch ({what}; never at the true first token) "
-                   f"{verdict} the divergence at {p['n']} copies: of the {n_w} word(s) that "
-                   f"diverged without it ({', '.join(p['words'])}), {k} still diverge with it. On held-out ordinary "
-                   f"text it costs {p['kl']:.2g} nats/token KL and changes perplexity by {100 * p['ppl_change']:+.2f}%.")
+        out.append(f"The shipped default patch (`{p.get('method', 'dedup')}`: {p.get('description')}) {verdict} the "
+                   f"divergence at {p['n']} copies: of the {n_w} word(s) that diverged without it "
+                   f"({', '.join(p['words'])}), {k} still diverge with it.")
     elif s.get("patch_note"):
-        out.append(f"No patch was evaluated ({s['patch_note']}).")
+        out.append(f"Patch: {s['patch_note']}.")
+    h = s.get("harm")
+    if h is not None:
+        opened, total, measured = len(h["gate_opens"]), h["documents"], h["measured"]
+        where = (f"its repetition gate opens on {opened} of the {total} shipped {h['set'].upper()} "
+                 "natural-repetition documents (on the others, and on ordinary prose, the patched model computes "
+                 "exactly the original)")
+        rows = {r["family"]: r for r in h.get("rows", [])}
+        if measured and "all" in rows:
+            a = rows["all"]
+            worst = max((r for f, r in rows.items() if f != "all"), key=lambda r: r["kl_all"], default=a)
+            out.append(f"Harm of the `{h.get('method', 'dedup')}` patch, measured where it acts: {where}. "
+                       f"On {len(measured)} of them "
+                       f"({', '.join(measured)}) the KL(original || patched) is {a['kl_inside']:.2g} nats/token "
+                       f"inside the repeated stretch, {a['kl_after']:.2g} after it and {a['kl_all']:.2g} overall "
+                       f"(largest family: {worst['family']}, {worst['kl_all']:.2g}); perplexity changes by "
+                       f"{100 * a['ppl_change']:+.2f}%."
+                       + (" Below 0.01 nats/token even where it acts: the patch barely changes ordinary text "
+                          "that repeats." if a["kl_all"] < 0.01 else
+                          " At or above 0.01 nats/token where it acts: the patch visibly changes the predictions on "
+                          "text that repeats (the design target, a mean below 0.01 over whole document sets, counts "
+                          "the documents it leaves alone as 0; this mean is over the documents where it acts)."))
+        else:
+            name = f"Harm of the `{h.get('method', 'dedup')}` patch"
+            out.append(f"{name}: {where}, so it cannot change this model's predictions on them (KL 0 by "
+                       "construction)." if not opened else f"{name}: {where}; none was measured (harm_documents 0).")
+    return out
+
+
+def explain_kv(s: dict[str, Any]) -> list[str]:
+    """Paragraphs for the KV heads section; ``s`` is its data: ``n_full``, ``n_heads``, ``budget``, ``length``,
+    ``n_sink``, ``window``, ``criterion``, ``measured_kl``, ``line`` (rows with ``budget``, ``n_full``, ``kl``),
+    ``full_layers``, ``full_share_of_distant``, ``full_in_top_distant``, ``distant_full_mean`` /
+    ``distant_streaming_mean``, ``seconds``."""
+    n, total, kl = s["n_full"], s["n_heads"], s["measured_kl"]
+    out = [f"At {_pct(s['budget'])} of the dense cache's bytes ({s['length']} tokens), {n} of {total} kv heads keep "
+           f"every token and the other {total - n} keep {s['n_sink']} sinks + {s['window']} recent tokens; the "
+           f"held-out KL to the dense model is {kl:.3g} nats/token"
+           + (" (within the 0.05 nats/token the KV issue targets: the streaming heads lose little)." if kl <= 0.05
+              else " (above 0.05 nats/token, the KV issue's target: at this length and budget the dropped distant "
+                   "attention changes the predictions noticeably).")]
+    if n:
+        layers = s["full_layers"]
+        where = (f"layer {layers[0]}" if len(layers) == 1 else
+                 f"{len(layers)} layers ({', '.join(map(str, layers[:8]))}{', ...' if len(layers) > 8 else ''})")
+        sf, ss = s.get("distant_full_mean"), s.get("distant_streaming_mean")
+        contrast = (f"; the full heads' distant mass averages {sf:.2f} against {ss:.2f} for the streaming heads"
+                    if sf is not None and ss is not None else "")
+        out.append(f"The full heads sit in {where}{contrast}; they hold {_pct(s['full_share_of_distant'])} of all "
+                   f"distant mass. Ranked by {s['criterion']}, {s['full_in_top_distant']} of the {n} are also among "
+                   f"the {n} heads with the most distant mass"
+                   + (": the two rankings agree." if s["full_in_top_distant"] == n else
+                      ": the ranking also weighs how much a head's dropped keys change the layer's output."))
+    line = [r for r in s.get("line", []) if r.get("kl") is not None]
+    if len(line) > 1:
+        lo, hi = line[0], line[-1]
+        pts = ", ".join(f"{100 * r['budget']:g}%: {r['kl']:.3g}" for r in line)
+        trend = ("falls" if hi["kl"] < lo["kl"] else "does not fall")
+        out.append(f"The quality line (KL by budget: {pts}) {trend} as full heads are added"
+                   + (f"; at {100 * lo['budget']:g}% no head keeps the full cache (uniform sinks + window)."
+                      if lo["n_full"] == 0 else "."))
+    out.append(f"Calibrating took {s['seconds']:.0f} s; `sinkscope kv calibrate` writes the policy for "
+               "`sinkscope kv generate`.")
     return out

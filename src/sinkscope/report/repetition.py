@@ -1,10 +1,13 @@
-"""The repetition section of `sinkscope report`: divergence rate vs repetition length, the sink circuit and the
-effect of the gated first-token-direction patch, measured with the repeated-token library
+"""The repetition section of `sinkscope report`: divergence rate vs repetition length, the sink circuit, and the
+shipped default patch (``dedup`` of `sinkscope.repetition.patch_methods.PATCH_METHODS`, what ``sinkscope repeat
+patch`` writes): whether it stops the divergence, and its harm measured where it acts, on the shipped
+natural-repetition documents (`sinkscope.repetition.harm`, the EVAL set), measured with the repeated-token library
 (`sinkscope.repetition`, Yona et al. 2503.08908).
 
 Sizes are small so that the whole report stays within minutes on a CPU: a short word list, a few lengths, short
-continuations, first-token *neurons* only (ablating every head is left to ``sinkscope repeat``). If the
-analysis fails, the section fails with its error and the rest of the report renders.
+continuations, first-token *neurons* only (ablating every head is left to ``sinkscope repeat``), a few harm
+documents (those where the patch's gate opens, `harm_where_it_acts`). If the analysis fails, the section fails
+with its error and the rest of the report renders.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.repetition.activations import neuron_stats
 from sinkscope.repetition.circuit import localise_sink_circuit
 from sinkscope.repetition.grid import NO_PATCH, GridPlan, run_grid, summarise_cells
+from sinkscope.repetition.harm import (effects_to_json, encode_doc, gate_closed_everywhere, harm_effects,
+                                       load_harm_set, summarise_harm)
+from sinkscope.repetition.patch_methods import build_patch, patch_method
 from sinkscope.repetition.words import run_token_id
 from sinkscope.report import explain
 from sinkscope.report.html import Section
@@ -30,6 +36,11 @@ CIRCUIT_TEXT_SAMPLES = 4
 #: Words (and run length: the second longest of the report's lengths) used to see which circuit neurons fire on
 #: repeated tokens.
 CIRCUIT_RUN_WORDS = 2
+#: the patch the section evaluates: the shipped default of ``sinkscope repeat patch`` (docs/repetition.md)
+DEFAULT_PATCH_METHOD = "dedup"
+#: where its harm is measured: the EVAL natural-repetition documents (package data ``data/harm/eval``), never used
+#: to design the patch; WikiText cannot show its harm (its gate never opens on ordinary prose)
+HARM_SET = "eval"
 
 
 class RepetitionUnavailable(SinkscopeError):
@@ -39,7 +50,6 @@ class RepetitionUnavailable(SinkscopeError):
 def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
     """Divergence scan, circuit localisation (first-token neurons) and, when a patch can be had, its effect."""
     from sinkscope.domains import PROSE
-    from sinkscope.repetition.corpus import chat_samples
     from sinkscope.viz import report_plots
 
     o = ctx.options
@@ -107,14 +117,7 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
         }
         sec.tables["circuit.csv"] = circuit.rows()
     diverged = [c["word"] for c in cells if c["n"] == n_max and c["diverged"]]
-    held_out = [list(tok(t, add_special_tokens=True)["input_ids"])[:CIRCUIT_TEXT_TOKENS]
-                for t in PROSE[CIRCUIT_TEXT_SAMPLES:2 * CIRCUIT_TEXT_SAMPLES]]
-    if diverged:
-        calibration = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in PROSE[:CIRCUIT_TEXT_SAMPLES]]
-        calibration += chat_samples(tok, " ".join(PROSE[:CIRCUIT_TEXT_SAMPLES]), n=CIRCUIT_TEXT_SAMPLES)
-        patched = _patch_effect(ctx, words, diverged, n_max, held_out, calibration, sec)
-    else:
-        sec.data["patch_note"] = f"no word diverged at {n_max} copies, so there is nothing for a patch to fix"
+    patched = _patch_effect(ctx, words, diverged, n_max, sec)
     progress(steps, steps)
 
     sec.figure(report_plots.divergence_vs_length(lengths, [rate_by_n[n] for n in lengths], patched),
@@ -128,6 +131,19 @@ def repetition_section(ctx: Any, sec: Section, progress: Any) -> None:
     if "circuit" in sec.data:
         sec.table(sec.data["circuit"]["top"], caption="Sink circuit: first-token neurons with the largest effect of "
                   "ablating them at token 0 (share of the sink removed)", csv="circuit.csv")
+    harm = sec.data.get("harm")
+    if harm is not None:
+        sec.text(f"Harm of the shipped patch ({DEFAULT_PATCH_METHOD}), measured where it acts: its repetition gate "
+                 f"opens on {len(harm['gate_opens'])} of the {harm['documents']} {harm['set'].upper()} "
+                 "natural-repetition documents shipped with the package (sinkscope/data/harm/), found from the "
+                 f"embeddings alone; KL(original || patched) per token on {len(harm['measured'])} of them (at most "
+                 f"{o.harm_documents}, round-robin over families). Ordinary prose such as WikiText never opens the "
+                 "gate, so the patch computes exactly the original model there.")
+        if harm["rows"]:
+            sec.table(harm["rows"], columns=["family", "documents", "gate_opened", "kl_inside", "kl_after", "kl_all",
+                                             "ppl_change", "top1_inside", "top1_after"],
+                      caption=f"Harm of the {DEFAULT_PATCH_METHOD} patch per family (token-weighted, nats/token)",
+                      csv="patch_harm.csv", sortable=False)
     for note in ("circuit_error", "circuit_note", "patch_note"):
         if note in sec.data:
             sec.text(f"Note: {sec.data[note]}.")
@@ -151,33 +167,59 @@ def _describe(top: list[Any], n: int, run_length: int) -> str:
             f"{', '.join(map(str, layers))}." + runs)
 
 
-def _patch_effect(ctx: Any, words: list[str], diverged: list[str], n: int, text_seqs: list[list[int]],
-                  calibration: list[list[int]], sec: Section) -> dict[int, float] | None:
-    """Build the gated first-token-direction patch (`build_direction_patch`: directions and ordinary range from
-    ``calibration``, runs of ``n`` copies of ``words``), regenerate the runs of the ``diverged`` words with it,
-    and measure its KL and perplexity change on held-out text ``text_seqs``. Returns
-    ``{n: divergence rate over all scanned words with the patch}`` or None (no patch)."""
-    from sinkscope.repetition.direction import build_direction_patch
-    from sinkscope.repetition.side_effects import text_effect
-
-    try:
-        patch, report = build_direction_patch(ctx.model, ctx.tokenizer, calibration, words,
-                                              base_model=ctx.model_spec or "model", n=n, batch_size=len(words))
-    except SinkscopeError as e:
-        sec.data["patch_note"] = f"no patch: {e}"
+def _patch_effect(ctx: Any, words: list[str], diverged: list[str], n: int, sec: Section) -> dict[int, float] | None:
+    """The shipped default patch (``dedup`` of `PATCH_METHODS`, built with its default options, the patch
+    ``sinkscope repeat patch`` writes): regenerate the runs of the ``diverged`` words with it, and measure its harm
+    where it acts, on the shipped natural-repetition documents (`harm_where_it_acts`). Fills
+    ``sec.data["patch"]`` and ``sec.data["harm"]``; returns ``{n: divergence rate over all scanned words with the
+    patch}``, or None when no word diverged."""
+    built = build_patch(DEFAULT_PATCH_METHOD, patch_method(DEFAULT_PATCH_METHOD).options(),
+                        base_model=ctx.model_spec or "model")
+    patch = built.patch
+    sec.data["harm"] = {"method": built.method, **harm_where_it_acts(ctx.model, ctx.tokenizer, patch, HARM_SET,
+                                                                      ctx.options.harm_documents)}
+    sec.data["patch"] = {"method": built.method, "description": patch.describe(), "n": n, "words": list(diverged),
+                         "still_diverged": None}
+    if not diverged:
+        sec.data["patch_note"] = (f"no word diverged at {n} copies, so the patch had no divergence to stop; its harm "
+                                  "was still measured")
         return None
     tmp = Path(tempfile.mkdtemp(prefix="sinkscope-report-patch-"))
     try:
-        plan = GridPlan(list(diverged), ["instruct"], [n], ["patch"], max_new_tokens=ctx.options.repeat_new_tokens,
-                        batch_size=len(diverged))
-        after = run_grid(ctx.model, ctx.tokenizer, plan, {"patch": patch}, tmp).cells
+        plan = GridPlan(list(diverged), ["instruct"], [n], [built.method],
+                        max_new_tokens=ctx.options.repeat_new_tokens, batch_size=len(diverged))
+        after = run_grid(ctx.model, ctx.tokenizer, plan, {built.method: patch}, tmp).cells
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    effect = text_effect(ctx.model, patch, text_seqs)
     still = sum(r["diverged"] for r in after)
-    sec.data["patch"] = {"description": patch.describe(), "layer": report.layer, "n": n, "words": list(diverged),
-                         "still_diverged": still, "kl": effect.kl, "ppl_change": effect.ppl_change,
-                         "clamped": effect.clamped}
+    sec.data["patch"]["still_diverged"] = still
     sec.tables["patch_verdicts.csv"] = after
     before = sec.data.get("rates", {}).get(n)
     return {n: float(before) * still / len(after)} if before is not None else None
+
+
+def harm_where_it_acts(model: Any, tokenizer: Any, patch: Any, harm_set: str, limit: int) -> dict[str, Any]:
+    """The patch's harm on the natural-repetition documents of ``harm_set`` (`sinkscope.repetition.harm`) where it
+    acts: the documents on which its repetition gate opens (found from the embeddings alone, no forward pass), at
+    most ``limit`` of them, taken round-robin over the families in name order (so every family where it opens is
+    represented). On the other documents the patched model computes exactly the original (KL 0 by construction).
+
+    Returns ``{"set", "documents" (all in the set), "gate_opens" (names), "measured" (names), "rows"
+    (`summarise_harm` over the measured ones), "effects" (per document)}``."""
+    docs = load_harm_set(harm_set)
+    opens = [d for d in docs if not gate_closed_everywhere(model, patch, encode_doc(tokenizer, d).ids)]
+    by_family: dict[str, list[Any]] = {}
+    for d in sorted(opens, key=lambda d: d.name):
+        by_family.setdefault(d.family, []).append(d)
+    chosen: list[Any] = []
+    while len(chosen) < limit and any(by_family.values()):
+        for fam in sorted(by_family):
+            if by_family[fam] and len(chosen) < limit:
+                chosen.append(by_family[fam].pop(0))
+    out: dict[str, Any] = {"set": harm_set, "documents": len(docs), "gate_opens": [d.name for d in opens],
+                           "measured": [d.name for d in chosen], "rows": [], "effects": []}
+    if chosen:
+        effects = harm_effects(model, tokenizer, {"patch": patch}, chosen)["patch"]
+        out["rows"] = summarise_harm(effects)
+        out["effects"] = effects_to_json(effects)
+    return out

@@ -44,6 +44,9 @@ class ReportOptions:
         repeat_words, repeat_lengths, repeat_new_tokens: the repetition section's word list, run lengths and
             generated tokens per prompt.
         circuit_per_layer: first-token neurons per layer tried when localising the sink circuit (0: skip).
+        harm_documents: natural-repetition documents (of those where the patch's gate opens) on which the
+            repetition section measures the shipped patch's harm (0: none).
+        kv_length: tokens per calibration piece of the KV heads section (its budgets refer to this length).
         seed: seed of the random-token inputs.
     """
 
@@ -58,6 +61,8 @@ class ReportOptions:
     repeat_lengths: tuple[int, ...] = (32, 256, 512)
     repeat_new_tokens: int = 12
     circuit_per_layer: int = 1
+    harm_documents: int = 6
+    kv_length: int = 512
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +75,9 @@ class ReportOptions:
         check_count(self.batch_size, param="batch_size", minimum=1)
         check_count(self.repeat_new_tokens, param="repeat_new_tokens", minimum=1)
         check_count(self.circuit_per_layer, param="circuit_per_layer")
+        check_count(self.harm_documents, param="harm_documents")
+        if check_count(self.kv_length, param="kv_length") < 16:
+            raise InputError(f"kv_length must be at least 16 tokens, got {self.kv_length}", param="kv_length")
         if not self.repeat_words or any(not w.strip() for w in self.repeat_words):
             raise InputError("repeat_words: give at least one word", param="repeat_words")
         if not self.repeat_lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
@@ -310,5 +318,14 @@ def _repetition(ctx: ReportContext, sec: Section, progress: Progress) -> None:
 
 SECTIONS.add("repetition", ("Repetition", _repetition))
 
+
+def _kv_heads(ctx: ReportContext, sec: Section, progress: Progress) -> None:
+    from sinkscope.report.kv import kv_section
+
+    kv_section(ctx, sec, progress)
+
+
+SECTIONS.add("kv", ("KV heads", _kv_heads))
+
 #: Display order of the sections.
-SECTION_ORDER: tuple[str, ...] = ("model", "sinks", "drains", "dormant", "repetition")
+SECTION_ORDER: tuple[str, ...] = ("model", "sinks", "drains", "dormant", "kv", "repetition")

@@ -140,7 +140,7 @@ def divergence_vs_length(lengths: Sequence[int], rate: Sequence[float],
     ax.plot(lengths, rate, "o-", label="model")
     if patched:
         xs = sorted(patched)
-        ax.plot(xs, [patched[x] for x in xs], "s--", ms=9, label="with the sink-circuit patch")
+        ax.plot(xs, [patched[x] for x in xs], "s--", ms=9, label="with the shipped patch")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
     return _finish(fig, ax, "repetitions of the word", "divergence rate", "repeated-token divergence")

@@ -20,7 +20,7 @@ SMALL = ReportOptions(n_tokens=16, samples=2, batch_size=2)
 
 
 def test_parse_sections() -> None:
-    assert parse_sections(None) == ["model", "sinks", "drains", "dormant", "repetition"]
+    assert parse_sections(None) == ["model", "sinks", "drains", "dormant", "kv", "repetition"]
     assert parse_sections("dormant, model") == ["model", "dormant"]  # display order
     with pytest.raises(InputError, match="Did you mean: sinks"):
         parse_sections("sinkz")
@@ -120,27 +120,53 @@ def test_repetition_section_on_a_tiny_model(tmp_path) -> None:
     assert 'id="repetition" class="report-section ok"' in res.index.read_text()
 
 
-def test_patch_effect_with_the_repetition_library(monkeypatch) -> None:
-    import sinkscope.repetition.direction as direction
+def _direct_kl(model, patch, docs) -> tuple[float, int]:
+    """Token-weighted mean KL(original || patched) over every position of ``docs``, by plain forwards."""
+    import torch
+
+    from sinkscope.interventions.patch import apply_patch
+    from sinkscope.repetition.harm import encode_doc
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for d in docs:
+            ids = torch.tensor([encode_doc(tiny_tokenizer(), d).ids])
+            lo = model(input_ids=ids).logits[0].log_softmax(-1)
+            with apply_patch(model, patch):
+                lp = model(input_ids=ids).logits[0].log_softmax(-1)
+            total += float((lo.exp() * (lo - lp)).sum(-1).clamp_min(0).sum())
+            n += ids.shape[1]
+    return total / n, n
+
+
+def test_patch_effect_is_the_shipped_dedup_patch_and_its_harm_is_measured_where_it_acts() -> None:
+    from sinkscope.repetition.harm import load_harm_set
+    from sinkscope.repetition.patch_methods import DedupOptions, build_patch
+    from sinkscope.report.html import Section
     from sinkscope.report.repetition import _patch_effect
     from sinkscope.report.sections import ReportContext
-    from sinkscope.report.html import Section
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    text = [[5 + (i * 7 + j) % 90 for j in range(12)] for i in range(3)]
-    ctx = ReportContext(model, tok, ReportOptions(repeat_new_tokens=3), model_spec="tiny")
-    # a random tiny model's runs do not become first-like: no patch, and the page says why
+    ctx = ReportContext(model, tok, ReportOptions(repeat_new_tokens=3, harm_documents=3), model_spec="tiny")
     sec = Section("repetition", "Repetition")
-    sec.data["rates"] = {40: 0.5}
-    assert _patch_effect(ctx, ["poem", "book"], ["poem"], 40, text, text, sec) is None
-    assert sec.data["patch_note"].startswith("no patch: runs do not move along the first-token direction")
-    # with a layer chosen, the patch is built, the diverged words are regenerated and the text cost measured
-    monkeypatch.setattr(direction, "choose_layer", lambda dirs, run_proj: (1, direction.layer_scores(dirs, run_proj)))
+    sec.data["rates"] = {8: 0.5}
+    got = _patch_effect(ctx, ["poem", "book"], ["poem", "book"], 8, sec)
+    p = sec.data["patch"]
+    assert p["method"] == "dedup" and sec.data["harm"]["method"] == "dedup"
+    shipped = build_patch("dedup", DedupOptions(), base_model="tiny").patch
+    assert p["description"] == shipped.describe()
+    assert got == {8: 0.5 * p["still_diverged"] / 2} and len(sec.tables["patch_verdicts.csv"]) == 2
+    harm = sec.data["harm"]
+    docs = {d.name: d for d in load_harm_set("eval")}
+    assert harm["set"] == "eval" and harm["documents"] == len(docs)
+    assert len(harm["measured"]) == 3 and set(harm["measured"]) <= set(harm["gate_opens"])
+    assert len({docs[n].family for n in harm["measured"]}) == 3  # round-robin over the families
+    kl, n = _direct_kl(model, shipped, [docs[n] for n in harm["measured"]])
+    row = next(r for r in harm["rows"] if r["family"] == "all")
+    assert kl > 1e-8 and row["kl_all"] == pytest.approx(kl, rel=1e-4)  # ~1e-6 here: far above float noise
+    assert sum(e["tokens"] for e in harm["effects"]) == n
+    # no word diverged: nothing to stop, but the harm is still measured
     sec = Section("repetition", "Repetition")
-    sec.data["rates"] = {40: 0.5}
-    got = _patch_effect(ctx, ["poem", "book"], ["poem", "book"], 40, text, text, sec)
-    k = sec.data["patch"]["still_diverged"]
-    assert got == {40: 0.5 * k / 2} and sec.data["patch"]["layer"] == 1
-    assert "first-token direction after layer(s) [1]" in sec.data["patch"]["description"]
-    assert sec.data["patch"]["kl"] == 0.0 and sec.data["patch"]["clamped"] == 0  # no repetition in the text
-    assert len(sec.tables["patch_verdicts.csv"]) == 2
+    sec.data["rates"] = {8: 0.0}
+    assert _patch_effect(ctx, ["poem"], [], 8, sec) is None
+    assert sec.data["patch"]["still_diverged"] is None and sec.data["harm"]["rows"]

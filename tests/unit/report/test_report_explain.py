@@ -68,16 +68,36 @@ def test_repetition_follows_rates_and_patch() -> None:
     assert "No continuation diverged for runs of 32 to 256 copies" in none
     s = {"rates": {32: 0.0, 256: 0.17, 512: 0.5},
          "circuit": {"description": "neuron 7 of layer 3 removes 40% of the sink."},
-         "patch": {"n": 512, "words": ["poem", "book", "cat"], "still_diverged": 1, "kl": 1e-5, "ppl_change": 0.001,
-                   "description": "first-token direction after layer(s) [2]"}}
+         "patch": {"method": "dedup", "n": 512, "words": ["poem", "book", "cat"], "still_diverged": 1,
+                   "description": "attention de-duplication inside repetitions"}}
     text = " ".join(explain.explain_repetition(s))
     assert "starts at 256 copies and reaches 50% of the words at 512" in text
     assert "neuron 7 of layer 3" in text and "reduces the divergence at 512 copies" in text
-    assert "The patch (first-token direction after layer(s) [2]; never at the true first token)" in text
+    assert "The shipped default patch (`dedup`: attention de-duplication inside repetitions)" in text
     assert "of the 3 word(s) that diverged without it (poem, book, cat), 1 still diverge" in text
     stops = " ".join(explain.explain_repetition({**s, "patch": {**s["patch"], "still_diverged": 0}}))
     assert "stops the divergence" in stops
     same = " ".join(explain.explain_repetition({**s, "patch": {**s["patch"], "still_diverged": 3}}))
     assert "does not stop the divergence" in same
-    nopatch = " ".join(explain.explain_repetition({"rates": {512: 0.5}, "patch_note": "no patch: no neuron fires"}))
-    assert "No patch was evaluated (no patch: no neuron fires)" in nopatch
+    nothing = " ".join(explain.explain_repetition({"rates": {512: 0.0}, "patch_note": "no word diverged at 512"}))
+    assert "Patch: no word diverged at 512." in nothing
+
+
+def _harm(kl_all: float, opens: int = 2) -> dict:
+    row = {"kl_inside": 0.004, "kl_after": 0.002, "kl_all": kl_all, "ppl_change": 0.002}
+    return {"method": "dedup", "set": "eval", "documents": 35, "gate_opens": ["a", "b"][:opens],
+            "measured": ["a", "b"][:opens],
+            "rows": [{**row, "family": "song"}, {**row, "family": "count", "kl_all": 2 * kl_all},
+                     {**row, "family": "all"}] if opens else []}
+
+
+def test_repetition_harm_names_where_it_was_measured() -> None:
+    low = " ".join(explain.explain_repetition({"rates": {}, "harm": _harm(0.003)}))
+    assert ("Harm of the `dedup` patch, measured where it acts: its repetition gate opens on 2 of the 35 shipped "
+            "EVAL natural-repetition documents") in low
+    assert "overall (largest family: count, 0.006); perplexity changes by +0.20%" in low
+    assert "barely changes ordinary text that repeats" in low
+    high = " ".join(explain.explain_repetition({"rates": {}, "harm": _harm(0.02)}))
+    assert "changes the predictions on text that repeats" in high and "barely" not in high
+    closed = " ".join(explain.explain_repetition({"rates": {}, "harm": _harm(0.0, opens=0)}))
+    assert "opens on 0 of the 35" in closed and "KL 0 by construction" in closed
