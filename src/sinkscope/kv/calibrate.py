@@ -79,7 +79,7 @@ _CRITERIA = {"distant": "distant mass (the attention a streaming head drops)",
                            "head alone keeps sinks + window)"}
 
 
-class _KL:
+class HeldOutKL:
     """Mean next-token KL(dense || policy) on held-out pieces, dense log-probabilities computed once."""
 
     def __init__(self, model: nn.Module, pieces: list[torch.Tensor], t0: int) -> None:
@@ -181,7 +181,7 @@ def calibrate(model: nn.Module, tokenizer: Any, *, texts: list[str] | None = Non
         policy = KVPolicy.from_scores(scores, budget, n_sink, window, target_length, criterion=criterion,
                                       info={"requested_budget": budget}, **common)
     else:
-        kl = _KL(model, sets.held_out, first_counted_query(n_sink, window))
+        kl = HeldOutKL(model, sets.held_out, first_counted_query(n_sink, window))
         for _ in sets.held_out:
             tick(0, None, "held-out pieces")
         measured: dict[int, float] = {}

@@ -11,9 +11,7 @@ import base64
 import html
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sinkscope.io import figure_bytes
 

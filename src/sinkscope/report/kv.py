@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sinkscope.kv.calibrate import DEFAULT_BUDGET, DEFAULT_SINKS, _KL, calibrate, default_window
+from sinkscope.kv.calibrate import DEFAULT_BUDGET, DEFAULT_SINKS, HeldOutKL, calibrate, default_window
 from sinkscope.kv.calibration_data import calibration_sets
 from sinkscope.kv.mass import first_counted_query
 from sinkscope.kv.policy import SCORE_COLUMNS, KVPolicy
@@ -56,7 +56,7 @@ def kv_policies(model: Any, tokenizer: Any, length: int, *, texts: list[str] | N
     total = seen[0] + len(others) + 1
     if others:
         sets = calibration_sets(tokenizer, length, texts=texts)
-        kl = _KL(model, sets.held_out, first_counted_query(n_sink, window))
+        kl = HeldOutKL(model, sets.held_out, first_counted_query(n_sink, window))
         if progress is not None:
             progress(seen[0] + 1, total, "dense held-out pass")
         for i, b in enumerate(others):

@@ -23,8 +23,14 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.repetition.activations import neuron_stats
 from sinkscope.repetition.circuit import localise_sink_circuit
 from sinkscope.repetition.grid import NO_PATCH, GridPlan, run_grid, summarise_cells
-from sinkscope.repetition.harm import (effects_to_json, encode_doc, gate_closed_everywhere, harm_effects,
-                                       load_harm_set, summarise_harm)
+from sinkscope.repetition.harm import (
+    effects_to_json,
+    encode_doc,
+    gate_closed_everywhere,
+    harm_effects,
+    load_harm_set,
+    summarise_harm,
+)
 from sinkscope.repetition.patch_methods import build_patch, patch_method
 from sinkscope.repetition.words import run_token_id
 from sinkscope.report import explain

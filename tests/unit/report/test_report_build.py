@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from sinkscope.cli.__main__ import main
-from sinkscope.errors import InputError
 from sinkscope.domains import domain_batch
+from sinkscope.errors import InputError
 from sinkscope.models.random_hf import save_tiny, tiny_model, tiny_tokenizer
 from sinkscope.profile import profile_sinks
 from sinkscope.report.build import build_report, parse_sections
