@@ -37,6 +37,16 @@ TRUST_OPTION = typer.Option(False, "--trust-remote-code", help="run the model re
                                                                "code you trust")
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as the CLI prints it: relative to the working directory when it lies inside it (``out/report``),
+    else absolute."""
+    p = Path(path).absolute()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
 def output_dir(out: str) -> Path:
     """``--out`` checked before any work (`sinkscope.io.check_output_dir`): an empty string is refused rather than
     read as the current directory."""

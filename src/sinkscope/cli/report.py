@@ -13,6 +13,7 @@ from sinkscope.cli.common import (
     PhaseProgress,
     locked_output,
     output_dir,
+    shown_path,
 )
 from sinkscope.errors import InputError
 from sinkscope.models.load import DEFAULT_MODEL
@@ -81,5 +82,5 @@ def command(
         if sec.error:
             print(f"section {sec.key} failed: {sec.error}")
     ok = len(result.sections) - len(result.failed)
-    print(f"Wrote {result.index} ({ok}/{len(result.sections)} sections ok) in {result.total_s:.0f} s.")
+    print(f"Wrote {shown_path(result.index)} ({ok}/{len(result.sections)} sections ok) in {result.total_s:.0f} s.")
     return 1 if result.failed else 0

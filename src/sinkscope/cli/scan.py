@@ -14,6 +14,7 @@ from sinkscope.cli.common import (
     ModelOptions,
     locked_output,
     output_dir,
+    shown_path,
 )
 from sinkscope.inputs import InputSpec
 from sinkscope.models.load import DEFAULT_MODEL
@@ -69,4 +70,4 @@ def command(
     print(f"Sink_0^{opts.eps} = {prof.sink_ratio(0):.3f} over {len(batch.sequences)} sample(s) of "
           f"{min(batch.lengths)}-{max(batch.lengths)} tokens (BOS prepended: {batch.bos_prepended}); "
           f"top sinks {[s['position'] for s in prof.top_sinks(3)]}; {peak_text}. "
-          f"Wrote {out_dir}/{', '.join(p.name for p in written[:2])}, {len(written) - 2} plots.")
+          f"Wrote {shown_path(out_dir)}/{', '.join(p.name for p in written[:2])}, {len(written) - 2} plots.")

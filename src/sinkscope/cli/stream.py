@@ -23,6 +23,7 @@ from sinkscope.cli.common import (
     PhaseProgress,
     locked_output,
     output_dir,
+    shown_path,
 )
 from sinkscope.errors import InputError
 
@@ -98,7 +99,7 @@ def eval_command(
                                            "argv": sys.argv[1:]})
         written = result.save(out_dir)
     _print_summary(result.to_json(), chunk=chunk, token_by_token=token_by_token)
-    print(f"wrote {out_dir}/{', '.join(p.name for p in written)}", file=sys.stderr)
+    print(f"wrote {shown_path(out_dir)}/{', '.join(p.name for p in written)}", file=sys.stderr)
 
 
 def _print_summary(summary: dict, *, chunk: int, token_by_token: bool) -> None:
