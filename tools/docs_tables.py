@@ -701,7 +701,7 @@ def _kv_row(method: str, budget: float, key: str, fmt: str) -> Callable[[Path], 
 KV_EVAL = "docs/results/kv/eval_drop_error_policy"
 
 QUOTES: list[Quote] = [
-    Quote("README.md", r"At 50% of the dense cache's bytes it answers (\d) of 3 passkey prompts", KV_EVAL,
+    Quote("README.md", r"At 50% of the dense cache's bytes it answers (\d+) of 3 passkey prompts", KV_EVAL,
           lambda src: format(round(3 * float(_kv_row("policy", 0.5, "passkey_acc", ".6f")(src))), "d"),
           "kv: policy passkey at 50% (3 prompts)"),
     Quote("README.md", r"uniform sinks \+ window at equal bytes: (\S+);", KV_EVAL, _kv_row("uniform", 0.5, "passkey_acc", ".2f"),

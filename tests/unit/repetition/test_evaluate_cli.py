@@ -91,7 +91,8 @@ def test_outputs_are_checked_before_the_model_loads(setup, tmp_path: Path, capsy
     monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    head = ["repeat", "evaluate", "--patch", str(patch)] if command == "evaluate" else ["repeat", "scan"]
+    head = (["repeat", "evaluate", "--patch", str(patch)] if command == "evaluate"
+            else ["repeat", "scan", "--model", str(patch.parent / "tiny-llama")])
     for out, msg in ((blocker, "not a directory"), (blocker / "sub", "not a directory")):
         rc = main([*head, "--out", str(out), "--words", "cat"])
         err = capsys.readouterr().err.strip()
