@@ -449,10 +449,7 @@ def evaluate(model: nn.Module, tokenizer: Any, suite: Suite, methods: Sequence[M
     fp = fingerprint(settings)
     settings["fingerprint"] = fp
     path = out / CELLS_FILE
-    rows = read_jsonl(path)
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        # a killed run's torn last line: drop it now, or the next append would leave it mid-file
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    rows = read_jsonl(path)  # a killed run's torn last line is dropped here and cut off by the next append
     done = {r["cell"]: r for r in rows if r.get("fingerprint") == fp}
     ordered = sorted(methods, key=lambda m: m.name != "dense")
     dense = next((m for m in ordered if m.name == "dense"), None)

@@ -34,7 +34,7 @@ from torch import nn
 
 from sinkscope.errors import InputError
 from sinkscope.interventions.patch import SinkPatch, apply_patch
-from sinkscope.io import OutputLock, append_jsonl, read_jsonl, write_atomic, write_csv_atomic, write_json_atomic
+from sinkscope.io import OutputLock, append_jsonl, read_jsonl, write_csv_atomic, write_json_atomic
 from sinkscope.models.adapters import get_adapter
 from sinkscope.models.generate import greedy_continue
 from sinkscope.progress import ProgressCallback
@@ -137,17 +137,10 @@ def cell_key(variant: str, form: str, n: int, word: str) -> str:
     return f"{variant}\t{form}\t{n}\t{word}"
 
 
-def read_cells(out_dir: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """The complete cells of a (possibly interrupted) grid. A last line cut by an interruption is dropped; with
-    ``repair`` it is also removed from the file (atomically), so that the next append does not leave it in the
-    middle of the file."""
-    p = Path(out_dir) / CELLS_FILE
-    cells = read_jsonl(p)
-    if repair and p.is_file():
-        raw = p.read_bytes()
-        if raw and not raw.endswith(b"\n"):
-            write_atomic(p, raw[:raw.rfind(b"\n") + 1])
-    return cells
+def read_cells(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The complete cells of a (possibly interrupted) grid: a last line cut by an interruption is dropped (and
+    `sinkscope.io.append_jsonl` cuts it off the file before the next append)."""
+    return read_jsonl(Path(out_dir) / CELLS_FILE)
 
 
 def _check_settings(out: Path, settings: dict[str, Any], cells: Sequence[dict[str, Any]]) -> None:
@@ -248,7 +241,6 @@ def _run(model: nn.Module, tokenizer: Any, plan: GridPlan, patches: Mapping[str,
     t0 = time.perf_counter()
     old = read_cells(out)
     _check_settings(out, settings, old)
-    read_cells(out, repair=True)
     merged = dict(settings)
     plan_path = out / PLAN_FILE
     if plan_path.is_file():  # keep the fingerprints of variants this run does not name
