@@ -15,27 +15,21 @@ from sinkscope.cli.common import (
     output_dir,
     shown_path,
 )
-from sinkscope.errors import InputError
+from sinkscope.comma_lists import parse_names, parse_numbers
 from sinkscope.models.load import DEFAULT_MODEL
 
 
 def _words(value: str | None) -> dict[str, tuple[str, ...]]:
     if value is None:
         return {}
-    words = tuple(w.strip() for w in value.split(",") if w.strip())
-    if not words:
-        raise InputError("--repeat-words: give at least one word")
-    return {"repeat_words": words}
+    return {"repeat_words": parse_names(value, flag="repeat-words", empty="give at least one word")}
 
 
 def _lengths(value: str | None) -> dict[str, tuple[int, ...]]:
     if value is None:
         return {}
-    try:
-        lengths = tuple(sorted({int(x) for x in value.split(",") if x.strip()}))
-    except ValueError:
-        raise InputError(f"bad --repeat-lengths {value!r}: give a comma list of integers") from None
-    return {"repeat_lengths": lengths}  # empty or non-positive: refused by ReportOptions
+    lengths = parse_numbers(value, flag="repeat-lengths", integer=True, unique_sorted=True)
+    return {"repeat_lengths": lengths}  # non-positive: refused by ReportOptions
 
 
 def command(

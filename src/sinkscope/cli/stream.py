@@ -32,11 +32,12 @@ app = typer.Typer(help="Streaming with attention sinks (StreamingLLM): evaluate 
 
 
 def _parse_policies(policies: str | None) -> tuple[str, ...]:
+    from sinkscope.comma_lists import split_items
     from sinkscope.streaming.ppl import DEFAULT_POLICIES
 
     if policies is None:
         return DEFAULT_POLICIES
-    return tuple(p.strip() for p in policies.split(",") if p.strip())  # checked by StreamOptions
+    return split_items(policies)  # checked by StreamOptions
 
 
 @app.command("eval")

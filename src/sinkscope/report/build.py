@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from sinkscope.comma_lists import split_items
 from sinkscope.errors import InputError
 from sinkscope.io import ensure_output_dir, write_atomic, write_csv_atomic, write_json_atomic
 from sinkscope.progress import ProgressCallback
@@ -43,8 +44,7 @@ def parse_sections(spec: str | Sequence[str] | None) -> list[str]:
     """
     if spec is None:
         return list(SECTION_ORDER)
-    items = spec.split(",") if isinstance(spec, str) else [x for s in spec for x in str(s).split(",")]
-    names = [x.strip() for x in items if x.strip()]
+    names = list(split_items(spec if isinstance(spec, str) else ",".join(str(s) for s in spec)))
     if not names:
         raise InputError(f"sections: name at least one of {', '.join(SECTION_ORDER)} (or all)", param="sections")
     if names == ["all"]:

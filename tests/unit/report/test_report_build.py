@@ -93,8 +93,9 @@ def test_cli_report(model_dir, tmp_path) -> None:
     (["--eps", "1.5"], "--eps"),
     (["--tokens", "2"], "at least 8"),
     (["--repeat-words", ""], "--repeat-words: give at least one word"),  # not a silent fall-back to the default
-    (["--repeat-lengths", ""], "--repeat-lengths must be positive"),
-    (["--repeat-lengths", "4,x"], "bad --repeat-lengths"),
+    (["--repeat-lengths", ""], "--repeat-lengths: give at least one number"),
+    (["--repeat-lengths", "0,4"], "--repeat-lengths must be positive"),
+    (["--repeat-lengths", "4,x"], "--repeat-lengths must be a comma list of integers"),
 ])
 def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys, args, message) -> None:
     out = tmp_path / "never"
