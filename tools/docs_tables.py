@@ -698,6 +698,13 @@ def _kv_row(method: str, budget: float, key: str, fmt: str) -> Callable[[Path], 
     return get
 
 
+def _stream_after_eviction(source: Path) -> str:
+    """README's streaming bullet: the after-eviction perplexities of ``SOURCE/summary.json``, to one decimal."""
+    p = read_json(source / "summary.json")["policies"]
+    words = (("window", "window-only"), ("sinks", "sinks + window"), ("recompute", "recompute"), ("dense", "dense"))
+    return ", ".join(f"{label} {p[name]['ppl_after_eviction']:.1f}" for name, label in words)
+
+
 KV_EVAL = "docs/results/kv/eval_drop_error_policy"
 
 QUOTES: list[Quote] = [
@@ -718,6 +725,14 @@ QUOTES: list[Quote] = [
           "kv: stored bytes at 25%"),
     *[Quote("docs/report.md", pattern, REPORT, fn, "report: " + what) for pattern, fn, what in REPORT_QUOTES],
     Quote("README.md", r"The report\s+took (\d+) s of CPU time", REPORT, _report_cpu_s, "report CPU time"),
+    Quote("README.md", r"first evicts \(positions >= 257\): (window-only \S+, sinks \+ window \S+, recompute \S+, dense \S+)\.",
+          "docs/results/streaming/1500", _stream_after_eviction, "streaming: after-eviction perplexities"),
+    Quote("docs/streaming.md", r"the terminal output\): (\S+) wall, \d+ s CPU", "docs/results/streaming/1500",
+          lambda src: _time_v((src / "stdout.txt").read_text(), "Elapsed (wall clock) time (h:mm:ss or m:ss)")
+          .split(".")[0], "streaming 1500: wall time"),
+    Quote("docs/streaming.md", r"the terminal output\): \S+ wall, (\d+) s CPU", "docs/results/streaming/1500",
+          lambda src: f"{float(_time_v((src / 'stdout.txt').read_text(), 'User time (seconds)')):.0f}",
+          "streaming 1500: CPU time"),
     Quote("README.md", r"and (\S+) cuts in every chat form at every N", "docs/results/repeat_grid_h100", _chat_cut_range,
           "grid: relative cut of ours over the chat forms and lengths"),
     # the paper's patch as built by Yona et al.'s rules
