@@ -185,6 +185,45 @@ def render_stream_policies(source: Path) -> str:
     return md_table(["policy", "ppl (all tokens)", after, "mode", "tokens/s", "peak_mem_mb (KV)"], rows)
 
 
+@renderer("stream-bench-decode")
+def render_stream_bench_decode(source: Path) -> str:
+    """docs/streaming.md's decode table: the ``decode`` section of ``bench/bench_streaming.py --out SOURCE``."""
+    rows = []
+    for r in read_json(source)["decode"]["rows"]:
+        name = "generate (HF, DynamicCache)" if r["path"] == "generate" else f"stream eval token loop: {r['path']}"
+        rows.append([name, f"{r['tokens_per_s_best']:.2f}", f"{r['tokens_per_s_median']:.2f}",
+                     f"{r['generate_over_path']:.2f}"])
+    return md_table(["path", "tokens/s (best of 3)", "tokens/s (median)", "generate / path (best)"], rows)
+
+
+@renderer("stream-bench-fast")
+def render_stream_bench_fast(source: Path) -> str:
+    """docs/streaming.md's block-mode table: the ``fast`` section of the same JSON."""
+    rows = [[r["policy"], str(r["tokens"]), f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}",
+             "n/a" if r["over_generate_decode"] is None else f"{r['over_generate_decode']:.1f}",
+             f"{r['peak_mem_mb']:.1f}"] for r in read_json(source)["fast"]["rows"]]
+    return md_table(["policy", "tokens scored", "seconds", "tokens/s", "x generate decode", "peak KV MiB"], rows)
+
+
+@renderer("stream-bench-lengths")
+def render_stream_bench_lengths(source: Path) -> str:
+    """docs/streaming.md's three lengths tables (tokens/s, KV MiB, RSS delta): the ``lengths`` section."""
+    part = read_json(source)["lengths"]
+    lengths, rows = part["lengths"], part["rows"]
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+
+    def one(key: str, fmt: str) -> str:
+        body = []
+        for p in policies:
+            vals = {r["length"]: r[key] for r in rows if r["policy"] == p}
+            body.append([p, *("n/a" if vals.get(n) is None else format(vals[n], fmt) for n in lengths)])
+        return md_table(["policy", *(f"{n // 1024}k" for n in lengths)], body)
+
+    return ("tokens/s (single-token decode at that stream length)\n\n" + one("tokens_per_s", ".0f")
+            + "\nKV cache (MiB, exact tensor bytes; `n/a`: past the model's context)\n\n" + one("kv_mb", ".2f")
+            + "\nRSS high-water delta above the policy's start (MiB)\n\n" + one("rss_delta_mb", ".1f"))
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
@@ -705,6 +744,15 @@ def _stream_after_eviction(source: Path) -> str:
     return ", ".join(f"{label} {p[name]['ppl_after_eviction']:.1f}" for name, label in words)
 
 
+STREAM_BENCH = "docs/results/streaming/bench/bench_streaming.json"
+
+
+def _bench_length(source: Path, policy: str, length: int) -> float:
+    """tokens/s of one policy at one stream length in the ``lengths`` section of ``bench_streaming.py``'s JSON."""
+    (row,) = [r for r in read_json(source)["lengths"]["rows"] if r["policy"] == policy and r["length"] == length]
+    return float(row["tokens_per_s"])
+
+
 KV_EVAL = "docs/results/kv/eval_drop_error_policy"
 
 QUOTES: list[Quote] = [
@@ -733,6 +781,21 @@ QUOTES: list[Quote] = [
     Quote("docs/streaming.md", r"the terminal output\): \S+ wall, (\d+) s CPU", "docs/results/streaming/1500",
           lambda src: f"{float(_time_v((src / 'stdout.txt').read_text(), 'User time (seconds)')):.0f}",
           "streaming 1500: CPU time"),
+    Quote("docs/streaming.md", r"met for every policy \(worst (\S+)x, `dense`", STREAM_BENCH,
+          lambda src: f"{max(r['generate_over_path'] for r in read_json(src)['decode']['rows'][1:]):.2f}",
+          "streaming bench: worst token-loop ratio"),
+    Quote("docs/streaming.md", r"the whole stream is scored (\S+)x faster than\s+decoding it in this run", STREAM_BENCH,
+          lambda src: "{:.0f}-{:.0f}".format(*(lambda v: (min(v), max(v)))(
+              [r["over_generate_decode"] for r in read_json(src)["fast"]["rows"]])), "streaming bench: block mode"),
+    Quote("docs/streaming.md", r"checked\), (\d+) s on the shared", STREAM_BENCH,
+          lambda src: f"{read_json(src)['seconds']:.0f}", "streaming bench: run time"),
+    Quote("docs/streaming.md", r"\*\*missed\s+in this run\*\* \((\d+ / \d+ = \S+)x;", STREAM_BENCH,
+          lambda src: (lambda d, k: f"{d:.0f} / {k:.0f} = {d / k:.2f}")(_bench_length(src, "dense", 2048),
+                                                                        _bench_length(src, "sinks", 2048)),
+          "streaming bench: dense / sinks at 2k"),
+    Quote("docs/streaming.md", r"its decode speed falls \((\d+ -> \d+) tokens/s from 2k to\s+8k\)", STREAM_BENCH,
+          lambda src: f"{_bench_length(src, 'dense', 2048):.0f} -> {_bench_length(src, 'dense', 8192):.0f}",
+          "streaming bench: dense 2k -> 8k"),
     Quote("README.md", r"and (\S+) cuts in every chat form at every N", "docs/results/repeat_grid_h100", _chat_cut_range,
           "grid: relative cut of ours over the chat forms and lengths"),
     # the paper's patch as built by Yona et al.'s rules
