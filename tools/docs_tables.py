@@ -745,6 +745,7 @@ def _stream_after_eviction(source: Path) -> str:
 
 
 STREAM_BENCH = "docs/results/streaming/bench/bench_streaming.json"
+STREAM_BENCH_EXACT = "docs/results/streaming/bench/bench_streaming_exact.json"
 
 
 def _bench_length(source: Path, policy: str, length: int) -> float:
