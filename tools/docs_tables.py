@@ -224,6 +224,17 @@ def render_stream_bench_lengths(source: Path) -> str:
             + "\nRSS high-water delta above the policy's start (MiB)\n\n" + one("rss_delta_mb", ".1f"))
 
 
+@renderer("repeat-scan")
+def render_repeat_scan(source: Path) -> str:
+    """docs/repetition.md's earlier-measurements scan table (``SOURCE/summary.csv`` of ``sinkscope repeat scan``)."""
+    with open(source / "summary.csv", newline="") as f:
+        rows = [[r["n"], r["words"], r["diverged"], f"{100 * float(r['rate']):.0f}%", f"{float(r['alpha_run_max']):.3f}",
+                 f"{float(r['norm_ratio_max']):.2f}", f"{float(r['cos_first_max']):.2f}",
+                 f"{float(r['sink_share_max']):.3f}"] for r in csv.DictReader(f)]
+    return md_table(["N", "words", "diverged", "rate", "max over layers: alpha of a run position",
+                     "residual norm / token 0", "cos to token 0", "share of heads sinking on it"], rows)
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
