@@ -235,6 +235,17 @@ def render_repeat_scan(source: Path) -> str:
                      "residual norm / token 0", "cos to token 0", "share of heads sinking on it"], rows)
 
 
+@renderer("repeat-circuit")
+def render_repeat_circuit(source: Path) -> str:
+    """docs/repetition.md's earlier circuit ranking: the first 12 components of ``SOURCE/circuit.json``."""
+    rows = [[str(i), f"L{c['layer']}.{'N' if c['kind'] == 'neuron' else 'H'}{c['index']}", f"{c['first_act']:.1f}",
+             f"{c['text_range']:.1f}", f"{c['effect_residual']:.3f}", f"{c['effect_attention']:.3f}",
+             f"{c['fire_run']:.2f}", f"{c['fire_diverged']:.2f}", f"{c['fire_repeating']:.2f}"]
+            for i, c in enumerate(read_json(source / "circuit.json")["components"][:12], start=1)]
+    return md_table(["rank", "component", "mean abs. activation at token 0", "ordinary max", "residual peak removed",
+                     "attention removed", "fire (all runs)", "fire (diverged)", "fire (repeating)"], rows)
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
@@ -755,6 +766,7 @@ def _stream_after_eviction(source: Path) -> str:
     return ", ".join(f"{label} {p[name]['ppl_after_eviction']:.1f}" for name, label in words)
 
 
+CIRCUIT_CPU = "docs/results/repeat_circuit_cpu"
 STREAM_BENCH = "docs/results/streaming/bench/bench_streaming.json"
 STREAM_BENCH_EXACT = "docs/results/streaming/bench/bench_streaming_exact.json"
 
@@ -793,6 +805,15 @@ QUOTES: list[Quote] = [
     Quote("docs/streaming.md", r"the terminal output\): \S+ wall, (\d+) s CPU", "docs/results/streaming/1500",
           lambda src: f"{float(_time_v((src / 'stdout.txt').read_text(), 'User time (seconds)')):.0f}",
           "streaming 1500: CPU time"),
+    Quote("docs/repetition.md", r"top 8 per layer by \|a_0\| x \|\|W_down\[:, j\]\|\|: (\d+) neurons in layers", CIRCUIT_CPU,
+          lambda src: str(len(read_json(src / "circuit.json")["components"])), "circuit: candidates"),
+    Quote("docs/repetition.md", r"neurons in layers\s+(\[[\d, ]+\])\)", CIRCUIT_CPU,
+          lambda src: str(sorted({c["layer"] for c in read_json(src / "circuit.json")["components"]})),
+          "circuit: candidate layers"),
+    Quote("docs/repetition.md", r"mean log residual peak \(baseline\s+(\S+)\)", CIRCUIT_CPU,
+          lambda src: f"{read_json(src / 'circuit.json')['baseline']['log_residual_ratio']:.2f}", "circuit: baseline peak"),
+    Quote("docs/repetition.md", r"baseline alpha_0 = (\S+)\)", CIRCUIT_CPU,
+          lambda src: f"{read_json(src / 'circuit.json')['baseline']['alpha0']:.3f}", "circuit: baseline alpha_0"),
     Quote("docs/streaming.md", r"met for every policy \(worst (\S+)x, `dense`", STREAM_BENCH,
           lambda src: f"{max(r['generate_over_path'] for r in read_json(src)['decode']['rows'][1:]):.2f}",
           "streaming bench: worst token-loop ratio"),
