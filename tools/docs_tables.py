@@ -986,5 +986,73 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+
+# --- yona ---
+# Yona et al. at scale (issue 19, item 5): `repeat sinkrun` and `repeat cluster --defence`, docs/repetition.md.
+# (Before the __main__ guard, so that `python tools/docs_tables.py` has these renderers registered too.)
+
+#: layers of SmolLM2-135M (30 layers; the sink layer by Yona et al.'s rule is 11) whose distance to the one-token
+#: sequence the table shows
+YONA_LAYERS = (0, 5, 11, 29)
+
+
+def _yona_summary(source: Path) -> list[dict[str, Any]]:
+    return read_json(source / "summary.json")["summary"]
+
+
+def _share(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+@renderer("yona-sinkrun")
+def render_yona_sinkrun(source: Path) -> str:
+    """Per form and N (``SOURCE/summary.json`` of `repeat sinkrun`): words with a sink copy, the largest share of
+    sinking heads on a counted copy, token 0's Sink_0, the last copy's distance to the one-token sequence at
+    `YONA_LAYERS`, and the norm ratio at layers 5 and 11."""
+    rows = []
+    for r in _yona_summary(source):
+        d, nr = r["distance_by_layer"], r["norm_ratio_by_layer"]
+        rows.append([r["form"], str(r["n"]), f"{r['words_with_sink_copy']} / {r['words']}", _share(r["mean_max_share"]),
+                     f"{r['mean_sink0']:.3f}", *(f"{d[l]:.2f}" for l in YONA_LAYERS), f"{nr[5]:.2f}",
+                     f"{nr[11]:.2f}"])
+    return md_table(["form", "N", "words with a sink copy", "largest share on a copy", "Sink_0 (token 0)",
+                     *(f"distance, layer {l}" for l in YONA_LAYERS), "norm ratio, layer 5", "norm ratio, layer 11"],
+                    rows)
+
+
+@renderer("yona-paper-words")
+def render_yona_paper_words(source: Path) -> str:
+    """Per word, form and N (``SOURCE/cells.csv`` of `repeat sinkrun` on the paper's words): first sink copy,
+    largest share on a counted copy, Sink_0, distance at the last layer."""
+    with open(source / "cells.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = [[r["word"], r["form"], r["n"], r["first_sink_copy"] or "none",
+            "n/a" if r["max_share"] == "" else f"{float(r['max_share']):.3f}", f"{float(r['sink0']):.3f}",
+            f"{float(r['distance_min']):.2f}", f"{float(r['distance_last_layer']):.2f}"]
+           for r in rows if int(r["n"]) >= 256]
+    return md_table(["word", "form", "N", "first sink copy", "largest share on a copy", "Sink_0 (token 0)",
+                     "distance, closest layer", "distance, last layer"], out)
+
+
+YONA_KINDS = {"cluster": "best cluster's tokens", "repeat": "copies of the word", "random": "random tokens"}
+
+
+@renderer("yona-cluster")
+def render_yona_cluster(source: Path) -> str:
+    """Per kind of sequence and variant (``SOURCE/rates.csv`` of `repeat cluster --defence`): diverged of words,
+    the rate with its Wilson 95% interval, stopped and repeating answers, and the scoring patch's firing."""
+    with open(source / "rates.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    label = {"none": "unpatched"}
+    out = []
+    for r in rows:
+        out.append([f"{YONA_KINDS[r['kind']]} (N = {r['n']})", label.get(r["variant"], f"shipped patch ({r['variant']})"),
+                    f"{r['diverged']} / {r['words']}",
+                    f"{100 * float(r['rate']):.0f}% [{100 * float(r['ci_low']):.0f}%, {100 * float(r['ci_high']):.0f}%]",
+                    r["stopped"], r["repeats"], f"{float(r['sink_fire']):.2f}"])
+    return md_table(["sequence before the 16 tail copies", "answered", "diverged", "rate [Wilson 95%]", "stopped",
+                     "repeats to the limit", "first-token projection (1 = top of ordinary range)"], out)
+
+
 if __name__ == "__main__":
     sys.exit(main())

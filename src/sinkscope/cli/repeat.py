@@ -453,7 +453,7 @@ def sinkrun(
             res = run_sink_runs(m, tok, ws, form_list, ns, out, options=opts, settings=settings, progress=progress,
                                 lock=False)
         res.save(out)
-        _save_figure(out / "sink_run.png", sink_run_figure(res.summary(), res.curves()))
+        _save_figure(out / "sink_run.png", sink_run_figure(res.summary(), res.curves(), min_queries=min_queries))
     for r in res.summary():
         first = "none" if r["median_first_sink_copy"] is None else f"median copy {r['median_first_sink_copy']:g}"
         print(f"{r['form']:>12} N={r['n']:>5}: sink copy in {r['words_with_sink_copy']}/{r['words']} words ({first}), "

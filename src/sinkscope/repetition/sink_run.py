@@ -12,9 +12,12 @@ last position's hidden state. From those:
   seen by at least ``min_queries`` queries count towards ``first_sink_copy``, the first copy whose share reaches
   ``share`` (None if none does).
 * ``sink0``: ``Sink_0^eps``, token 0's share of heads, in the same prompt (how much sink the run leaves token 0).
-* ``distance[l]``: ``||h_l(last copy) - h_l(x)|| / ||h_l(x)||`` and ``cosine[l]``, where ``h_l(x)`` is the hidden
-  state after decoder layer ``l`` of the one-token sequence (the ``bare`` form with one copy: whatever special
-  tokens the tokenizer adds, then ``x``). Theorem 4.1 says the first goes to 0 as N grows.
+* ``distance[l]``: ``||h_l(last copy) - h_l(x)|| / ||h_l(x)||``, ``cosine[l]`` and ``norm_ratio[l]`` (the two
+  norms' ratio: where the one-token sequence carries a massive activation, the distance is ~1 until the last copy
+  carries it too), where ``h_l(x)`` is the hidden state after decoder layer ``l`` of the one-token sequence (the
+  ``bare`` form with one copy: whatever special tokens the tokenizer adds, then ``x``). Theorem 4.1 says the
+  distance goes to 0 as N grows. (In the ``bare`` form without a BOS it is 0 at every N: every position sees only
+  copies of one value.)
 
 The defaults (``eps`` 0.3 as in Gu et al.; ``share`` 0.5; ``min_queries`` 8) were set before any run, not chosen
 on any word list. `run_sink_runs` appends one line per (word, form, N) to ``cells.jsonl`` and resumes.
@@ -160,7 +163,8 @@ class SinkRunResult:
 
     def summary(self) -> list[dict[str, Any]]:
         """Per (form, N): words, words with a sink copy, median first sink copy among them, mean largest share,
-        mean Sink_0, and the per-layer mean distance / cosine to the singleton."""
+        mean Sink_0, and the per-layer means of the distance, cosine and norm ratio ``||h(last)|| / ||h((x))||``
+        to the singleton."""
         rows = self.cell_rows()
         out = []
         for form in dict.fromkeys(c["form"] for c in self.cells):
@@ -171,6 +175,7 @@ class SinkRunResult:
                 shares = [r["max_share"] for r in rs if r["max_share"] is not None]
                 dist = np.mean([c["distance"] for c in cs], axis=0)
                 cos = np.mean([c["cosine"] for c in cs], axis=0)
+                norm = np.mean([c["norm_ratio"] for c in cs], axis=0)
                 out.append({"form": form, "n": n, "words": len(cs), "words_with_sink_copy": len(firsts),
                             "median_first_sink_copy": float(np.median(firsts)) if firsts else None,
                             "mean_max_share": float(np.mean(shares)) if shares else None,
@@ -179,7 +184,8 @@ class SinkRunResult:
                             "distance_last_layer": float(dist[-1]), "distance_mean_over_layers": float(dist.mean()),
                             "cosine_last_layer": float(cos[-1]), "cosine_mean_over_layers": float(cos.mean()),
                             "distance_by_layer": [round(float(x), 6) for x in dist],
-                            "cosine_by_layer": [round(float(x), 6) for x in cos]})
+                            "cosine_by_layer": [round(float(x), 6) for x in cos],
+                            "norm_ratio_by_layer": [round(float(x), 6) for x in norm]})
         return out
 
     def curve(self, form: str, n: int) -> np.ndarray:

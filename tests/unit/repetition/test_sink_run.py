@@ -139,3 +139,40 @@ def test_run_refuses_bad_cells_before_measuring(tiny_llama, tiny_tok, tmp_path):
     with pytest.raises(InputError, match="context"):
         run_sink_runs(tiny_llama, tiny_tok, ["cat"], ["bare"], [100000], tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+@torch.no_grad()
+def test_bare_run_is_the_singleton_at_every_length(tiny_llama, tiny_tok):
+    """With nothing before the run (the tiny tokenizer adds no BOS), every position sees only copies of one value,
+    so every layer's state equals the one-token sequence's whatever N and the positions (RoPE rotates q and k only)."""
+    single = singleton_state(tiny_llama, tiny_tok, "book")
+    for n in (2, 7, 30):
+        cell = measure_cell(tiny_llama, tiny_tok, "book", n, "bare", single)
+        assert max(cell["distance"]) < 1e-5 and cell["norm_ratio"] == pytest.approx([1.0] * len(single), abs=1e-5)
+    colon = measure_cell(tiny_llama, tiny_tok, "book", 30, "repeat-colon", single)
+    assert max(colon["distance"]) > 1e-3  # a prefix breaks the identity
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_cell_against_eager_attention(smollm2):
+    """SmolLM2-135M, the "Repeat:" form with 24 copies of an EVAL word: the profiler's alpha equals the eager
+    attention's column means, the hooked states equal ``output_hidden_states``, and the bare run (SmolLM2 adds no
+    BOS) is the one-token sequence at every layer."""
+    from sinkscope.capture import attention_probs_eager
+    from sinkscope.repetition.words import EVAL_WORDS
+
+    model, tok = smollm2
+    word = EVAL_WORDS[0]
+    p = build_prompt(tok, word, 24, "repeat-colon")
+    h, alpha = last_hidden_states(model, p.ids)
+    ids = torch.tensor([p.ids])
+    att = torch.stack([a[0] for a in attention_probs_eager(model, ids)]).double()  # (La, H, T, T)
+    ref = np.stack([att[:, :, k:, k].mean(-1).numpy() for k in range(len(p.ids))], axis=-1)
+    np.testing.assert_allclose(alpha, ref, atol=1e-5, rtol=1e-4)
+    hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for l in range(len(hs) - 2):
+        torch.testing.assert_close(h[l], hs[l + 1][0, -1].float(), atol=1e-3, rtol=1e-4)
+    single = singleton_state(model, tok, word)
+    bare = measure_cell(model, tok, word, 6, "bare", single)
+    assert max(bare["distance"]) < 1e-4, bare["distance"]
