@@ -1054,5 +1054,68 @@ def render_yona_cluster(source: Path) -> str:
                      "repeats to the limit", "first-token projection (1 = top of ordinary range)"], out)
 
 
+YONA_SINKRUN = "docs/results/repeat_yona/sinkrun_eval"
+
+
+def _yona_row(form: str, n: int) -> Callable[[Path], dict[str, Any]]:
+    return lambda src: next(r for r in _yona_summary(src) if r["form"] == form and r["n"] == n)
+
+
+def _yona_at(form: str, n: int, key: str, fmt: str, layer: int | None = None) -> Callable[[Path], str]:
+    """One summary value of (form, N) (a per-layer list's entry at ``layer``), formatted."""
+    def get(src: Path) -> str:
+        v = _yona_row(form, n)(src)[key]
+        return format(v if layer is None else v[layer], fmt)
+    return get
+
+
+def _yona_max_cell_share(src: Path) -> str:
+    with open(src / "cells.csv", newline="") as f:
+        return f"{max(float(r['max_share']) for r in csv.DictReader(f) if r['max_share']):.3f}"
+
+
+def _yona_extreme(key: str, layers: slice, pick: Callable[..., float], fmt: str) -> Callable[[Path], str]:
+    """``pick`` (min or max) of a per-layer list over ``layers`` and every (form, N)."""
+    return lambda src: format(pick(pick(r[key][layers]) for r in _yona_summary(src)), fmt)
+
+
+_C, _I = "`Repeat:` form", "instruction form"
+YONA_QUOTES = [
+    (r"does a counted copy collect more than a share of (\S+) of the heads", _yona_max_cell_share, "largest share"),
+    (r"whose Sink_0 falls from (\S+) to \S+ \(N = 1 -> 512\)", _yona_at("repeat-colon", 1, "mean_sink0", ".3f"),
+     "Sink_0 Repeat: N=1"),
+    (r"whose Sink_0 falls from \S+ to (\S+) \(N = 1 -> 512\)", _yona_at("repeat-colon", 512, "mean_sink0", ".3f"),
+     "Sink_0 Repeat: N=512"),
+    (r"and from (\S+) to \S+ in the instruction form\. Many", _yona_at("instruct", 1, "mean_sink0", ".3f"),
+     "Sink_0 instruct N=1"),
+    (r"and from \S+ to (\S+) in the instruction form\. Many", _yona_at("instruct", 512, "mean_sink0", ".3f"),
+     "Sink_0 instruct N=512"),
+    (rf"\(distance (\S+) -> \S+ in the {_C},", _yona_at("repeat-colon", 1, "distance_by_layer", ".2f", 0),
+     "layer-0 distance Repeat: N=1"),
+    (rf"\(distance \S+ -> (\S+) in the {_C},", _yona_at("repeat-colon", 512, "distance_by_layer", ".2f", 0),
+     "layer-0 distance Repeat: N=512"),
+    (rf"{_C}, (\S+) -> \S+ in the {_I}\)", _yona_at("instruct", 1, "distance_by_layer", ".2f", 0),
+     "layer-0 distance instruct N=1"),
+    (rf"{_C}, \S+ -> (\S+) in the {_I}\)", _yona_at("instruct", 512, "distance_by_layer", ".2f", 0),
+     "layer-0 distance instruct N=512"),
+    (r"\(layer 5: (\S+) -> \S+, its norm ratio", _yona_at("repeat-colon", 1, "distance_by_layer", ".2f", 5),
+     "layer-5 distance Repeat: N=1"),
+    (r"\(layer 5: \S+ -> (\S+), its norm ratio", _yona_at("repeat-colon", 512, "distance_by_layer", ".2f", 5),
+     "layer-5 distance Repeat: N=512"),
+    (r"its norm ratio (\S+) -> \S+: the last copy", _yona_at("repeat-colon", 1, "norm_ratio_by_layer", ".2f", 5),
+     "layer-5 norm ratio Repeat: N=1"),
+    (r"its norm ratio \S+ -> (\S+): the last copy", _yona_at("repeat-colon", 512, "norm_ratio_by_layer", ".2f", 5),
+     "layer-5 norm ratio Repeat: N=512"),
+    (r"at layer 11 the norm ratio is at most (\S+) and", _yona_extreme("norm_ratio_by_layer", slice(11, 12), max, ".3f"),
+     "layer-11 norm ratio, largest"),
+    (r"and the distance at least (\S+) in every cell", _yona_extreme("distance_by_layer", slice(11, 12), min, ".2f"),
+     "layer-11 distance, smallest"),
+    (r"no later layer comes closer than (\S+)\.", _yona_extreme("distance_by_layer", slice(11, None), min, ".2f"),
+     "distance from layer 11 on, smallest"),
+]
+QUOTES += [Quote("docs/repetition.md", pattern, YONA_SINKRUN, fn, "yona sinkrun: " + what)
+           for pattern, fn, what in YONA_QUOTES]
+
+
 if __name__ == "__main__":
     sys.exit(main())
