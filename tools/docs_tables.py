@@ -1117,5 +1117,70 @@ QUOTES += [Quote("docs/repetition.md", pattern, YONA_SINKRUN, fn, "yona sinkrun:
            for pattern, fn, what in YONA_QUOTES]
 
 
+YONA_CLUSTER = "docs/results/repeat_yona/cluster_eval"
+GRID = "docs/results/repeat_grid_h100"
+
+
+def _yona_minutes(src: Path) -> str:
+    """Minutes of a recorded run: the last ``elapsed H:MM:SS`` or ``M:SS`` of its progress lines (``stdout.txt``)."""
+    last = re.findall(r"elapsed (\d+(?::\d+)+)", (src / "stdout.txt").read_text())[-1]
+    seconds = 0
+    for part in last.split(":"):
+        seconds = 60 * seconds + int(part)
+    return f"{seconds / 60:.0f}"
+
+
+def _yona_rate(kind: str, variant: str, key: str = "diverged") -> Callable[[Path], str]:
+    return lambda src: _csv_row(src / "rates.csv", kind=kind, variant=variant, n="512")[key]
+
+
+def _yona_fire(kind: str) -> Callable[[Path], str]:
+    return lambda src: f"{float(_yona_rate(kind, 'none', 'sink_fire')(src)):.2f}"
+
+
+def _yona_best(key: str, fmt: str) -> Callable[[Path], str]:
+    def get(src: Path) -> str:
+        res = read_json(src / "cluster.json")
+        return format(res["best_cluster"] if key == "id" else res["clusters"][0][key], fmt)
+    return get
+
+
+YONA_CLUSTER_QUOTES = [
+    (r"192 answers in (\d+) minutes", _yona_minutes, "run time"),
+    (r"The best cluster, number (\d+) of 64", _yona_best("id", "d"), "best cluster"),
+    (r"of 64, holds (\d+) tokens, all punctuation", _yona_best("size", "d"), "best cluster's size"),
+    (r"its sequences score (\S+) in the search", _yona_best("score", ".2f"), "best cluster's score"),
+    (r"After the best cluster's 512 tokens (\d+) of 32 words diverge", _yona_rate("cluster", "none"), "cluster"),
+    (r"512 random tokens \((\d+) of 32\)", _yona_rate("random", "none"), "random"),
+    (r"against (\d+) of 32 after 528 copies of the word", _yona_rate("repeat", "none"), "repeat"),
+    (r"than the copies do: (\S+) \(beyond", _yona_fire("cluster"), "cluster firing"),
+    (r"ordinary range\) against (\S+)\. Exciting", _yona_fire("repeat"), "repeat firing"),
+    (r"repetition \((\d+) of 32\) against the cluster", _yona_rate("repeat", "none"), "repeat (intervals)"),
+    (r"against the cluster \((\d+) of 32\) is at the edge", _yona_rate("cluster", "none"), "cluster (intervals)"),
+    (r"after repetition (\d+) -> \d+ of 32", _yona_rate("repeat", "none"), "repeat, patch: before"),
+    (r"after repetition \d+ -> (\d+) of 32", _yona_rate("repeat", "ours"), "repeat, patch: after"),
+    (r"after random tokens (\d+) -> \d+;", _yona_rate("random", "none"), "random, patch: before"),
+    (r"after random tokens \d+ -> (\d+);", _yona_rate("random", "ours"), "random, patch: after"),
+    (r"cluster's tokens (\d+) -> \d+\. The patch's gate", _yona_rate("cluster", "none"), "cluster, patch: before"),
+    (r"cluster's tokens \d+ -> (\d+)\. The patch's gate", _yona_rate("cluster", "ours"), "cluster, patch: after"),
+    (r"repetition gives (\d+) of 32 here", _yona_rate("repeat", "none"), "repeat (answer length)"),
+]
+QUOTES += [Quote("docs/repetition.md", pattern, YONA_CLUSTER, fn, "yona cluster: " + what)
+           for pattern, fn, what in YONA_CLUSTER_QUOTES]
+QUOTES += [
+    Quote("docs/repetition.md", r"\(480 cells: 24 EVAL words x 2 forms x N = 1, 2, 4, \.\.\., 512; (\d+) minutes",
+          YONA_SINKRUN, _yona_minutes, "yona sinkrun: run time"),
+    Quote("docs/repetition.md", r"instruction form at N = 512 from (\S+) to \S+ with 128-token answers", GRID,
+          _csv_value("summary.csv", "rate", _percent, variant="none", form="instruct", n="512"),
+          "yona cluster: the grid's instruct N=512 unpatched"),
+    Quote("docs/repetition.md", r"instruction form at N = 512 from \S+ to (\S+) with 128-token answers", GRID,
+          _csv_value("summary.csv", "rate", _percent, variant="ours", form="instruct", n="512"),
+          "yona cluster: the grid's instruct N=512 ours"),
+    Quote("docs/repetition.md", r"against the grid's (\d+) of 62 at N = 512", GRID,
+          lambda src: _csv_row(src / "summary.csv", variant="none", form="instruct", n="512")["diverged"],
+          "yona cluster: the grid's instruct N=512 unpatched count"),
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -433,15 +433,14 @@ def sinkrun(
     first copy that is a sink, token 0's Sink_0, and the last copy's distance to the one-token sequence per layer
     (their Theorem 4.1). Writes cells.jsonl (resumable), summary.json/csv, cells.csv, curves.csv, sink_run.png."""
     from sinkscope.progress import ProgressReporter
+    from sinkscope.repetition.prompts import check_form
     from sinkscope.repetition.sink_run import SinkRunOptions, run_sink_runs
     from sinkscope.repetition.words import WordChoice
     from sinkscope.viz.repetition import sink_run_figure
 
     opts = SinkRunOptions(eps=eps, share=share, min_queries=min_queries)
-    choice = WordChoice.from_cli(words, None, n_words, word_set=None if words else word_set)
+    choice = WordChoice.from_cli(words, None, n_words, word_set=word_set)  # --words, if given, wins
     form_list, ns = _forms(forms), _lengths(lengths)
-    from sinkscope.repetition.prompts import check_form
-
     for f in form_list:
         check_form(f)
     _check_model_options(model, device, dtype, revision)

@@ -55,7 +55,7 @@ HOSTILE = [
     (["sinkrun", "-m", "TINY", "--out", "PROC", "--words", "cat"], "cannot create output directory"),
     (SR[:-1] + ["cat,zebra"], "zebra"),
     (SR + ["--lengths", "100000"], "context"),
-    (["cluster", "--patch", "NEUR", "--out", "OUT", "--defence", "MISSING"], "missing"),
+    (["cluster", "--patch", "NEUR", "--out", "OUT", "--defence", "MISSING"], "no sinkscope_manifest.json"),
     (["cluster", "--patch", "NEUR", "--out", "OUT", "--defence", "NONE"], "reserved"),
     (["cluster", "--patch", "NEUR", "--out", "OUT", "--defence", "OTHER"], "one model"),
 ]
