@@ -1182,5 +1182,20 @@ QUOTES += [
 ]
 
 
+YONA_PAPER = "docs/results/repeat_yona/sinkrun_paper"
+QUOTES += [Quote("docs/repetition.md", pattern, YONA_PAPER, fn, "yona paper words: " + what) for pattern, fn, what in [
+    (r"mean over the three: distance (\S+) at layer 0", _yona_at("repeat-colon", 2048, "distance_by_layer", ".2f", 0),
+     "layer-0 distance at N=2048"),
+    (r"at layer 0 and (\S+) at layer 5,", _yona_at("repeat-colon", 2048, "distance_by_layer", ".2f", 5),
+     "layer-5 distance at N=2048"),
+    (r"where the norm ratio reaches (\S+)\)", _yona_at("repeat-colon", 2048, "norm_ratio_by_layer", ".2f", 5),
+     "layer-5 norm ratio at N=2048"),
+    (r"at layer 11 the distance is at least (\S+) and", _yona_extreme("distance_by_layer", slice(11, 12), min, ".2f"),
+     "layer-11 distance, smallest"),
+    (r"and the norm ratio at most (\S+) in every cell\.", _yona_extreme("norm_ratio_by_layer", slice(11, 12), max, ".2f"),
+     "layer-11 norm ratio, largest"),
+]]
+
+
 if __name__ == "__main__":
     sys.exit(main())
