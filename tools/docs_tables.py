@@ -1105,5 +1105,216 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+
+# --- yona ---
+# Yona et al. at scale (issue 19, item 5): `repeat sinkrun` and `repeat cluster --defence`, docs/repetition.md.
+# (Before the __main__ guard, so that `python tools/docs_tables.py` has these renderers registered too.)
+
+#: layers of SmolLM2-135M (30 layers; the sink layer by Yona et al.'s rule is 11) whose distance to the one-token
+#: sequence the table shows
+YONA_LAYERS = (0, 5, 11, 29)
+
+
+def _yona_summary(source: Path) -> list[dict[str, Any]]:
+    return read_json(source / "summary.json")["summary"]
+
+
+def _share(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+@renderer("yona-sinkrun")
+def render_yona_sinkrun(source: Path) -> str:
+    """Per form and N (``SOURCE/summary.json`` of `repeat sinkrun`): words with a sink copy, the largest share of
+    sinking heads on a counted copy, token 0's Sink_0, the last copy's distance to the one-token sequence at
+    `YONA_LAYERS`, and the norm ratio at layers 5 and 11."""
+    rows = []
+    for r in _yona_summary(source):
+        d, nr = r["distance_by_layer"], r["norm_ratio_by_layer"]
+        rows.append([r["form"], str(r["n"]), f"{r['words_with_sink_copy']} / {r['words']}", _share(r["mean_max_share"]),
+                     f"{r['mean_sink0']:.3f}", *(f"{d[l]:.2f}" for l in YONA_LAYERS), f"{nr[5]:.2f}",
+                     f"{nr[11]:.2f}"])
+    return md_table(["form", "N", "words with a sink copy", "largest share on a copy", "Sink_0 (token 0)",
+                     *(f"distance, layer {l}" for l in YONA_LAYERS), "norm ratio, layer 5", "norm ratio, layer 11"],
+                    rows)
+
+
+@renderer("yona-paper-words")
+def render_yona_paper_words(source: Path) -> str:
+    """Per word, form and N (``SOURCE/cells.csv`` of `repeat sinkrun` on the paper's words): first sink copy,
+    largest share on a counted copy, Sink_0, distance at the last layer."""
+    with open(source / "cells.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = [[r["word"], r["form"], r["n"], r["first_sink_copy"] or "none",
+            "n/a" if r["max_share"] == "" else f"{float(r['max_share']):.3f}", f"{float(r['sink0']):.3f}",
+            f"{float(r['distance_min']):.2f}", f"{float(r['distance_last_layer']):.2f}"]
+           for r in rows if int(r["n"]) >= 256]
+    return md_table(["word", "form", "N", "first sink copy", "largest share on a copy", "Sink_0 (token 0)",
+                     "distance, closest layer", "distance, last layer"], out)
+
+
+YONA_KINDS = {"cluster": "best cluster's tokens", "repeat": "copies of the word", "random": "random tokens"}
+
+
+@renderer("yona-cluster")
+def render_yona_cluster(source: Path) -> str:
+    """Per kind of sequence and variant (``SOURCE/rates.csv`` of `repeat cluster --defence`): diverged of words,
+    the rate with its Wilson 95% interval, stopped and repeating answers, and the scoring patch's firing."""
+    with open(source / "rates.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    label = {"none": "unpatched"}
+    out = []
+    for r in rows:
+        out.append([f"{YONA_KINDS[r['kind']]} (N = {r['n']})", label.get(r["variant"], f"shipped patch ({r['variant']})"),
+                    f"{r['diverged']} / {r['words']}",
+                    f"{100 * float(r['rate']):.0f}% [{100 * float(r['ci_low']):.0f}%, {100 * float(r['ci_high']):.0f}%]",
+                    r["stopped"], r["repeats"], f"{float(r['sink_fire']):.2f}"])
+    return md_table(["sequence before the 16 tail copies", "answered", "diverged", "rate [Wilson 95%]", "stopped",
+                     "repeats to the limit", "first-token projection (1 = top of ordinary range)"], out)
+
+
+YONA_SINKRUN = "docs/results/repeat_yona/sinkrun_eval"
+
+
+def _yona_row(form: str, n: int) -> Callable[[Path], dict[str, Any]]:
+    return lambda src: next(r for r in _yona_summary(src) if r["form"] == form and r["n"] == n)
+
+
+def _yona_at(form: str, n: int, key: str, fmt: str, layer: int | None = None) -> Callable[[Path], str]:
+    """One summary value of (form, N) (a per-layer list's entry at ``layer``), formatted."""
+    def get(src: Path) -> str:
+        v = _yona_row(form, n)(src)[key]
+        return format(v if layer is None else v[layer], fmt)
+    return get
+
+
+def _yona_max_cell_share(src: Path) -> str:
+    with open(src / "cells.csv", newline="") as f:
+        return f"{max(float(r['max_share']) for r in csv.DictReader(f) if r['max_share']):.3f}"
+
+
+def _yona_extreme(key: str, layers: slice, pick: Callable[..., float], fmt: str) -> Callable[[Path], str]:
+    """``pick`` (min or max) of a per-layer list over ``layers`` and every (form, N)."""
+    return lambda src: format(pick(pick(r[key][layers]) for r in _yona_summary(src)), fmt)
+
+
+_C, _I = "`Repeat:` form", "instruction form"
+YONA_QUOTES = [
+    (r"does a counted copy collect more than a share of (\S+) of the heads", _yona_max_cell_share, "largest share"),
+    (r"whose Sink_0 falls from (\S+) to \S+ \(N = 1 -> 512\)", _yona_at("repeat-colon", 1, "mean_sink0", ".3f"),
+     "Sink_0 Repeat: N=1"),
+    (r"whose Sink_0 falls from \S+ to (\S+) \(N = 1 -> 512\)", _yona_at("repeat-colon", 512, "mean_sink0", ".3f"),
+     "Sink_0 Repeat: N=512"),
+    (r"and from (\S+) to \S+ in the instruction form\. Many", _yona_at("instruct", 1, "mean_sink0", ".3f"),
+     "Sink_0 instruct N=1"),
+    (r"and from \S+ to (\S+) in the instruction form\. Many", _yona_at("instruct", 512, "mean_sink0", ".3f"),
+     "Sink_0 instruct N=512"),
+    (rf"\(distance (\S+) -> \S+ in the {_C},", _yona_at("repeat-colon", 1, "distance_by_layer", ".2f", 0),
+     "layer-0 distance Repeat: N=1"),
+    (rf"\(distance \S+ -> (\S+) in the {_C},", _yona_at("repeat-colon", 512, "distance_by_layer", ".2f", 0),
+     "layer-0 distance Repeat: N=512"),
+    (rf"{_C}, (\S+) -> \S+ in the {_I}\)", _yona_at("instruct", 1, "distance_by_layer", ".2f", 0),
+     "layer-0 distance instruct N=1"),
+    (rf"{_C}, \S+ -> (\S+) in the {_I}\)", _yona_at("instruct", 512, "distance_by_layer", ".2f", 0),
+     "layer-0 distance instruct N=512"),
+    (r"\(layer 5: (\S+) -> \S+, its norm ratio", _yona_at("repeat-colon", 1, "distance_by_layer", ".2f", 5),
+     "layer-5 distance Repeat: N=1"),
+    (r"\(layer 5: \S+ -> (\S+), its norm ratio", _yona_at("repeat-colon", 512, "distance_by_layer", ".2f", 5),
+     "layer-5 distance Repeat: N=512"),
+    (r"its norm ratio (\S+) -> \S+: the last copy", _yona_at("repeat-colon", 1, "norm_ratio_by_layer", ".2f", 5),
+     "layer-5 norm ratio Repeat: N=1"),
+    (r"its norm ratio \S+ -> (\S+): the last copy", _yona_at("repeat-colon", 512, "norm_ratio_by_layer", ".2f", 5),
+     "layer-5 norm ratio Repeat: N=512"),
+    (r"at layer 11 the norm ratio is at most (\S+) and", _yona_extreme("norm_ratio_by_layer", slice(11, 12), max, ".3f"),
+     "layer-11 norm ratio, largest"),
+    (r"and the distance at least (\S+) in every cell", _yona_extreme("distance_by_layer", slice(11, 12), min, ".2f"),
+     "layer-11 distance, smallest"),
+    (r"no later layer comes closer than (\S+)\.", _yona_extreme("distance_by_layer", slice(11, None), min, ".2f"),
+     "distance from layer 11 on, smallest"),
+]
+QUOTES += [Quote("docs/repetition.md", pattern, YONA_SINKRUN, fn, "yona sinkrun: " + what)
+           for pattern, fn, what in YONA_QUOTES]
+
+
+YONA_CLUSTER = "docs/results/repeat_yona/cluster_eval"
+GRID = "docs/results/repeat_grid_h100"
+
+
+def _yona_minutes(src: Path) -> str:
+    """Minutes of a recorded run: the last ``elapsed H:MM:SS`` or ``M:SS`` of its progress lines (``stdout.txt``)."""
+    last = re.findall(r"elapsed (\d+(?::\d+)+)", (src / "stdout.txt").read_text())[-1]
+    seconds = 0
+    for part in last.split(":"):
+        seconds = 60 * seconds + int(part)
+    return f"{seconds / 60:.0f}"
+
+
+def _yona_rate(kind: str, variant: str, key: str = "diverged") -> Callable[[Path], str]:
+    return lambda src: _csv_row(src / "rates.csv", kind=kind, variant=variant, n="512")[key]
+
+
+def _yona_fire(kind: str) -> Callable[[Path], str]:
+    return lambda src: f"{float(_yona_rate(kind, 'none', 'sink_fire')(src)):.2f}"
+
+
+def _yona_best(key: str, fmt: str) -> Callable[[Path], str]:
+    def get(src: Path) -> str:
+        res = read_json(src / "cluster.json")
+        return format(res["best_cluster"] if key == "id" else res["clusters"][0][key], fmt)
+    return get
+
+
+YONA_CLUSTER_QUOTES = [
+    (r"192 answers in (\d+) minutes", _yona_minutes, "run time"),
+    (r"The best cluster, number (\d+) of 64", _yona_best("id", "d"), "best cluster"),
+    (r"of 64, holds (\d+) tokens, all punctuation", _yona_best("size", "d"), "best cluster's size"),
+    (r"its sequences score (\S+) in the search", _yona_best("score", ".2f"), "best cluster's score"),
+    (r"After the best cluster's 512 tokens (\d+) of 32 words diverge", _yona_rate("cluster", "none"), "cluster"),
+    (r"512 random tokens \((\d+) of 32\)", _yona_rate("random", "none"), "random"),
+    (r"against (\d+) of 32 after 528 copies of the word", _yona_rate("repeat", "none"), "repeat"),
+    (r"than the copies do: (\S+) \(beyond", _yona_fire("cluster"), "cluster firing"),
+    (r"ordinary range\) against (\S+)\. Exciting", _yona_fire("repeat"), "repeat firing"),
+    (r"repetition \((\d+) of 32\) against the cluster", _yona_rate("repeat", "none"), "repeat (intervals)"),
+    (r"against the cluster \((\d+) of 32\) is at the edge", _yona_rate("cluster", "none"), "cluster (intervals)"),
+    (r"after repetition (\d+) -> \d+ of 32", _yona_rate("repeat", "none"), "repeat, patch: before"),
+    (r"after repetition \d+ -> (\d+) of 32", _yona_rate("repeat", "ours"), "repeat, patch: after"),
+    (r"after random tokens (\d+) -> \d+;", _yona_rate("random", "none"), "random, patch: before"),
+    (r"after random tokens \d+ -> (\d+);", _yona_rate("random", "ours"), "random, patch: after"),
+    (r"cluster's tokens (\d+) -> \d+\. The patch's gate", _yona_rate("cluster", "none"), "cluster, patch: before"),
+    (r"cluster's tokens \d+ -> (\d+)\. The patch's gate", _yona_rate("cluster", "ours"), "cluster, patch: after"),
+    (r"repetition gives (\d+) of 32 here", _yona_rate("repeat", "none"), "repeat (answer length)"),
+]
+QUOTES += [Quote("docs/repetition.md", pattern, YONA_CLUSTER, fn, "yona cluster: " + what)
+           for pattern, fn, what in YONA_CLUSTER_QUOTES]
+QUOTES += [
+    Quote("docs/repetition.md", r"\(480 cells: 24 EVAL words x 2 forms x N = 1, 2, 4, \.\.\., 512; (\d+) minutes",
+          YONA_SINKRUN, _yona_minutes, "yona sinkrun: run time"),
+    Quote("docs/repetition.md", r"instruction form at N = 512 from (\S+) to \S+ with 128-token answers", GRID,
+          _csv_value("summary.csv", "rate", _percent, variant="none", form="instruct", n="512"),
+          "yona cluster: the grid's instruct N=512 unpatched"),
+    Quote("docs/repetition.md", r"instruction form at N = 512 from \S+ to (\S+) with 128-token answers", GRID,
+          _csv_value("summary.csv", "rate", _percent, variant="ours", form="instruct", n="512"),
+          "yona cluster: the grid's instruct N=512 ours"),
+    Quote("docs/repetition.md", r"against the grid's (\d+) of 62 at N = 512", GRID,
+          lambda src: _csv_row(src / "summary.csv", variant="none", form="instruct", n="512")["diverged"],
+          "yona cluster: the grid's instruct N=512 unpatched count"),
+]
+
+
+YONA_PAPER = "docs/results/repeat_yona/sinkrun_paper"
+QUOTES += [Quote("docs/repetition.md", pattern, YONA_PAPER, fn, "yona paper words: " + what) for pattern, fn, what in [
+    (r"mean over the three: distance (\S+) at layer 0", _yona_at("repeat-colon", 2048, "distance_by_layer", ".2f", 0),
+     "layer-0 distance at N=2048"),
+    (r"at layer 0 and (\S+) at layer 5,", _yona_at("repeat-colon", 2048, "distance_by_layer", ".2f", 5),
+     "layer-5 distance at N=2048"),
+    (r"where the norm ratio reaches (\S+)\)", _yona_at("repeat-colon", 2048, "norm_ratio_by_layer", ".2f", 5),
+     "layer-5 norm ratio at N=2048"),
+    (r"at layer 11 the distance is at least (\S+) and", _yona_extreme("distance_by_layer", slice(11, 12), min, ".2f"),
+     "layer-11 distance, smallest"),
+    (r"and the norm ratio at most (\S+) in every cell\.", _yona_extreme("norm_ratio_by_layer", slice(11, 12), max, ".2f"),
+     "layer-11 norm ratio, largest"),
+]]
+
+
 if __name__ == "__main__":
     sys.exit(main())

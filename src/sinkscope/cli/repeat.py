@@ -411,12 +411,67 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------------------------------------------
+@app.command("sinkrun")
+def sinkrun(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (re-running resumes finished cells)"),
+    word_set: str = typer.Option("eval", "--word-set", help="eval (words no design choice has seen) | dev"),
+    words: str | None = typer.Option(None, "--words", help="comma-separated words (instead of a set)"),
+    n_words: int | None = typer.Option(None, "--n-words", help="use only the first K words"),
+    forms: str = typer.Option("repeat-colon,instruct", "--forms", help="comma list of prompt forms"),
+    lengths: str = typer.Option("1..512", "--lengths", help="run lengths N: 'LO..HI' (powers of two) or a list"),
+    eps: float = typer.Option(0.3, "--eps", help="a head sinks on a key when its alpha there exceeds eps"),
+    share: float = typer.Option(0.5, "--share", help="a copy is a sink when this share of heads sinks on it"),
+    min_queries: int = typer.Option(8, "--min-queries", help="copies seen by fewer queries (the run's last ones) "
+                                                             "do not count as sinks"),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    revision: str | None = REVISION_OPTION,
+    trust_remote_code: bool = TRUST_OPTION,
+) -> None:
+    """Yona et al.'s repeated token as a sink, per run length N: the share of heads that sink on each copy, the
+    first copy that is a sink, token 0's Sink_0, and the last copy's distance to the one-token sequence per layer
+    (their Theorem 4.1). Writes cells.jsonl (resumable), summary.json/csv, cells.csv, curves.csv, sink_run.png."""
+    from sinkscope.progress import ProgressReporter
+    from sinkscope.repetition.prompts import check_form
+    from sinkscope.repetition.sink_run import SinkRunOptions, run_sink_runs
+    from sinkscope.repetition.words import WordChoice
+    from sinkscope.viz.repetition import sink_run_figure
+
+    opts = SinkRunOptions(eps=eps, share=share, min_queries=min_queries)
+    choice = WordChoice.from_cli(words, None, n_words, word_set=word_set)  # --words, if given, wins
+    form_list, ns = _forms(forms), _lengths(lengths)
+    for f in form_list:
+        check_form(f)
+    _check_model_options(model, device, dtype, revision)
+    with _lock(out):
+        m, tok = _load(model, device, dtype, revision, trust_remote_code)
+        ws = choice.resolve(tok)
+        settings = {"model": model, "revision": revision, "dtype": dtype}
+        with ProgressReporter("sinkrun", unit="cells") as progress:
+            res = run_sink_runs(m, tok, ws, form_list, ns, out, options=opts, settings=settings, progress=progress,
+                                lock=False)
+        res.save(out)
+        _save_figure(out / "sink_run.png", sink_run_figure(res.summary(), res.curves(), min_queries=min_queries))
+    for r in res.summary():
+        first = "none" if r["median_first_sink_copy"] is None else f"median copy {r['median_first_sink_copy']:g}"
+        print(f"{r['form']:>12} N={r['n']:>5}: sink copy in {r['words_with_sink_copy']}/{r['words']} words ({first}), "
+              f"largest share {r['mean_max_share'] if r['mean_max_share'] is not None else float('nan'):.3f}, "
+              f"Sink_0 {r['mean_sink0']:.3f}, distance to (x) at the last layer {r['distance_last_layer']:.3f}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
 @app.command("cluster")
 def cluster(
     patch_dir: Path = typer.Option(..., "--patch", help="a saved patch (its neurons or first-token direction are "
                                                         "what the search tries to excite)"),
-    out: Path = typer.Option(..., "--out", "-o"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (re-running resumes finished answers)"),
+    defence_dir: Path | None = typer.Option(None, "--defence", help="a saved patch (e.g. the default, `repeat "
+                                                                    "patch`): every prompt is also answered with "
+                                                                    "it applied"),
     words: str | None = typer.Option(None, "--words"),
+    word_set: str | None = typer.Option(None, "--word-set", help="eval | dev (default: the built-in words outside "
+                                                                 "the patch words)"),
     n_words: int | None = typer.Option(8, "--n-words"),
     lengths: str = typer.Option("512", "--lengths"),
     k: int = typer.Option(64, "--k", help="clusters of layer-0 single-token representations"),
@@ -430,25 +485,44 @@ def cluster(
     trust_remote_code: bool = TRUST_OPTION,
 ) -> None:
     """Non-repeating sequences from the token cluster that most excites the patch's components (sink neurons or the
-    first-token direction): divergence rate compared with plain repetition and random sequences of the same
-    length. Writes cluster.json and cluster.csv."""
+    first-token direction): divergence rate (with its Wilson 95% interval) compared with plain repetition and random
+    sequences of the same length, unpatched and (--defence) under a defence patch. Writes cells.jsonl (resumable),
+    cluster.json, cluster.csv and rates.csv."""
     from sinkscope.interventions.patch import read_patch
+    from sinkscope.progress import ProgressReporter
     from sinkscope.repetition.cluster_attack import ClusterAttackOptions, check_scorable, cluster_attack
     from sinkscope.repetition.words import WordChoice, heldout_words
 
     opts = ClusterAttackOptions(k=k, probe_clusters=probe_clusters, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, seed=seed)
-    choice = WordChoice.from_cli(words, None, n_words)
+    choice = WordChoice.from_cli(words, None, n_words, word_set=word_set)
     ns = _lengths(lengths)
     p = read_patch(patch_dir)
     check_scorable(p)
+    defence = None
+    if defence_dir is not None:
+        dp = read_patch(defence_dir)
+        if dp.base_model != p.base_model:
+            raise InputError(f"--defence was made for {dp.base_model!r}, --patch for {p.base_model!r}: give patches of "
+                             "one model", param="defence")
+        from sinkscope.repetition.cluster_attack import NO_DEFENCE
+
+        name = defence_dir.resolve().name or "defence"
+        if name == NO_DEFENCE:
+            raise InputError(f"--defence: the directory name {NO_DEFENCE!r} is reserved for the unpatched answers; "
+                             "rename it", param="defence")
+        defence = (name, dp)
     _check_model_options(p.base_model, device, dtype, revision)
     with _lock(out):
         m, tok = _load(p.base_model, device, dtype, revision, trust_remote_code)
         ws = choice.resolve(tok, heldout_words(tok))
-        res = cluster_attack(m, tok, p, ws, ns, opts)
+        settings = {"model": p.base_model, "revision": revision, "dtype": dtype}
+        with ProgressReporter("cluster", unit="answers") as progress:
+            res = cluster_attack(m, tok, p, ws, ns, opts, defence=defence, out_dir=out, settings=settings,
+                                 progress=progress, lock=False)
         res.save(out)
     print(f"best cluster {res.best_cluster}: {res.clusters[0]['examples']} (score {res.clusters[0]['score']:.2f})")
     for r in res.rates:
-        print(f"N={r['n']:>5} {r['kind']:>8}: diverged {r['rate']:.0%} of {r['words']} words, "
-              f"circuit firing {r['sink_fire']:.2f} (1 = top of its ordinary range)")
+        print(f"N={r['n']:>5} {r['kind']:>8} {r['variant']:>10}: diverged {r['diverged']}/{r['words']} "
+              f"({r['rate']:.0%}, 95% CI {r['ci_low']:.0%}-{r['ci_high']:.0%}), circuit firing {r['sink_fire']:.2f} "
+              "(1 = top of its ordinary range)")

@@ -8,11 +8,18 @@ first-token circuit the way a run of one repeated token does.
    (sink neurons, or the first-token direction) fire at positions > 0 relative to their ordinary-text range,
    keep the best.
 4. Verdict: instructed prompts whose answer is ``[attack sequence of N tokens] + [tail copies of the word]``,
-   compared with ``N + tail`` plain copies and with N uniformly random tokens + the same tail.
+   compared with ``N + tail`` plain copies and with N uniformly random tokens + the same tail; each answered by the
+   unpatched model and, given a defence patch (e.g. the shipped default, de-duplication), under it. Rates carry
+   their Wilson 95% interval (`sinkscope.metrics.rates`).
+
+Every sequence is drawn from a generator seeded by (seed, N, kind, word) alone, and answers are appended to
+``cells.jsonl`` as each batch ends, so an interrupted run resumes with the same prompts.
 """
 
 from __future__ import annotations
 
+import json
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +32,13 @@ from sinkscope.capture import forward_hooks
 from sinkscope.devices import model_device
 from sinkscope.errors import InputError
 from sinkscope.inputs import pad_batch
-from sinkscope.interventions.patch import SinkPatch
-from sinkscope.io import write_csv_atomic, write_json_atomic
+from sinkscope.interventions.patch import SinkPatch, apply_patch
+from sinkscope.io import OutputLock, append_jsonl, read_jsonl, write_csv_atomic, write_json_atomic
+from sinkscope.metrics.rates import wilson_interval
 from sinkscope.models.adapters import get_adapter, pad_token_id
 from sinkscope.models.generate import greedy_continue
+from sinkscope.progress import ProgressCallback
+from sinkscope.repetition.grid import patch_fingerprint
 from sinkscope.repetition.judge import judge_answer
 from sinkscope.repetition.prompts import build_prompt
 
@@ -112,11 +122,12 @@ def cosine_kmeans(x: Tensor, k: int, *, iters: int = 15, seed: int = 0) -> tuple
 
 @dataclass
 class ClusterAttackResult:
-    """Cluster scores and the divergence rates of attack, repetition and random sequences."""
+    """Cluster scores and the divergence rates of attack, repetition and random sequences, per variant (``none``:
+    the unpatched model; otherwise the name of the defence patch the answers were generated under)."""
 
     clusters: list[dict[str, Any]]  # per scored cluster: id, size, score, example tokens
     best_cluster: int
-    rates: list[dict[str, Any]]  # per (n, kind): rate, words
+    rates: list[dict[str, Any]]  # per (n, kind, variant): words, diverged, stopped, repeats, rate, 95% interval
     rows: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -124,11 +135,63 @@ class ClusterAttackResult:
         return {"best_cluster": self.best_cluster, "rates": self.rates, "clusters": self.clusters,
                 "settings": self.settings, "rows": self.rows}
 
-    def save(self, out_dir: str | Path) -> None:
-        """``cluster.json`` (everything) and ``cluster.csv`` (one row per word, length and kind of sequence)."""
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """``cluster.json`` (everything), ``cluster.csv`` (one row per word, length, kind and variant) and
+        ``rates.csv`` (one row per length, kind and variant), atomically."""
         out = Path(out_dir)
         write_json_atomic(out / "cluster.json", self.to_json())
         write_csv_atomic(out / "cluster.csv", self.rows)
+        write_csv_atomic(out / "rates.csv", self.rates)
+        return [out / "cluster.json", out / "cluster.csv", out / "rates.csv"]
+
+
+KINDS = ("cluster", "repeat", "random")
+NO_DEFENCE = "none"
+CELLS_FILE = "cells.jsonl"
+PLAN_FILE = "plan.json"
+
+
+def summarise_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (n, kind, variant), in the order first seen: words, verdict counts, the divergence rate with its Wilson
+    95% interval, and the mean firing of the scoring patch's components."""
+    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["n"], r["kind"], r["variant"]), []).append(r)
+    out = []
+    for (n, kind, variant), rs in groups.items():
+        d = sum(bool(r["diverged"]) for r in rs)
+        lo, hi = wilson_interval(d, len(rs))
+        out.append({"n": n, "kind": kind, "variant": variant, "words": len(rs), "diverged": d,
+                    "stopped": sum(r["verdict"] == "stopped" for r in rs),
+                    "repeats": sum(r["verdict"] == "repeats" for r in rs), "rate": d / len(rs),
+                    "ci_low": lo, "ci_high": hi, "sink_fire": sum(r["sink_fire"] for r in rs) / len(rs)})
+    return out
+
+
+def _body(kind: str, n: int, word: str, token_id: int, members: Tensor, allowed: Tensor, seed: int) -> list[int]:
+    """The ``n`` tokens before the tail: ``n`` copies of the word's token, or draws (with replacement) from the
+    best cluster or the whole vocabulary, from a generator seeded by (seed, n, kind, word) alone, so a cell's
+    sequence does not depend on which other cells run (resuming gives the same prompts)."""
+    if kind == "repeat":
+        return [token_id] * n
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{n}|{kind}|{word}".encode()))
+    pool = members if kind == "cluster" else allowed
+    return pool[torch.randint(len(pool), (n,), generator=g)].tolist()
+
+
+def _check_plan(out: Path, settings: dict[str, Any]) -> None:
+    path = out / PLAN_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise InputError(f"{path} is not a cluster-attack plan ({e}); use another --out") from None
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise InputError(f"{out} holds answers made with other settings ({', '.join(diff)}): use another --out "
+                             "(or the same settings to resume)")
+        return
+    write_json_atomic(path, settings)
 
 
 @torch.no_grad()
@@ -158,22 +221,33 @@ def _fire_score(model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequ
 
 
 def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Sequence[str], ns: Sequence[int],
-                   options: ClusterAttackOptions | None = None) -> ClusterAttackResult:
+                   options: ClusterAttackOptions | None = None, *, defence: tuple[str, SinkPatch] | None = None,
+                   out_dir: str | Path | None = None, settings: dict[str, Any] | None = None,
+                   progress: ProgressCallback | None = None, lock: bool = True) -> ClusterAttackResult:
     """Score token clusters by sink-neuron firing, then compare divergence of the best cluster's sequences with
-    plain repetition and random sequences (see the module docstring).
+    plain repetition and random sequences (see the module docstring), unpatched and under a defence patch.
 
     Args:
         patch: its rules name the components (sink neurons or first-token directions) and their ordinary ranges
-            (`build_patch` / `build_direction_patch`).
+            (`build_patch` / `build_direction_patch`): what the search tries to excite.
         words: words whose instruction and tail frame the sequences.
         ns: attack sequence lengths.
         options: `ClusterAttackOptions` (default: its defaults).
+        defence: ``(name, patch)``: every prompt is also answered with this patch applied (e.g. the shipped default,
+            de-duplication), as variant ``name``.
+        out_dir: append each answer to ``cells.jsonl`` there as its batch ends and skip the answers already there
+            (resume); ``plan.json`` holds the settings, and a directory made under others is refused.
+        settings: what else identifies the answers (model, dtype, ...), stored in ``plan.json``.
+        progress: ``progress(done, total, "answers")`` after every batch.
+        lock: hold an `OutputLock` on ``out_dir`` (False: the caller holds it).
     """
     o = options or ClusterAttackOptions()
     k, probe_length, probe_clusters, tail, seed = o.k, o.probe_length, o.probe_clusters, o.tail, o.seed
     check_scorable(patch)
     if not words or not ns or min(ns) < 1:
         raise InputError("give at least one word and positive attack lengths")
+    if defence is not None and defence[0] == NO_DEFENCE:
+        raise InputError(f"the defence patch cannot be named {NO_DEFENCE!r}")
     g = torch.Generator().manual_seed(seed)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     V = o.vocab_limit or model.get_input_embeddings().weight.shape[0]
@@ -200,28 +274,58 @@ def cluster_attack(model: nn.Module, tokenizer: Any, patch: SinkPatch, words: Se
     clusters.sort(key=lambda d: -d["score"])
     best = clusters[0]["cluster"]
     members = allowed[labels == best]
-    rates, rows = [], []
-    for n in ns:
-        for kind in ("cluster", "repeat", "random"):
-            prompts = []
-            for w in words:
-                p = build_prompt(tokenizer, w, tail, "instruct")
-                pre, run = p.ids[:p.run_start], p.ids[p.run_start:]
-                if kind == "cluster":
-                    body = members[torch.randint(len(members), (n,), generator=g)].tolist()
-                elif kind == "random":
-                    body = allowed[torch.randint(len(allowed), (n,), generator=g)].tolist()
-                else:
-                    body = [p.token_id] * n
-                prompts.append(pre + body + run)
-            outs = greedy_continue(model, prompts, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
-            verdicts = [judge_answer(tokenizer, w, o) for w, o in zip(words, outs)]
-            starts = [len(build_prompt(tokenizer, w, tail, "instruct").ids) - tail + 1 for w in words]
-            fire = _fire_score(model, prompts, starts, patch)
-            rate = sum(v.diverged for v in verdicts) / len(words)
-            rates.append({"n": n, "kind": kind, "words": len(words), "rate": rate, "sink_fire": float(fire.mean())})
-            rows += [{"n": n, "kind": kind, "word": w, "diverged": v.diverged, "emitted": v.emitted[:80]}
-                     for w, v in zip(words, verdicts)]
-    return ClusterAttackResult(clusters, best, rates, rows,
-                               {"k": k, "probe_length": probe_length, "tail": tail, "seed": seed,
-                                "max_new_tokens": o.max_new_tokens, "words": list(words), "ns": list(ns)})
+    variants: dict[str, SinkPatch | None] = {NO_DEFENCE: None}
+    if defence is not None:
+        variants[defence[0]] = defence[1]
+    plan = {**(settings or {}), "k": k, "probe_clusters": probe_clusters, "probe_length": probe_length, "tail": tail,
+            "seed": seed, "max_new_tokens": o.max_new_tokens, "vocab_limit": o.vocab_limit,
+            "scoring_patch": patch_fingerprint(patch),
+            "variants": {name: patch_fingerprint(p) for name, p in variants.items()}}
+    out = Path(out_dir) if out_dir is not None else None
+    guard = OutputLock(out) if out is not None and lock else None
+    if guard is not None:
+        guard.acquire()
+    try:
+        done: dict[tuple[int, str, str, str], dict[str, Any]] = {}
+        if out is not None:
+            _check_plan(out, plan)
+            done = {(r["n"], r["kind"], r["variant"], r["word"]): r for r in read_jsonl(out / CELLS_FILE)}
+        todo = [(n, kind, v) for v in variants for n in ns for kind in KINDS]
+        total = len(todo) * len(words)
+        count = sum((n, kind, v, w) in done for n, kind, v in todo for w in words)
+        for n, kind, variant in todo:
+            missing = [w for w in words if (n, kind, variant, w) not in done]
+            for i in range(0, len(missing), o.batch_size):
+                ws = missing[i:i + o.batch_size]
+                prompts, starts = [], []
+                for w in ws:
+                    p = build_prompt(tokenizer, w, tail, "instruct")
+                    pre, run = p.ids[:p.run_start], p.ids[p.run_start:]
+                    prompts.append(pre + _body(kind, n, w, p.token_id, members, allowed, seed) + run)
+                    starts.append(len(pre) + 1)
+                handle = apply_patch(model, variants[variant]) if variants[variant] is not None else None  # type: ignore[arg-type]
+                try:
+                    outs = greedy_continue(model, prompts, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
+                    fire = _fire_score(model, prompts, starts, patch)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                new = []
+                for w, ans, f in zip(ws, outs, fire.tolist()):
+                    v = judge_answer(tokenizer, w, ans)
+                    new.append({"n": n, "kind": kind, "variant": variant, "word": w, "verdict": v.verdict,
+                                "diverged": v.diverged, "emitted": v.emitted[:80], "sink_fire": round(f, 6),
+                                "new_tokens": len(ans)})
+                if out is not None:
+                    append_jsonl(out / CELLS_FILE, *new)
+                for r in new:
+                    done[(n, kind, variant, r["word"])] = r
+                count += len(ws)
+                if progress is not None:
+                    progress(count, total, "answers")
+    finally:
+        if guard is not None:
+            guard.release()
+    rows = [done[(n, kind, v, w)] for n, kind, v in todo for w in words]
+    return ClusterAttackResult(clusters, best, summarise_rows(rows), rows,
+                               {**plan, "words": list(words), "ns": list(ns)})

@@ -81,3 +81,49 @@ def save_scan_figures(summary: Sequence[dict[str, Any]], cells: Sequence[dict[st
     for path, fig in figs:
         save_figure_atomic(path, fig)
         plt.close(fig)
+
+
+def sink_run_figure(summary: Sequence[dict[str, Any]], curves: Sequence[dict[str, Any]],
+                    layers: Sequence[int] | None = None, min_queries: int | None = None) -> Figure:
+    """Yona et al.'s repeated token as a sink (`sinkscope.repetition.sink_run`), one colour per prompt form:
+    (a) share of sinking heads per copy at the longest N (copies seen by fewer than ``min_queries`` queries
+    shaded), (b) token 0's Sink_0 and the largest per-copy share against N, (c) the last copy's relative distance
+    to the one-token sequence ``(x)`` against N at ``layers`` (default: first, a quarter, half, last)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    forms = list(dict.fromkeys(r["form"] for r in summary))
+    colors = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(forms)}
+    n_layers = len(summary[0]["distance_by_layer"]) if summary else 0
+    layers = list(layers) if layers is not None else sorted({0, n_layers // 4, n_layers // 2, n_layers - 1})
+    styles = ["-", "--", ":", "-."]
+    for f in forms:
+        c = [r for r in curves if r["form"] == f]
+        if c:
+            axes[0].plot([r["copy"] for r in c], [r["mean_share"] for r in c], color=colors[f],
+                         label=f"{f}, N = {c[0]['n']}")
+            if min_queries is not None and min_queries > 1:
+                axes[0].axvspan(c[0]["n"] - min_queries + 1.5, c[0]["n"] + 0.5, color="0.85", zorder=0)
+        rows = sorted((r for r in summary if r["form"] == f), key=lambda r: r["n"])
+        ns = [r["n"] for r in rows]
+        axes[1].plot(ns, [r["mean_sink0"] for r in rows], marker="o", color=colors[f], label=f"{f}: Sink_0 (token 0)")
+        axes[1].plot(ns, [np.nan if r["mean_max_share"] is None else r["mean_max_share"] for r in rows], marker="x",
+                     ls="--", color=colors[f], label=f"{f}: largest share on a copy")
+        for j, l in enumerate(layers):
+            axes[2].plot(ns, [r["distance_by_layer"][l] for r in rows], marker="o", ms=3, ls=styles[j % len(styles)],
+                         color=colors[f], label=f"{f}: layer {l}")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("copy index in the run (shaded: seen by too few queries to count)")
+    axes[0].set_ylabel("share of heads with alpha > eps")
+    axes[0].set_title("(a) is a copy a sink? (mean over words)")
+    for ax in axes[1:]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("run length N")
+    axes[1].set_ylabel("share of heads with alpha > eps")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].set_title("(b) token 0 vs the copies")
+    axes[2].set_ylabel("||h(last copy) - h((x))|| / ||h((x))||")
+    axes[2].set_ylim(0, None)
+    axes[2].set_title("(c) distance to the one-token sequence (Thm 4.1)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -110,3 +110,58 @@ def test_fire_score_of_a_direction_rule_is_the_projection_in_ordinary_units(tiny
         x = tiny_llama(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states[1][0]  # after layer 0
         ref = ((x[s:] @ u - 0.1) / 0.4).clamp(-10, 10).mean()
         assert abs(float(score[b]) - float(ref)) < 1e-4
+
+
+def test_attack_resumes_with_the_same_prompts_and_refuses_other_settings(tiny_llama, tiny_tok, tmp_path, monkeypatch):
+    """Answers go to cells.jsonl batch by batch; a re-run generates only what is missing (a torn last line
+    included) and draws the same sequences (each cell's generator is seeded by its coordinates alone)."""
+    import pytest
+
+    import sinkscope.repetition.cluster_attack as ca
+    from sinkscope.errors import InputError
+
+    ordinary = _plant_circuit(tiny_llama)
+    patch = SinkPatch([NeuronRule(0, [NEURON], [ordinary], [0.0])], "tiny")
+    opts = ClusterAttackOptions(k=6, probe_length=16, tail=3, max_new_tokens=3, batch_size=2)
+    seen: list[list[int]] = []
+    real = ca.greedy_continue
+    monkeypatch.setattr(ca, "greedy_continue", lambda m, prompts, **kw: seen.extend(prompts) or real(m, prompts, **kw))
+    out = tmp_path / "cl"
+    first = cluster_attack(tiny_llama, tiny_tok, patch, ["cat", "dog", "tree"], [6], opts, out_dir=out)
+    all_prompts = list(seen)
+    assert len(all_prompts) == 9 and len((out / "cells.jsonl").read_text().splitlines()) == 9
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    (out / "cells.jsonl").write_text("\n".join(lines[:7]) + "\n" + lines[7][:15])  # 7 whole, one torn, one gone
+    seen.clear()
+    again = cluster_attack(tiny_llama, tiny_tok, patch, ["cat", "dog", "tree"], [6], opts, out_dir=out)
+    assert len(seen) == 2 and all(p in all_prompts for p in seen)  # the same two prompts, drawn again
+    assert again.rows == first.rows and again.rates == first.rates
+    with pytest.raises(InputError, match="other settings"):
+        cluster_attack(tiny_llama, tiny_tok, patch, ["cat"], [6], ClusterAttackOptions(k=6, probe_length=16, tail=3,
+                                                                                      max_new_tokens=4), out_dir=out)
+
+
+@torch.no_grad()
+def test_defence_answers_under_the_patch_and_leaves_the_model_clean(tiny_llama, tiny_tok):
+    """With a defence, every prompt is answered twice; the defence's hooks act during its answers (a clamp of
+    every MLP neuron of layer 0 changes the circuit's firing) and are gone afterwards (logits as before)."""
+    from sinkscope.interventions.patch import NeuronRule as NR
+
+    ordinary = _plant_circuit(tiny_llama)
+    patch = SinkPatch([NeuronRule(0, [NEURON], [ordinary], [0.0])], "tiny")
+    inter = tiny_llama.config.intermediate_size
+    clamp = SinkPatch([NR(0, list(range(inter)), [1e-6] * inter, [0.0] * inter)], "tiny", protect_first=False)
+    ids = torch.tensor([[5, 6, 7, 60, 61, 62]])
+    before = tiny_llama(input_ids=ids).logits
+    res = cluster_attack(tiny_llama, tiny_tok, patch, ["cat", "dog"], [12],
+                         ClusterAttackOptions(k=6, probe_length=16, tail=3, max_new_tokens=3), defence=("clamp", clamp))
+    torch.testing.assert_close(tiny_llama(input_ids=ids).logits, before, rtol=0, atol=0)
+    assert {(r["kind"], r["variant"]) for r in res.rates} == {(k, v) for k in ("cluster", "repeat", "random")
+                                                              for v in ("none", "clamp")}
+    fire = {(r["kind"], r["variant"]): r["sink_fire"] for r in res.rates}
+    assert fire[("cluster", "none")] > 1.0 and fire[("cluster", "clamp")] < 0.01 * fire[("cluster", "none")], fire
+    for r in res.rates:  # the interval brackets the rate and has the Wilson width for its counts
+        from sinkscope.metrics.rates import wilson_interval
+
+        assert (r["ci_low"], r["ci_high"]) == wilson_interval(r["diverged"], r["words"])
+        assert r["ci_low"] <= r["rate"] <= r["ci_high"] and r["ci_high"] - r["ci_low"] > 0.3  # n = 2: wide
