@@ -1301,6 +1301,23 @@ QUOTES += [
 ]
 
 
+QUOTES += [
+    Quote("README.md", r"no repeated copy becomes a sink \(at most (\d+)% of heads", YONA_SINKRUN,
+          lambda src: f"{100 * float(_yona_max_cell_share(src)):.0f}", "README yona: largest share"),
+    Quote("README.md", r"takes attention from token 0 \(Sink_0\s+(\S+ -> \S+) at N = 512", YONA_SINKRUN,
+          lambda src: f"{_yona_at('repeat-colon', 1, 'mean_sink0', '.3f')(src)} -> "
+                      f"{_yona_at('repeat-colon', 512, 'mean_sink0', '.3f')(src)}", "README yona: Sink_0"),
+    Quote("README.md", r"our cluster attack diverges (\d+) of 32 words", YONA_CLUSTER, _yona_rate("cluster", "none"),
+          "README yona: cluster"),
+    Quote("README.md", r"as random tokens do, against (\d+) of 32 for repetition", YONA_CLUSTER,
+          _yona_rate("repeat", "none"), "README yona: repeat"),
+    Quote("README.md", r"patch: (\d+) of 32 after repetition", YONA_CLUSTER, _yona_rate("repeat", "ours"),
+          "README yona: repeat, patched"),
+    Quote("README.md", r"after repetition, (\d+) of 32 after the cluster\)", YONA_CLUSTER, _yona_rate("cluster", "ours"),
+          "README yona: cluster, patched"),
+]
+
+
 YONA_PAPER = "docs/results/repeat_yona/sinkrun_paper"
 QUOTES += [Quote("docs/repetition.md", pattern, YONA_PAPER, fn, "yona paper words: " + what) for pattern, fn, what in [
     (r"mean over the three: distance (\S+) at layer 0", _yona_at("repeat-colon", 2048, "distance_by_layer", ".2f", 0),
