@@ -17,13 +17,15 @@ measurement); on a model trained without it, the probe is an *evaluation-time* c
 ``alpha_k``. `probe_checkpoints` does it for every checkpoint snapshot of a run (a folder of copies of its
 ``checkpoint.pt``) and returns a `PositionProbes` that saves itself as ``positions.json``.
 
-``python -m sinkscope.training.positions OUT RUN [RUN ...] --fixed-pos 8 --fixed-token 0`` (see ``--help``).
+``python -m sinkscope.training.positions OUT RUN [RUN ...] --fixed-pos 8 --fixed-token 0 [--figure PNG]`` (see
+``--help``); `positions_figure` draws a saved ``positions.json`` (`sinkscope.viz.training.plot_sink_positions`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +33,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from sinkscope.errors import InputError
-from sinkscope.io import ensure_output_dir, write_json_atomic
+from sinkscope.io import ensure_output_dir, read_text_file, save_figure_atomic, write_json_atomic
 from sinkscope.models.tinygpt import TinyGPT
 from sinkscope.profile import profile_sinks
 from sinkscope.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from sinkscope.training.config import RunConfig, load_config
+from sinkscope.viz.training import plot_sink_positions
 
 #: the probes of `probe_rows`
 PROBES = ("text", "random0", "fixed")
@@ -159,6 +163,36 @@ def probe_checkpoints(run_dirs: Sequence[str | Path], *, n_rows: int = 96, fixed
     return result
 
 
+def own_probe(cfg: RunConfig) -> str:
+    """``random0`` / ``fixed`` for a run trained with that switch, else ``text``."""
+    if cfg.data.random_token_pos == 0:
+        return "random0"
+    return "fixed" if cfg.data.fixed_token_pos is not None else "text"
+
+
+def positions_figure(positions: dict[str, Any], own: dict[str, str], title: str = "") -> Figure:
+    """The figure of a ``positions.json`` (`PositionProbes`): the strongest head's alpha_0 (and alpha_j for a run
+    trained with a fixed token) over training on each run's own inputs (``own``: run -> probe); alpha_k and
+    Sink_k by key position at each run's last step, on its own inputs, and for runs trained on plain text also
+    under the two evaluation-time probes."""
+    st = positions["settings"]
+    j = int(st["fixed_pos"])
+    over: dict[str, tuple[list[float], list[float]]] = {}
+    alpha: dict[str, list[float]] = {}
+    sink: dict[str, list[float]] = {}
+    for run, entries in positions["runs"].items():
+        probe = own[run]
+        steps = [e["step"] for e in entries]
+        over[f"{run}: alpha_0"] = (steps, [e[probe]["alpha_max_head"][0] for e in entries])
+        if probe == "fixed":
+            over[f"{run}: alpha_{j}"] = (steps, [e[probe]["alpha_max_head"][j] for e in entries])
+        last = entries[-1]
+        for p in (PROBES if probe == "text" else (probe,)):
+            label = f"{run} @{last['step']}" + ("" if p == probe else f", eval-time {p}")
+            alpha[label], sink[label] = last[p]["alpha_max_head"], last[p]["sink"]
+    return plot_sink_positions(over, alpha, sink, eps=float(st["eps"]), marks=(0, j), title=title)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m sinkscope.training.positions", description=__doc__.splitlines()[0])
     ap.add_argument("out", help="output folder (positions.json)")
@@ -168,10 +202,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fixed-token", type=int, default=0)
     ap.add_argument("--every", type=int, default=1000)
     ap.add_argument("--eps", type=float, default=0.3)
+    ap.add_argument("--figure", help="also draw the figure (positions_figure) to this PNG")
+    ap.add_argument("--figure-only", action="store_true", help="draw the figure from OUT/positions.json; no probing")
     a = ap.parse_args(argv)
-    res = probe_checkpoints(a.runs, n_rows=a.rows, fixed_pos=a.fixed_pos, fixed_token=a.fixed_token, every=a.every,
-                            eps=a.eps)
-    print(f"wrote {res.save(a.out)}")
+    own = {Path(r).name: own_probe(load_config(Path(r) / "config.yaml")) for r in a.runs}
+    path = Path(a.out) / "positions.json"
+    if not a.figure_only:
+        res = probe_checkpoints(a.runs, n_rows=a.rows, fixed_pos=a.fixed_pos, fixed_token=a.fixed_token,
+                                every=a.every, eps=a.eps)
+        print(f"wrote {res.save(a.out)}")
+    if a.figure:
+        data = json.loads(read_text_file(path, "positions file"))
+        fig = positions_figure(data, own, title="Gu et al. Table 10 in a byte-level text LM (no BOS)")
+        save_figure_atomic(a.figure, fig)
+        print(f"wrote {a.figure}")
 
 
 if __name__ == "__main__":
