@@ -986,5 +986,57 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+
+# --- gu ---
+# Gu et al. in a text LM (issue 19 item 5): the gu-lm-* runs' rows and the Table 10 probes (docs/training.md).
+
+GU_RUNS = ["gu-lm-nobos-long", "gu-lm-random0", "gu-lm-fixed8"]
+RENDERERS["training-gu"] = training_renderer(GU_RUNS)
+#: (run, probe) -> (what the model was trained on, what the evaluation rows are, kind, Gu et al.'s number)
+GU_TABLE10 = {
+    ("gu-lm-nobos-long", "text"): ("text, no BOS (default)", "held-out text", "default",
+                                   "Sink_1 18.2% (first token)"),
+    ("gu-lm-random0", "random0"): ("random token at 0", "random token at 0", "training-time (paper's)",
+                                   "27% on the first token (kept)"),
+    ("gu-lm-fixed8", "fixed"): ("fixed token at j", "fixed token at j", "training-time (paper's)",
+                                "~70% on position j (moved)"),
+    ("gu-lm-nobos-long", "random0"): ("text, no BOS (default)", "random token at 0", "evaluation-time (ours)", "-"),
+    ("gu-lm-nobos-long", "fixed"): ("text, no BOS (default)", "fixed token at j", "evaluation-time (ours)", "-"),
+}
+
+
+def _gu_row(run: str, probe: str, entry: dict[str, Any], j: int) -> list[str]:
+    trained, rows, kind, paper = GU_TABLE10[(run, probe)]
+    p = entry[probe]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    return [run, trained, str(entry["step"]), rows, kind, pct(p["sink"][0]), pct(p["sink"][j]),
+            f"{p['alpha_max_head'][0]:.3f}", f"{p['alpha_max_head'][j]:.3f}", paper]
+
+
+@renderer("gu-table10")
+def render_gu_table10(source: Path) -> str:
+    """Gu et al.'s Table 10 tests from ``SOURCE/positions.json`` (``python -m sinkscope.training.positions``):
+    every run at the last step all three reached (equal steps), then the default run at its own last step."""
+    d = read_json(source / "positions.json")
+    j = int(d["settings"]["fixed_pos"])
+    runs = d["runs"]
+    common = max(set.intersection(*({e["step"] for e in runs[r]} for r in GU_RUNS if r in runs)))
+    at = {r: {e["step"]: e for e in runs[r]} for r in runs}
+    rows = []
+    for (run, probe) in GU_TABLE10:
+        if run in at and probe != "text" and run == "gu-lm-nobos-long":
+            continue
+        if run in at:
+            rows.append(_gu_row(run, probe, at[run][common], j))
+    long = runs.get("gu-lm-nobos-long", [])
+    if long and long[-1]["step"] != common:
+        rows += [_gu_row("gu-lm-nobos-long", probe, long[-1], j) for probe in ("text", "random0", "fixed")]
+    else:
+        rows += [_gu_row("gu-lm-nobos-long", probe, at["gu-lm-nobos-long"][common], j) for probe in ("random0", "fixed")]
+    header = ["run", "trained on", "step", "evaluated on", "test", "Sink_0 %", f"Sink_{j} %",
+              "strongest head alpha_0", f"strongest head alpha_{j}", "Gu et al. (Table 10, 60M, 20k steps)"]
+    return md_table(header, rows)
+
+
 if __name__ == "__main__":
     sys.exit(main())
