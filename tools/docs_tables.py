@@ -1038,5 +1038,73 @@ def render_gu_table10(source: Path) -> str:
     return md_table(header, rows)
 
 
+
+#: uniform causal attention's alpha_k over T = 64 (every query spreading evenly over what it sees): the level a
+#: head with no preference for key k gives it, (H_64 - H_k) / (64 - k)
+def _uniform_alpha(k: int, T: int = 64) -> float:
+    return sum(1 / (t + 1) for t in range(k, T)) / (T - k)
+
+
+#: the verdicts beside the paper's numbers; the numbers in "ours" are read from the results
+GU_VERDICTS = {
+    "emerges": ("**not reproduced**: no head puts more than uniform attention on the first token at any step; about 1% "
+                "of the tokens at which their sink appears, 1/140 of their parameters"),
+    "random0": "**cannot be tested without a sink**: the default has none to keep; with the random byte, Sink_0 stays 0",
+    "fixed": ("**partly reproduced**: the sink goes where the fixed token is (and nowhere else; plain text gives none "
+              "at any position), at a fraction of the paper's ~70%"),
+    "probes": "nothing to keep or move: the default model gives both changed positions about uniform attention",
+}
+
+
+@renderer("gu-verdicts")
+def render_gu_verdicts(source: Path) -> str:
+    """The verdict table of docs/training.md's Gu et al. section: the paper's number, ours (from
+    ``SOURCE/gu-positions/positions.json`` and ``SOURCE/gu-lm-nobos-long/final.json``), the verdict."""
+    d = read_json(source / "gu-positions" / "positions.json")
+    j = int(d["settings"]["fixed_pos"])
+    runs = d["runs"]
+    common = max(set.intersection(*({e["step"] for e in runs[r]} for r in GU_RUNS)))
+    at = {r: {e["step"]: e for e in runs[r]} for r in GU_RUNS}
+    final = read_json(source / "gu-lm-nobos-long" / "final.json")
+    long = runs["gu-lm-nobos-long"][-1]
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    r0, f8, t = at["gu-lm-random0"][common]["random0"], at["gu-lm-fixed8"][common]["fixed"], long["text"]
+    ours_default = (f"Sink_0 {pct(t['sink'][0])} at step {long['step']} ({final['tokens'] / 1e6:.1f}M byte tokens, "
+                    f"{final['wall_time_s'] / 60:.0f} min on one core); strongest head's alpha_0 "
+                    f"{t['alpha_max_head'][0]:.3f} (uniform attention: {_uniform_alpha(0):.3f})")
+    d0 = at["gu-lm-nobos-long"][common]["text"]
+    ours_r0 = (f"at step {common}: Sink_0 {pct(r0['sink'][0])}, strongest head's alpha_0 {r0['alpha_max_head'][0]:.3f} "
+               f"(default at the same step: {pct(d0['sink'][0])}, {d0['alpha_max_head'][0]:.3f})")
+    ours_f8 = (f"at step {common}: Sink_{j} {pct(f8['sink'][j])}, Sink_0 {pct(f8['sink'][0])}; strongest head's "
+               f"alpha_{j} {f8['alpha_max_head'][j]:.3f} (uniform: {_uniform_alpha(j):.3f}; default at the same step: "
+               f"{d0['alpha_max_head'][j]:.3f})")
+    pr, pf = long["random0"], long["fixed"]
+    ours_probes = (f"default model at step {long['step']}: random byte at 0: Sink_0 {pct(pr['sink'][0])}, alpha_0 "
+                   f"{pr['alpha_max_head'][0]:.3f}; NUL at {j}: Sink_{j} {pct(pf['sink'][j])}, alpha_{j} "
+                   f"{pf['alpha_max_head'][j]:.3f} (plain text: {t['alpha_max_head'][j]:.3f})")
+    rows = [
+        ["a sink forms without BOS (default)", "Sink_1 18.2%, from 1-2k steps (1-2B tokens)", ours_default,
+         GU_VERDICTS["emerges"]],
+        ["random token at 0 keeps the sink (training-time)", "27%", ours_r0, GU_VERDICTS["random0"]],
+        ["fixed token at j moves the sink to j (training-time)", "~70% at j", ours_f8, GU_VERDICTS["fixed"]],
+        ["the same changes at evaluation time only (ours)", "not in the paper", ours_probes, GU_VERDICTS["probes"]],
+    ]
+    return md_table(["test", "Gu et al. (60M, 20k steps of ~1M tokens)", "ours (4 layers, width 96, bytes)",
+                     "verdict"], rows)
+
+
+
+def _gu_final(fmt: Callable[[dict[str, Any]], str]) -> Callable[[Path], str]:
+    return lambda source: fmt(read_json(source / "final.json"))
+
+
+QUOTES.extend([
+    Quote(TRAINING_DOC, r"tokens \((\d+)M here, their sink", f"{TRAINING_RESULTS}/gu-lm-nobos-long",
+          _gu_final(lambda f: f"{f['tokens'] / 1e6:.0f}"), "gu: the long run's tokens"),
+    Quote(TRAINING_DOC, r"model size \((\S+)M parameters vs 60M", f"{TRAINING_RESULTS}/gu-lm-nobos-long",
+          _gu_final(lambda f: f"{f['params'] / 1e6:.2f}"), "gu: the model's parameters"),
+])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -76,16 +76,14 @@ class PositionProfile:
     Attributes:
         sink: (T,) ``Sink_k^eps`` per key position ``k`` (share of samples x layers x heads with alpha_k > eps).
         alpha_max_head: (T,) the largest, over layers and heads, of ``alpha_k`` averaged over the rows.
-        alpha_mean: (T,) ``alpha_k`` averaged over rows, layers and heads.
     """
 
     sink: np.ndarray
     alpha_max_head: np.ndarray
-    alpha_mean: np.ndarray
 
     def to_json(self) -> dict[str, list[float]]:
         r = lambda a: [round(float(v), 4) for v in a]  # noqa: E731
-        return {"sink": r(self.sink), "alpha_max_head": r(self.alpha_max_head), "alpha_mean": r(self.alpha_mean)}
+        return {"sink": r(self.sink), "alpha_max_head": r(self.alpha_max_head)}
 
 
 @torch.no_grad()
@@ -94,8 +92,7 @@ def position_profile(model: TinyGPT, rows: Tensor, eps: float = 0.3) -> Position
     prof = profile_sinks(model, rows.tolist(), eps=eps, batch_size=max(len(rows), 1))
     alpha = prof.alpha_of()  # (N, L, H, T)
     per_head = np.nanmean(alpha, axis=0)  # (L, H, T)
-    return PositionProfile(sink=prof.sink_ratio_by_position(eps), alpha_max_head=per_head.max(axis=(0, 1)),
-                           alpha_mean=per_head.mean(axis=(0, 1)))
+    return PositionProfile(sink=prof.sink_ratio_by_position(eps), alpha_max_head=per_head.max(axis=(0, 1)))
 
 
 def heldout_rows(cfg: RunConfig, n_rows: int, seed: int = 0) -> tuple[Tensor, int, int]:

@@ -42,7 +42,7 @@ def test_sink_is_where_the_marker_is() -> None:
     model, rows = marker_model(), text_rows(40)
     plain = position_profile(model, rows)
     assert plain.sink.max() == 0  # uniform attention: alpha_0 = H(16)/16 = 0.21 < 0.3
-    np.testing.assert_allclose(plain.alpha_mean[0], sum(1 / (t + 1) for t in range(T)) / T, atol=1e-4)
+    np.testing.assert_allclose(plain.alpha_max_head[0], sum(1 / (t + 1) for t in range(T)) / T, atol=1e-4)
     fixed = position_profile(model, probe_rows(rows, "fixed", vocab_size=VOCAB, bos_id=BOS, fixed_pos=5,
                                                fixed_token=MARKER))
     assert fixed.sink[5] == 1.0 and np.delete(fixed.sink, 5).max() == 0
