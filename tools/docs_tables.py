@@ -1333,5 +1333,153 @@ QUOTES += [Quote("docs/repetition.md", pattern, YONA_PAPER, fn, "yona paper word
 ]]
 
 
+# --- gu ---
+# Gu et al. in a text LM (issue 19 item 5): the gu-lm-* runs' rows and the Table 10 probes (docs/training.md).
+
+GU_RUNS = ["gu-lm-nobos-long", "gu-lm-random0", "gu-lm-fixed8"]
+RENDERERS["training-gu"] = training_renderer(GU_RUNS)
+#: (run, probe) -> (what the model was trained on, what the evaluation rows are, kind, Gu et al.'s number)
+GU_TABLE10 = {
+    ("gu-lm-nobos-long", "text"): ("text, no BOS (default)", "held-out text", "default",
+                                   "Sink_1 18.2% (first token)"),
+    ("gu-lm-random0", "random0"): ("random token at 0", "random token at 0", "training-time (paper's)",
+                                   "27% on the first token (kept)"),
+    ("gu-lm-fixed8", "fixed"): ("fixed token at j", "fixed token at j", "training-time (paper's)",
+                                "~70% on position j (moved)"),
+    ("gu-lm-nobos-long", "random0"): ("text, no BOS (default)", "random token at 0", "evaluation-time (ours)", "-"),
+    ("gu-lm-nobos-long", "fixed"): ("text, no BOS (default)", "fixed token at j", "evaluation-time (ours)", "-"),
+}
+
+
+def _gu_row(run: str, probe: str, entry: dict[str, Any], j: int) -> list[str]:
+    trained, rows, kind, paper = GU_TABLE10[(run, probe)]
+    p = entry[probe]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    return [run, trained, str(entry["step"]), rows, kind, pct(p["sink"][0]), pct(p["sink"][j]),
+            f"{p['alpha_max_head'][0]:.3f}", f"{p['alpha_max_head'][j]:.3f}", paper]
+
+
+@renderer("gu-table10")
+def render_gu_table10(source: Path) -> str:
+    """Gu et al.'s Table 10 tests from ``SOURCE/positions.json`` (``sinkscope train positions``):
+    every run at the last step all three reached (equal steps), then the default run at its own last step."""
+    d = read_json(source / "positions.json")
+    j = int(d["settings"]["fixed_pos"])
+    runs = d["runs"]
+    common = max(set.intersection(*({e["step"] for e in runs[r]} for r in GU_RUNS if r in runs)))
+    at = {r: {e["step"]: e for e in runs[r]} for r in runs}
+    rows = []
+    for (run, probe) in GU_TABLE10:
+        if run in at and probe != "text" and run == "gu-lm-nobos-long":
+            continue
+        if run in at:
+            rows.append(_gu_row(run, probe, at[run][common], j))
+    long = runs.get("gu-lm-nobos-long", [])
+    if long and long[-1]["step"] != common:
+        rows += [_gu_row("gu-lm-nobos-long", probe, long[-1], j) for probe in ("text", "random0", "fixed")]
+    else:
+        rows += [_gu_row("gu-lm-nobos-long", probe, at["gu-lm-nobos-long"][common], j) for probe in ("random0", "fixed")]
+    header = ["run", "trained on", "step", "evaluated on", "test", "Sink_0 %", f"Sink_{j} %",
+              "strongest head alpha_0", f"strongest head alpha_{j}", "Gu et al. (Table 10, 60M, 20k steps)"]
+    return md_table(header, rows)
+
+
+
+#: uniform causal attention's alpha_k over T = 64 (every query spreading evenly over what it sees): the level a
+#: head with no preference for key k gives it, (H_64 - H_k) / (64 - k)
+def _uniform_alpha(k: int, T: int = 64) -> float:
+    return sum(1 / (t + 1) for t in range(k, T)) / (T - k)
+
+
+#: the verdicts beside the paper's numbers; the numbers in "ours" are read from the results
+GU_VERDICTS = {
+    "emerges": ("**not reproduced**: no head puts more than uniform attention on the first token at any step; about 1% "
+                "of the tokens at which their sink appears, 1/140 of their parameters"),
+    "random0": "**cannot be tested without a sink**: the default has none to keep; with the random byte, Sink_0 stays 0",
+    "fixed": ("**partly reproduced**: the sink goes where the fixed token is (and nowhere else; plain text gives none "
+              "at any position), at a fraction of the paper's ~70%"),
+    "probes": "nothing to keep or move: the default model gives both changed positions about uniform attention",
+}
+
+
+@renderer("gu-verdicts")
+def render_gu_verdicts(source: Path) -> str:
+    """The verdict table of docs/training.md's Gu et al. section: the paper's number, ours (from
+    ``SOURCE/gu-positions/positions.json`` and ``SOURCE/gu-lm-nobos-long/final.json``), the verdict."""
+    d = read_json(source / "gu-positions" / "positions.json")
+    j = int(d["settings"]["fixed_pos"])
+    runs = d["runs"]
+    common = max(set.intersection(*({e["step"] for e in runs[r]} for r in GU_RUNS)))
+    at = {r: {e["step"]: e for e in runs[r]} for r in GU_RUNS}
+    final = read_json(source / "gu-lm-nobos-long" / "final.json")
+    long = runs["gu-lm-nobos-long"][-1]
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    r0, f8, t = at["gu-lm-random0"][common]["random0"], at["gu-lm-fixed8"][common]["fixed"], long["text"]
+    ours_default = (f"Sink_0 {pct(t['sink'][0])} at step {long['step']} ({final['tokens'] / 1e6:.1f}M byte tokens, "
+                    f"{final['wall_time_s'] / 60:.0f} min on one core); strongest head's alpha_0 "
+                    f"{t['alpha_max_head'][0]:.3f} (uniform attention: {_uniform_alpha(0):.3f})")
+    d0 = at["gu-lm-nobos-long"][common]["text"]
+    ours_r0 = (f"at step {common}: Sink_0 {pct(r0['sink'][0])}, strongest head's alpha_0 {r0['alpha_max_head'][0]:.3f} "
+               f"(default at the same step: {pct(d0['sink'][0])}, {d0['alpha_max_head'][0]:.3f})")
+    ours_f8 = (f"at step {common}: Sink_{j} {pct(f8['sink'][j])}, Sink_0 {pct(f8['sink'][0])}; strongest head's "
+               f"alpha_{j} {f8['alpha_max_head'][j]:.3f} (uniform: {_uniform_alpha(j):.3f}; default at the same step: "
+               f"{d0['alpha_max_head'][j]:.3f})")
+    pr, pf = long["random0"], long["fixed"]
+    ours_probes = (f"default model at step {long['step']}: random byte at 0: Sink_0 {pct(pr['sink'][0])}, alpha_0 "
+                   f"{pr['alpha_max_head'][0]:.3f}; NUL at {j}: Sink_{j} {pct(pf['sink'][j])}, alpha_{j} "
+                   f"{pf['alpha_max_head'][j]:.3f} (plain text: {t['alpha_max_head'][j]:.3f})")
+    rows = [
+        ["a sink forms without BOS (default)", "Sink_1 18.2%, from 1-2k steps (1-2B tokens)", ours_default,
+         GU_VERDICTS["emerges"]],
+        ["random token at 0 keeps the sink (training-time)", "27%", ours_r0, GU_VERDICTS["random0"]],
+        ["fixed token at j moves the sink to j (training-time)", "~70% at j", ours_f8, GU_VERDICTS["fixed"]],
+        ["the same changes at evaluation time only (ours)", "not in the paper", ours_probes, GU_VERDICTS["probes"]],
+    ]
+    return md_table(["test", "Gu et al. (60M, 20k steps of ~1M tokens)", "ours (4 layers, width 96, bytes)",
+                     "verdict"], rows)
+
+
+
+def _gu_final(fmt: Callable[[dict[str, Any]], str]) -> Callable[[Path], str]:
+    return lambda source: fmt(read_json(source / "final.json"))
+
+
+QUOTES.extend([
+    Quote(TRAINING_DOC, r"tokens \((\d+)M here, their sink", f"{TRAINING_RESULTS}/gu-lm-nobos-long",
+          _gu_final(lambda f: f"{f['tokens'] / 1e6:.0f}"), "gu: the long run's tokens"),
+    Quote(TRAINING_DOC, r"model size \((\S+)M parameters vs 60M", f"{TRAINING_RESULTS}/gu-lm-nobos-long",
+          _gu_final(lambda f: f"{f['params'] / 1e6:.2f}"), "gu: the model's parameters"),
+])
+
+
+GU_POSITIONS = f"{TRAINING_RESULTS}/gu-positions"
+
+
+def _gu_entry(run: str, step: str) -> Callable[[Path], dict[str, Any]]:
+    """One run's probe entry of ``positions.json``: at its ``last`` step, or at the last step all runs reached."""
+    def get(src: Path) -> dict[str, Any]:
+        runs = read_json(src / "positions.json")["runs"]
+        if step == "last":
+            return runs[run][-1]
+        common = max(set.intersection(*({e["step"] for e in runs[r]} for r in GU_RUNS if r in runs)))
+        return next(e for e in runs[run] if e["step"] == common)
+    return get
+
+
+QUOTES += [
+    Quote("README.md", r"a 55-minute run \((\d+) steps, \S+M byte tokens\)", f"{TRAINING_RESULTS}/gu-lm-nobos-long",
+          _gu_final(lambda f: str(f["step"])), "README gu: steps"),
+    Quote("README.md", r"a 55-minute run \(\d+ steps, (\S+)M byte tokens\)", f"{TRAINING_RESULTS}/gu-lm-nobos-long",
+          _gu_final(lambda f: f"{f['tokens'] / 1e6:.1f}"), "README gu: tokens"),
+    Quote("README.md", r"forms no sink either: Sink_0 (\S+)%", GU_POSITIONS,
+          lambda src: f"{100 * _gu_entry('gu-lm-nobos-long', 'last')(src)['text']['sink'][0]:.1f}", "README gu: Sink_0"),
+    Quote("README.md", r"attention on the first token (\S+), the uniform level", GU_POSITIONS,
+          lambda src: f"{_gu_entry('gu-lm-nobos-long', 'last')(src)['text']['alpha_max_head'][0]:.3f}",
+          "README gu: strongest head's alpha_0"),
+    Quote("README.md", r"becomes a sink \(Sink_8 (\S+)% at 10k steps", GU_POSITIONS,
+          lambda src: f"{100 * _gu_entry('gu-lm-fixed8', 'common')(src)['fixed']['sink'][8]:.1f}", "README gu: Sink_8"),
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -160,3 +160,44 @@ def profile_command(
               f" (proxy {s['sink_ratio_proxy']:.3f}); alpha_0 by layer {r3(s['attention_on_first_by_layer'])}"
               f" (proxy {r3(s['attention_on_first_by_layer_proxy'])});{slot} value ratio"
               f" {r3(s['value_ratio_first_by_layer'])}, residual ratio {r3(s['residual_ratio_first_by_layer'])}")
+
+
+@app.command("positions")
+def positions_command(
+    out: Path = typer.Argument(..., help="Output folder (positions.json)."),
+    runs: list[Path] = typer.Argument(..., help="Run directories (checkpoint.pt, optional snapshots/*.pt)."),
+    rows: int = typer.Option(96, "--rows", help="Held-out rows probed per checkpoint."),
+    fixed_pos: int = typer.Option(8, "--fixed-pos", help="Position j of the fixed-token probe."),
+    fixed_token: int = typer.Option(0, "--fixed-token", help="Token id of the fixed-token probe."),
+    every: int = typer.Option(1000, "--every", help="Probe checkpoints whose step is a multiple of this (and the "
+                                                   "last)."),
+    eps: float = typer.Option(0.3, "--eps", help="Sink threshold of Sink_k^eps."),
+    figure: Path | None = typer.Option(None, "--figure", help="Also draw the figure to this PNG."),
+    figure_only: bool = typer.Option(False, "--figure-only", help="Draw the figure from OUT/positions.json; no "
+                                                                  "probing."),
+) -> None:
+    """Where the sink sits (Gu et al.'s Table 10 probes): Sink_k and the strongest head's alpha_k at every key
+    position, on held-out rows as they are, with a random token at 0 and with a fixed token at j, over each run's
+    checkpoints (see sinkscope.training.positions)."""
+    from sinkscope.errors import InputError
+    from sinkscope.io import check_output_dir, read_text_file, save_figure_atomic
+    from sinkscope.training.config import load_config
+    from sinkscope.training.positions import own_probe, positions_figure, probe_checkpoints
+
+    for run in runs:
+        if not (run / "config.yaml").is_file():
+            raise InputError(f"{run} is not a run directory of `sinkscope train` (no config.yaml)")
+    if figure_only and figure is None:
+        raise InputError("--figure-only needs --figure PNG", param="figure")
+    if not figure_only:
+        check_output_dir(out)
+    own = {run.name: own_probe(load_config(run / "config.yaml")) for run in runs}
+    if not figure_only:
+        res = probe_checkpoints([str(r) for r in runs], n_rows=rows, fixed_pos=fixed_pos, fixed_token=fixed_token,
+                                every=every, eps=eps)
+        print(f"wrote {res.save(str(out))}")
+    if figure is not None:
+        data = json.loads(read_text_file(out / "positions.json", "positions file"))
+        save_figure_atomic(figure, positions_figure(data, own, title="Gu et al. Table 10 in a byte-level text LM "
+                                                                      "(no BOS)"))
+        print(f"wrote {figure}")

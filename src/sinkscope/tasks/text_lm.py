@@ -13,7 +13,7 @@ Chunks are drawn at random offsets of the training split, with or without a BOS 
 al. 2410.10781 §5): a fixed token at position ``j``, a
 uniformly random token at position ``j``, a prefix LM (the prefix attends bidirectionally and carries no loss).
 Evaluation batches hold text rows from the held-out split and random-token rows (query classes ``text`` and
-``random``: the same head can be active on one and dormant on the other).
+``random``: the same head can be active on one and dormant on the other); the switches apply to both kinds of row.
 
 >>> task = TextLM.from_text("hello world, " * 200, tokenizer="bytes")
 >>> b = task.batch(seed=0, step=3, batch_size=2, seq_len=8)
@@ -188,10 +188,14 @@ class TextLM:
         return rows
 
     def _apply_switches(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """Gu et al.'s switches on ``(B, seq_len + 1)`` rows, in place: every row's token at ``fixed_token_pos``
+        becomes ``fixed_token_id``; the token at ``random_token_pos`` becomes a token drawn uniformly, per row,
+        from the vocabulary without the BOS id (their ``x_1 ~ Uniform(V)``; BOS is the ``bos`` switch's)."""
         if self.fixed_token_pos is not None:
             x[:, self.fixed_token_pos] = self.fixed_token_id
         if self.random_token_pos is not None:
-            x[:, self.random_token_pos] = torch.randint(0, self.vocab_size, (x.shape[0],), generator=g)
+            tok = torch.randint(0, self.vocab_size - 1, (x.shape[0],), generator=g)
+            x[:, self.random_token_pos] = tok + (tok >= self.bos_id).long()  # skip the BOS id
         return x
 
     def _lm_batch(self, x: Tensor, classes: dict[str, Tensor]) -> LMBatch:
@@ -215,6 +219,7 @@ class TextLM:
         rand = torch.randint(0, self.vocab_size, (batch_size - n_text, seq_len + 1), generator=g)
         if self.bos:
             rand[:, 0] = self.bos_id
+        rand = self._apply_switches(rand, g)  # a model trained with a fixed token at j sees it in every row
         x = torch.cat([text, rand], 0)
         is_text = torch.zeros(len(x), seq_len, dtype=torch.bool)
         is_text[:n_text] = True

@@ -186,3 +186,44 @@ def plot_comparison(spec: ComparisonFigure, runs: Mapping[str, Sequence[Row]], t
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+Series = tuple[Sequence[float], Sequence[float]]
+
+
+def plot_sink_positions(over_steps: Mapping[str, Series], by_position: Mapping[str, Sequence[float]],
+                        sink_by_position: Mapping[str, Sequence[float]], *, eps: float = 0.3, marks: Sequence[int] = (),
+                        title: str = "") -> Figure:
+    """Where the sink is (Gu et al.'s Table 10), three panels:
+
+    Args:
+        over_steps: label -> ``(steps, values)``: e.g. the strongest head's alpha_0 (or alpha_j) over training.
+        by_position: label -> ``(T,)`` the strongest head's mean alpha_k at every key position ``k``.
+        sink_by_position: label -> ``(T,)`` Sink_k^eps at every key position.
+        eps: the sink threshold (a dotted line in the first two panels).
+        marks: key positions to mark with vertical lines (0 and the fixed token's j).
+        title: the figure's title.
+    """
+    fig = Figure(figsize=(15, 3.6))
+    axes = fig.subplots(1, 3)
+    ax = axes[0]
+    for i, (label, (x, y)) in enumerate(over_steps.items()):
+        ax.plot(x, y, label=label, lw=1.2, color=f"C{i}", marker="." if len(x) < 30 else None)
+    ax.axhline(eps, ls=":", color="grey", lw=1)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_title("strongest head's alpha over training", fontsize=9)
+    for ax, data, name in ((axes[1], by_position, "strongest head's alpha_k"),
+                           (axes[2], sink_by_position, f"Sink_k (eps {eps:g})")):
+        for i, (label, y) in enumerate(data.items()):
+            ax.plot(range(len(y)), y, label=label, lw=1.2, color=f"C{i}")
+        for k in marks:
+            ax.axvline(k, ls="--", color="grey", lw=0.8)
+        ax.set_xlabel("key position k", fontsize=8)
+        ax.set_title(f"{name} by key position", fontsize=9)
+    axes[1].axhline(eps, ls=":", color="grey", lw=1)
+    for ax in axes:
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

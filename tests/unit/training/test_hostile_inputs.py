@@ -162,3 +162,18 @@ def test_progress_callback_sees_every_step(tiny_cfg, tmp_path: Path) -> None:
     seen: list[tuple[int, int | None]] = []
     train(tiny_cfg, tmp_path / "o", progress=lambda done, total, what: seen.append((done, total)))
     assert seen == [(i, 12) for i in range(13)]
+
+
+def test_positions_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "probes"
+    assert cli_main(["train", "positions", str(out), str(tmp_path)]) == 2
+    _one_line_error(capsys, "is not a run directory of `sinkscope train` (no config.yaml)")
+    assert not out.exists()  # refused before any output
+
+
+def test_positions_figure_only_needs_a_figure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {}\n")
+    assert cli_main(["train", "positions", str(tmp_path / "probes"), str(run), "--figure-only"]) == 2
+    _one_line_error(capsys, "--figure-only needs --figure PNG")

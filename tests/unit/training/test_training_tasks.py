@@ -109,3 +109,39 @@ def test_text_corpus_errors(tmp_path: Path) -> None:
     root, files = corpus_files("python-stdlib")  # the running Python's standard library, without site-packages
     assert len(files) > 100 and all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts for f in files) and (root / "os.py") in files
+
+
+def _is_corpus_substring(text: bytes, row: torch.Tensor) -> bool:
+    return bytes(row.tolist()) in text
+
+
+def test_random_token_at_zero_keeps_the_text_after_it(corpus: Path) -> None:
+    """Gu et al.'s ``x_1 ~ Uniform(V)`` without BOS: position 0 is a per-row uniform token (never BOS, not the
+    corpus's 24 characters' distribution), every later position is the chunk's own text, in train and eval rows."""
+    text = corpus.read_bytes()
+    task = TextLM.from_text(corpus.read_text(), bos=False, random_token_pos=0)
+    b = task.batch(seed=0, step=0, batch_size=4096, seq_len=16)
+    first = b.idx[:, 0]
+    assert not (first == task.bos_id).any()
+    counts = torch.bincount(first, minlength=task.vocab_size)[: task.bos_id].float()
+    assert (counts > 0).sum() == 256  # every byte drawn, not just the corpus's 24 characters
+    assert counts.max() < 3 * counts.mean()  # roughly uniform (expected 16 per byte)
+    x = torch.cat([b.idx, b.targets[:, -1:]], 1)
+    assert all(_is_corpus_substring(text, row[1:]) for row in x[:64])  # the rest is untouched text
+    assert not all(_is_corpus_substring(text, row) for row in x[:64])
+    ev = task.eval_batch(0, 64, 16)
+    assert not (ev.idx[:, 0] == task.bos_id).any() and len(set(ev.idx[:, 0].tolist())) > 24
+
+
+def test_fixed_token_at_j_in_every_row(corpus: Path) -> None:
+    """A fixed token at position j, no BOS: column j is that token in every training and evaluation row (text and
+    random-token rows); the positions around it are the chunk's own text."""
+    text = corpus.read_bytes()
+    task = TextLM.from_text(corpus.read_text(), bos=False, fixed_token_pos=5, fixed_token_id=0)
+    b = task.batch(seed=0, step=1, batch_size=256, seq_len=16)
+    assert (b.idx[:, 5] == 0).all() and (b.targets[:, 4] == 0).all()
+    x = torch.cat([b.idx, b.targets[:, -1:]], 1)
+    assert all(_is_corpus_substring(text, row[:5]) and _is_corpus_substring(text, row[6:]) for row in x[:64])
+    assert not (x[:, :5] == 0).any() and not (x[:, 6:] == 0).any()  # byte 0 occurs only where it was put
+    ev = task.eval_batch(0, 64, 16)
+    assert (ev.idx[:, 5] == 0).all() and ev.classes["random"][:, 0].any()
