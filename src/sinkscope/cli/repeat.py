@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from sinkscope.cli.common import DEVICE_OPTION, DTYPE_OPTION, REVISION_OPTION, TRUST_OPTION
+from sinkscope.comma_lists import parse_names
 from sinkscope.errors import InputError
 from sinkscope.models.load import DEFAULT_MODEL
 
@@ -48,10 +49,7 @@ def _forms(spec: str) -> list[str]:
 
     if spec.strip() == "protocol":
         return list(PROTOCOL_FORMS)
-    forms = [f.strip() for f in spec.split(",") if f.strip()]
-    if not forms:
-        raise InputError("--forms: give at least one prompt form (or 'protocol')", param="forms")
-    return forms
+    return list(parse_names(spec, flag="forms", empty="give at least one prompt form (or 'protocol')"))
 
 
 def _lengths(spec: str) -> list[int]:
@@ -309,11 +307,9 @@ def _variant_names(dirs: list[Path]) -> list[str]:
 def _harm_sets(spec: str) -> dict[str, Any]:
     from sinkscope.repetition.harm import load_harm_set
 
-    names = [h.strip() for h in spec.split(",") if h.strip()]
+    names = list(parse_names(spec, flag="harm-sets", empty="give dev, eval, a directory, or none"))
     if names == ["none"]:
         return {}
-    if not names:
-        raise InputError("--harm-sets: give dev, eval, a directory, or none", param="harm_sets")
     return {Path(n).name if n not in ("dev", "eval") else n: load_harm_set(n) for n in names}
 
 

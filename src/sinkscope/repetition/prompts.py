@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sinkscope.comma_lists import split_items
 from sinkscope.errors import InputError
 from sinkscope.repetition.words import run_token_id
 
@@ -129,7 +130,7 @@ def parse_lengths(spec: str) -> list[int]:
         if ".." in s:
             lo, hi = (int(x) for x in s.split(".."))
             return log_lengths(lo, hi)
-        vals = sorted({int(x) for x in s.split(",") if x.strip()})
+        vals = sorted({int(x) for x in split_items(s)})
     except ValueError:
         raise InputError(f"bad lengths {spec!r}: give 'LO..HI' or a comma list of integers",
                          param="lengths") from None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sinkscope.comma_lists import split_items
 from sinkscope.errors import InputError
 from sinkscope.io import read_text_file
 
@@ -183,7 +184,7 @@ class WordChoice:
         if words_file is not None:
             return cls(tuple(read_words(words_file)), None, n_words)
         if words is not None:
-            return cls(tuple(w.strip() for w in words.split(",") if w.strip()), None, n_words)
+            return cls(split_items(words), None, n_words)
         return cls(None, word_set, n_words)
 
     def resolve(self, tokenizer: Any, default: Sequence[str] = ()) -> list[str]:
