@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from sinkscope.cli.common import DEVICE_OPTION, DTYPE_OPTION, REVISION_OPTION, TRUST_OPTION
+from sinkscope.cli.common import DEVICE_OPTION, DTYPE_OPTION, REVISION_OPTION, TRUST_OPTION, ModelOptions
 from sinkscope.comma_lists import parse_names
 from sinkscope.errors import InputError
 from sinkscope.models.load import DEFAULT_MODEL
@@ -23,17 +23,10 @@ app = typer.Typer(help="The repeated-token phenomenon: detect divergence, find t
                   no_args_is_help=True, add_completion=False)
 
 
-def _load(model: str, device: str, dtype: str, revision: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
-    from sinkscope.cli.common import load_cli_model
-
-    return load_cli_model(model, device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
-
-
-def _check_model_options(model: str, device: str, dtype: str, revision: str | None) -> None:
-    """The model spec, device, dtype and revision, checked without loading anything (`ModelOptions`)."""
-    from sinkscope.cli.common import ModelOptions
-
-    ModelOptions(model, device, dtype, revision)
+def _model_options(model: str, device: str, dtype: str, revision: str | None, trust_remote_code: bool
+                   ) -> ModelOptions:
+    """The model spec, device, dtype and revision, checked without loading anything; ``.load()`` loads it."""
+    return ModelOptions(model, device, dtype, revision, trust_remote_code)
 
 
 def _lock(out: Path) -> AbstractContextManager[Path]:
@@ -126,9 +119,9 @@ def scan(
     choice = WordChoice.from_cli(words, words_file, n_words)
     form_list, ns = _forms(forms), _lengths(lengths)
     check_grid_settings(form_list, ns, max_new_tokens, batch_size)  # before the model loads; words need it
-    _check_model_options(model, device, dtype, revision)
+    model_opts = _model_options(model, device, dtype, revision, trust_remote_code)
     with _lock(out):
-        m, tok = _load(model, device, dtype, revision, trust_remote_code)
+        m, tok = model_opts.load()[:2]
         ws = choice.resolve(tok, default_words(tok))
         plan = GridPlan(ws, form_list, ns, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         sinkness_words=None if sinkness_words < 0 else ws[:sinkness_words])
@@ -185,9 +178,9 @@ def circuit(
         from sinkscope.io import read_text_file
 
         read_text_file(corpus, "corpus file")
-    _check_model_options(model, device, dtype, revision)
+    model_opts = _model_options(model, device, dtype, revision, trust_remote_code)
     with _lock(out):
-        m, tok = _load(model, device, dtype, revision, trust_remote_code)
+        m, tok = model_opts.load()[:2]
         t0 = time.perf_counter()
         with ProgressReporter("circuit") as progress:
             res = run_circuit(m, tok, opts, progress=_announce_stages(progress, "circuit"))
@@ -275,9 +268,9 @@ def patch(
         from sinkscope.io import read_text_file
 
         read_text_file(corpus, "corpus file")
-    _check_model_options(model, device, dtype, revision)
+    model_opts = _model_options(model, device, dtype, revision, trust_remote_code)
     with _lock(save):
-        m, tok = _load(model, device, dtype, revision, trust_remote_code) if meth.needs_model else (None, None)
+        m, tok = model_opts.load()[:2] if meth.needs_model else (None, None)
         from sinkscope.progress import ProgressReporter
 
         with ProgressReporter(f"patch ({meth.name})") as progress:
@@ -367,9 +360,9 @@ def evaluate(
     hsets = _harm_sets(harm_sets) if text else {}
     text_src = read_corpus(corpus) if text else ""
     spec = model or patches[0].base_model
-    _check_model_options(spec, device, dtype, revision)
+    model_opts = _model_options(spec, device, dtype, revision, trust_remote_code)
     with _lock(out):
-        m, tok = _load(spec, device, dtype, revision, trust_remote_code)
+        m, tok = model_opts.load()[:2]
         ws = choice.resolve(tok)
         plan = GridPlan(ws, form_list, ns, [NO_PATCH, *names], max_new_tokens, batch_size)
         if divergence:
@@ -439,9 +432,9 @@ def sinkrun(
     form_list, ns = _forms(forms), _lengths(lengths)
     for f in form_list:
         check_form(f)
-    _check_model_options(model, device, dtype, revision)
+    model_opts = _model_options(model, device, dtype, revision, trust_remote_code)
     with _lock(out):
-        m, tok = _load(model, device, dtype, revision, trust_remote_code)
+        m, tok = model_opts.load()[:2]
         ws = choice.resolve(tok)
         settings = {"model": model, "revision": revision, "dtype": dtype}
         with ProgressReporter("sinkrun", unit="cells") as progress:
@@ -508,9 +501,9 @@ def cluster(
             raise InputError(f"--defence: the directory name {NO_DEFENCE!r} is reserved for the unpatched answers; "
                              "rename it", param="defence")
         defence = (name, dp)
-    _check_model_options(p.base_model, device, dtype, revision)
+    model_opts = _model_options(p.base_model, device, dtype, revision, trust_remote_code)
     with _lock(out):
-        m, tok = _load(p.base_model, device, dtype, revision, trust_remote_code)
+        m, tok = model_opts.load()[:2]
         ws = choice.resolve(tok, heldout_words(tok))
         settings = {"model": p.base_model, "revision": revision, "dtype": dtype}
         with ProgressReporter("cluster", unit="answers") as progress:

@@ -149,11 +149,11 @@ def test_patch_pins_the_base_revision(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(patch_mod, "load_model", spy)
     import sinkscope.cli.repeat as cli_repeat
+    from sinkscope.cli.common import ModelOptions
 
-    monkeypatch.setattr(cli_repeat, "_check_model_options", lambda *a: None)  # lets --revision pass the local dir
-    real_cli_load = cli_repeat._load
-    monkeypatch.setattr(cli_repeat, "_load", lambda model, device, dtype, revision, trust: real_cli_load(
-        model, device, dtype, None, trust))  # the tiny local model has no revisions: the CLI's own load ignores it
+    # the tiny local model has no revisions: the CLI's own model options drop it (the patch still records it)
+    monkeypatch.setattr(cli_repeat, "_model_options", lambda model, device, dtype, revision, trust: ModelOptions(
+        model, device, dtype, None, trust))
     r = CliRunner().invoke(app, ["patch", "--model", str(tiny_dir), "--save", str(tmp_path / "p"), "--revision",
                                  "abc123", "--window", "4"])
     assert r.exit_code == 0, r.output

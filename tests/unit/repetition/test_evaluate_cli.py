@@ -88,7 +88,7 @@ def test_outputs_are_checked_before_the_model_loads(setup, tmp_path: Path, capsy
     import sinkscope.cli.repeat as cli
 
     patch, _, _ = setup
-    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
+    monkeypatch.setattr(cli.ModelOptions, "load", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     head = (["repeat", "evaluate", "--patch", str(patch)] if command == "evaluate"

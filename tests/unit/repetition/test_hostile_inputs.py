@@ -86,7 +86,7 @@ EARLY = [
 def test_refused_before_the_model_loads(files, capsys, monkeypatch, args, msg):
     import sinkscope.cli.repeat as cli
 
-    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    monkeypatch.setattr(cli.ModelOptions, "load", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     _one_line(*_run(capsys, *_fill(args, files)), msg)
     assert not files["OUT"].exists()  # nothing written, not even the directory
 
