@@ -102,7 +102,6 @@ def worker(method: str, budget: float, args: argparse.Namespace) -> dict:
     from sinkscope.compat import cache_kwargs
     from sinkscope.kv.cache import headwise_cache
     from sinkscope.kv.calibration_data import dev_prose
-    from sinkscope.kv.policy import KVPolicy
     from sinkscope.models.load import load_model
 
     torch.set_num_threads(args.threads)
