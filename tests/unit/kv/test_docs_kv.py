@@ -18,6 +18,7 @@ TABLES = {
     "docs/results/kv/peers": summary_markdown,
     "docs/results/kv/needle_policy": summary_markdown,
     "docs/results/kv/eval_ablation_policy": summary_markdown,
+    "docs/results/kv/eval_1536": summary_markdown,
 }
 
 
