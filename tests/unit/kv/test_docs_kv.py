@@ -19,6 +19,7 @@ TABLES = {
     "docs/results/kv/needle_policy": summary_markdown,
     "docs/results/kv/eval_ablation_policy": summary_markdown,
     "docs/results/kv/eval_1536": summary_markdown,
+    "docs/results/kv/peers_current": summary_markdown,
 }
 
 
