@@ -20,6 +20,7 @@ TABLES = {
     "docs/results/kv/eval_ablation_policy": summary_markdown,
     "docs/results/kv/eval_1536": summary_markdown,
     "docs/results/kv/peers_current": summary_markdown,
+    "docs/results/kv/peers_1536": summary_markdown,
 }
 
 
