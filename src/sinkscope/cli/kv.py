@@ -20,7 +20,8 @@ from sinkscope.cli.common import (
 )
 from sinkscope.errors import InputError
 
-app = typer.Typer(help="Per-head KV-cache compression calibrated from the sink profile: calibrate, generate.",
+app = typer.Typer(help="Per-head KV-cache compression calibrated from the sink profile: calibrate, generate, "
+                       "eval, ablate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -153,3 +154,7 @@ def generate_command(
 from sinkscope.cli.kv_eval import eval_command  # noqa: E402 - the eval command lives in its own module
 
 app.command("eval")(eval_command)
+
+from sinkscope.cli.kv_ablate import ablate_command  # noqa: E402 - the ablation command lives in its own module
+
+app.command("ablate")(ablate_command)

@@ -239,7 +239,8 @@ def policy_at_budget(policy: Any, budget: float, length: int) -> Any:
         raise InputError("the policy has no head scores to re-cut at other budgets (calibrate it with "
                          "sinkscope kv calibrate)", param="policy")
     return KVPolicy.from_scores(scores, budget, policy.n_sink, policy.window, length, model=policy.model,
-                                kind="calibrated", info={"recut_from": policy.budget})
+                                criterion=policy.info.get("criterion_column"), kind="calibrated",
+                                info={"recut_from": policy.budget})
 
 
 def _policy(model: nn.Module, ctx: MethodContext) -> list[Method]:

@@ -36,8 +36,9 @@ from sinkscope.kv import duo_format
 POLICY_FILE = "policy.json"
 FORMAT = "sinkscope.kv.policy/1"
 #: columns of `KVPolicy.head_scores`, per layer and kv head (`sinkscope.kv.mass.head_masses`); policies made
-#: from three columns have no drop error
-SCORE_COLUMNS = ("distant", "sink", "window", "drop_error")
+#: from three columns have no drop error; ``ablation`` (a fifth column) is the measured order of a policy ranked by
+#: a per-head ablation (`sinkscope.kv.ablate.AblationResult.ranked_policy`)
+SCORE_COLUMNS = ("distant", "sink", "window", "drop_error", "ablation")
 
 
 def n_full_for_budget(budget: float, n_heads: int, n_sink: int, window: int, length: int) -> int:
@@ -181,7 +182,7 @@ class KVPolicy:
         return (n * length + (self.n_heads_total - n) * kept) / (self.n_heads_total * length)
 
     def scores_array(self) -> np.ndarray | None:
-        """`head_scores` as an (L, Hkv, 3) array (columns `SCORE_COLUMNS`), or None."""
+        """`head_scores` as an (L, Hkv, C) array (columns the first C of `SCORE_COLUMNS`), or None."""
         return None if self.head_scores is None else np.asarray(self.head_scores, dtype=float)
 
     def check_model(self, model: Any) -> None:
@@ -288,7 +289,8 @@ class KVPolicy:
         d = asdict(self)
         d["full_heads"] = [list(h) for h in self.full_heads]
         d["head_scores"] = None if self.head_scores is None else [[list(s) for s in row] for row in self.head_scores]
-        d["head_score_columns"] = list(SCORE_COLUMNS)
+        d["head_score_columns"] = (list(SCORE_COLUMNS) if self.head_scores is None
+                                   else list(SCORE_COLUMNS[:len(self.head_scores[0][0])]))
         d["n_full"] = self.n_full
         return {"format": FORMAT, **d}
 

@@ -261,24 +261,34 @@ def _insert(hay: list[int], needles: list[tuple[float, list[int]]], boundaries: 
 
 
 def build_suite(tokenizer: Any, spec: SuiteSpec | None = None, *, prose: str | None = None,
-                code: str | None = None) -> Suite:
-    """Build the EVAL suite for ``tokenizer``.
+                code: str | None = None, split: str = "eval") -> Suite:
+    """Build the EVAL suite for ``tokenizer`` (or, with ``split="dev"``, the same tasks on DEV data).
 
     Args:
         tokenizer: a Hugging Face tokenizer (no special tokens are added; the model sees plain text).
         spec: what to build (default `SuiteSpec()`).
-        prose, code: override the EVAL texts (tests); default `eval_prose()` and `eval_code()`.
+        prose, code: override the texts (tests); default `eval_prose()` and `eval_code()` (``split="dev"``:
+            the calibration data, `sinkscope.kv.calibration_data.dev_prose` / ``dev_code``).
+        split: ``"eval"``, or ``"dev"`` for tuning and diagnosis on calibration data (`sinkscope.kv.ablate`):
+            DEV texts, and item seeds ``spec.seed - EVAL_SEED_BASE`` on (below ``EVAL_SEED_BASE``, as calibration's).
 
     Returns:
         A `Suite`; every item's ``ids`` has exactly its ``length`` tokens.
     """
     spec = spec or SuiteSpec()
+    if split not in ("eval", "dev"):
+        raise InputError(f"split must be 'eval' or 'dev', got {split!r}", param="split")
+    if split == "dev":
+        from sinkscope.kv.calibration_data import dev_code, dev_prose
+
+        prose = prose if prose is not None else dev_prose()
+        code = code if code is not None else (dev_code() if "code" in spec.tasks else "")
     hay_all = _encode(tokenizer, prose if prose is not None else eval_prose())
     code_all = _encode(tokenizer, code if code is not None else eval_code()) if "code" in spec.tasks else []
     # sentence ends of the haystack (WikiText writes " . "): needles go right after one
     boundaries = frozenset(i for t in (" .", ".") for i in _encode(tokenizer, t)[-1:])
     items: list[Item] = []
-    seed = spec.seed
+    seed = spec.seed - (EVAL_SEED_BASE if split == "dev" else 0)
     for length in spec.lengths:
         for task in spec.tasks:
             if task == "passkey":

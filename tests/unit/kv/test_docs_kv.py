@@ -17,6 +17,10 @@ TABLES = {
     "docs/results/kv/eval": summary_markdown,
     "docs/results/kv/peers": summary_markdown,
     "docs/results/kv/needle_policy": summary_markdown,
+    "docs/results/kv/eval_ablation_policy": summary_markdown,
+    "docs/results/kv/eval_1536": summary_markdown,
+    "docs/results/kv/peers_current": summary_markdown,
+    "docs/results/kv/peers_1536": summary_markdown,
 }
 
 
@@ -34,3 +38,12 @@ def test_the_markdown_of_a_changed_result_is_not_in_the_docs():
     rows = load_summary(ROOT / "docs/results/kv/dense_passkey")["rows"]
     changed = [dict(r, passkey_acc=(r.get("passkey_acc") or 0) + 0.01) for r in rows]
     assert f"\n{passkey_by_length_markdown(changed)}\n" not in DOC.read_text(encoding="utf-8")
+
+
+def test_docs_ablation_table_equals_its_results_file():
+    from sinkscope.kv.ablate import heads_markdown, load_ablation
+
+    table = heads_markdown(load_ablation(ROOT / "docs/results/kv/ablation_25"))
+    assert f"\n{table}\n" in DOC.read_text(encoding="utf-8"), \
+        "docs/kv_eval.md does not hold the table of docs/results/kv/ablation_25/ablation.json (regenerate it with " \
+        "sinkscope.kv.ablate.heads_markdown)"

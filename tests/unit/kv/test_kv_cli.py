@@ -62,3 +62,34 @@ def test_bad_calibrate_options_fail_before_the_model_loads(tmp_path, capsys, arg
 def test_generate_refuses_a_missing_policy(tmp_path, capsys) -> None:
     assert main(["kv", "generate", "--policy", str(tmp_path), "--prompt", "hi"]) == 2
     assert "no KV policy" in capsys.readouterr().err
+
+
+def test_ablate_writes_its_results_and_a_ranked_policy(model_dir, text_file, tmp_path, capsys) -> None:
+    pol = tmp_path / "pol"
+    assert main(["kv", "calibrate", "--model", model_dir, "--out", str(pol), "--file", str(text_file),
+                 "--length", "160", "--sinks", "2", "--window", "8", "--budget", "0.6"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "abl"
+    rc = main(["kv", "ablate", "--policy", str(pol), "--model", model_dir, "--out", str(out), "--depths", "0.5",
+               "--tasks", "passkey,prose", "--kl-tokens", "32", "--gain", "gain_kl"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} >= {"ablation.json", "ablation_heads.csv", "ablation_rows.jsonl", "policy"}
+    summary = json.loads((out / "ablation.json").read_text())
+    assert summary["probes"]["base"]["streams"] == 1 and summary["probes"]["base"]["retrieval_probes"] == 1
+    ranked = KVPolicy.load(out / "policy")
+    assert ranked.n_full == KVPolicy.load(pol).n_full and ranked.info["criterion_column"] == "ablation"
+    assert "spearman" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [(["--base", "nope"], "--base"), (["--gain", "x"], "--gain"),
+                                           (["--tasks", "agree"], "--tasks")])
+def test_bad_ablate_options_fail_before_the_model_loads(tmp_path, capsys, args, message) -> None:
+    pol = tmp_path / "pol"
+    KVPolicy(((0,), ()), n_layers=2, n_kv_heads=2, n_sink=2, window=8, target_length=160,
+             head_scores=(((1.0, 0, 0, 1.0),) * 2,) * 2).save(pol)
+    rc = main(["kv", "ablate", "--policy", str(pol), "--model", "/no/such/model", "--out", str(tmp_path / "o"),
+               *args])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
