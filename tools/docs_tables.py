@@ -783,6 +783,21 @@ def _bench_length(source: Path, policy: str, length: int) -> float:
     return float(row["tokens_per_s"])
 
 
+def _kv_best_compressing_press(source: Path) -> str:
+    """The lowest 25% stream KL of the kvpress presses that really store about 25% of the bytes (not DuoAttention
+    on-the-fly, which keeps the full cache) in ``SOURCE/summary.json``."""
+    rows = [r for r in read_json(source / "summary.json")["rows"]
+            if r["method"].startswith("kvpress:") and r["budget"] == 0.25 and r["bytes_fraction"] < 0.5]
+    return format(min(r["stream_kl"] for r in rows), ".3f")
+
+
+def _kv_minor_full_heads(source: Path) -> str:
+    """How many of the ablated policy's full kv heads gain less than 0.5 nats of answer log-prob from being kept
+    full (``SOURCE/ablation_heads.csv``: the 0.4-nat ceiling docs/kv_eval.md names)."""
+    with open(source / "ablation_heads.csv", newline="") as f:
+        return str(sum(1 for r in csv.DictReader(f) if r["base_state"] == "full" and float(r["gain_logp"]) < 0.5))
+
+
 KV_EVAL = "docs/results/kv/eval_drop_error_policy"
 
 QUOTES: list[Quote] = [
@@ -801,6 +816,21 @@ QUOTES: list[Quote] = [
           "kv: random stream KL at 25%"),
     Quote("README.md", r"stores really fewer bytes \((\S+) of dense", KV_EVAL, _kv_row("policy", 0.25, "bytes_fraction", ".3f"),
           "kv: stored bytes at 25%"),
+    Quote("README.md", r"stores 25% of the bytes \((\S+);", "docs/results/kv/peers_1536",
+          _kv_row("policy", 0.25, "stream_kl", ".3f"), "kv: policy KL at 25%, 1536"),
+    Quote("README.md", r"; uniform (\S+), kvpress's best", "docs/results/kv/peers_1536",
+          _kv_row("uniform", 0.25, "stream_kl", ".3f"), "kv: uniform KL at 25%, 1536"),
+    Quote("README.md", r"kvpress's best press (\S+)\)", "docs/results/kv/peers_1536", _kv_best_compressing_press,
+          "kv: best compressing press KL at 25%, 1536"),
+    Quote("README.md", r"SnapKV leads \((\S+)\)", "docs/results/kv/peers_current",
+          _kv_row("kvpress:snapkv", 0.25, "stream_kl", ".3f"), "kv: SnapKV KL at 25%, 1024"),
+    Quote("README.md", r"stream KL rises to (\S+)\.", "docs/results/kv/eval_ablation_policy",
+          _kv_row("policy", 0.25, "stream_kl", ".3f"), "kv: ablation-ranked KL"),
+    Quote("README.md", r"decodes at (\S+)x a dense `DynamicCache`", "bench/results/kv_cache.json",
+          lambda src: format(next(r for r in read_json(src)["rows"] if r["budget"] == 0.25)["decode_time_ratio"], ".2f"),
+          "kv: decode ratio at 25%"),
+    Quote("README.md", r"misjudges: (\d+) of the 13 full heads barely matter", "docs/results/kv/ablation_25",
+          _kv_minor_full_heads, "kv: full heads that barely matter"),
     *[Quote("docs/report.md", pattern, REPORT, fn, "report: " + what) for pattern, fn, what in REPORT_QUOTES],
     Quote("README.md", r"The report\s+took (\d+) s of CPU time", REPORT, _report_cpu_s, "report CPU time"),
     Quote("README.md", r"first evicts \(positions >= 257\): (window-only \S+, sinks \+ window \S+, recompute \S+, dense \S+)\.",
