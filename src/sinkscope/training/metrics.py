@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sinkscope.collectors.tinygpt import Captured, capture_tinygpt
+from sinkscope.hooks import forward_hooks
 from sinkscope.metrics.sink import column_alpha, first_and_median_norm, first_norm_ratio, row_normalised
 from sinkscope.metrics.sink import norm_ratio as norm_ratio
 from sinkscope.metrics.sink import sink_ratio as sink_ratio
-from sinkscope.models.tinygpt import TinyGPT, attention_mask
+from sinkscope.models.attention import scaled_logits
+from sinkscope.models.tinygpt import TinyGPT, attention_mask, rope
 from sinkscope.profile import SinkProfile, profile_sinks
 from sinkscope.tasks.batch import LMBatch
 
@@ -43,6 +45,7 @@ class Measured:
     profile: SinkProfile
     eps: float
     dormant_threshold: float
+    attn_logits: list[Tensor] | None = None  # per layer (B, H, Q, K): q.k / sqrt(d) on real keys; None: not defined
 
 
 def _r4(x: np.ndarray) -> list[list[float]]:
@@ -136,8 +139,75 @@ def head_labels(m: Measured) -> dict:
     return {"heads": heads, "head_bos_mass": head_mass}
 
 
+def bos_logit_gap(z: Tensor, visible: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """The first key's (BOS's) attention-logit gap per head, averaged over the chosen queries.
+
+    For a query ``t`` that sees key 0 and at least one other key ``k`` (``1 <= k``, visible), with
+    pre-normalisation logits ``z[t, k] = q_t . k_k / sqrt(d)``:
+
+    - ``gap[t] = z[t, 0] - mean_k z[t, k]``: Guo et al.'s attention logit on BOS in their simplified model of the
+      mutual-reinforcement dynamics, where the logits on the other keys are held at zero and BOS's logit grows
+      ~log(training step); subtracting the mean of the others makes it invariant to the per-row constant that
+      softmax ignores.
+    - ``gap_lse[t] = z[t, 0] - logsumexp_k z[t, k]``: for softmax the log-odds ``log(A[t, 0] / (1 - A[t, 0]))``
+      of the attention on BOS (equal to ``gap[t] - log(t)`` when the other logits are all equal).
+
+    Args:
+        z: logits ``(B, H, Q, K)`` on real keys (key 0 is the first token).
+        visible: ``(Q, K)`` bool, query t may attend key k.
+        queries: ``(B, Q)`` bool, the queries averaged over (e.g. Bigram-Backcopy's non-trigger queries).
+    Returns:
+        ``(gap, gap_lse)``, each ``(H,)`` float64; NaN for a head when no query qualifies.
+    """
+    z = z.double()
+    others = visible.clone()
+    others[:, 0] = False
+    n_other = others.sum(-1)  # (Q,)
+    use = queries & (visible[:, 0] & (n_other > 0))[None, :]  # (B, Q)
+    z0 = z[..., 0]  # (B, H, Q)
+    mean_other = z.masked_fill(~others, 0.0).sum(-1) / n_other.clamp_min(1)
+    lse_other = torch.logsumexp(z.masked_fill(~others, float("-inf")), dim=-1)
+    u = use[:, None, :].expand_as(z0)
+    n = u.sum(dim=(0, 2)).double()  # (H,)
+    gap = torch.where(u, z0 - mean_other, 0.0).sum(dim=(0, 2)) / n
+    gap_lse = torch.where(u, z0 - lse_other, 0.0).sum(dim=(0, 2)) / n
+    return gap, gap_lse
+
+
+def logit_keys(m: Measured) -> dict:
+    """Per input class (as `head_labels`), per layer and head: ``bos_logit_gap`` and ``bos_logit_gap_lse``
+    (:func:`bos_logit_gap`), the first token's attention-logit gap over the class's queries. Left out for models
+    whose logits carry more than ``q.k / sqrt(d)`` (ALiBi) and for tasks without query classes."""
+    if m.attn_logits is None or not m.batch.classes:
+        return {}
+    cfg, b = m.model.cfg, m.batch
+    visible = attention_mask(b.idx.shape[1], window=cfg.window, prefix_len=b.prefix_len, device=b.idx.device)
+    gap: dict[str, list[list[float]]] = {}
+    gap_lse: dict[str, list[list[float]]] = {}
+    for cls, queries in b.classes.items():
+        per_layer = [bos_logit_gap(z, visible, queries) for z in m.attn_logits]
+        gap[cls] = _r4(np.array([g.numpy() for g, _ in per_layer]))
+        gap_lse[cls] = _r4(np.array([g.numpy() for _, g in per_layer]))
+    return {"bos_logit_gap": gap, "bos_logit_gap_lse": gap_lse}
+
+
 #: The parts of a metrics row, in order; each returns some of its keys.
-ROW_PARTS: list[Callable[[Measured], dict]] = [loss_keys, sink_keys, norm_keys, head_labels]
+ROW_PARTS: list[Callable[[Measured], dict]] = [loss_keys, sink_keys, norm_keys, head_labels, logit_keys]
+
+
+def _logit_hooks(model: TinyGPT, seen: list[Tensor]) -> list:
+    """Forward hooks that append each layer's attention logits on real keys, ``(B, H, T, T)``, to ``seen``."""
+    cfg = model.cfg
+    H, D, S = cfg.n_heads, cfg.d_head, cfg.n_sink_tokens
+
+    def record(x: Tensor) -> None:
+        B, TS = x.shape[0], x.shape[1]
+        q, k, _ = x.detach().view(B, TS, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, S + T, D), as the layer
+        if cfg.positions == "rope":
+            q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
+        seen.append(scaled_logits(q[:, :, S:], k[:, :, S:], None))
+
+    return [(block.attn.qkv, record, False) for block in model.layers]
 
 
 @torch.no_grad()
@@ -148,14 +218,16 @@ def measure_model(model: nn.Module, batch: LMBatch, *, eps: float = 0.3,
         raise TypeError(f"measure_model takes a TinyGPT, got {type(model).__name__}")
     was_training = model.training
     model.eval()
+    attn_logits: list[Tensor] = []
     try:
-        with capture_tinygpt(model) as cap:
+        with capture_tinygpt(model) as cap, forward_hooks(_logit_hooks(model, attn_logits)):
             logits = model(batch.idx, prefix_len=batch.prefix_len)
         prof = profile_sinks(model, batch.idx.tolist(), eps=eps, batch_size=max(len(batch.idx), 1),
                              prefix_len=batch.prefix_len)
     finally:
         model.train(was_training)
-    m = Measured(model, batch, logits, cap, prof, eps, dormant_threshold)
+    m = Measured(model, batch, logits, cap, prof, eps, dormant_threshold,
+                 None if model.cfg.positions == "alibi" else attn_logits)
     row: dict = {}
     for part in ROW_PARTS:
         row.update(part(m))
