@@ -142,7 +142,8 @@ def reinforcement_command(
     d = run_reinforcement(run, layer=layer, head=head, query_class=query_class, from_step=from_step)
     f = d.fit
     print(json.dumps({"head": f"L{d.layer}H{d.head}", "onset_step": d.onset_step, "slope": round(f.slope, 4),
-                      "r2": round(f.r2, 4), "fit_steps": [f.first_step, f.last_step],
+                      "r2": round(f.r2, 4), "linear_r2": round(d.linear_r2, 4),
+                      "fit_steps": [f.first_step, f.last_step],
                       "value_out_norm": [d.value_start, d.value_end]}))
     for path in d.save(out):
         print(path)

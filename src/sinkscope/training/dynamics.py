@@ -51,6 +51,21 @@ class LogStepFit:
         return self.slope * math.log(10.0)
 
 
+def _r2(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares line ``y = intercept + slope * x``: ``(slope, intercept, R^2)``."""
+    slope, intercept = np.polyfit(x, y, 1)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    ss_res = float(((y - (intercept + slope * x)) ** 2).sum())
+    return float(slope), float(intercept), (1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"))
+
+
+def linear_step_r2(steps: Sequence[int], values: Sequence[float]) -> float:
+    """R^2 of a straight line in the step itself (the alternative to a log-step fit), finite values only."""
+    s, y = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(y)
+    return _r2(s[keep], y[keep])[2] if keep.sum() >= 3 else float("nan")
+
+
 def log_step_fit(steps: Sequence[int], values: Sequence[float]) -> LogStepFit:
     """Fit ``values = a + b ln(steps)`` (steps > 0, at least 3 points; InputError otherwise)."""
     s = np.asarray(steps, dtype=np.float64)
@@ -59,12 +74,8 @@ def log_step_fit(steps: Sequence[int], values: Sequence[float]) -> LogStepFit:
     s, y = s[keep], y[keep]
     if len(s) < 3:
         raise InputError(f"a log-step fit needs at least 3 steps > 0 with finite values, got {len(s)}")
-    x = np.log(s)
-    slope, intercept = np.polyfit(x, y, 1)
-    resid = y - (intercept + slope * x)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else float("nan")
-    return LogStepFit(float(slope), float(intercept), r2, int(len(s)), int(s[0]), int(s[-1]))
+    slope, intercept, r2 = _r2(np.log(s), y)
+    return LogStepFit(slope, intercept, r2, int(len(s)), int(s[0]), int(s[-1]))
 
 
 @dataclass
@@ -77,7 +88,7 @@ class ReinforcementDynamics:
             attention on BOS), ``value_out_norm`` (BOS's ``||W_O^h v||`` / median token's) per step.
         onset_step: the first step whose ``bos_attention`` exceeds ``threshold`` (None: never dormant).
         fit: the gap against ln(step) from ``onset_step`` (or the first step > 0) on; ``fit_all``: over every
-            step > 0.
+            step > 0; ``linear_r2``: R^2 of a straight line in the step over the fit's steps (the alternative).
         value_start, value_end: ``value_out_norm`` at the fit's first and last step.
     """
 
@@ -94,6 +105,7 @@ class ReinforcementDynamics:
     onset_step: int | None
     fit: LogStepFit
     fit_all: LogStepFit
+    linear_r2: float
     value_start: float
     value_end: float
 
@@ -169,8 +181,9 @@ def reinforcement_dynamics(rows: list[dict[str, Any]], *, run: str = "", layer: 
     sel = [i for i, s in enumerate(steps) if s >= max(start, 1)]
     fit = log_step_fit([steps[i] for i in sel], [gap[i] for i in sel])
     fit_all = log_step_fit(steps, gap)
+    linear = linear_step_r2([steps[i] for i in sel], [gap[i] for i in sel])
     return ReinforcementDynamics(run, layer, head, query_class, threshold, steps, gap, gap_lse, attn, value,
-                                 onset, fit, fit_all, value[sel[0]], value[sel[-1]])
+                                 onset, fit, fit_all, linear, value[sel[0]], value[sel[-1]])
 
 
 def run_reinforcement(run_dir: str | Path, **kwargs: Any) -> ReinforcementDynamics:

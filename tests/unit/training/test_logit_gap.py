@@ -122,7 +122,7 @@ def _rows(steps: list[int], gap: list[float], mass: list[float], value: list[flo
 
 
 def test_log_step_fit_recovers_a_known_slope_and_a_poor_r2() -> None:
-    from sinkscope.training.dynamics import log_step_fit
+    from sinkscope.training.dynamics import linear_step_r2, log_step_fit
 
     steps = [250, 500, 1000, 2000, 4000, 8000]
     fit = log_step_fit(steps, [1.5 + 0.8 * math.log(s) for s in steps])
@@ -130,6 +130,7 @@ def test_log_step_fit_recovers_a_known_slope_and_a_poor_r2() -> None:
     assert fit.r2 == pytest.approx(1.0, abs=1e-12) and fit.slope_per_decade == pytest.approx(0.8 * math.log(10))
     lin = log_step_fit(steps, [1e-3 * s for s in steps])  # linear in step: a log fit leaves a visible residual
     assert 0.5 < lin.r2 < 0.95
+    assert linear_step_r2(steps, [1e-3 * s for s in steps]) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_reinforcement_dynamics_picks_the_sink_head_and_fits_from_onset() -> None:
@@ -146,6 +147,7 @@ def test_reinforcement_dynamics_picks_the_sink_head_and_fits_from_onset() -> Non
     assert (d.fit.first_step, d.fit.n) == (500, 5)
     assert d.fit_all.r2 < 0.9  # the pre-onset jump spoils the fit over every step
     assert (d.value_start, d.value_end) == (0.3, 0.1)
+    assert 0.5 < d.linear_r2 < 0.95  # a log curve over 1.2 decades is visibly not a straight line in the step
 
 
 def test_reinforcement_cli_writes_json_and_figure(tmp_path) -> None:
