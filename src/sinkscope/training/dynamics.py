@@ -88,7 +88,8 @@ class ReinforcementDynamics:
             attention on BOS), ``value_out_norm`` (BOS's ``||W_O^h v||`` / median token's) per step.
         onset_step: the first step whose ``bos_attention`` exceeds ``threshold`` (None: never dormant).
         fit: the gap against ln(step) from ``onset_step`` (or the first step > 0) on; ``fit_all``: over every
-            step > 0; ``linear_r2``: R^2 of a straight line in the step over the fit's steps (the alternative).
+            step > 0; ``linear_r2`` / ``linear_r2_all``: R^2 of a straight line in the step over the same steps (the
+            alternative to a log-step growth).
         value_start, value_end: ``value_out_norm`` at the fit's first and last step.
     """
 
@@ -106,6 +107,7 @@ class ReinforcementDynamics:
     fit: LogStepFit
     fit_all: LogStepFit
     linear_r2: float
+    linear_r2_all: float
     value_start: float
     value_end: float
 
@@ -183,7 +185,9 @@ def reinforcement_dynamics(rows: list[dict[str, Any]], *, run: str = "", layer: 
     fit_all = log_step_fit(steps, gap)
     linear = linear_step_r2([steps[i] for i in sel], [gap[i] for i in sel])
     return ReinforcementDynamics(run, layer, head, query_class, threshold, steps, gap, gap_lse, attn, value,
-                                 onset, fit, fit_all, linear, value[sel[0]], value[sel[-1]])
+                                 onset, fit, fit_all, linear, linear_step_r2([s for s in steps if s > 0],
+                                                                             [g for s, g in zip(steps, gap) if s > 0]),
+                                 value[sel[0]], value[sel[-1]])
 
 
 def run_reinforcement(run_dir: str | Path, **kwargs: Any) -> ReinforcementDynamics:

@@ -10,6 +10,7 @@ import math
 from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 if TYPE_CHECKING:
     from sinkscope.training.dynamics import ReinforcementDynamics
@@ -32,6 +33,7 @@ def plot_reinforcement(d: ReinforcementDynamics) -> Figure:
     if d.onset_step:
         ax_gap.axvline(d.onset_step, color="grey", lw=0.8, ls=":")
     ax_gap.set_xscale("log")
+    ax_gap.xaxis.set_minor_formatter(NullFormatter())
     ax_gap.set_title(f"L{d.layer}H{d.head} logit gap on BOS ({d.query_class} queries)")
     ax_gap.set_ylabel("logit (nats)")
     ax_gap.legend(fontsize=7)
