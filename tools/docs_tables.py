@@ -986,5 +986,100 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+# --- guo ---
+# Issue 19 item 5 (Guo et al.): the mutual-reinforcement fit (`sinkscope train reinforcement`) and ReLU attention
+# at lr 3e-4; quotes of the re-run bb-peak-*, bb-noslot-*, bb-signorm-* and lm-* runs' prose numbers.
+
+GUO_REINFORCEMENT = "docs/results/guo/reinforcement-bb-peak-adam"
+
+
+@renderer("guo-reinforcement")
+def render_guo_reinforcement(source: Path) -> str:
+    """The log-step fit of the sink head's logit gap and BOS's value drain (``SOURCE/reinforcement.json``)."""
+    d = read_json(source / "reinforcement.json")
+    f, fa = d["fit"], d["fit_all"]
+    steps, val = d["steps"], d["value_out_norm"]
+    onset = d["onset_step"]
+    return md_table(
+        ["run", "head", "dormant from step", "fit steps", "slope per e-fold of steps (per decade)", "R^2 ln(step)",
+         "R^2 straight line in step", "BOS value out / median: step 0, fit start, end"],
+        [[d["run"], f"L{d['layer']}H{d['head']}", str(onset), f"{f['first_step']}-{f['last_step']}",
+          f"{f['slope']:.2f} ({f['slope_per_decade']:.1f})", f"{f['r2']:.2f}", f"{d['linear_r2']:.2f}",
+          f"{val[0]:.2f} / {val[steps.index(f['first_step'])]:.2f} / {val[-1]:.2f}"],
+         [d["run"], f"L{d['layer']}H{d['head']}", str(onset), f"{fa['first_step']}-{fa['last_step']}",
+          f"{fa['slope']:.2f} ({fa['slope_per_decade']:.1f})", f"{fa['r2']:.2f}", f"{d['linear_r2_all']:.2f}",
+          f"{val[0]:.2f} / {val[steps.index(fa['first_step'])]:.2f} / {val[-1]:.2f}"]])
+
+
+@renderer("guo-gap-series")
+def render_guo_gap_series(source: Path) -> str:
+    """The sink head's gap, log-sum-exp gap, attention on BOS and value ratio at a few steps."""
+    d = read_json(source / "reinforcement.json")
+    rows = []
+    for step in (0, 250, 500, 1000, 1500, 2000, 4000, 6000, 8000):
+        if step in d["steps"]:
+            i = d["steps"].index(step)
+            rows.append([str(step), f"{d['gap'][i] + 0.0:.1f}".replace("-0.0", "0.0"), f"{d['gap_lse'][i]:.1f}", f"{d['bos_attention'][i]:.2f}",
+                         f"{d['value_out_norm'][i]:.2f}"])
+    return md_table(["step", "logit gap (mean)", "logit gap (log-sum-exp)", "attention on BOS",
+                     "BOS value out / median"], rows)
+
+
+RENDERERS["guo-relu-lr"] = training_renderer(["bb-peak-relu-lr3e-4", "bb-peak-relu"])
+
+
+def _abs0(run: str, step: int | None = None, key: str = "bos_residual_abs", fmt: str = ".1f") -> Callable[[Path], str]:
+    """Layer 0's value of ``key`` (final row, or the row at ``step``) of a committed training run."""
+    def get(src: Path) -> str:
+        row = read_json(src / run / "final.json") if step is None else _row(run, step)(src)
+        return format(row[key][0], fmt)
+    return get
+
+
+QUOTES += [
+    # section 1 prose and summary table, re-run bb-peak-adam / bb-peak-sgd
+    Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) in 8k steps \(3\.9x", TRAINING_RESULTS, _abs0("bb-peak-adam"),
+          "bb-peak-adam final BOS residual (summary table)"),
+    Quote(TRAINING_DOC, r"BOS / median 0\.97 -> (\S+); re-run\)", TRAINING_RESULTS,
+          _abs0("bb-peak-adam", key="bos_residual_norm", fmt=".2f"), "bb-peak-adam final ratio (summary table)"),
+    Quote(TRAINING_DOC, r"grows from 11\.5 to (\S+) over 8k steps", TRAINING_RESULTS, _abs0("bb-peak-adam"),
+          "bb-peak-adam final BOS residual"),
+    Quote(TRAINING_DOC, r"roughly linearly \((\d+ at 2k, \d+ at 4k, \d+ at 6k, \d+ at 8k)\)", TRAINING_RESULTS,
+          lambda src: ", ".join(f"{_row('bb-peak-adam', n)(src)['bos_residual_abs'][0]:.0f} at {n // 1000}k"
+                                for n in (2000, 4000, 6000, 8000)), "bb-peak-adam residual by step"),
+    Quote(TRAINING_DOC, r"so the ratio goes 0\.97 -> (\S+ \(2k\) -> \S+ \(6k\) -> \S+) \(8k\)", TRAINING_RESULTS,
+          lambda src: " -> ".join(f"{_row('bb-peak-adam', n)(src)['bos_residual_norm'][0]:.2f}" + s
+                                  for n, s in ((2000, " (2k)"), (6000, " (6k)"), (8000, ""))),
+          "bb-peak-adam ratio by step"),
+    Quote(TRAINING_DOC, r"reaches (\S+) by step 500 and then stays", TRAINING_RESULTS, _abs0("bb-peak-sgd", 500),
+          "bb-peak-sgd residual at step 500"),
+    Quote(TRAINING_DOC, r"stays \((\S+) at 2k, \S+ at 8k; Guo", TRAINING_RESULTS, _abs0("bb-peak-sgd", 2000),
+          "bb-peak-sgd residual at step 2000"),
+    Quote(TRAINING_DOC, r"stays \(\S+ at 2k, (\S+) at 8k; Guo", TRAINING_RESULTS, _abs0("bb-peak-sgd"),
+          "bb-peak-sgd final residual"),
+    Quote(TRAINING_DOC, r"differ \(Adam (\S+), SGD \S+\)", TRAINING_RESULTS, _abs0("bb-peak-adam", 2000),
+          "bb-peak-adam residual at equal loss"),
+    Quote(TRAINING_DOC, r"do not \((\S+) vs 2\.04\)", TRAINING_RESULTS,
+          _abs0("bb-peak-adam", 2000, "bos_residual_norm", ".2f"), "bb-peak-adam ratio at equal loss"),
+    Quote(TRAINING_DOC, r"converged \((\S+) at 8k, excess loss", TRAINING_RESULTS,
+          _abs0("bb-peak-adam", key="bos_residual_norm", fmt=".2f"), "bb-peak-adam final ratio"),
+    # the Guo et al. section
+    Quote(TRAINING_DOC, r"the gap grows by (\S+) nats of logit per e-fold of steps from", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["fit_all"]["slope"], ".2f"), "gap slope, all steps"),
+    Quote(TRAINING_DOC, r"from step 250 on \(R\^2 (\S+);", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["fit_all"]["r2"], ".2f"), "gap R^2, all steps"),
+    Quote(TRAINING_DOC, r"a straight line in the step gives (\S+)\)", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["linear_r2_all"], ".2f"), "linear R^2, all steps"),
+    Quote(TRAINING_DOC, r"once the head is dormant \(step (\d+) on\)", GUO_REINFORCEMENT,
+          lambda src: str(read_json(src / "reinforcement.json")["onset_step"]), "dormant onset"),
+    Quote(TRAINING_DOC, r"the slope is (\S+) with R\^2 \S+ \(a straight line", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["fit"]["slope"], ".2f"), "gap slope from onset"),
+    Quote(TRAINING_DOC, r"the slope is \S+ with R\^2 (\S+) \(a straight line", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["fit"]["r2"], ".2f"), "gap R^2 from onset"),
+    Quote(TRAINING_DOC, r"R\^2 \S+ \(a straight line: (\S+)\)", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["linear_r2"], ".2f"), "linear R^2 from onset"),
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())
