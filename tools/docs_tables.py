@@ -1078,6 +1078,45 @@ QUOTES += [
           lambda src: format(read_json(src / "reinforcement.json")["fit"]["r2"], ".2f"), "gap R^2 from onset"),
     Quote(TRAINING_DOC, r"R\^2 \S+ \(a straight line: (\S+)\)", GUO_REINFORCEMENT,
           lambda src: format(read_json(src / "reinforcement.json")["linear_r2"], ".2f"), "linear R^2 from onset"),
+    # ReLU attention at lr 3e-4
+    Quote(TRAINING_DOC, r"flat ~24 \((\S+ at 500, \S+ at 1000, \S+ at 1500)\)", TRAINING_RESULTS,
+          lambda src: ", ".join(f"{_row('bb-peak-relu-lr3e-4', n)(src)['bos_residual_abs'][0]:.1f} at {n}"
+                                for n in (500, 1000, 1500)), "relu lr 3e-4 residual while the copy is learned"),
+    Quote(TRAINING_DOC, r"copy loss (\S+ at step 500, \S+ at 1500)\)", TRAINING_RESULTS,
+          lambda src: f"{_row('bb-peak-relu-lr3e-4', 500)(src)['loss_copy']:.2f} at step 500, "
+                      f"{_row('bb-peak-relu-lr3e-4', 1500)(src)['loss_copy']:.2f} at 1500",
+          "relu lr 3e-4 copy loss"),
+    Quote(TRAINING_DOC, r"about linearly: (\S+ at 2k, \S+ at 4k, \S+ at 6k, \S+ at 8k),", TRAINING_RESULTS,
+          lambda src: ", ".join(f"{_row('bb-peak-relu-lr3e-4', n)(src)['bos_residual_abs'][0]:.1f} at {n // 1000}k"
+                                for n in (2000, 4000, 6000, 8000)), "relu lr 3e-4 residual by step"),
+    Quote(TRAINING_DOC, r"8k, (\S+)x the median token \((\S+)\), against 2200", TRAINING_RESULTS,
+          lambda src: (f"{_abs0('bb-peak-relu-lr3e-4', key='bos_residual_norm', fmt='.1f')(src)}",
+                       f"{_abs0('bb-peak-relu-lr3e-4', key='median_residual_abs', fmt='.1f')(src)}"),
+          "relu lr 3e-4 final ratio and median"),
+    Quote(TRAINING_DOC, r"then (\S+) at 8k \((\S+)x the median; 2200", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-relu-lr3e-4")(src),
+                       _abs0("bb-peak-relu-lr3e-4", key="bos_residual_norm", fmt=".1f")(src)),
+          "relu lr 3e-4 verdict row"),
+    Quote(TRAINING_DOC, r"\(eval loss (\S+), copy loss \S+\) and no head sinks", TRAINING_RESULTS,
+          _final("bb-peak-relu-lr3e-4", "loss", ".3f"), "relu lr 3e-4 eval loss"),
+    Quote(TRAINING_DOC, r"copy loss (\S+)\) and no head sinks", TRAINING_RESULTS,
+          _final("bb-peak-relu-lr3e-4", "loss_copy", ".3f"), "relu lr 3e-4 copy loss"),
+    Quote(TRAINING_DOC, r"raw attention on BOS <= (\S+) in every layer, Sink_0", TRAINING_RESULTS,
+          lambda src: format(max(max(a) for a in read_json(src / "bb-peak-relu-lr3e-4" / "final.json")["bos_attention"]),
+                             ".2f"), "relu lr 3e-4 max raw attention on BOS"),
+    Quote(TRAINING_DOC, r"share on BOS is (\S+) at a raw weight of (\S+):", TRAINING_RESULTS,
+          lambda src: (format(read_json(src / "bb-peak-relu-lr3e-4" / "final.json")["bos_attention_proxy"][2][0], ".2f"),
+                       format(read_json(src / "bb-peak-relu-lr3e-4" / "final.json")["bos_attention"][2][0], ".2f")),
+          "relu lr 3e-4 layer-2 proxy vs raw"),
+    # the verdict table
+    Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) over 8k \(3\.9x\)", TRAINING_RESULTS, _abs0("bb-peak-adam"),
+          "verdict table adam"),
+    Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) \| reproduced \|", TRAINING_RESULTS, _abs0("bb-peak-sgd"),
+          "verdict table sgd"),
+    Quote(TRAINING_DOC, r"value out (\S+ -> \S+)x \|", GUO_REINFORCEMENT,
+          lambda src: "{:.2f} -> {:.2f}".format(read_json(src / "reinforcement.json")["value_out_norm"][0],
+                                                 read_json(src / "reinforcement.json")["value_out_norm"][-1]),
+          "verdict table value drain"),
 ]
 
 
