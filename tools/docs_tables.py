@@ -1025,6 +1025,19 @@ def render_guo_gap_series(source: Path) -> str:
                      "BOS value out / median"], rows)
 
 
+GUO_DIAG = "docs/results/guo/diagnose-peak"
+
+
+def _parts(src: Path, run: str, part: str) -> tuple[str, str]:
+    """``diagnose parts`` of ``run``: what ``part`` adds at the first position and at the median other one."""
+    for line in (src / "parts.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if d["run"].endswith("/" + run):
+            p = d["parts"][part]
+            return f"{p['first']:.1f}", f"{p['median_other']:.1f}"
+    raise KeyError(run)
+
+
 RENDERERS["guo-relu-lr"] = training_renderer(["bb-peak-relu-lr3e-4", "bb-peak-relu"])
 
 
@@ -1108,6 +1121,17 @@ QUOTES += [
           lambda src: (format(read_json(src / "bb-peak-relu-lr3e-4" / "final.json")["bos_attention_proxy"][2][0], ".2f"),
                        format(read_json(src / "bb-peak-relu-lr3e-4" / "final.json")["bos_attention"][2][0], ".2f")),
           "relu lr 3e-4 layer-2 proxy vs raw"),
+    # diagnose parts of the re-run peak runs
+    Quote(TRAINING_DOC, r"layer 0's MLP adds (\S+) at BOS against (\S+) at the median token \(the massive", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-adam", "mlp"), "bb-peak-adam layer-0 MLP part"),
+    Quote(TRAINING_DOC, r"layer 0's attention adds (\S+) against (\S+) \(BOS, the first", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-adam", "attention"), "bb-peak-adam layer-0 attention part"),
+    Quote(TRAINING_DOC, r"layer 0's MLP adding only (\S+) at BOS \((\S+) at the median", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-sgd", "mlp"), "bb-peak-sgd layer-0 MLP part"),
+    Quote(TRAINING_DOC, r"then grows to (\S+) \((\S+)x\) by 8k \(section", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-relu-lr3e-4", fmt=".0f")(src),
+                       _abs0("bb-peak-relu-lr3e-4", key="bos_residual_norm", fmt=".0f")(src)),
+          "relu lr 3e-4 summary-table row"),
     # the verdict table
     Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) over 8k \(3\.9x\)", TRAINING_RESULTS, _abs0("bb-peak-adam"),
           "verdict table adam"),
