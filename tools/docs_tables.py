@@ -811,7 +811,7 @@ QUOTES: list[Quote] = [
     Quote(TRAINING_DOC, r"layer 0's alpha_0 is (\S+)\)", TRAINING_RESULTS,
           lambda src: "{:.2f}".format(_mean(read_json(src / "bb-peak-relu" / "final.json")["bos_attention"][0])),
           "bb-peak-relu layer-0 alpha_0"),
-    Quote(TRAINING_DOC, r"16\.4\) against (\S+ \(\d+\)), and layer 0", TRAINING_RESULTS,
+    Quote(TRAINING_DOC, r"\(absolute \S+\) against (\S+ \(\d+\)), and layer 0", TRAINING_RESULTS,
           lambda src: "{:.1f} ({:.0f})".format(_row("bb-peak-relu", 2000)(src)["bos_residual_norm"][0],
                                                _row("bb-peak-relu", 2000)(src)["bos_residual_abs"][0]),
           "bb-peak-relu at step 2000"),
@@ -1028,13 +1028,13 @@ def render_guo_gap_series(source: Path) -> str:
 GUO_DIAG = "docs/results/guo/diagnose-peak"
 
 
-def _parts(src: Path, run: str, part: str) -> tuple[str, str]:
+def _parts(src: Path, run: str, part: str, fmt: str = ".1f") -> tuple[str, str]:
     """``diagnose parts`` of ``run``: what ``part`` adds at the first position and at the median other one."""
     for line in (src / "parts.jsonl").read_text().splitlines():
         d = json.loads(line)
         if d["run"].endswith("/" + run):
             p = d["parts"][part]
-            return f"{p['first']:.1f}", f"{p['median_other']:.1f}"
+            return format(p["first"], fmt), format(p["median_other"], fmt)
     raise KeyError(run)
 
 
@@ -1132,6 +1132,20 @@ QUOTES += [
           lambda src: (_abs0("bb-peak-relu-lr3e-4", fmt=".0f")(src),
                        _abs0("bb-peak-relu-lr3e-4", key="bos_residual_norm", fmt=".0f")(src)),
           "relu lr 3e-4 summary-table row"),
+    Quote(TRAINING_DOC, r"ratio after layer 0 is (\S+) \(absolute (\S+)\) against 15\.2", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-relu-flat", key="bos_residual_norm", fmt=".2f")(src),
+                       _abs0("bb-peak-relu-flat")(src)), "relu-flat control ratio"),
+    Quote(TRAINING_DOC, r"layer-2 head gives BOS (\S+) of the row-normalised proxy, Sink_0 proxy (\S+), but", TRAINING_RESULTS,
+          lambda src: (format(read_json(src / "bb-peak-relu-flat" / "final.json")["bos_attention_proxy"][2][0], ".2f"),
+                       _final("bb-peak-relu-flat", "sink_ratio_proxy", ".2f")(src)), "relu-flat layer-2 proxy"),
+    Quote(TRAINING_DOC, r"first character\): ratio (\S+) \((\S+)\), attention output", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-relu-nobos", key="bos_residual_norm", fmt=".2f")(src),
+                       _abs0("bb-peak-relu-nobos")(src)), "relu-nobos control ratio"),
+    Quote(TRAINING_DOC, r"attention output at position 0 (\S+) vs (\S+) at the median token \(re-run", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-relu-nobos", "attention", ".2f"),
+          "relu-nobos attention part"),
+    Quote(TRAINING_DOC, r"0's attention output at BOS (\S+) against (\S+) at the median token, its MLP", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-relu-lr3e-4", "attention"), "relu lr 3e-4 attention part"),
     # the verdict table
     Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) over 8k \(3\.9x\)", TRAINING_RESULTS, _abs0("bb-peak-adam"),
           "verdict table adam"),
