@@ -1038,6 +1038,21 @@ def _parts(src: Path, run: str, part: str, fmt: str = ".1f") -> tuple[str, str]:
     raise KeyError(run)
 
 
+@renderer("guo-noslot-targets")
+def render_guo_noslot_targets(source: Path) -> str:
+    """``diagnose targets --layer 1`` of the no-BOS runs (``SOURCE/targets.jsonl``): where the non-trigger queries
+    of layer 1 put their attention."""
+    by_run = {json.loads(x)["run"].split("/")[-1]: json.loads(x) for x in (source / "targets.jsonl").read_text().splitlines()}
+    rows = []
+    for run in ("bb-noslot-softmax", "bb-noslot-kbias", "bb-noslot-softmax1", "bb-noslot-sinktoken",
+                "bb-noslot-sinktoken-long"):
+        if run in by_run:
+            c = by_run[run]["classes"]["non_trigger"]
+            rows.append([run, f"{c['slot']:.2f}", f"{c['first']:.4f}", f"{c['self']:.2f}", f"{c['previous']:.2f}",
+                         f"{c['rest']:.2f}"])
+    return md_table(["run (layer 1, non-trigger queries)", "slot", "first token", "self", "previous", "rest"], rows)
+
+
 RENDERERS["guo-relu-lr"] = training_renderer(["bb-peak-relu-lr3e-4", "bb-peak-relu"])
 
 
