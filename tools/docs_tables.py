@@ -1053,6 +1053,18 @@ def render_guo_noslot_targets(source: Path) -> str:
     return md_table(["run (layer 1, non-trigger queries)", "slot", "first token", "self", "previous", "rest"], rows)
 
 
+GUO_NOSLOT = "docs/results/guo/diagnose-noslot"
+
+
+def _target(src: Path, run: str, key: str, fmt: str) -> str:
+    """``diagnose targets`` of ``run``: the non-trigger queries' share on ``key`` (slot, first, self, ...)."""
+    for line in (src / "targets.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if d["run"].endswith("/" + run):
+            return format(d["classes"]["non_trigger"][key], fmt)
+    raise KeyError(run)
+
+
 RENDERERS["guo-relu-lr"] = training_renderer(["bb-peak-relu-lr3e-4", "bb-peak-relu"])
 
 
@@ -1161,6 +1173,21 @@ QUOTES += [
           "relu-nobos attention part"),
     Quote(TRAINING_DOC, r"0's attention output at BOS (\S+) against (\S+) at the median token, its MLP", GUO_DIAG,
           lambda src: _parts(src, "bb-peak-relu-lr3e-4", "attention"), "relu lr 3e-4 attention part"),
+    # section 2 (no BOS), from the re-run diagnose targets
+    Quote(TRAINING_DOC, r"on the slot: (\S+) \(key bias\) and (\S+) \(softmax \+ 1's", GUO_NOSLOT,
+          lambda src: (_target(src, "bb-noslot-kbias", "slot", ".2f"), _target(src, "bb-noslot-softmax1", "slot", ".2f")),
+          "no-BOS slot shares"),
+    Quote(TRAINING_DOC, r"attention, (\S+) / (\S+) on the first token; Sink_slot", GUO_NOSLOT,
+          lambda src: (_target(src, "bb-noslot-kbias", "first", ".4f"),
+                       _target(src, "bb-noslot-softmax1", "first", ".4f")), "no-BOS first-token shares"),
+    Quote(TRAINING_DOC, r"spread instead \((\S+) on themselves, (\S+) over the rest\)", GUO_NOSLOT,
+          lambda src: (_target(src, "bb-noslot-softmax", "self", ".2f"), _target(src, "bb-noslot-softmax", "rest", ".2f")),
+          "no-BOS softmax spread"),
+    Quote(TRAINING_DOC, r"queries give it (\S+) \(Gu et al\.: Sink_\* 74%", GUO_NOSLOT,
+          lambda src: _target(src, "bb-noslot-sinktoken", "slot", ".2f"), "sink token's share at 3k"),
+    Quote(TRAINING_DOC, r"Sink_slot (\S+), Sink_0 (\S+) and its proxy (\S+) \(Gu et al\.", TRAINING_RESULTS,
+          lambda src: (_final("bb-noslot-kbias", "sink_ratio_slot", ".2f")(src), _final("bb-noslot-kbias", "sink_ratio", ".2f")(src),
+                       _final("bb-noslot-kbias", "sink_ratio_proxy", ".2f")(src)), "no-BOS key-bias Sink_slot"),
     # the verdict table
     Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) over 8k \(3\.9x\)", TRAINING_RESULTS, _abs0("bb-peak-adam"),
           "verdict table adam"),
