@@ -1065,6 +1065,19 @@ def _target(src: Path, run: str, key: str, fmt: str) -> str:
     raise KeyError(run)
 
 
+@renderer("guo-signorm-scores")
+def render_guo_signorm_scores(source: Path) -> str:
+    """``diagnose scores --layer 1`` of the normalised-sigmoid runs (``SOURCE/scores.jsonl``), non-trigger
+    queries by position bucket."""
+    by_run = {json.loads(x)["run"].split("/")[-1]: json.loads(x) for x in (source / "scores.jsonl").read_text().splitlines()}
+    rows = []
+    for run in ("bb-signorm-len64", "bb-signorm-len32"):
+        for b in by_run[run]["classes"]["non_trigger"]:
+            rows.append([run, b["positions"], f"{b['logit_first']:.2f}", f"{b['logit_others']:.2f}",
+                         f"{b['score_first']:.2f}", f"{b['score_others_sum']:.2f}", f"{b['share_first']:.2f}"])
+    return md_table(["run", "positions", "logit on BOS", "mean logit on the others", "s_0", "S", "BOS share"], rows)
+
+
 RENDERERS["guo-relu-lr"] = training_renderer(["bb-peak-relu-lr3e-4", "bb-peak-relu"])
 
 
