@@ -1078,6 +1078,12 @@ def render_guo_signorm_scores(source: Path) -> str:
     return md_table(["run", "positions", "logit on BOS", "mean logit on the others", "s_0", "S", "BOS share"], rows)
 
 
+def _series1000(src: Path, run: str) -> str:
+    """Layer 1's non-trigger attention on BOS (``head_bos_mass``) every 1000 steps of a committed run."""
+    rows = [json.loads(x) for x in (src / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return ", ".join(f"{r['head_bos_mass']['L1H0']['non_trigger']:.2f}" for r in rows if r["step"] % 1000 == 0)
+
+
 RENDERERS["guo-relu-lr"] = training_renderer(["bb-peak-relu-lr3e-4", "bb-peak-relu"])
 
 
@@ -1201,6 +1207,19 @@ QUOTES += [
     Quote(TRAINING_DOC, r"Sink_slot (\S+), Sink_0 (\S+) and its proxy (\S+) \(Gu et al\.", TRAINING_RESULTS,
           lambda src: (_final("bb-noslot-kbias", "sink_ratio_slot", ".2f")(src), _final("bb-noslot-kbias", "sink_ratio", ".2f")(src),
                        _final("bb-noslot-kbias", "sink_ratio_proxy", ".2f")(src)), "no-BOS key-bias Sink_slot"),
+    # section 3 (normalised sigmoid), re-run
+    Quote(TRAINING_DOC, r"\(0 \.\. 6000; re-run\): length 64: (\S+(?:, \S+){6}); length 32: (\S+(?:, \S+){6}) \(the",
+          TRAINING_RESULTS, lambda src: (_series1000(src, "bb-signorm-len64"), _series1000(src, "bb-signorm-len32")),
+          "normalised sigmoid layer-1 BOS attention series"),
+    Quote(TRAINING_DOC, r"a sink head \((\S+) on BOS, Sink_0 (\S+), BOS's value drained to (\S+)x\)", TRAINING_RESULTS,
+          lambda src: (format(read_json(src / "bb-signorm-len32" / "final.json")["head_bos_mass"]["L1H0"]["non_trigger"], ".2f"),
+                       _final("bb-signorm-len32", "sink_ratio", ".2f")(src),
+                       _final("bb-signorm-len32", "bos_value_norm", ".2f", 1)(src)), "signorm len32 sink"),
+    Quote(TRAINING_DOC, r"BOS's value has drained \((\S+)x the median\)", TRAINING_RESULTS,
+          _final("bb-signorm-len64", "bos_value_norm", ".2f", 1), "signorm len64 value"),
+    Quote(TRAINING_DOC, r"\(excess (\S+) at length 64, (\S+) at 32\)", TRAINING_RESULTS,
+          lambda src: (_final("bb-signorm-len64", "excess_loss", ".3f")(src),
+                       _final("bb-signorm-len32", "excess_loss", ".3f")(src)), "signorm excess losses"),
     # the verdict table
     Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) over 8k \(3\.9x\)", TRAINING_RESULTS, _abs0("bb-peak-adam"),
           "verdict table adam"),
