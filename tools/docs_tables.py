@@ -1220,6 +1220,13 @@ QUOTES += [
     Quote(TRAINING_DOC, r"\(excess (\S+) at length 64, (\S+) at 32\)", TRAINING_RESULTS,
           lambda src: (_final("bb-signorm-len64", "excess_loss", ".3f")(src),
                        _final("bb-signorm-len32", "excess_loss", ".3f")(src)), "signorm excess losses"),
+    Quote(TRAINING_DOC, r"the sink token gets (\S+) of the non-trigger attention at step 12000", GUO_NOSLOT,
+          lambda src: _target(src, "bb-noslot-sinktoken-long", "slot", ".2f"), "sink token's share at 12k"),
+    Quote(TRAINING_DOC, r"as in plain softmax \((\S+) over the rest\)", GUO_NOSLOT,
+          lambda src: _target(src, "bb-noslot-sinktoken-long", "rest", ".2f"), "sink token long: rest"),
+    Quote(TRAINING_DOC, r"the sink token gets (\S+) at 3k steps and (\S+) at 12k \(re-run", GUO_NOSLOT,
+          lambda src: (_target(src, "bb-noslot-sinktoken", "slot", ".2f"),
+                       _target(src, "bb-noslot-sinktoken-long", "slot", ".2f")), "sink token shares (summary table)"),
     # the verdict table
     Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) over 8k \(3\.9x\)", TRAINING_RESULTS, _abs0("bb-peak-adam"),
           "verdict table adam"),
