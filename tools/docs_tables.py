@@ -1227,6 +1227,16 @@ QUOTES += [
     Quote(TRAINING_DOC, r"the sink token gets (\S+) at 3k steps and (\S+) at 12k \(re-run", GUO_NOSLOT,
           lambda src: (_target(src, "bb-noslot-sinktoken", "slot", ".2f"),
                        _target(src, "bb-noslot-sinktoken-long", "slot", ".2f")), "sink token shares (summary table)"),
+    # the first text runs (re-run: identical rows)
+    Quote(TRAINING_DOC, r"trains worst at equal steps \((\S+) vs (\S+) for softmax;", TRAINING_RESULTS,
+          lambda src: (_final("lm-sigmoid", "loss", ".3f")(src), _final("lm-softmax", "loss", ".3f")(src)),
+          "lm-sigmoid vs lm-softmax loss"),
+    Quote(TRAINING_DOC, r"its Sink_0 from the weights as used \((\S+)\) is the same", TRAINING_RESULTS,
+          _final("lm-sigmoid", "sink_ratio", ".2f"), "lm-sigmoid Sink_0"),
+    Quote(TRAINING_DOC, r"Normalised sigmoid: (\S+), no sink", TRAINING_RESULTS, _final("lm-sigmoid-norm", "loss", ".3f"),
+          "lm-sigmoid-norm loss"),
+    Quote(TRAINING_DOC, r"the loss is the best of the\s+four \((\S+)\)", TRAINING_RESULTS, _final("lm-kbias", "loss", ".3f"),
+          "lm-kbias loss"),
     # the verdict table
     Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) over 8k \(3\.9x\)", TRAINING_RESULTS, _abs0("bb-peak-adam"),
           "verdict table adam"),
