@@ -134,9 +134,9 @@ def reinforcement_command(
                                                                      "dormant onset)."),
 ) -> None:
     """Guo et al.'s mutual reinforcement: the sink head's logit gap on BOS against ln(step) (slope, R^2) and BOS's
-    value norm over training (sinkscope.training.dynamics)."""
+    value norm over training (sinkscope.training.metrics.reinforcement_dynamics)."""
     from sinkscope.io import check_output_dir
-    from sinkscope.training.dynamics import run_reinforcement
+    from sinkscope.training.metrics import run_reinforcement
 
     check_output_dir(out)
     d = run_reinforcement(run, layer=layer, head=head, query_class=query_class, from_step=from_step)

@@ -1,5 +1,5 @@
 """The first token's attention-logit gap (`training.metrics.bos_logit_gap`, Guo et al.'s mutual reinforcement) on
-models and logits built so that the gap is known, and the log-step fit of `training.dynamics`."""
+models and logits built so that the gap is known, and the log-step fit of `training.metrics.reinforcement_dynamics`."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def _rows(steps: list[int], gap: list[float], mass: list[float], value: list[flo
 
 
 def test_log_step_fit_recovers_a_known_slope_and_a_poor_r2() -> None:
-    from sinkscope.training.dynamics import linear_step_r2, log_step_fit
+    from sinkscope.training.metrics import linear_step_r2, log_step_fit
 
     steps = [250, 500, 1000, 2000, 4000, 8000]
     fit = log_step_fit(steps, [1.5 + 0.8 * math.log(s) for s in steps])
@@ -134,7 +134,7 @@ def test_log_step_fit_recovers_a_known_slope_and_a_poor_r2() -> None:
 
 
 def test_reinforcement_dynamics_picks_the_sink_head_and_fits_from_onset() -> None:
-    from sinkscope.training.dynamics import reinforcement_dynamics
+    from sinkscope.training.metrics import reinforcement_dynamics
 
     steps = [0, 250, 500, 1000, 2000, 4000, 8000]
     # before the onset (mass <= 0.89) the gap jumps; from step 500 on it is 2 + 1.25 ln(step) exactly
