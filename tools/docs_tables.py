@@ -1084,7 +1084,7 @@ def _series1000(src: Path, run: str) -> str:
     return ", ".join(f"{r['head_bos_mass']['L1H0']['non_trigger']:.2f}" for r in rows if r["step"] % 1000 == 0)
 
 
-RENDERERS["guo-relu-lr"] = training_renderer(["bb-peak-relu-lr3e-4", "bb-peak-relu"])
+RENDERERS["guo-relu-lr"] = training_renderer(["bb-peak-adam-lr3e-4", "bb-peak-relu-lr3e-4", "bb-peak-relu"])
 
 
 def _abs0(run: str, step: int | None = None, key: str = "bos_residual_abs", fmt: str = ".1f") -> Callable[[Path], str]:
@@ -1237,6 +1237,21 @@ QUOTES += [
           "lm-sigmoid-norm loss"),
     Quote(TRAINING_DOC, r"the loss is the best of the\s+four \((\S+)\)", TRAINING_RESULTS, _final("lm-kbias", "loss", ".3f"),
           "lm-kbias loss"),
+    # softmax at lr 3e-4
+    Quote(TRAINING_DOC, r"At lr 3e-4 \(`bb-peak-adam-lr3e-4`\) the gap grows by (\S+) per e-fold of steps from step 250 on with R\^2 (\S+) \(a line in the step: (\S+)\)",
+          GUO_REINFORCEMENT + "-lr3e-4", lambda src: (
+              format(read_json(src / "reinforcement.json")["fit_all"]["slope"], ".2f"),
+              format(read_json(src / "reinforcement.json")["fit_all"]["r2"], ".2f"),
+              format(read_json(src / "reinforcement.json")["linear_r2_all"], ".2f")), "lr 3e-4 gap fit, all steps"),
+    Quote(TRAINING_DOC, r"dormant only from step (\d+), after which the slope is (\S+), R\^2 (\S+) \(line: (\S+)\)",
+          GUO_REINFORCEMENT + "-lr3e-4", lambda src: (
+              str(read_json(src / "reinforcement.json")["onset_step"]),
+              format(read_json(src / "reinforcement.json")["fit"]["slope"], ".2f"),
+              format(read_json(src / "reinforcement.json")["fit"]["r2"], ".2f"),
+              format(read_json(src / "reinforcement.json")["linear_r2"], ".2f")), "lr 3e-4 gap fit from onset"),
+    Quote(TRAINING_DOC, r"softmax's own residual after layer 0 reaches only (\S+) \((\S+)x the median\)", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-adam-lr3e-4")(src), _abs0("bb-peak-adam-lr3e-4", key="bos_residual_norm", fmt=".2f")(src)),
+          "adam lr 3e-4 residual"),
     # the verdict table
     Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) over 8k \(3\.9x\)", TRAINING_RESULTS, _abs0("bb-peak-adam"),
           "verdict table adam"),
