@@ -960,7 +960,7 @@ QUOTES: list[Quote] = [
     Quote(TRAINING_DOC, r"layer 0's alpha_0 is (\S+)\)", TRAINING_RESULTS,
           lambda src: "{:.2f}".format(_mean(read_json(src / "bb-peak-relu" / "final.json")["bos_attention"][0])),
           "bb-peak-relu layer-0 alpha_0"),
-    Quote(TRAINING_DOC, r"16\.4\) against (\S+ \(\d+\)), and layer 0", TRAINING_RESULTS,
+    Quote(TRAINING_DOC, r"\(absolute \S+\) against (\S+ \(\d+\)), and layer 0", TRAINING_RESULTS,
           lambda src: "{:.1f} ({:.0f})".format(_row("bb-peak-relu", 2000)(src)["bos_residual_norm"][0],
                                                _row("bb-peak-relu", 2000)(src)["bos_residual_abs"][0]),
           "bb-peak-relu at step 2000"),
@@ -1133,7 +1133,6 @@ def main(argv: list[str] | None = None) -> int:
         print(prob)
     print(f"{len(problems)} problem(s)" if problems else "docs tables and quoted numbers match their results")
     return 1 if problems else 0
-
 
 
 # --- yona ---
@@ -1508,6 +1507,314 @@ QUOTES += [
           "README gu: strongest head's alpha_0"),
     Quote("README.md", r"becomes a sink \(Sink_8 (\S+)% at 10k steps", GU_POSITIONS,
           lambda src: f"{100 * _gu_entry('gu-lm-fixed8', 'common')(src)['fixed']['sink'][8]:.1f}", "README gu: Sink_8"),
+]
+
+
+# --- guo ---
+# Issue 19 item 5 (Guo et al.): the mutual-reinforcement fit (`sinkscope train reinforcement`) and ReLU attention
+# at lr 3e-4; quotes of the re-run bb-peak-*, bb-noslot-*, bb-signorm-* and lm-* runs' prose numbers.
+
+GUO_REINFORCEMENT = "docs/results/guo/reinforcement-bb-peak-adam"
+
+
+@renderer("guo-reinforcement")
+def render_guo_reinforcement(source: Path) -> str:
+    """The log-step fit of the sink head's logit gap and BOS's value drain (``SOURCE/reinforcement.json``)."""
+    d = read_json(source / "reinforcement.json")
+    f, fa = d["fit"], d["fit_all"]
+    steps, val = d["steps"], d["value_out_norm"]
+    onset = d["onset_step"]
+    return md_table(
+        ["run", "head", "dormant from step", "fit steps", "slope per e-fold of steps (per decade)", "R^2 ln(step)",
+         "R^2 straight line in step", "BOS value out / median: step 0, fit start, end"],
+        [[d["run"], f"L{d['layer']}H{d['head']}", str(onset), f"{f['first_step']}-{f['last_step']}",
+          f"{f['slope']:.2f} ({f['slope_per_decade']:.1f})", f"{f['r2']:.2f}", f"{d['linear_r2']:.2f}",
+          f"{val[0]:.2f} / {val[steps.index(f['first_step'])]:.2f} / {val[-1]:.2f}"],
+         [d["run"], f"L{d['layer']}H{d['head']}", str(onset), f"{fa['first_step']}-{fa['last_step']}",
+          f"{fa['slope']:.2f} ({fa['slope_per_decade']:.1f})", f"{fa['r2']:.2f}", f"{d['linear_r2_all']:.2f}",
+          f"{val[0]:.2f} / {val[steps.index(fa['first_step'])]:.2f} / {val[-1]:.2f}"]])
+
+
+@renderer("guo-gap-series")
+def render_guo_gap_series(source: Path) -> str:
+    """The sink head's gap, log-sum-exp gap, attention on BOS and value ratio at a few steps."""
+    d = read_json(source / "reinforcement.json")
+    rows = []
+    for step in (0, 250, 500, 1000, 1500, 2000, 4000, 6000, 8000):
+        if step in d["steps"]:
+            i = d["steps"].index(step)
+            rows.append([str(step), f"{d['gap'][i] + 0.0:.1f}".replace("-0.0", "0.0"), f"{d['gap_lse'][i]:.1f}", f"{d['bos_attention'][i]:.2f}",
+                         f"{d['value_out_norm'][i]:.2f}"])
+    return md_table(["step", "logit gap (mean)", "logit gap (log-sum-exp)", "attention on BOS",
+                     "BOS value out / median"], rows)
+
+
+GUO_DIAG = "docs/results/guo/diagnose-peak"
+
+
+def _parts(src: Path, run: str, part: str, fmt: str = ".1f") -> tuple[str, str]:
+    """``diagnose parts`` of ``run``: what ``part`` adds at the first position and at the median other one."""
+    for line in (src / "parts.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if d["run"].endswith("/" + run):
+            p = d["parts"][part]
+            return format(p["first"], fmt), format(p["median_other"], fmt)
+    raise KeyError(run)
+
+
+@renderer("guo-noslot-targets")
+def render_guo_noslot_targets(source: Path) -> str:
+    """``diagnose targets --layer 1`` of the no-BOS runs (``SOURCE/targets.jsonl``): where the non-trigger queries
+    of layer 1 put their attention."""
+    by_run = {json.loads(x)["run"].split("/")[-1]: json.loads(x) for x in (source / "targets.jsonl").read_text().splitlines()}
+    rows = []
+    for run in ("bb-noslot-softmax", "bb-noslot-kbias", "bb-noslot-softmax1", "bb-noslot-sinktoken",
+                "bb-noslot-sinktoken-long"):
+        if run in by_run:
+            c = by_run[run]["classes"]["non_trigger"]
+            rows.append([run, f"{c['slot']:.2f}", f"{c['first']:.4f}", f"{c['self']:.2f}", f"{c['previous']:.2f}",
+                         f"{c['rest']:.2f}"])
+    return md_table(["run (layer 1, non-trigger queries)", "slot", "first token", "self", "previous", "rest"], rows)
+
+
+GUO_NOSLOT = "docs/results/guo/diagnose-noslot"
+
+
+def _target(src: Path, run: str, key: str, fmt: str) -> str:
+    """``diagnose targets`` of ``run``: the non-trigger queries' share on ``key`` (slot, first, self, ...)."""
+    for line in (src / "targets.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if d["run"].endswith("/" + run):
+            return format(d["classes"]["non_trigger"][key], fmt)
+    raise KeyError(run)
+
+
+@renderer("guo-signorm-scores")
+def render_guo_signorm_scores(source: Path) -> str:
+    """``diagnose scores --layer 1`` of the normalised-sigmoid runs (``SOURCE/scores.jsonl``), non-trigger
+    queries by position bucket."""
+    by_run = {json.loads(x)["run"].split("/")[-1]: json.loads(x) for x in (source / "scores.jsonl").read_text().splitlines()}
+    rows = []
+    for run in ("bb-signorm-len64", "bb-signorm-len32"):
+        for b in by_run[run]["classes"]["non_trigger"]:
+            rows.append([run, b["positions"], f"{b['logit_first']:.2f}", f"{b['logit_others']:.2f}",
+                         f"{b['score_first']:.2f}", f"{b['score_others_sum']:.2f}", f"{b['share_first']:.2f}"])
+    return md_table(["run", "positions", "logit on BOS", "mean logit on the others", "s_0", "S", "BOS share"], rows)
+
+
+def _series1000(src: Path, run: str) -> str:
+    """Layer 1's non-trigger attention on BOS (``head_bos_mass``) every 1000 steps of a committed run."""
+    rows = [json.loads(x) for x in (src / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return ", ".join(f"{r['head_bos_mass']['L1H0']['non_trigger']:.2f}" for r in rows if r["step"] % 1000 == 0)
+
+
+RENDERERS["guo-relu-lr"] = training_renderer(["bb-peak-adam-lr3e-4", "bb-peak-relu-lr3e-4", "bb-peak-relu"])
+
+
+def _abs0(run: str, step: int | None = None, key: str = "bos_residual_abs", fmt: str = ".1f") -> Callable[[Path], str]:
+    """Layer 0's value of ``key`` (final row, or the row at ``step``) of a committed training run."""
+    def get(src: Path) -> str:
+        row = read_json(src / run / "final.json") if step is None else _row(run, step)(src)
+        return format(row[key][0], fmt)
+    return get
+
+
+QUOTES += [
+    # section 1 prose and summary table, re-run bb-peak-adam / bb-peak-sgd
+    Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) in 8k steps \(3\.9x", TRAINING_RESULTS, _abs0("bb-peak-adam"),
+          "bb-peak-adam final BOS residual (summary table)"),
+    Quote(TRAINING_DOC, r"BOS / median 0\.97 -> (\S+); re-run\)", TRAINING_RESULTS,
+          _abs0("bb-peak-adam", key="bos_residual_norm", fmt=".2f"), "bb-peak-adam final ratio (summary table)"),
+    Quote(TRAINING_DOC, r"grows from 11\.5 to (\S+) over 8k steps", TRAINING_RESULTS, _abs0("bb-peak-adam"),
+          "bb-peak-adam final BOS residual"),
+    Quote(TRAINING_DOC, r"roughly linearly \((\d+ at 2k, \d+ at 4k, \d+ at 6k, \d+ at 8k)\)", TRAINING_RESULTS,
+          lambda src: ", ".join(f"{_row('bb-peak-adam', n)(src)['bos_residual_abs'][0]:.0f} at {n // 1000}k"
+                                for n in (2000, 4000, 6000, 8000)), "bb-peak-adam residual by step"),
+    Quote(TRAINING_DOC, r"so the ratio goes 0\.97 -> (\S+ \(2k\) -> \S+ \(6k\) -> \S+) \(8k\)", TRAINING_RESULTS,
+          lambda src: " -> ".join(f"{_row('bb-peak-adam', n)(src)['bos_residual_norm'][0]:.2f}" + s
+                                  for n, s in ((2000, " (2k)"), (6000, " (6k)"), (8000, ""))),
+          "bb-peak-adam ratio by step"),
+    Quote(TRAINING_DOC, r"reaches (\S+) by step 500 and then stays", TRAINING_RESULTS, _abs0("bb-peak-sgd", 500),
+          "bb-peak-sgd residual at step 500"),
+    Quote(TRAINING_DOC, r"stays \((\S+) at 2k, \S+ at 8k; Guo", TRAINING_RESULTS, _abs0("bb-peak-sgd", 2000),
+          "bb-peak-sgd residual at step 2000"),
+    Quote(TRAINING_DOC, r"stays \(\S+ at 2k, (\S+) at 8k; Guo", TRAINING_RESULTS, _abs0("bb-peak-sgd"),
+          "bb-peak-sgd final residual"),
+    Quote(TRAINING_DOC, r"differ \(Adam (\S+), SGD \S+\)", TRAINING_RESULTS, _abs0("bb-peak-adam", 2000),
+          "bb-peak-adam residual at equal loss"),
+    Quote(TRAINING_DOC, r"do not \((\S+) vs 2\.04\)", TRAINING_RESULTS,
+          _abs0("bb-peak-adam", 2000, "bos_residual_norm", ".2f"), "bb-peak-adam ratio at equal loss"),
+    Quote(TRAINING_DOC, r"converged \((\S+) at 8k, excess loss", TRAINING_RESULTS,
+          _abs0("bb-peak-adam", key="bos_residual_norm", fmt=".2f"), "bb-peak-adam final ratio"),
+    # the Guo et al. section
+    Quote(TRAINING_DOC, r"the gap grows by (\S+) nats of logit per e-fold of steps from", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["fit_all"]["slope"], ".2f"), "gap slope, all steps"),
+    Quote(TRAINING_DOC, r"from step 250 on \(R\^2 (\S+);", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["fit_all"]["r2"], ".2f"), "gap R^2, all steps"),
+    Quote(TRAINING_DOC, r"a straight line in the step gives (\S+)\)", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["linear_r2_all"], ".2f"), "linear R^2, all steps"),
+    Quote(TRAINING_DOC, r"once the head is dormant \(step (\d+) on\)", GUO_REINFORCEMENT,
+          lambda src: str(read_json(src / "reinforcement.json")["onset_step"]), "dormant onset"),
+    Quote(TRAINING_DOC, r"the slope is (\S+) with R\^2 \S+ \(a straight line", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["fit"]["slope"], ".2f"), "gap slope from onset"),
+    Quote(TRAINING_DOC, r"the slope is \S+ with R\^2 (\S+) \(a straight line", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["fit"]["r2"], ".2f"), "gap R^2 from onset"),
+    Quote(TRAINING_DOC, r"R\^2 \S+ \(a straight line: (\S+)\)", GUO_REINFORCEMENT,
+          lambda src: format(read_json(src / "reinforcement.json")["linear_r2"], ".2f"), "linear R^2 from onset"),
+    # ReLU attention at lr 3e-4
+    Quote(TRAINING_DOC, r"flat ~24 \((\S+ at 500, \S+ at 1000, \S+ at 1500)\)", TRAINING_RESULTS,
+          lambda src: ", ".join(f"{_row('bb-peak-relu-lr3e-4', n)(src)['bos_residual_abs'][0]:.1f} at {n}"
+                                for n in (500, 1000, 1500)), "relu lr 3e-4 residual while the copy is learned"),
+    Quote(TRAINING_DOC, r"copy loss (\S+ at step 500, \S+ at 1500)\)", TRAINING_RESULTS,
+          lambda src: f"{_row('bb-peak-relu-lr3e-4', 500)(src)['loss_copy']:.2f} at step 500, "
+                      f"{_row('bb-peak-relu-lr3e-4', 1500)(src)['loss_copy']:.2f} at 1500",
+          "relu lr 3e-4 copy loss"),
+    Quote(TRAINING_DOC, r"about linearly: (\S+ at 2k, \S+ at 4k, \S+ at 6k, \S+ at 8k),", TRAINING_RESULTS,
+          lambda src: ", ".join(f"{_row('bb-peak-relu-lr3e-4', n)(src)['bos_residual_abs'][0]:.1f} at {n // 1000}k"
+                                for n in (2000, 4000, 6000, 8000)), "relu lr 3e-4 residual by step"),
+    Quote(TRAINING_DOC, r"8k, (\S+)x the median token \((\S+)\), against 2200", TRAINING_RESULTS,
+          lambda src: (f"{_abs0('bb-peak-relu-lr3e-4', key='bos_residual_norm', fmt='.1f')(src)}",
+                       f"{_abs0('bb-peak-relu-lr3e-4', key='median_residual_abs', fmt='.1f')(src)}"),
+          "relu lr 3e-4 final ratio and median"),
+    Quote(TRAINING_DOC, r"then (\S+) at 8k \((\S+)x the median; 2200", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-relu-lr3e-4")(src),
+                       _abs0("bb-peak-relu-lr3e-4", key="bos_residual_norm", fmt=".1f")(src)),
+          "relu lr 3e-4 verdict row"),
+    Quote(TRAINING_DOC, r"\(eval loss (\S+), copy loss \S+\) and no head sinks", TRAINING_RESULTS,
+          _final("bb-peak-relu-lr3e-4", "loss", ".3f"), "relu lr 3e-4 eval loss"),
+    Quote(TRAINING_DOC, r"copy loss (\S+)\) and no head sinks", TRAINING_RESULTS,
+          _final("bb-peak-relu-lr3e-4", "loss_copy", ".3f"), "relu lr 3e-4 copy loss"),
+    Quote(TRAINING_DOC, r"raw attention on BOS <= (\S+) in every layer, Sink_0", TRAINING_RESULTS,
+          lambda src: format(max(max(a) for a in read_json(src / "bb-peak-relu-lr3e-4" / "final.json")["bos_attention"]),
+                             ".2f"), "relu lr 3e-4 max raw attention on BOS"),
+    Quote(TRAINING_DOC, r"share on BOS is (\S+) at a raw weight of (\S+):", TRAINING_RESULTS,
+          lambda src: (format(read_json(src / "bb-peak-relu-lr3e-4" / "final.json")["bos_attention_proxy"][2][0], ".2f"),
+                       format(read_json(src / "bb-peak-relu-lr3e-4" / "final.json")["bos_attention"][2][0], ".2f")),
+          "relu lr 3e-4 layer-2 proxy vs raw"),
+    # diagnose parts of the re-run peak runs
+    Quote(TRAINING_DOC, r"layer 0's MLP adds (\S+) at BOS against (\S+) at the median token \(the massive", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-adam", "mlp"), "bb-peak-adam layer-0 MLP part"),
+    Quote(TRAINING_DOC, r"layer 0's attention adds (\S+) against (\S+) \(BOS, the first", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-adam", "attention"), "bb-peak-adam layer-0 attention part"),
+    Quote(TRAINING_DOC, r"layer 0's MLP adding only (\S+) at BOS \((\S+) at the median", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-sgd", "mlp"), "bb-peak-sgd layer-0 MLP part"),
+    Quote(TRAINING_DOC, r"then grows to (\S+) \((\S+)x\) by 8k \(section", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-relu-lr3e-4", fmt=".0f")(src),
+                       _abs0("bb-peak-relu-lr3e-4", key="bos_residual_norm", fmt=".0f")(src)),
+          "relu lr 3e-4 summary-table row"),
+    Quote(TRAINING_DOC, r"ratio after layer 0 is (\S+) \(absolute (\S+)\) against 15\.2", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-relu-flat", key="bos_residual_norm", fmt=".2f")(src),
+                       _abs0("bb-peak-relu-flat")(src)), "relu-flat control ratio"),
+    Quote(TRAINING_DOC, r"layer-2 head gives BOS (\S+) of the row-normalised proxy, Sink_0 proxy (\S+), but", TRAINING_RESULTS,
+          lambda src: (format(read_json(src / "bb-peak-relu-flat" / "final.json")["bos_attention_proxy"][2][0], ".2f"),
+                       _final("bb-peak-relu-flat", "sink_ratio_proxy", ".2f")(src)), "relu-flat layer-2 proxy"),
+    Quote(TRAINING_DOC, r"first character\): ratio (\S+) \((\S+)\), attention output", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-relu-nobos", key="bos_residual_norm", fmt=".2f")(src),
+                       _abs0("bb-peak-relu-nobos")(src)), "relu-nobos control ratio"),
+    Quote(TRAINING_DOC, r"attention output at position 0 (\S+) vs (\S+) at the median token \(re-run", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-relu-nobos", "attention", ".2f"),
+          "relu-nobos attention part"),
+    Quote(TRAINING_DOC, r"0's attention output at BOS (\S+) against (\S+) at the median token, its MLP", GUO_DIAG,
+          lambda src: _parts(src, "bb-peak-relu-lr3e-4", "attention"), "relu lr 3e-4 attention part"),
+    # section 2 (no BOS), from the re-run diagnose targets
+    Quote(TRAINING_DOC, r"on the slot: (\S+) \(key bias\) and (\S+) \(softmax \+ 1's", GUO_NOSLOT,
+          lambda src: (_target(src, "bb-noslot-kbias", "slot", ".2f"), _target(src, "bb-noslot-softmax1", "slot", ".2f")),
+          "no-BOS slot shares"),
+    Quote(TRAINING_DOC, r"attention, (\S+) / (\S+) on the first token; Sink_slot", GUO_NOSLOT,
+          lambda src: (_target(src, "bb-noslot-kbias", "first", ".4f"),
+                       _target(src, "bb-noslot-softmax1", "first", ".4f")), "no-BOS first-token shares"),
+    Quote(TRAINING_DOC, r"spread instead \((\S+) on themselves, (\S+) over the rest\)", GUO_NOSLOT,
+          lambda src: (_target(src, "bb-noslot-softmax", "self", ".2f"), _target(src, "bb-noslot-softmax", "rest", ".2f")),
+          "no-BOS softmax spread"),
+    Quote(TRAINING_DOC, r"queries give it (\S+) \(Gu et al\.: Sink_\* 74%", GUO_NOSLOT,
+          lambda src: _target(src, "bb-noslot-sinktoken", "slot", ".2f"), "sink token's share at 3k"),
+    Quote(TRAINING_DOC, r"Sink_slot (\S+), Sink_0 (\S+) and its proxy (\S+) \(Gu et al\.", TRAINING_RESULTS,
+          lambda src: (_final("bb-noslot-kbias", "sink_ratio_slot", ".2f")(src), _final("bb-noslot-kbias", "sink_ratio", ".2f")(src),
+                       _final("bb-noslot-kbias", "sink_ratio_proxy", ".2f")(src)), "no-BOS key-bias Sink_slot"),
+    # section 3 (normalised sigmoid), re-run
+    Quote(TRAINING_DOC, r"\(0 \.\. 6000; re-run\): length 64: (\S+(?:, \S+){6}); length 32: (\S+(?:, \S+){6}) \(the",
+          TRAINING_RESULTS, lambda src: (_series1000(src, "bb-signorm-len64"), _series1000(src, "bb-signorm-len32")),
+          "normalised sigmoid layer-1 BOS attention series"),
+    Quote(TRAINING_DOC, r"a sink head \((\S+) on BOS, Sink_0 (\S+), BOS's value drained to (\S+)x\)", TRAINING_RESULTS,
+          lambda src: (format(read_json(src / "bb-signorm-len32" / "final.json")["head_bos_mass"]["L1H0"]["non_trigger"], ".2f"),
+                       _final("bb-signorm-len32", "sink_ratio", ".2f")(src),
+                       _final("bb-signorm-len32", "bos_value_norm", ".2f", 1)(src)), "signorm len32 sink"),
+    Quote(TRAINING_DOC, r"BOS's value has drained \((\S+)x the median\)", TRAINING_RESULTS,
+          _final("bb-signorm-len64", "bos_value_norm", ".2f", 1), "signorm len64 value"),
+    Quote(TRAINING_DOC, r"\(excess (\S+) at length 64, (\S+) at 32\)", TRAINING_RESULTS,
+          lambda src: (_final("bb-signorm-len64", "excess_loss", ".3f")(src),
+                       _final("bb-signorm-len32", "excess_loss", ".3f")(src)), "signorm excess losses"),
+    Quote(TRAINING_DOC, r"the sink token gets (\S+) of the non-trigger attention at step 12000", GUO_NOSLOT,
+          lambda src: _target(src, "bb-noslot-sinktoken-long", "slot", ".2f"), "sink token's share at 12k"),
+    Quote(TRAINING_DOC, r"as in plain softmax \((\S+) over the rest\)", GUO_NOSLOT,
+          lambda src: _target(src, "bb-noslot-sinktoken-long", "rest", ".2f"), "sink token long: rest"),
+    Quote(TRAINING_DOC, r"the sink token gets (\S+) at 3k steps and (\S+) at 12k \(re-run", GUO_NOSLOT,
+          lambda src: (_target(src, "bb-noslot-sinktoken", "slot", ".2f"),
+                       _target(src, "bb-noslot-sinktoken-long", "slot", ".2f")), "sink token shares (summary table)"),
+    # the first text runs (re-run: identical rows)
+    Quote(TRAINING_DOC, r"trains worst at equal steps \((\S+) vs (\S+) for softmax;", TRAINING_RESULTS,
+          lambda src: (_final("lm-sigmoid", "loss", ".3f")(src), _final("lm-softmax", "loss", ".3f")(src)),
+          "lm-sigmoid vs lm-softmax loss"),
+    Quote(TRAINING_DOC, r"its Sink_0 from the weights as used \((\S+)\) is the same", TRAINING_RESULTS,
+          _final("lm-sigmoid", "sink_ratio", ".2f"), "lm-sigmoid Sink_0"),
+    Quote(TRAINING_DOC, r"Normalised sigmoid: (\S+), no sink", TRAINING_RESULTS, _final("lm-sigmoid-norm", "loss", ".3f"),
+          "lm-sigmoid-norm loss"),
+    Quote(TRAINING_DOC, r"the loss is the best of the\s+four \((\S+)\)", TRAINING_RESULTS, _final("lm-kbias", "loss", ".3f"),
+          "lm-kbias loss"),
+    # softmax at lr 3e-4
+    Quote(TRAINING_DOC, r"At lr 3e-4 \(`bb-peak-adam-lr3e-4`\) the gap grows by (\S+) per e-fold of steps from step 250 on with R\^2 (\S+) \(a line in the step: (\S+)\)",
+          GUO_REINFORCEMENT + "-lr3e-4", lambda src: (
+              format(read_json(src / "reinforcement.json")["fit_all"]["slope"], ".2f"),
+              format(read_json(src / "reinforcement.json")["fit_all"]["r2"], ".2f"),
+              format(read_json(src / "reinforcement.json")["linear_r2_all"], ".2f")), "lr 3e-4 gap fit, all steps"),
+    Quote(TRAINING_DOC, r"dormant only from step (\d+), after which the slope is (\S+), R\^2 (\S+) \(line: (\S+)\)",
+          GUO_REINFORCEMENT + "-lr3e-4", lambda src: (
+              str(read_json(src / "reinforcement.json")["onset_step"]),
+              format(read_json(src / "reinforcement.json")["fit"]["slope"], ".2f"),
+              format(read_json(src / "reinforcement.json")["fit"]["r2"], ".2f"),
+              format(read_json(src / "reinforcement.json")["linear_r2"], ".2f")), "lr 3e-4 gap fit from onset"),
+    Quote(TRAINING_DOC, r"softmax's own residual after layer 0 reaches only (\S+) \((\S+)x the median\)", TRAINING_RESULTS,
+          lambda src: (_abs0("bb-peak-adam-lr3e-4")(src), _abs0("bb-peak-adam-lr3e-4", key="bos_residual_norm", fmt=".2f")(src)),
+          "adam lr 3e-4 residual"),
+    # the verdict table
+    Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) over 8k \(3\.9x\)", TRAINING_RESULTS, _abs0("bb-peak-adam"),
+          "verdict table adam"),
+    Quote(TRAINING_DOC, r"\| 11\.5 -> (\S+) \| reproduced \|", TRAINING_RESULTS, _abs0("bb-peak-sgd"),
+          "verdict table sgd"),
+    Quote(TRAINING_DOC, r"value out (\S+ -> \S+)x \|", GUO_REINFORCEMENT,
+          lambda src: "{:.2f} -> {:.2f}".format(read_json(src / "reinforcement.json")["value_out_norm"][0],
+                                                 read_json(src / "reinforcement.json")["value_out_norm"][-1]),
+          "verdict table value drain"),
+]
+
+
+# --- lead: README's training-bullet sentences from the Guo et al. work ---
+GUO_LR3 = "docs/results/guo/reinforcement-bb-peak-adam-lr3e-4"
+
+
+def _fit_r2(key: str) -> Callable[[Path], str]:
+    return lambda src: format(read_json(src / "reinforcement.json")[key]["r2"] if key.startswith("fit")
+                              else read_json(src / "reinforcement.json")[key], ".2f")
+
+
+QUOTES += [
+    Quote("README.md", r"then reaches (\d+)x the median by 8k steps, while softmax", TRAINING_RESULTS,
+          lambda src: f"{read_json(src / 'bb-peak-relu-lr3e-4' / 'final.json')['bos_residual_norm'][0]:.0f}",
+          "README guo: ReLU lr 3e-4 residual ratio"),
+    Quote("README.md", r"while softmax's reaches (\d+)x\.", TRAINING_RESULTS,
+          lambda src: f"{read_json(src / 'bb-peak-adam-lr3e-4' / 'final.json')['bos_residual_norm'][0]:.0f}",
+          "README guo: softmax lr 3e-4 residual ratio"),
+    Quote("README.md", r"\(R\^2 (\S+) at lr\s+3e-4,", GUO_LR3, _fit_r2("fit_all"), "README guo: R^2 lr 3e-4"),
+    Quote("README.md", r"3e-4, (\S+) at 1e-3, against", GUO_REINFORCEMENT, _fit_r2("fit_all"), "README guo: R^2 lr 1e-3"),
+    Quote("README.md", r"against (\S+) / \S+ for a straight line", GUO_LR3, _fit_r2("linear_r2_all"),
+          "README guo: straight-line R^2 lr 3e-4"),
+    Quote("README.md", r"against \S+ / (\S+) for a straight line", GUO_REINFORCEMENT, _fit_r2("linear_r2_all"),
+          "README guo: straight-line R^2 lr 1e-3"),
+    Quote("README.md", r"value through the head falls to\s+(\S+)x the median", "docs/results/guo",
+          lambda src: "{:.2f}-{:.2f}".format(*sorted(
+              read_json(src / d / "reinforcement.json")["value_out_norm"][-1]
+              for d in ("reinforcement-bb-peak-adam", "reinforcement-bb-peak-adam-lr3e-4"))),
+          "README guo: value drain range"),
 ]
 
 

@@ -24,7 +24,8 @@ class _TrainGroup(TyperGroup):
 
 app = typer.Typer(cls=_TrainGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train a small transformer and record sink dynamics (`sinkscope train CONFIG --out DIR` is "
-                       "`sinkscope train run ...`); read finished runs with table, figures, diagnose, profile.")
+                       "`sinkscope train run ...`); read finished runs with table, figures, diagnose, profile, "
+                       "reinforcement.")
 
 
 @app.command("run")
@@ -118,6 +119,33 @@ def figures_command(
     for name in result.skipped:
         print(f"{name}: no runs yet, skipped", file=sys.stderr)
     for path in result.written:
+        print(path)
+
+
+@app.command("reinforcement")
+def reinforcement_command(
+    run: Path = typer.Argument(..., help="Run directory of `sinkscope train` (its metrics.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Folder for reinforcement.json and reinforcement.png."),
+    layer: int | None = typer.Option(None, "--layer", help="Layer of the head (default: the sink head, the one "
+                                                              "whose queries put the most attention on BOS)."),
+    head: int | None = typer.Option(None, "--head", help="Head in that layer (default: as --layer)."),
+    query_class: str = typer.Option("non_trigger", "--class", help="Query class averaged over."),
+    from_step: int | None = typer.Option(None, "--from-step", help="Fit from this step (default: the head's "
+                                                                     "dormant onset)."),
+) -> None:
+    """Guo et al.'s mutual reinforcement: the sink head's logit gap on BOS against ln(step) (slope, R^2) and BOS's
+    value norm over training (sinkscope.training.metrics.reinforcement_dynamics)."""
+    from sinkscope.io import check_output_dir
+    from sinkscope.training.metrics import run_reinforcement
+
+    check_output_dir(out)
+    d = run_reinforcement(run, layer=layer, head=head, query_class=query_class, from_step=from_step)
+    f = d.fit
+    print(json.dumps({"head": f"L{d.layer}H{d.head}", "onset_step": d.onset_step, "slope": round(f.slope, 4),
+                      "r2": round(f.r2, 4), "linear_r2": round(d.linear_r2, 4),
+                      "fit_steps": [f.first_step, f.last_step],
+                      "value_out_norm": [d.value_start, d.value_end]}))
+    for path in d.save(out):
         print(path)
 
 

@@ -1,4 +1,5 @@
-"""Figures of training runs (data -> matplotlib Figure, no I/O): one run's dynamics and comparisons of runs.
+"""Figures of training runs (data -> matplotlib Figure, no I/O): one run's dynamics and comparisons of runs, and
+Guo et al.'s mutual reinforcement (`plot_reinforcement`: a `sinkscope.training.metrics.ReinforcementDynamics`).
 
 Both read the rows of a run's ``metrics.jsonl`` (`sinkscope.training.metrics`), one dict per evaluation step.
 A comparison figure is data, not code: a `ComparisonFigure` names the runs and its `Panel` s, and is built
@@ -18,14 +19,19 @@ from a mapping (a YAML file such as ``experiments/figures.yaml``) by `Comparison
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
 from sinkscope.errors import InputError
+
+if TYPE_CHECKING:
+    from sinkscope.training.metrics import ReinforcementDynamics
 
 Row = dict[str, Any]
 
@@ -225,5 +231,39 @@ def plot_sink_positions(over_steps: Mapping[str, Series], by_position: Mapping[s
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reinforcement(d: ReinforcementDynamics) -> Figure:
+    """Three panels: (1) ``gap`` and ``gap_lse`` against step on a log axis, the fit ``a + b ln(step)`` over its
+    steps (a straight line there), the dormant onset marked; (2) BOS's ``||W_O^h v||`` over the median token's
+    against step (linear axis); (3) the class's attention on BOS against step."""
+    fig = Figure(figsize=(15, 4))
+    ax_gap, ax_val, ax_att = fig.subplots(1, 3)
+    pos = [(s, g, gl) for s, g, gl in zip(d.steps, d.gap, d.gap_lse) if s > 0]
+    ax_gap.plot([p[0] for p in pos], [p[1] for p in pos], "o-", ms=3, label="BOS logit - mean other logit")
+    ax_gap.plot([p[0] for p in pos], [p[2] for p in pos], "s-", ms=3, alpha=0.6,
+                label="BOS logit - logsumexp other logits")
+    f = d.fit
+    xs = [s for s in d.steps if f.first_step <= s <= f.last_step]
+    ax_gap.plot(xs, [f.intercept + f.slope * math.log(s) for s in xs], "k--",
+                label=f"fit from step {f.first_step}: {f.slope:.2f} ln(step), R^2 {f.r2:.2f}")
+    if d.onset_step:
+        ax_gap.axvline(d.onset_step, color="grey", lw=0.8, ls=":")
+    ax_gap.set_xscale("log")
+    ax_gap.xaxis.set_minor_formatter(NullFormatter())
+    ax_gap.set_title(f"L{d.layer}H{d.head} logit gap on BOS ({d.query_class} queries)")
+    ax_gap.set_ylabel("logit (nats)")
+    ax_gap.legend(fontsize=7)
+    ax_val.plot(d.steps, d.value_out_norm, "o-", ms=3)
+    ax_val.set_title(f"BOS ||W_O v|| / median token, L{d.layer}H{d.head}")
+    ax_att.plot(d.steps, d.bos_attention, "o-", ms=3)
+    ax_att.axhline(d.threshold, color="grey", lw=0.8, ls=":")
+    ax_att.set_title(f"attention on BOS ({d.query_class} queries), L{d.layer}H{d.head}")
+    ax_att.set_ylim(-0.05, 1.05)
+    for ax in (ax_gap, ax_val, ax_att):
+        ax.set_xlabel("step")
+    fig.suptitle(f"{d.run}: mutual reinforcement (Guo et al.)" if d.run else "mutual reinforcement (Guo et al.)")
     fig.tight_layout()
     return fig
