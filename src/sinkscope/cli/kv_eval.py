@@ -21,32 +21,20 @@ from sinkscope.cli.common import (
     locked_output,
     output_dir,
 )
+from sinkscope.comma_lists import parse_names, parse_numbers
 from sinkscope.errors import InputError
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"--{what} must be a comma list of numbers, got {text!r}", param=what) from None
-    if not vals:
-        raise InputError(f"--{what} is empty", param=what)
-    return vals
+    return tuple(float(v) for v in parse_numbers(text, flag=what))
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
-    vals = _floats(text, what)
-    if any(v != int(v) for v in vals):
-        raise InputError(f"--{what} must be whole numbers, got {text!r}", param=what)
-    return tuple(int(v) for v in vals)
+    return tuple(int(v) for v in parse_numbers(text, flag=what, integer=True))
 
 
 def _names(text: str, known: list[str], what: str) -> tuple[str, ...]:
-    names = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [n for n in names if n not in known]
-    if bad or not names:
-        raise InputError(f"unknown --{what} {','.join(bad) or '(empty)'}; choose from {','.join(known)}", param=what)
-    return names
+    return parse_names(text, flag=what, known=known)
 
 
 def eval_command(

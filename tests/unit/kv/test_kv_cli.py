@@ -93,3 +93,19 @@ def test_bad_ablate_options_fail_before_the_model_loads(tmp_path, capsys, args, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budgets", "0.25,x"], "--budgets must be a comma list of numbers, got '0.25,x'"),
+    (["--budgets", " , "], "--budgets: give at least one number"),
+    (["--lengths", "1024,1.5"], "--lengths must be a comma list of integers"),
+    (["--seeds", "nan"], "--seeds must be a comma list of finite integers"),
+    (["--methods", "dense,polcy"], "unknown --methods polcy; choose from"),
+    (["--tasks", "passkey,needle"], "unknown --tasks needle; choose from"),
+])
+def test_bad_eval_lists_fail_before_the_model_loads(tmp_path, capsys, args, message) -> None:
+    rc = main(["kv", "eval", "--model", "/no/such/model", "--methods", "dense", "--out", str(tmp_path / "o"), *args])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "no/such/model" not in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
