@@ -34,6 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from sinkscope.errors import UnsupportedArchitectureError
 from sinkscope.kv.policy import KVPolicy
 from sinkscope.models.adapters import get_adapter
+from sinkscope.streaming.banded import sink_window_visible
 
 HEADWISE = "sinkscope_kv"
 REFERENCE = "sinkscope_kv_reference"
@@ -42,12 +43,6 @@ REFERENCE = "sinkscope_kv_reference"
 _REFERENCE_POLICY: dict[int, tuple[int, KVPolicy]] = {}
 #: id(model config) -> the attention implementation the model had before `use_headwise_attention`
 _PREVIOUS: dict[int, str] = {}
-
-
-def streaming_visible(q_pos: Tensor, k_pos: Tensor, n_sink: int, window: int) -> Tensor:
-    """(Q, K) bool: a streaming head's query at ``q_pos[i]`` sees the key at ``k_pos[j]`` (absolute positions)."""
-    q, k = q_pos[:, None], k_pos[None, :]
-    return (k <= q) & ((k < n_sink) | (k >= q - window))
 
 
 def causal_visible(q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -70,7 +65,7 @@ def policy_mask(policy: KVPolicy, layer: int, q_len: int, k_len: int, device: to
     k_pos = torch.arange(k_len, device=device)
     q_pos = k_pos[k_len - q_len:]
     full = causal_visible(q_pos, k_pos)
-    stream = streaming_visible(q_pos, k_pos, policy.n_sink, policy.window)
+    stream = sink_window_visible(q_pos, k_pos, policy.n_sink, policy.window)
     is_full = torch.zeros(policy.n_kv_heads, dtype=torch.bool, device=device)
     is_full[list(policy.full_heads[layer])] = True
     return torch.where(is_full[:, None, None], full, stream)
@@ -193,7 +188,7 @@ def headwise_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
             (split.full_heads, split.full_keys, split.full_values,
              None if Q == 1 else causal_visible(q_pos, torch.arange(split.full_keys.shape[2], device=query.device))),
             (split.stream_heads, split.stream_keys, split.stream_values,
-             None if Q == 1 else streaming_visible(q_pos, split.stream_pos, split.n_sink, split.window))):
+             None if Q == 1 else sink_window_visible(q_pos, split.stream_pos, split.n_sink, split.window))):
         if not heads:
             continue
         n = len(heads)

@@ -56,16 +56,27 @@ def fast_mode_obstacle(model: nn.Module) -> str | None:
     return None
 
 
-def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, n_sink: int, window: int | None,
-              dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask (1, 1, Q, K): 0 where query ``q_pos[i]`` may see key ``k_pos[j]``, the dtype's minimum
-    elsewhere. Visible: ``k <= q`` and (``k < n_sink`` or ``k >= q - window``); ``window=None``: causal only.
+def sink_window_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, n_sink: int, window: int | None) -> torch.Tensor:
+    """(Q, K) bool, the one home of the sinks + window rule: query ``q_pos[i]`` sees key ``k_pos[j]`` when
+    ``k <= q`` and (``k < n_sink`` or ``k >= q - window``); ``window=None``: causal only. Absolute positions.
 
-    Shapes: ``q_pos`` (Q,), ``k_pos`` (K,), absolute stream positions."""
+    >>> sink_window_visible(torch.arange(4), torch.arange(4), 1, 1).int().tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 1]]
+    """
     q, k = q_pos[:, None], k_pos[None, :]
     allowed = k <= q
     if window is not None:
         allowed &= (k < n_sink) | (k >= q - window)
+    return allowed
+
+
+def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, n_sink: int, window: int | None,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (1, 1, Q, K): 0 where query ``q_pos[i]`` may see key ``k_pos[j]``
+    (`sink_window_visible`), the dtype's minimum elsewhere.
+
+    Shapes: ``q_pos`` (Q,), ``k_pos`` (K,), absolute stream positions."""
+    allowed = sink_window_visible(q_pos, k_pos, n_sink, window)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
