@@ -246,6 +246,28 @@ def render_repeat_circuit(source: Path) -> str:
                      "attention removed", "fire (all runs)", "fire (diverged)", "fire (repeating)"], rows)
 
 
+DESIGN_CANDIDATES = (("p_k1_all", "old de-duplication (keep 1, every later query)"),
+                     ("p_k1_gated", "keep 1, gated queries (**chosen**)"),
+                     ("p_k1_gated_r8", "keep 1, gated, reach 8"),
+                     ("p_k32_all", "keep 32, every later query"),
+                     ("p_k32_gated", "keep 32, gated queries"))
+
+
+@renderer("repeat-design-harm")
+def render_repeat_design_harm(source: Path) -> str:
+    """docs/repetition.md's DEV design-round harm table: per candidate patch the ``all`` and ``count`` rows of
+    ``SOURCE/harm_dev_<patch>.csv`` (`repeat evaluate --no-divergence --harm-sets dev`)."""
+    rows = []
+    for name, label in DESIGN_CANDIDATES:
+        with open(source / f"harm_dev_{name}.csv", newline="") as f:
+            by = {r["family"]: r for r in csv.DictReader(f)}
+        a, c = by["all"], by["count"]
+        rows.append([label, f"{float(a['kl_inside']):.4f}", f"{float(a['kl_after']):.4f}", f"{float(a['kl_all']):.4f}",
+                     f"{float(c['kl_all']):.4f}", f"{100 * float(a['ppl_change']):+.2f}%"])
+    return md_table(["candidate", "KL inside stretches", "KL after", "KL overall", "counting family, KL overall",
+                     "perplexity"], rows)
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
@@ -841,6 +863,10 @@ QUOTES: list[Quote] = [
     Quote("docs/streaming.md", r"the terminal output\): \S+ wall, (\d+) s CPU", "docs/results/streaming/1500",
           lambda src: f"{float(_time_v((src / 'stdout.txt').read_text(), 'User time (seconds)')):.0f}",
           "streaming 1500: CPU time"),
+    Quote("docs/repetition.md", r"\((\d+ min \d+ s) wall for all five on one core\)", "docs/results/repeat_design_dev",
+          lambda src: (lambda m, sec: f"{m} min {round(float(sec))} s")(*_time_v(
+              (src / "stdout.txt").read_text(), "Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":")),
+          "design round: wall time"),
     Quote("docs/repetition.md", r"top 8 per layer by \|a_0\| x \|\|W_down\[:, j\]\|\|: (\d+) neurons in layers", CIRCUIT_CPU,
           lambda src: str(len(read_json(src / "circuit.json")["components"])), "circuit: candidates"),
     Quote("docs/repetition.md", r"neurons in layers\s+(\[[\d, ]+\])\)", CIRCUIT_CPU,
