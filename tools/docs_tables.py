@@ -863,7 +863,7 @@ QUOTES: list[Quote] = [
     Quote("docs/streaming.md", r"the terminal output\): \S+ wall, (\d+) s CPU", "docs/results/streaming/1500",
           lambda src: f"{float(_time_v((src / 'stdout.txt').read_text(), 'User time (seconds)')):.0f}",
           "streaming 1500: CPU time"),
-    Quote("docs/repetition.md", r"\((\d+ min \d+ s) wall for all five on one core\)", "docs/results/repeat_design_dev",
+    Quote("docs/repetition.md", r", (\d+ min \d+ s) wall for all five on one core\)", "docs/results/repeat_design_dev",
           lambda src: (lambda m, sec: f"{m} min {round(float(sec))} s")(*_time_v(
               (src / "stdout.txt").read_text(), "Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":")),
           "design round: wall time"),
