@@ -268,6 +268,26 @@ def render_repeat_design_harm(source: Path) -> str:
                      "perplexity"], rows)
 
 
+DESIGN_DIVERGENCE = (("divergence", "none", "none"), ("divergence", "p_k32_gated", "keep 32, gated"),
+                     ("divergence_keep8", "p_k8_gated", "keep 8, gated"),
+                     ("divergence", "p_k1_gated_r8", "keep 1, gated, reach 8"),
+                     ("divergence", "p_k1_gated", "keep 1, gated (**chosen**)"))
+
+
+@renderer("repeat-design-divergence")
+def render_repeat_design_divergence(source: Path) -> str:
+    """docs/repetition.md's design-round divergence table: diverged of words per candidate (``SOURCE/divergence``
+    and, for keep 8 on the three hardest words, ``SOURCE/divergence_keep8``: each `repeat evaluate`'s summary.csv)."""
+    rows = []
+    for folder, variant, label in DESIGN_DIVERGENCE:
+        r = _csv_row(source / folder / "summary.csv", variant=variant)
+        with open(source / folder / "cells.csv", newline="") as f:
+            words = list(dict.fromkeys(c["word"] for c in csv.DictReader(f)))
+        note = f" (run on {', '.join(words)} only)" if folder == "divergence_keep8" else ""
+        rows.append([label, f"{r['diverged']} of {r['words']}{note}"])
+    return md_table(["candidate", "diverged"], rows)
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
