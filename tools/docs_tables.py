@@ -288,6 +288,22 @@ def render_repeat_design_divergence(source: Path) -> str:
     return md_table(["candidate", "diverged"], rows)
 
 
+DIRECTION_LAYERS = (0, 1, 2, 3, 5, 7, 8, 11, 12)
+
+
+@renderer("repeat-direction")
+def render_repeat_direction(source: Path) -> str:
+    """docs/repetition.md's first-token-direction table (``SOURCE/direction_report.json`` of `repeat patch --method
+    direction`): per layer the first token's, ordinary text's and the runs' projections and the score."""
+    d = read_json(source / "direction_report.json")
+    o, runs = d["ordinary"], d["run_projection"]
+    rows = [[str(layer), f"{o['first'][layer]:.0f}", f"{o['median'][layer]:.0f}", f"{o['q90'][layer]:.0f}",
+             f"{o['max'][layer]:.0f}", f"{sum(r[layer] for r in runs) / len(runs):.0f}", f"{d['scores'][layer]:.1f}"]
+            for layer in DIRECTION_LAYERS]
+    return md_table(["layer", "first token", "ordinary median", "ordinary q90", "ordinary max",
+                     f"runs (mean of {len(runs)} words)", "score"], rows)
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
