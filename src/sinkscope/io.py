@@ -188,6 +188,31 @@ def append_jsonl(path: str | Path, *rows: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def check_resume_plan(out: str | Path, settings: dict[str, Any], *, kind: str, made: str,
+                      name: str = "plan.json") -> None:
+    """The settings a resumable output directory was made under, checked before anything is reused.
+
+    A new directory gets ``settings`` written to ``out/name``; one whose plan equals ``settings`` resumes; any other
+    is refused in one line naming the settings that differ (``kind``: what the plan file is, e.g. ``"sink-run plan"``;
+    ``made``: what the directory holds, e.g. ``"cells measured"``).
+
+    Raises:
+        InputError: the plan file is not JSON, or it names other settings.
+    """
+    path = Path(out) / name
+    if not path.is_file():
+        write_json_atomic(path, settings)
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f"{path} is not a {kind} ({e}); use another --out") from None
+    if old != settings:
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise InputError(f"{out} holds {made} with other settings ({', '.join(diff)}): use another --out "
+                         "(or the same settings to resume)")
+
+
 def _drop_torn_last_line(p: Path) -> None:
     """Truncate ``p`` after its last newline (a crash can leave a partial last line)."""
     with open(p, "r+b") as f:

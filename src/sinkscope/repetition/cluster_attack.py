@@ -18,7 +18,6 @@ Every sequence is drawn from a generator seeded by (seed, N, kind, word) alone, 
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from sinkscope.devices import model_device
 from sinkscope.errors import InputError
 from sinkscope.inputs import pad_batch
 from sinkscope.interventions.patch import SinkPatch, apply_patch
-from sinkscope.io import OutputLock, append_jsonl, read_jsonl, write_csv_atomic, write_json_atomic
+from sinkscope.io import OutputLock, append_jsonl, check_resume_plan, read_jsonl, write_csv_atomic, write_json_atomic
 from sinkscope.metrics.rates import wilson_interval
 from sinkscope.models.adapters import get_adapter, pad_token_id
 from sinkscope.models.generate import greedy_continue
@@ -180,18 +179,8 @@ def _body(kind: str, n: int, word: str, token_id: int, members: Tensor, allowed:
 
 
 def _check_plan(out: Path, settings: dict[str, Any]) -> None:
-    path = out / PLAN_FILE
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise InputError(f"{path} is not a cluster-attack plan ({e}); use another --out") from None
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise InputError(f"{out} holds answers made with other settings ({', '.join(diff)}): use another --out "
-                             "(or the same settings to resume)")
-        return
-    write_json_atomic(path, settings)
+    """Refuse (one line) a directory made under other settings; write ``plan.json`` if new (`io.check_resume_plan`)."""
+    check_resume_plan(out, settings, kind="cluster-attack plan", made="answers made", name=PLAN_FILE)
 
 
 @torch.no_grad()

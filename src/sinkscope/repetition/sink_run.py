@@ -25,7 +25,6 @@ on any word list. `run_sink_runs` appends one line per (word, form, N) to ``cell
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 
 from sinkscope.errors import InputError
 from sinkscope.hooks import forward_hooks
-from sinkscope.io import OutputLock, append_jsonl, read_jsonl, write_csv_atomic, write_json_atomic
+from sinkscope.io import OutputLock, append_jsonl, check_resume_plan, read_jsonl, write_csv_atomic, write_json_atomic
 from sinkscope.metrics.sink import DEFAULT_EPS, check_count, check_eps, is_sink
 from sinkscope.models.adapters import ModelAdapter, get_adapter
 from sinkscope.profile import profile_sinks
@@ -221,19 +220,8 @@ class SinkRunResult:
 
 
 def _check_plan(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse (one line) a directory whose cells were measured under other settings; write ``plan.json`` if new."""
-    path = out / PLAN_FILE
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise InputError(f"{path} is not a sink-run plan ({e}); use another --out") from None
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise InputError(f"{out} holds cells measured with other settings ({', '.join(diff)}): use another --out "
-                             "(or the same settings to resume)")
-        return
-    write_json_atomic(path, settings)
+    """Refuse (one line) a directory made under other settings; write ``plan.json`` if new (`io.check_resume_plan`)."""
+    check_resume_plan(out, settings, kind="sink-run plan", made="cells measured", name=PLAN_FILE)
 
 
 def run_sink_runs(model: nn.Module, tokenizer: Any, words: Sequence[str], forms: Sequence[str], ns: Sequence[int],
