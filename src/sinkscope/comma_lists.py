@@ -44,34 +44,40 @@ def parse_names(text: str, *, flag: str, known: Iterable[str] | None = None,
     return names
 
 
-def parse_numbers(text: str, *, flag: str, integer: bool = False, unique_sorted: bool = False
-                  ) -> tuple[float, ...] | tuple[int, ...]:
-    """Numbers from ``"0.125,0.25"`` (floats) or ``"512,1024"`` (``integer=True``: whole numbers only).
-
-    Args:
-        text: the comma list.
-        flag: the option's name without dashes; shown in errors.
-        integer: refuse values that are not whole numbers and return ints.
-        unique_sorted: drop repeats and sort ascending (lengths); otherwise keep the order given.
+def parse_floats(text: str, *, flag: str, unique_sorted: bool = False) -> tuple[float, ...]:
+    """Numbers from ``"0.125,0.25"``, in the order given (``unique_sorted``: repeats dropped, ascending).
 
     Raises:
-        InputError: ``--FLAG must be a comma list of numbers|integers, got '...'`` for a non-number (or a fraction
-            where integers are asked for), ``--FLAG: give at least one number`` for an empty list.
+        InputError: ``--FLAG must be a comma list of (finite) numbers, got '...'`` for a non-number,
+            ``--FLAG: give at least one number`` for an empty list.
     """
-    kind = "integers" if integer else "numbers"
+    values = _numbers(text, flag, "numbers")
+    return tuple(sorted(set(values))) if unique_sorted else tuple(values)
+
+
+def parse_ints(text: str, *, flag: str, unique_sorted: bool = False) -> tuple[int, ...]:
+    """Whole numbers from ``"512,1024"`` (``2e3`` is 2000; ``1.5`` is refused), as :func:`parse_floats` orders them.
+
+    Raises:
+        InputError: ``--FLAG must be a comma list of (finite) integers, got '...'`` for a non-number or a fraction,
+            ``--FLAG: give at least one number`` for an empty list.
+    """
+    values = _numbers(text, flag, "integers")
+    if any(v != int(v) for v in values):
+        raise InputError(f"--{flag} must be a comma list of integers, got {text!r}", param=flag.replace("-", "_"))
+    ints = [int(v) for v in values]
+    return tuple(sorted(set(ints))) if unique_sorted else tuple(ints)
+
+
+def _numbers(text: str, flag: str, kind: str) -> list[float]:
+    """The finite numbers of a non-empty comma list (``kind`` names them in errors: numbers or integers)."""
     param = flag.replace("-", "_")
-    items = split_items(text)
     try:
-        values = [float(x) for x in items]
+        values = [float(x) for x in split_items(text)]
     except ValueError:
         raise InputError(f"--{flag} must be a comma list of {kind}, got {text!r}", param=param) from None
     if not all(math.isfinite(v) for v in values):
         raise InputError(f"--{flag} must be a comma list of finite {kind}, got {text!r}", param=param)
     if not values:
         raise InputError(f"--{flag}: give at least one number", param=param)
-    if integer:
-        if any(v != int(v) for v in values):
-            raise InputError(f"--{flag} must be a comma list of {kind}, got {text!r}", param=param)
-        ints = [int(v) for v in values]
-        return tuple(sorted(set(ints))) if unique_sorted else tuple(ints)
-    return tuple(sorted(set(values))) if unique_sorted else tuple(values)
+    return values

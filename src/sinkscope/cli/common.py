@@ -35,6 +35,13 @@ REVISION_OPTION = typer.Option(None, "--revision", help="hub models: branch, tag
                                                         "is recorded in the results)")
 TRUST_OPTION = typer.Option(False, "--trust-remote-code", help="run the model repository's own code: only for "
                                                                "code you trust")
+THREADS_OPTION = typer.Option(None, "--threads", help="torch CPU threads")
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads``: None (torch's default) or at least 1; a one-line InputError otherwise."""
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}", param="threads")
 
 
 def shown_path(path: str | Path) -> str:

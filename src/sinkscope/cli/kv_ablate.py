@@ -15,12 +15,14 @@ from sinkscope.cli.common import (
     DEVICE_OPTION,
     DTYPE_OPTION,
     REVISION_OPTION,
+    THREADS_OPTION,
     TRUST_OPTION,
     ModelOptions,
+    check_threads,
     locked_output,
     output_dir,
 )
-from sinkscope.cli.kv_eval import _floats, _names
+from sinkscope.comma_lists import parse_floats, parse_names
 from sinkscope.errors import InputError
 
 
@@ -36,7 +38,7 @@ def ablate_command(
                                                           "written to OUT/policy: gain_logp (retrieval answer "
                                                           "log-prob) or gain_kl (stream KL)"),
     model: str | None = typer.Option(None, "--model", "-m", help="default: the policy's model"),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int | None = THREADS_OPTION,
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
     revision: str | None = REVISION_OPTION,
@@ -52,14 +54,13 @@ def ablate_command(
         raise InputError(f"--base must be 'policy' or 'dense', got {base!r}", param="base")
     if gain not in GAINS:
         raise InputError(f"--gain must be one of {', '.join(GAINS)}, got {gain!r}", param="gain")
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}", param="threads")
+    check_threads(threads)
     pol = KVPolicy.load(policy)
     if pol.scores_array() is None:
         raise InputError(f"{policy} has no head scores to compare with (calibrate it with sinkscope kv calibrate)",
                          param="policy")
-    options = AblationOptions(length=pol.target_length, depths=_floats(depths, "depths"),
-                              tasks=_names(tasks, ["passkey", "multikey", "prose", "code"], "tasks"),
+    options = AblationOptions(length=pol.target_length, depths=parse_floats(depths, flag="depths"),
+                              tasks=parse_names(tasks, flag="tasks", known=["passkey", "multikey", "prose", "code"]),
                               kl_tokens=kl_tokens)
     out = output_dir(str(out))
     from sinkscope.models.load import DEFAULT_MODEL

@@ -16,25 +16,15 @@ from sinkscope.cli.common import (
     DTYPE_OPTION,
     MODEL_OPTION,
     REVISION_OPTION,
+    THREADS_OPTION,
     TRUST_OPTION,
     ModelOptions,
+    check_threads,
     locked_output,
     output_dir,
 )
-from sinkscope.comma_lists import parse_names, parse_numbers
+from sinkscope.comma_lists import parse_floats, parse_ints, parse_names
 from sinkscope.errors import InputError
-
-
-def _floats(text: str, what: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in parse_numbers(text, flag=what))
-
-
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in parse_numbers(text, flag=what, integer=True))
-
-
-def _names(text: str, known: list[str], what: str) -> tuple[str, ...]:
-    return parse_names(text, flag=what, known=known)
 
 
 def eval_command(
@@ -54,7 +44,7 @@ def eval_command(
     score_tokens: int = typer.Option(64, "--score-tokens", help="scored tail of every stream (tokens)"),
     agree: int = typer.Option(2, "--agree", help="greedy-agreement prompts per length"),
     chunk: int = typer.Option(256, "--chunk", help="prefill tokens per forward"),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int | None = THREADS_OPTION,
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
     revision: str | None = REVISION_OPTION,
@@ -66,17 +56,16 @@ def eval_command(
     from sinkscope.kv.evaluate import METHODS, EvalOptions, MethodContext, build_methods, evaluate, threads_note
     from sinkscope.kv.suite import TASKS, SuiteSpec
 
-    spec = SuiteSpec(lengths=_ints(lengths, "lengths"), depths=_floats(depths, "depths"),
-                     tasks=_names(tasks, list(TASKS), "tasks"), n_streams=streams, n_agree=agree,
+    spec = SuiteSpec(lengths=parse_ints(lengths, flag="lengths"), depths=parse_floats(depths, flag="depths"),
+                     tasks=parse_names(tasks, flag="tasks", known=list(TASKS)), n_streams=streams, n_agree=agree,
                      score_tokens=score_tokens)
-    names = _names(methods, METHODS.names(), "methods")
-    budget_vals = _floats(budgets, "budgets")
+    names = parse_names(methods, flag="methods", known=METHODS.names())
+    budget_vals = parse_floats(budgets, flag="budgets")
     if any(not 0 < b < 1 for b in budget_vals):
         raise InputError(f"--budgets must lie in (0, 1), got {budgets}", param="budgets")
-    seed_vals = _ints(seeds, "seeds")
+    seed_vals = parse_ints(seeds, flag="seeds")
     options = EvalOptions(chunk=chunk)
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}", param="threads")
+    check_threads(threads)
     if streams < 0 or agree < 0:
         raise InputError("--streams and --agree must be >= 0")
     kv_policy: Any = None

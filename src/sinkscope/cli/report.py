@@ -15,7 +15,7 @@ from sinkscope.cli.common import (
     output_dir,
     shown_path,
 )
-from sinkscope.comma_lists import parse_names, parse_numbers
+from sinkscope.comma_lists import parse_ints, parse_names
 from sinkscope.models.load import DEFAULT_MODEL
 
 
@@ -28,7 +28,7 @@ def _words(value: str | None) -> dict[str, tuple[str, ...]]:
 def _lengths(value: str | None) -> dict[str, tuple[int, ...]]:
     if value is None:
         return {}
-    lengths = parse_numbers(value, flag="repeat-lengths", integer=True, unique_sorted=True)
+    lengths = parse_ints(value, flag="repeat-lengths", unique_sorted=True)
     return {"repeat_lengths": lengths}  # non-positive: refused by ReportOptions
 
 

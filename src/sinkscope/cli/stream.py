@@ -18,9 +18,11 @@ from sinkscope.cli.common import (
     DTYPE_OPTION,
     MODEL_OPTION,
     REVISION_OPTION,
+    THREADS_OPTION,
     TRUST_OPTION,
     ModelOptions,
     PhaseProgress,
+    check_threads,
     locked_output,
     output_dir,
     shown_path,
@@ -59,7 +61,7 @@ def eval_command(
         False, "--token-by-token", help="feed one token per forward under every policy (default: dense, window "
                                         "and sinks_plain are scored in exact blocks of --chunk queries)"),
     chunk: int = typer.Option(512, "--chunk", help="queries per forward in the exact block mode"),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int | None = THREADS_OPTION,
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
     revision: str | None = REVISION_OPTION,
@@ -75,8 +77,7 @@ def eval_command(
     opts = StreamOptions(n_sink=sinks, window=window, policies=_parse_policies(policies), batch_size=batch_size,
                          mode="token" if token_by_token else "auto", chunk=chunk)
     opts.check_length(tokens)
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)
     file = corpus_path() if file is None else file
     spec = InputSpec(file=str(file), bos=bos, max_tokens=tokens)  # missing, a directory, empty or binary: now
     source = ModelOptions(model, device, dtype, revision, trust_remote_code)

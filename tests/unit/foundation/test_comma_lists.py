@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sinkscope.comma_lists import parse_names, parse_numbers, split_items
+from sinkscope.comma_lists import parse_floats, parse_ints, parse_names, split_items
 from sinkscope.errors import InputError
 
 
@@ -14,10 +14,10 @@ def test_items_are_stripped_and_empty_items_dropped() -> None:
 
 
 def test_numbers_keep_order_unless_asked_to_sort() -> None:
-    assert parse_numbers("0.5, 0.125,0.5", flag="budgets") == (0.5, 0.125, 0.5)
-    assert parse_numbers("1024,512,1024", flag="lengths", integer=True, unique_sorted=True) == (512, 1024)
-    assert parse_numbers("2e3", flag="lengths", integer=True) == (2000,)
-    assert all(isinstance(v, int) for v in parse_numbers("3,1", flag="n", integer=True))
+    assert parse_floats("0.5, 0.125,0.5", flag="budgets") == (0.5, 0.125, 0.5)
+    assert parse_ints("1024,512,1024", flag="lengths", unique_sorted=True) == (512, 1024)
+    assert parse_ints("2e3", flag="lengths") == (2000,)
+    assert all(isinstance(v, int) for v in parse_ints("3,1", flag="n"))
 
 
 @pytest.mark.parametrize(("text", "integer", "message"), [
@@ -29,7 +29,7 @@ def test_numbers_keep_order_unless_asked_to_sort() -> None:
 ])
 def test_bad_numbers_are_one_line_errors_naming_the_flag(text: str, integer: bool, message: str) -> None:
     with pytest.raises(InputError, match="^" + message.replace("(", r"\(")) as e:
-        parse_numbers(text, flag="budgets", integer=integer)
+        (parse_ints if integer else parse_floats)(text, flag="budgets")
     assert "\n" not in str(e.value)
     assert e.value.param == "budgets"
 
