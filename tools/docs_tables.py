@@ -775,15 +775,21 @@ def _json_value(name: str, keys: tuple[str, ...], fmt: Callable[[float], str]) -
     return get
 
 
+def _load_column(source: Path, column: int) -> list[float]:
+    """One numeric column of ``bench_load.py``'s printed table (``SOURCE/stdout.txt``), first load then cached:
+    1 = seconds, 3 = CPU seconds."""
+    rows = re.findall(r"^\|[^|]+((?:\| [\d.]+ )+)\|", (source / "stdout.txt").read_text(), re.M)
+    return [float(r.split("|")[column].strip()) for r in rows]
+
+
 def _load_times(source: Path) -> list[float]:
-    """Seconds per load from ``bench_load.py``'s printed table (``SOURCE/stdout.txt``): first, then cached."""
-    return [float(m) for m in re.findall(r"^\| [^|]+ \| ([\d.]+) \|", (source / "stdout.txt").read_text(), re.M)]
+    """Seconds per load: first, then cached."""
+    return _load_column(source, 1)
 
 
 def _load_cpu(source: Path) -> list[float]:
-    """CPU seconds per load from the same table's last column: first, then cached."""
-    return [float(m) for m in re.findall(r"^\| [^|]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", (source / "stdout.txt").read_text(),
-                                         re.M)]
+    """CPU seconds per load (the table's last column): first, then cached."""
+    return _load_column(source, 3)
 
 
 def _parity(source: Path, setup: str) -> dict[str, Any]:
@@ -1854,9 +1860,15 @@ QUOTES += [
 GUO_LR3 = "docs/results/guo/reinforcement-bb-peak-adam-lr3e-4"
 
 
-def _fit_r2(key: str) -> Callable[[Path], str]:
-    return lambda src: format(read_json(src / "reinforcement.json")[key]["r2"] if key.startswith("fit")
-                              else read_json(src / "reinforcement.json")[key], ".2f")
+def _r2(*path: str) -> Callable[[Path], str]:
+    """An R^2 of ``SOURCE/reinforcement.json`` at ``path`` (``"fit_all", "r2"``: the ln(step) fit over every step;
+    ``"linear_r2_all"``: the straight line's), to two decimals."""
+    def get(src: Path) -> str:
+        value: Any = read_json(src / "reinforcement.json")
+        for key in path:
+            value = value[key]
+        return format(value, ".2f")
+    return get
 
 
 QUOTES += [
@@ -1866,11 +1878,11 @@ QUOTES += [
     Quote("README.md", r"while softmax's reaches (\d+)x\.", TRAINING_RESULTS,
           lambda src: f"{read_json(src / 'bb-peak-adam-lr3e-4' / 'final.json')['bos_residual_norm'][0]:.0f}",
           "README guo: softmax lr 3e-4 residual ratio"),
-    Quote("README.md", r"\(R\^2 (\S+) at lr\s+3e-4,", GUO_LR3, _fit_r2("fit_all"), "README guo: R^2 lr 3e-4"),
-    Quote("README.md", r"3e-4, (\S+) at 1e-3, against", GUO_REINFORCEMENT, _fit_r2("fit_all"), "README guo: R^2 lr 1e-3"),
-    Quote("README.md", r"against (\S+) / \S+ for a straight line", GUO_LR3, _fit_r2("linear_r2_all"),
+    Quote("README.md", r"\(R\^2 (\S+) at lr\s+3e-4,", GUO_LR3, _r2("fit_all", "r2"), "README guo: R^2 lr 3e-4"),
+    Quote("README.md", r"3e-4, (\S+) at 1e-3, against", GUO_REINFORCEMENT, _r2("fit_all", "r2"), "README guo: R^2 lr 1e-3"),
+    Quote("README.md", r"against (\S+) / \S+ for a straight line", GUO_LR3, _r2("linear_r2_all"),
           "README guo: straight-line R^2 lr 3e-4"),
-    Quote("README.md", r"against \S+ / (\S+) for a straight line", GUO_REINFORCEMENT, _fit_r2("linear_r2_all"),
+    Quote("README.md", r"against \S+ / (\S+) for a straight line", GUO_REINFORCEMENT, _r2("linear_r2_all"),
           "README guo: straight-line R^2 lr 1e-3"),
     Quote("README.md", r"value through the head falls to\s+(\S+)x the median", "docs/results/guo",
           lambda src: "{:.2f}-{:.2f}".format(*sorted(
